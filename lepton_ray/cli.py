@@ -1,0 +1,297 @@
+"""The ``lepton-ray`` command line. Thin: parse, load the config, call one ``run_*``, print.
+
+Heavy libraries (torch, ray, transformers, mlflow) are imported inside the commands, so
+``lepton-ray --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lepton_ray.errors import LeptonError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="lepton-ray: fine-tune, sweep, track, compress and serve Hugging Face models on Ray, "
+    "one YAML file per experiment.",
+)
+cluster_app = typer.Typer(no_args_is_help=True, help="Start, stop or inspect a local Ray cluster.")
+app.add_typer(cluster_app, name="cluster")
+
+ConfigArg = Annotated[Path, typer.Argument(help="Experiment YAML, e.g. experiments/quickstart.yaml.")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a key: --set train.lr=3e-4 (repeatable)."),
+]
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def _fail(message: str, code: int) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise typer.Exit(code)
+
+
+def handle_errors(fn):
+    """One line and a non-zero exit for user errors; a short line for crashes too."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LeptonError as err:
+            _fail(str(err), err.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except typer.Exit:
+            raise
+        except Exception as err:  # noqa: BLE001 - last resort: no traceback unless asked
+            if os.environ.get("LEPTON_DEBUG"):
+                raise
+            _fail(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
+                  "(set LEPTON_DEBUG=1 for the traceback)", 1)
+
+    return wrapper
+
+
+def _load(config: Path, overrides: list[str] | None):
+    from lepton_ray.config import load_experiment
+
+    return load_experiment(config, overrides or [])
+
+
+def _quiet_libraries() -> None:
+    import logging
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("ray.data", "ray.tune", "ray.train", "ray.serve", "alembic", "mlflow"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@app.command()
+@handle_errors
+def validate(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Check a config (keys, types, ranges, files) without running anything."""
+    cfg = _load(config, set_)
+    _say(f"ok: {config} is a valid '{cfg.task}' experiment named '{cfg.name}' "
+         f"(config hash {cfg.fingerprint()})")
+
+
+@app.command()
+@handle_errors
+def preprocess(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Ray Data: read, clean, deduplicate, split, tokenize; write Parquet."""
+    from lepton_ray.pipeline import run_preprocess_stage
+
+    _quiet_libraries()
+    manifest = run_preprocess_stage(_load(config, set_), log=_say)
+    _say(json.dumps({k: manifest[k] for k in ("rows_read", "dropped", "splits")}))
+
+
+@app.command()
+@handle_errors
+def train(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Ray Train: fine-tune with the config's values; register the model (@champion)."""
+    from lepton_ray.pipeline import run_train_stage
+
+    _quiet_libraries()
+    best = run_train_stage(_load(config, set_), log=_say)
+    _say(f"done: run {best['run_id']}, registered version {best['version']}")
+
+
+@app.command()
+@handle_errors
+def tune(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Ray Tune + Optuna + ASHA sweep; register the best trial's model (@champion)."""
+    from lepton_ray.pipeline import run_tune_stage
+
+    _quiet_libraries()
+    best = run_tune_stage(_load(config, set_), log=_say)
+    _say(f"done: best run {best['run_id']}, registered version {best['version']}")
+
+
+@app.command()
+@handle_errors
+def compress(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    model_uri: Annotated[str | None, typer.Option(help="Default: models:/NAME@champion.")] = None,
+) -> None:
+    """Merge LoRA, quantize to int8, evaluate before/after; register it (@serving)."""
+    from lepton_ray.pipeline import run_compress_stage
+
+    _quiet_libraries()
+    result = run_compress_stage(_load(config, set_), model_uri=model_uri, log=_say)
+    _say(f"done: registered version {result['version']}")
+
+
+@app.command()
+@handle_errors
+def run(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Every stage in order: preprocess, train/tune, register, compress, serve."""
+    from lepton_ray.pipeline import run as run_pipeline
+
+    _quiet_libraries()
+    cfg = _load(config, set_)
+    summary = run_pipeline(cfg, log=_say)
+    _print_summary(cfg, summary, config)
+    if summary.get("serve", {}).get("ray") == "in-process":
+        _serve_forever(summary["serve"]["url"])
+
+
+@app.command()
+@handle_errors
+def serve(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    model_uri: Annotated[str | None, typer.Option(help="Default: @serving, else @champion.")] = None,
+) -> None:
+    """Ray Serve: deploy the registered model behind HTTP on serve.host:serve.port."""
+    from lepton_ray.pipeline import run_serve_stage
+
+    _quiet_libraries()
+    cfg = _load(config, set_)
+    result = run_serve_stage(cfg, model_uri=model_uri, log=_say)
+    _print_answers(result)
+    _say(f"query it:  curl -s -X POST {result['url']}/predict -H 'Content-Type: application/json' "
+         "-d '{\"texts\": [\"great product\"]}'")
+    if result["ray"] == "in-process":
+        _serve_forever(result["url"])
+
+
+@app.command()
+@handle_errors
+def predict(
+    config: ConfigArg,
+    texts: Annotated[list[str], typer.Argument(help="Texts to classify.")],
+    set_: SetOpt = None,
+    url: Annotated[str | None, typer.Option(help="Default: from the config's serve section.")] = None,
+) -> None:
+    """Send texts to the running Serve endpoint and print labels and probabilities."""
+    from lepton_ray.serve.client import endpoint_url, predict as http_predict
+
+    cfg = _load(config, set_)
+    for text, answer in zip(texts, http_predict(url or endpoint_url(cfg), texts)):
+        _say(json.dumps({"text": text, **answer}))
+
+
+@app.command()
+@handle_errors
+def ui(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    port: Annotated[int, typer.Option(help="Port of the MLflow UI on 127.0.0.1.")] = 5000,
+) -> None:
+    """Start the MLflow UI on the experiment's tracking store (127.0.0.1)."""
+    cfg = _load(config, set_)
+    mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
+    cmd = [mlflow_bin, "ui", "--backend-store-uri", cfg.tracking.tracking_uri,
+           "--default-artifact-root", cfg.tracking.artifact_location,
+           "--host", "127.0.0.1", "--port", str(port)]
+    _say(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C to stop)")
+    os.execv(mlflow_bin, cmd)
+
+
+@app.command("sample-data")
+@handle_errors
+def sample_data(
+    path: Annotated[Path, typer.Argument(help="CSV file to write.")],
+    rows: Annotated[int, typer.Option(help="Clean rows before the dirty ones are added.")] = 1200,
+    seed: int = 7,
+) -> None:
+    """Write the quickstart's review dataset (columns: review, sentiment)."""
+    from lepton_ray.data.sample import write_reviews_csv
+
+    _say(f"wrote {write_reviews_csv(path, rows, seed)}")
+
+
+@cluster_app.command("up")
+@handle_errors
+def cluster_up(
+    num_cpus: Annotated[int | None, typer.Option(help="Default: every core.")] = None,
+    auth: Annotated[str, typer.Option(help="RAY_AUTH_MODE: disabled or token.")] = "disabled",
+) -> None:
+    """`ray start --head` on 127.0.0.1 (dashboard on 127.0.0.1:8265)."""
+    from lepton_ray.runtime import cluster_up as start
+
+    if auth not in ("disabled", "token"):
+        raise LeptonError(f"--auth must be 'disabled' or 'token', got {auth!r}")
+    address = start(num_cpus, auth, log=_say)
+    _say(f"stop it with: lepton-ray cluster down   (address {address})")
+
+
+@cluster_app.command("down")
+@handle_errors
+def cluster_down() -> None:
+    """`ray stop`: ends the local cluster and the Serve endpoint on it."""
+    from lepton_ray.runtime import cluster_down as stop
+
+    stop(log=_say)
+
+
+@cluster_app.command("status")
+@handle_errors
+def cluster_status() -> None:
+    """Whether a local cluster is up."""
+    from lepton_ray.runtime import local_cluster_address
+
+    address = local_cluster_address()
+    _say(f"running at {address}" if address else "no local cluster is running")
+    if not address:
+        raise typer.Exit(1)
+
+
+def _print_answers(result: dict) -> None:
+    cfg_texts = result.get("answers") or []
+    for answer in cfg_texts:
+        _say(f"  -> {answer['label']:<12} {json.dumps(answer['probabilities'])}")
+
+
+def _print_summary(cfg, summary: dict, config: Path) -> None:
+    best = summary.get("best", {})
+    _say("")
+    _say(f"== {cfg.name}: done in {summary.get('seconds', 0):.0f} s ==")
+    if best:
+        _say(f"best run      {best['run_id']} (registered as {cfg.registered_model_name} v{best['version']})")
+    comp = summary.get("compress")
+    if comp:
+        m = comp["metrics"]
+        _say(f"int8 model    v{comp['version']}: {m['size_mb_fp32']:.1f} MB -> {m['size_mb_int8']:.1f} MB, "
+             f"val accuracy {m.get('val_accuracy_fp32', float('nan')):.4f} -> {m.get('val_accuracy_int8', float('nan')):.4f}")
+    srv = summary.get("serve")
+    if srv:
+        _say(f"serving       {srv['model_uri']} at {srv['url']}/predict")
+        for text, answer in zip(cfg.serve.example_texts, srv["answers"]):
+            _say(f"  {text!r:<60} -> {answer['label']} {json.dumps(answer['probabilities'])}")
+        _say(f"query it:     curl -s -X POST {srv['url']}/predict -H 'Content-Type: application/json' "
+             "-d '{\"texts\": [\"The lamp works perfectly.\"]}'")
+    _say(f"MLflow UI:    lepton-ray ui {config}   (then open http://127.0.0.1:5000)")
+
+
+def _serve_forever(url: str) -> None:
+    _say(f"serving from this process's Ray instance at {url}; Ctrl-C stops it "
+         "(start a cluster with `lepton-ray cluster up` to keep it running in the background)")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        _say("stopped")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

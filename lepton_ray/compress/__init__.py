@@ -1,0 +1,1 @@
+"""Compression of a trained model for serving (LoRA merge + int8 dynamic quantization)."""

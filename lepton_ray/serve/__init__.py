@@ -1,0 +1,1 @@
+"""Ray Serve: the HTTP prediction API over a registered (quantized) model."""

@@ -1,0 +1,78 @@
+"""HTTP client for the Serve endpoint, and deployment helpers."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from lepton_ray.config import ExperimentConfig
+from lepton_ray.errors import LeptonError
+
+
+def endpoint_url(cfg: ExperimentConfig) -> str:
+    prefix = cfg.serve.route_prefix.rstrip("/")
+    return f"http://{cfg.serve.host}:{cfg.serve.port}{prefix}"
+
+
+def predict(base_url: str, texts: list[str], timeout: float = 60.0) -> list[dict[str, Any]]:
+    """POST texts to ``/predict``; a clear error when the endpoint is down or refuses."""
+    import requests
+
+    url = f"{base_url}/predict"
+    try:
+        resp = requests.post(url, json={"texts": texts}, timeout=timeout)
+    except requests.ConnectionError:
+        raise LeptonError(
+            f"no Serve endpoint answers at {url}; deploy one with `lepton-ray serve CONFIG`"
+        ) from None
+    if resp.status_code != 200:
+        try:
+            detail = resp.json().get("error", resp.text)
+        except ValueError:
+            detail = resp.text[:200]
+        raise LeptonError(f"{url} answered {resp.status_code}: {detail}")
+    return resp.json()["predictions"]
+
+
+def wait_healthy(base_url: str, timeout_s: float = 120.0) -> None:
+    import requests
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{base_url}/health", timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    raise LeptonError(f"the Serve endpoint at {base_url} did not become healthy in {timeout_s:.0f} s")
+
+
+def deploy(cfg: ExperimentConfig, model_uri: str, log=print) -> str:
+    """Deploy ``model_uri`` with Ray Serve on the connected cluster; returns the base URL."""
+    from ray import serve
+
+    from lepton_ray.serve.app import ServeArgs, build_app
+
+    s = cfg.serve
+    serve.start(http_options={"host": s.host, "port": s.port})
+    args = ServeArgs(
+        tracking_uri=cfg.tracking.tracking_uri,
+        model_uri=model_uri,
+        max_batch_size=s.max_batch_size,
+        batch_wait_timeout_s=s.batch_wait_timeout_s,
+        max_texts_per_request=s.max_texts_per_request,
+        torch_threads=s.torch_threads,
+    )
+    app_name = s.app_name or cfg.name
+    log(f"[serve] deploying {model_uri} as application '{app_name}' on http://{s.host}:{s.port}")
+    serve.run(
+        build_app(args, num_replicas=s.num_replicas, num_cpus=s.num_cpus),
+        name=app_name,
+        route_prefix=s.route_prefix,
+        blocking=False,
+    )
+    url = endpoint_url(cfg)
+    wait_healthy(url)
+    log(f"[serve] ready at {url}/predict")
+    return url

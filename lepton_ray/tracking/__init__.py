@@ -1,0 +1,1 @@
+"""MLflow tracking: runs, nested runs, lineage tags, registry and plots."""

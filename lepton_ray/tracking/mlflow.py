@@ -1,0 +1,219 @@
+"""Thin, explicit wrappers over ``MlflowClient`` (no global active run: Ray workers and
+Tune trials each hold a run id, and only rank 0 writes)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import json
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from lepton_ray.config import ExperimentConfig, TrackingSection, dump_yaml
+
+TAG_CONFIG_HASH = "lepton.config_hash"
+TAG_DATA_FINGERPRINT = "lepton.data_fingerprint"
+TAG_GIT_SHA = "lepton.git_sha"
+TAG_TRIAL_ID = "lepton.trial_id"
+TAG_STAGE = "lepton.stage"
+TAG_PARENT = "mlflow.parentRunId"
+
+
+@functools.lru_cache(maxsize=8)
+def client(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    if tracking_uri.startswith("sqlite:///"):
+        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def ensure_experiment(tracking: TrackingSection, name: str) -> str:
+    """The experiment's id, created with the configured artifact location if new."""
+    c = client(tracking.tracking_uri)
+    found = c.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = tracking.artifact_location
+    if "://" not in location:
+        Path(location).mkdir(parents=True, exist_ok=True)
+        location = Path(location).as_uri()
+    return c.create_experiment(name, artifact_location=location)
+
+
+@functools.lru_cache(maxsize=1)
+def git_sha() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def lineage_tags(cfg: ExperimentConfig, data_fingerprint: str | None, **extra: str) -> dict[str, str]:
+    tags = {TAG_CONFIG_HASH: cfg.fingerprint(), TAG_GIT_SHA: git_sha()}
+    if data_fingerprint:
+        tags[TAG_DATA_FINGERPRINT] = data_fingerprint
+    tags.update({k: str(v) for k, v in extra.items()})
+    return tags
+
+
+@contextlib.contextmanager
+def tracked_run(
+    cfg: ExperimentConfig,
+    run_name: str,
+    tags: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
+) -> Iterator[str]:
+    """Create a run, yield its id, and close it FINISHED, FAILED or KILLED.
+
+    A run that did not finish is never left looking complete.
+    """
+    c = client(cfg.tracking.tracking_uri)
+    experiment_id = ensure_experiment(cfg.tracking, cfg.experiment_name)
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags[TAG_PARENT] = parent_run_id
+    run = c.create_run(experiment_id, run_name=run_name, tags=all_tags)
+    run_id = run.info.run_id
+    try:
+        yield run_id
+    except KeyboardInterrupt:
+        c.set_terminated(run_id, status="KILLED")
+        raise
+    except BaseException:
+        c.set_terminated(run_id, status="FAILED")
+        raise
+    else:
+        c.set_terminated(run_id, status="FINISHED")
+
+
+def log_config(tracking_uri: str, run_id: str, cfg: ExperimentConfig) -> None:
+    """Flattened params plus the resolved YAML as an artifact."""
+    from mlflow.entities import Param
+
+    c = client(tracking_uri)
+    flat = _flatten(cfg.model_dump(mode="json"))
+    params = [Param(k, str(v)[:6000]) for k, v in flat.items()]
+    for i in range(0, len(params), 100):
+        c.log_batch(run_id, params=params[i : i + 100])
+    c.log_text(run_id, dump_yaml(cfg), "config/resolved.yaml")
+
+
+def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if _is_number(v)]
+    client(tracking_uri).log_batch(run_id, metrics=batch)
+
+
+def log_dict(tracking_uri: str, run_id: str, data: dict, path: str) -> None:
+    client(tracking_uri).log_text(run_id, json.dumps(data, indent=2, default=str), path)
+
+
+def log_figure(tracking_uri: str, run_id: str, figure, path: str) -> None:
+    buf = io.BytesIO()
+    figure.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    with tempfile.TemporaryDirectory() as tmp:
+        file = Path(tmp) / Path(path).name
+        file.write_bytes(buf.getvalue())
+        client(tracking_uri).log_artifact(run_id, str(file), str(Path(path).parent) if "/" in path else None)
+
+
+def log_folder(tracking_uri: str, run_id: str, folder: Path, artifact_path: str) -> None:
+    client(tracking_uri).log_artifacts(run_id, str(folder), artifact_path)
+
+
+def set_tags(tracking_uri: str, run_id: str, tags: dict[str, Any]) -> None:
+    c = client(tracking_uri)
+    for key, value in tags.items():
+        c.set_tag(run_id, key, str(value))
+
+
+# ------------------------------------------------------------------------------------ registry
+def register_version(
+    tracking_uri: str,
+    name: str,
+    run_id: str,
+    artifact_path: str,
+    tags: dict[str, str],
+    alias: str | None = None,
+    description: str = "",
+):
+    """Register ``runs:/<run_id>/<artifact_path>`` as a new version of ``name``."""
+    from mlflow.exceptions import MlflowException
+
+    c = client(tracking_uri)
+    try:
+        c.create_registered_model(name)
+    except MlflowException as err:
+        if "already exists" not in str(err).lower() and "RESOURCE_ALREADY_EXISTS" not in str(err):
+            raise
+    source = f"{c.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+    version = c.create_model_version(
+        name, source=source, run_id=run_id, tags=tags, description=description
+    )
+    if alias:
+        c.set_registered_model_alias(name, alias, version.version)
+    return version
+
+
+def download_model(tracking_uri: str, model_uri: str, dst: Path | None = None) -> Path:
+    """Download a registered version (``models:/name@alias`` or ``models:/name/3``)."""
+    import mlflow.artifacts
+
+    from lepton_ray.errors import StageError
+
+    c = client(tracking_uri)
+    name, version = _parse_model_uri(model_uri)
+    try:
+        mv = (
+            c.get_model_version_by_alias(name, version[1:])
+            if version.startswith("@")
+            else c.get_model_version(name, version)
+        )
+    except Exception as err:  # noqa: BLE001 - MLflow raises generic errors for missing models
+        raise StageError(f"no registered model {model_uri} in {tracking_uri}: {str(err).splitlines()[0]}") from None
+    dst = dst or Path(tempfile.mkdtemp(prefix="lepton-model-"))
+    path = mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(dst), tracking_uri=tracking_uri)
+    return Path(path)
+
+
+def _parse_model_uri(uri: str) -> tuple[str, str]:
+    from lepton_ray.errors import LeptonError
+
+    if not uri.startswith("models:/"):
+        raise LeptonError(f"model URI must look like models:/NAME@ALIAS or models:/NAME/VERSION, got {uri!r}")
+    rest = uri.removeprefix("models:/")
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        return name, "@" + alias
+    name, _, version = rest.rpartition("/")
+    if not name or not version:
+        raise LeptonError(f"model URI must look like models:/NAME@ALIAS or models:/NAME/VERSION, got {uri!r}")
+    return name, version
+
+
+def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and key not in ("space", "config_overrides"):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, (dict, list)) else value
+    return flat
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

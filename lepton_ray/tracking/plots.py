@@ -1,0 +1,67 @@
+"""Figures logged to MLflow as images: learning curves, confusion matrices, sweeps."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def learning_curves(history: list[dict[str, float]]):
+    """Loss and validation metrics per epoch."""
+    plt = _pyplot()
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train")
+    ax_loss.plot(epochs, [h["val_loss"] for h in history], marker="o", label="validation")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="Loss")
+    ax_loss.legend()
+    for key in ("val_accuracy", "val_macro_f1"):
+        ax_metric.plot(epochs, [h[key] for h in history], marker="o", label=key)
+    ax_metric.set(xlabel="epoch", ylim=(0, 1.02), title="Validation")
+    ax_metric.legend()
+    fig.tight_layout()
+    return fig
+
+
+def confusion_matrix(matrix: Sequence[Sequence[int]], labels: Sequence[str], title: str):
+    plt = _pyplot()
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * n, 1.0 + 0.6 * n))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(n), labels, rotation=45, ha="right")
+    ax.set_yticks(range(n), labels)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    peak = max((max(row) for row in matrix), default=0) or 1
+    for i in range(n):
+        for j in range(n):
+            value = matrix[i][j]
+            ax.text(j, i, str(value), ha="center", va="center",
+                    color="white" if value > peak / 2 else "black", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def sweep(trials: list[dict], metric: str, params: list[str]):
+    """One panel per swept parameter: the trial's final metric against the value tried."""
+    plt = _pyplot()
+    params = params or ["trial"]
+    fig, axes = plt.subplots(1, len(params), figsize=(4 * len(params), 3.5), squeeze=False)
+    for ax, param in zip(axes[0], params):
+        xs = [t["params"].get(param, i) for i, t in enumerate(trials)]
+        ys = [t["metrics"].get(metric) for t in trials]
+        colors = ["tab:red" if t.get("early_stopped") else "tab:blue" for t in trials]
+        ax.scatter(xs, ys, c=colors)
+        if param.endswith("lr"):
+            ax.set_xscale("log")
+        ax.set(xlabel=param, ylabel=metric, title=f"{metric} by {param}")
+    fig.suptitle("Sweep (red: stopped early by ASHA)")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,116 @@
+"""``run_train``: one Ray Train (TorchTrainer, DDP) run tracked as an MLflow run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lepton_ray.config import ExperimentConfig
+from lepton_ray.errors import LeptonError
+from lepton_ray.train.worker import ray_storage, train_fn_per_worker
+
+
+class TrainingFailed(LeptonError):
+    """Training crashed on a worker; the message carries the worker's error."""
+
+    exit_code = 1
+
+
+def load_train_dataset(cfg: ExperimentConfig):
+    """The tokenized train split, materialized in the object store.
+
+    Materializing before the trainer starts matters on small machines: once the workers
+    hold every CPU, a lazy read would wait forever for a CPU of its own.
+    """
+    import ray.data
+
+    return ray.data.read_parquet(str(cfg.data_dir / "train")).materialize()
+
+
+def build_trainer(
+    cfg: ExperimentConfig,
+    manifest: dict[str, Any],
+    mlflow_run_id: str | None,
+    name: str,
+    callbacks: list | None = None,
+    train_ds=None,
+):
+    """A ``TorchTrainer`` over the preprocessed train split (Ray Data shards it per worker)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    if train_ds is None:
+        train_ds = load_train_dataset(cfg)
+    return TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={
+            "experiment": cfg.model_dump(mode="json"),
+            "manifest": manifest,
+            "mlflow_run_id": mlflow_run_id,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker=dict(cfg.scaling.resources_per_worker),
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=ray_storage(cfg),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.train.keep_checkpoints,
+                checkpoint_score_attribute=cfg.tune.metric,
+                checkpoint_score_order=cfg.tune.mode,
+            ),
+            callbacks=callbacks,
+        ),
+        datasets={"train": train_ds},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def fit(trainer) -> Any:
+    """``trainer.fit()`` with a worker's crash turned into one readable line."""
+    from ray.train import TrainingFailedError
+
+    try:
+        return trainer.fit()
+    except TrainingFailedError as err:
+        raise TrainingFailed(f"training failed: {_worker_error(err)}") from err
+
+
+def run_train(
+    cfg: ExperimentConfig,
+    manifest: dict[str, Any],
+    parent_run_id: str | None = None,
+    log=print,
+) -> dict[str, Any]:
+    """Train once with the config's hyperparameters; returns the MLflow run id and metrics."""
+    from lepton_ray.tracking.mlflow import TAG_STAGE, lineage_tags, log_config, tracked_run
+
+    tags = lineage_tags(cfg, manifest.get("fingerprint"), **{TAG_STAGE: "train"})
+    with tracked_run(cfg, "train", tags=tags, parent_run_id=parent_run_id) as run_id:
+        log_config(cfg.tracking.tracking_uri, run_id, cfg)
+        log(
+            f"[train] {cfg.scaling.num_workers} workers x {cfg.train.epochs} epochs, "
+            f"{manifest['splits']['train']} training rows, peft={cfg.peft.method}"
+        )
+        result = fit(build_trainer(cfg, manifest, run_id, name=f"{cfg.name}-train-{run_id[:8]}"))
+    best = _best_metrics(result, cfg)
+    return {"run_id": run_id, "metrics": best, "checkpoint": result.checkpoint}
+
+
+def _best_metrics(result, cfg: ExperimentConfig) -> dict[str, Any]:
+    pairs = getattr(result, "best_checkpoints", None) or []
+    if not pairs:
+        return dict(result.metrics or {})
+    pick = max if cfg.tune.mode == "max" else min
+    _, metrics = pick(pairs, key=lambda pair: pair[1][cfg.tune.metric])
+    return dict(metrics)
+
+
+def _worker_error(err: BaseException) -> str:
+    text = str(err)
+    for line in reversed(text.splitlines()):
+        line = line.strip()
+        if line and not line.startswith(("File ", "Traceback", "^", "During handling")) and ":" in line:
+            return line[:500]
+    return text.splitlines()[0][:500] if text else type(err).__name__

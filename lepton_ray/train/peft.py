@@ -1,0 +1,30 @@
+"""PEFT adapters from the ``peft`` config section."""
+
+from __future__ import annotations
+
+from lepton_ray.config import PeftSection
+
+PEFT_TASK_TYPES = {"sequence_classification": "SEQ_CLS"}
+
+
+def apply_peft(model, cfg: PeftSection, task: str):
+    """Wrap ``model`` in a PEFT adapter; the classifier head stays fully trainable."""
+    if cfg.method == "none":
+        return model
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    lora = LoraConfig(
+        task_type=TaskType[PEFT_TASK_TYPES[task]],
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.lora_alpha,
+        lora_dropout=cfg.lora.lora_dropout,
+        target_modules=list(cfg.lora.target_modules),
+        bias=cfg.lora.bias,
+    )
+    return get_peft_model(model, lora)
+
+
+def parameter_counts(model) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"params_total": total, "params_trainable": trainable}

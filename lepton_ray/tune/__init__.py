@@ -1,0 +1,1 @@
+"""Hyperparameter sweeps: Ray Tune + Optuna + ASHA, one Ray Train run per trial."""
