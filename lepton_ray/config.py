@@ -280,7 +280,10 @@ class ExperimentConfig(Section):
                 raise ValueError(
                     f"tune.space key '{key}' must start with one of {sorted(TUNABLE_SECTIONS)}"
                 )
-            _check_dotted_key(ExperimentConfig, key, where=f"tune.space key '{key}'")
+            try:
+                _check_dotted_key(ExperimentConfig, key, where="tune.space")
+            except ConfigError as err:
+                raise ValueError(str(err)) from None
         return self
 
     # Paths every stage agrees on ---------------------------------------------------------
@@ -430,7 +433,7 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
             msg = item["msg"].removeprefix("Value error, ")
             got = item.get("input")
             shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
-            lines.append(f"{source}: {key}: {msg}{shown}")
+            lines.append(f"{source}: {msg}" if not loc else f"{source}: {key}: {msg}{shown}")
     return "\n".join(lines)
 
 

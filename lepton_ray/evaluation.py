@@ -19,7 +19,7 @@ def collate(input_ids: Sequence[Sequence[int]], label_ids: Sequence[int] | None,
     ids = torch.full((len(input_ids), longest), pad_id, dtype=torch.long)
     mask = torch.zeros((len(input_ids), longest), dtype=torch.long)
     for row, seq in enumerate(input_ids):
-        ids[row, : len(seq)] = torch.as_tensor(np.asarray(seq, dtype=np.int64))
+        ids[row, : len(seq)] = torch.from_numpy(np.array(seq, dtype=np.int64))
         mask[row, : len(seq)] = 1
     batch = {"input_ids": ids, "attention_mask": mask}
     if label_ids is not None:

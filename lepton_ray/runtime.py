@@ -28,13 +28,22 @@ def set_auth_mode(mode: str) -> None:
     os.environ["RAY_AUTH_MODE"] = mode
 
 
+LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+"""With this set to 0, Ray binds its local, single-machine cluster to 127.0.0.1 instead of
+the machine's network address (Ray's own switch for laptops; it works on Linux too)."""
+
+
+def bind_to_loopback() -> None:
+    os.environ.setdefault(LOOPBACK_ONLY, "0")
+
+
 def worker_env() -> dict[str, str]:
     """Environment for Ray workers: offline-friendly, one thread per core they own."""
     env = {
         "TOKENIZERS_PARALLELISM": "false",
         "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
     }
-    for key in ("HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE", "MLFLOW_TRACKING_URI"):
+    for key in ("HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE", "MLFLOW_TRACKING_URI", LOOPBACK_ONLY):
         if key in os.environ:
             env[key] = os.environ[key]
     return env
@@ -51,6 +60,8 @@ def init_ray(cluster: ClusterSection, log=print) -> str:
     if ray.is_initialized():
         return _MODE or "external"
     address = cluster.address or os.environ.get("RAY_ADDRESS")
+    if address in (None, "auto", "local"):
+        bind_to_loopback()  # a cluster on this machine: keep it on 127.0.0.1
     if address is None and _local_head_running():
         address = "auto"
     runtime_env = {"env_vars": worker_env()}
@@ -80,6 +91,7 @@ def init_ray(cluster: ClusterSection, log=print) -> str:
 
 def local_cluster_address() -> str | None:
     """The address of a `ray start --head` cluster on this machine that answers, if any."""
+    bind_to_loopback()
     latest = Path("/tmp/ray/ray_current_cluster")
     if not latest.is_file() or not latest.read_text().strip():
         return None
@@ -99,6 +111,7 @@ def _local_head_running() -> bool:
 def cluster_up(num_cpus: int | None, auth: str, dashboard: bool = True, log=print) -> str:
     """``ray start --head`` bound to 127.0.0.1; returns the cluster address."""
     set_auth_mode(auth)
+    bind_to_loopback()
     ray_bin = str(Path(sys.executable).with_name("ray"))
     running = local_cluster_address()
     if running:
@@ -108,7 +121,7 @@ def cluster_up(num_cpus: int | None, auth: str, dashboard: bool = True, log=prin
         subprocess.run([ray_bin, "get-auth-token", "--generate"], check=True, capture_output=True)
     cmd = [
         ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={LOCAL_HEAD_PORT}",
-        "--disable-usage-stats",
+        "--disable-usage-stats", "--dashboard-port=8265",
     ]
     if num_cpus:
         cmd.append(f"--num-cpus={num_cpus}")
@@ -121,7 +134,7 @@ def cluster_up(num_cpus: int | None, auth: str, dashboard: bool = True, log=prin
     if result.returncode != 0:
         tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["unknown error"]
         raise LeptonError(f"ray start failed: {tail[0]}")
-    address = f"127.0.0.1:{LOCAL_HEAD_PORT}"
+    address = local_cluster_address() or f"127.0.0.1:{LOCAL_HEAD_PORT}"
     log(f"[ray] started a local cluster at {address} (auth: {auth})")
     return address
 

@@ -5,7 +5,6 @@ Serve never imports train or tune: it loads a registered artifact through ``mode
 requests are batched into one forward pass.
 """
 
-from __future__ import annotations
 
 import asyncio
 import os
@@ -53,6 +52,8 @@ class PredictResponse(BaseModel):
 @api.exception_handler(RequestValidationError)
 async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    if first.get("type") == "json_invalid":
+        return JSONResponse(status_code=422, content={"error": "body: not valid JSON"})
     where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
     return JSONResponse(status_code=422, content={"error": f"{where}: {first.get('msg')}"})
 

@@ -66,8 +66,10 @@ def run_tune(cfg: ExperimentConfig, manifest: dict[str, Any], parent_run_id: str
         train_ds=load_train_dataset(cfg),
     )
     tuner = tune.Tuner(
-        # The trial itself only drives; its Ray Train workers hold the CPUs.
-        tune.with_resources(trainable, {"cpu": 0}),
+        # The trial only drives; its Ray Train workers hold the CPUs. Tune refuses an empty
+        # request, so the driver reserves a token 1 MiB of memory and no CPU (a CPU here
+        # would starve the workers on a small machine).
+        tune.with_resources(trainable, {"cpu": 0, "memory": 1024 * 1024}),
         param_space=build_param_space(t.space),
         tune_config=tune.TuneConfig(
             metric=t.metric,

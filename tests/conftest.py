@@ -1,0 +1,85 @@
+"""Shared fixtures: paths to real data, a smoke config, and one Ray instance per session."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # explicit: never pick up a stale token
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a hub
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray binds to 127.0.0.1 only
+
+
+def shared_file(*parts: str) -> Path:
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.is_file():
+        pytest.skip(f"real data not available: {path} is absent (expected ../shared/data beside the checkout)")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+TINY_BERT = {
+    "num_hidden_layers": 2,
+    "hidden_size": 64,
+    "num_attention_heads": 2,
+    "intermediate_size": 128,
+}
+
+
+def smoke_config(tmp: Path, data_path: Path, **sections) -> dict:
+    """A tiny, fast experiment: 2-layer random BERT with MiniLM's tokenizer, LoRA, 2 workers."""
+    cfg = {
+        "name": "smoke",
+        "output_dir": str(tmp / "outputs"),
+        "data": {"path": str(data_path), "text_column": "review", "label_column": "sentiment",
+                 "split": {"validation": 0.2, "test": 0.2}, "max_length": 32},
+        "model": {"name": "minilm", "random_init": True, "config_overrides": TINY_BERT},
+        "peft": {"method": "lora", "lora": {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]}},
+        "train": {"epochs": 2, "batch_size": 16, "lr": 3e-3, "max_steps_per_epoch": 6},
+        "scaling": {"num_workers": 2},
+        "tune": {"enabled": False},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp}/mlruns/mlflow.db",
+                     "artifact_location": str(tmp / "mlruns" / "artifacts")},
+        "serve": {"enabled": False},
+        "cluster": {"storage_path": str(tmp / "ray_results")},
+    }
+    for key, value in sections.items():
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    return cfg
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One Ray instance for the whole test session (Ray start-up costs seconds)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+                 runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
+                                           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}})
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:  # noqa: BLE001 - Serve may never have started
+        pass
+    ray.shutdown()

@@ -1,0 +1,131 @@
+"""The whole pipeline through the CLI on a smoke config, against real Ray, MLflow and Serve."""
+
+import json
+
+import pytest
+import requests
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from lepton_ray.cli import app
+from lepton_ray.data.sample import write_reviews_csv
+from tests.conftest import free_port, smoke_config, write_yaml
+
+pytestmark = pytest.mark.slow
+runner = CliRunner()
+TEXTS = ["The lamp works perfectly. Recommended.", "The tent broke after two days. Avoid.",
+         "Honestly, the chair is noisy and slow."]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, ray_session):
+    tmp = tmp_path_factory.mktemp("e2e")
+    data = write_reviews_csv(tmp / "reviews.csv", n=320, seed=11)
+    port = free_port()
+    raw = smoke_config(
+        tmp, data,
+        tune={"enabled": True, "num_samples": 2, "metric": "val_accuracy", "mode": "max",
+              "space": {"train.lr": {"type": "loguniform", "low": 1e-3, "high": 5e-3},
+                        "peft.lora.r": {"type": "choice", "values": [2, 4]}}},
+        compress={"enabled": True},
+        serve={"enabled": True, "port": port, "app_name": "smoke-e2e", "example_texts": TEXTS},
+    )
+    path = write_yaml(tmp / "smoke.yaml", raw)
+    result = runner.invoke(app, ["run", str(path)])
+    assert result.exit_code == 0, result.output
+    return {"tmp": tmp, "config": path, "raw": raw, "output": result.output,
+            "url": f"http://127.0.0.1:{port}",
+            "client": MlflowClient(raw["tracking"]["tracking_uri"])}
+
+
+def _runs(client, **tags):
+    exp = client.get_experiment_by_name("smoke")
+    filt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    return client.search_runs([exp.experiment_id], filter_string=filt)
+
+
+def test_parent_and_nested_trial_runs_have_metrics(pipeline):
+    c = pipeline["client"]
+    parents = _runs(c, **{"lepton.stage": "pipeline"})
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    assert parent.data.tags["lepton.data_fingerprint"]
+    assert parent.data.tags["lepton.config_hash"]
+    trials = _runs(c, **{"lepton.stage": "trial", "mlflow.parentRunId": parent.info.run_id})
+    assert len(trials) == 2
+    for run in trials:
+        assert run.info.status in ("FINISHED", "KILLED")
+        assert run.data.tags["lepton.trial_id"]
+        history = c.get_metric_history(run.info.run_id, "val_accuracy")
+        assert 1 <= len(history) <= 2
+        assert {"train_loss", "val_loss", "val_macro_f1"} <= set(run.data.metrics)
+        assert run.data.params["train.lr"]
+        artifacts = {a.path for a in c.list_artifacts(run.info.run_id)}
+        assert {"config", "model"} <= artifacts
+    plots = {a.path for a in c.list_artifacts(parent.info.run_id, "plots")}
+    assert "plots/sweep.png" in plots
+
+
+def test_registered_versions_and_compression_metrics(pipeline):
+    c = pipeline["client"]
+    champion = c.get_model_version_by_alias("smoke", "champion")
+    serving = c.get_model_version_by_alias("smoke", "serving")
+    assert int(serving.version) > int(champion.version)
+    assert serving.tags["lepton.quantization"] == "dynamic_int8"
+    compress_run = c.get_run(serving.run_id)
+    m = compress_run.data.metrics
+    assert {"val_accuracy_fp32", "val_accuracy_int8", "size_mb_fp32", "size_mb_int8"} <= set(m)
+    assert m["size_mb_int8"] < m["size_mb_fp32"]
+
+
+def test_serve_endpoint_answers_every_text(pipeline):
+    resp = requests.post(f"{pipeline['url']}/predict", json={"texts": TEXTS}, timeout=60)
+    assert resp.status_code == 200
+    body = resp.json()
+    assert len(body["predictions"]) == len(TEXTS)
+    for pred in body["predictions"]:
+        assert pred["label"] in {"negative", "positive"}
+        assert set(pred["probabilities"]) == {"negative", "positive"}
+        assert sum(pred["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+        assert pred["probabilities"][pred["label"]] == max(pred["probabilities"].values())
+    assert body["model"] == "models:/smoke@serving"
+    meta = requests.get(f"{pipeline['url']}/metadata", timeout=10).json()
+    assert meta["weights"] == "int8"
+
+
+@pytest.mark.parametrize(
+    "payload, status, needle",
+    [
+        ({"texts": []}, 422, "at least one text"),
+        ({"texts": ["ok", "   "]}, 422, "texts.1: empty text"),
+        ({"text": ["wrong field"]}, 422, "texts"),
+        ({"texts": [3]}, 422, "texts.0"),
+        ({"texts": ["x"] * 300}, 413, "at most 256"),
+    ],
+    ids=["empty-list", "blank-text", "wrong-field", "not-a-string", "too-many"],
+)
+def test_serve_rejects_bad_requests_with_json(pipeline, payload, status, needle):
+    resp = requests.post(f"{pipeline['url']}/predict", json=payload, timeout=30)
+    assert resp.status_code == status
+    assert needle in resp.json()["error"]
+
+
+def test_serve_rejects_non_json(pipeline):
+    resp = requests.post(f"{pipeline['url']}/predict", data="not json",
+                         headers={"Content-Type": "application/json"}, timeout=30)
+    assert resp.status_code == 422
+    assert "error" in resp.json()
+
+
+def test_predict_command_queries_the_endpoint(pipeline):
+    result = runner.invoke(app, ["predict", str(pipeline["config"]), *TEXTS[:2]])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    assert [line["text"] for line in lines] == TEXTS[:2]
+    assert all(line["label"] in {"negative", "positive"} for line in lines)
+
+
+def test_pipeline_output_tells_user_how_to_query(pipeline):
+    out = pipeline["output"]
+    assert "curl -s -X POST" in out and "/predict" in out
+    assert "lepton-ray ui" in out
