@@ -142,7 +142,12 @@ def load_model_artifact(folder: str | Path, merge: bool = True):
     else:
         from peft import PeftModel
 
-        base_path = resolve_model_path(meta.base_model)
+        # A random base travels inside the artifact ("./base"); others are named by id.
+        base_path = (
+            str(folder / meta.base_model)
+            if meta.base_model.startswith("./")
+            else resolve_model_path(meta.base_model)
+        )
         hf_config = AutoConfig.from_pretrained(
             base_path,
             num_labels=len(meta.labels),

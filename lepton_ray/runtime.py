@@ -42,6 +42,8 @@ def worker_env() -> dict[str, str]:
     env = {
         "TOKENIZERS_PARALLELISM": "false",
         "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
+        # Ray Train tees print() into its logger as well, so every progress line came twice.
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     }
     for key in ("HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE", "MLFLOW_TRACKING_URI", LOOPBACK_ONLY):
         if key in os.environ:
@@ -79,7 +81,9 @@ def init_ray(cluster: ClusterSection, log=print) -> str:
         return _MODE
     ray.init(
         num_cpus=cluster.num_cpus,
-        include_dashboard=False,
+        # The dashboard backs the State API that Ray Train's placement-group cleaner uses.
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
         runtime_env=runtime_env,
         logging_level="WARNING",
         log_to_driver=True,

@@ -72,9 +72,15 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+        # The dashboard backs Ray's State API, which Ray Train's placement-group cleaner
+        # needs to notice a finished Tune trial; without it placement groups leak.
+        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=free_port(), logging_level="WARNING",
                  runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
-                                           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}})
+                                           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                                           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
+    import ray.data  # noqa: F401 - set Ray Data's log handlers up now, not inside a CliRunner
+
     yield ray
     try:
         from ray import serve

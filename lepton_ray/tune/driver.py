@@ -114,9 +114,13 @@ def summarize_trials(cfg: ExperimentConfig, results, parent_run_id: str, log=pri
         if run is not None:
             if early:
                 set_tags(uri, run.info.run_id, {"lepton.early_stopped": "true", "lepton.epochs_run": epochs})
-            if c.get_run(run.info.run_id).info.status == "RUNNING":
-                # ASHA (or a crash) ended the trial's process before its run could close.
-                c.set_terminated(run.info.run_id, status="FAILED" if result.error else "KILLED")
+            status = c.get_run(run.info.run_id).info.status
+            if early and status != "KILLED":
+                # ASHA stopped it: Tune ends the trial by interrupting it, which our run
+                # context would otherwise record as a failure (or never close at all).
+                c.set_terminated(run.info.run_id, status="KILLED")
+            elif status == "RUNNING":
+                c.set_terminated(run.info.run_id, status="FAILED" if result.error else "FINISHED")
         best_key = f"best_{t.metric}"
         run_metrics = dict(run.data.metrics) if run is not None else {}
         if run is not None:
