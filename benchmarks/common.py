@@ -18,7 +18,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def machine() -> dict:
     import torch
 
-    info = {"nproc": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
+    info = {
+        "nproc": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
     try:
         import ray
 
@@ -26,17 +30,22 @@ def machine() -> dict:
     except ImportError:
         info["ray"] = None
     try:
-        cpu = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line)
+        cpu = next(
+            line for line in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line
+        )
         info["cpu"] = cpu.split(":", 1)[1].strip()
     except (OSError, StopIteration):
         info["cpu"] = platform.processor()
-    info["git_sha"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                     cwd=Path(__file__).parent).stdout.strip()
+    info["git_sha"] = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+    ).stdout.strip()
     info["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return info
 
 
-def alternate(runs: dict[str, Callable[[], float]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+def alternate(
+    runs: dict[str, Callable[[], float]], repeats: int, warmup: int = 1
+) -> dict[str, list[float]]:
     """Call each run in turn (A B A B ...) after a warm-up; each returns a rate (higher = faster)."""
     for _ in range(warmup):
         for fn in runs.values():

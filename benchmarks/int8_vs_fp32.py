@@ -24,13 +24,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-uri", default="models:/sst2-minilm-lora@champion")
     parser.add_argument("--tracking-uri", default=f"sqlite:///{Path('mlruns/mlflow.db').resolve()}")
-    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/sst2/dev.tsv"))
+    parser.add_argument(
+        "--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/sst2/dev.tsv")
+    )
     parser.add_argument("--text-column", default="sentence")
     parser.add_argument("--label-column", default="label")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: all cores)"
+    )
     args = parser.parse_args()
 
     import pandas as pd
@@ -53,8 +57,13 @@ def main() -> None:
     texts = [str(t) for t in frame[args.text_column]]
     batches = []
     for i in range(0, len(texts), args.batch_size):
-        enc = tokenizer(texts[i : i + args.batch_size], truncation=True, max_length=args.max_length,
-                        padding=True, return_tensors="pt")
+        enc = tokenizer(
+            texts[i : i + args.batch_size],
+            truncation=True,
+            max_length=args.max_length,
+            padding=True,
+            return_tensors="pt",
+        )
         enc["labels"] = torch.tensor(labels[i : i + args.batch_size])
         batches.append(dict(enc))
 
@@ -64,11 +73,14 @@ def main() -> None:
                 for batch in batches:
                     model(**{k: v for k, v in batch.items() if k != "labels"})
             return len(texts)
+
         return lambda: timed(once)
 
     samples = alternate({"fp32": run(fp32), "int8": run(int8)}, repeats=args.repeats)
-    quality = {name: evaluate(model, (dict(b) for b in batches), len(meta.labels))
-               for name, model in (("fp32", fp32), ("int8", int8))}
+    quality = {
+        name: evaluate(model, (dict(b) for b in batches), len(meta.labels))
+        for name, model in (("fp32", fp32), ("int8", int8))
+    }
     result = {
         "machine": machine(),
         "model_uri": args.model_uri,
@@ -82,14 +94,20 @@ def main() -> None:
         "accuracy": {k: q["accuracy"] for k, q in quality.items()},
         "macro_f1": {k: q["macro_f1"] for k, q in quality.items()},
     }
-    result["speedup_int8_over_fp32"] = result["median_samples_per_s"]["int8"] / result["median_samples_per_s"]["fp32"]
+    result["speedup_int8_over_fp32"] = (
+        result["median_samples_per_s"]["int8"] / result["median_samples_per_s"]["fp32"]
+    )
     path = write("int8_vs_fp32", result)
-    print(f"\n{args.model_uri} on {args.data} ({len(texts)} rows, batch {args.batch_size}, "
-          f"<= {args.max_length} tokens, {result['threads']} threads); full numbers: {path}")
+    print(
+        f"\n{args.model_uri} on {args.data} ({len(texts)} rows, batch {args.batch_size}, "
+        f"<= {args.max_length} tokens, {result['threads']} threads); full numbers: {path}"
+    )
     print(f"{'model':<6} {'median samples/s':>17} {'accuracy':>9} {'macro-F1':>9}")
     for name in ("fp32", "int8"):
-        print(f"{name:<6} {result['median_samples_per_s'][name]:>17.1f} "
-              f"{result['accuracy'][name]:>9.4f} {result['macro_f1'][name]:>9.4f}")
+        print(
+            f"{name:<6} {result['median_samples_per_s'][name]:>17.1f} "
+            f"{result['accuracy'][name]:>9.4f} {result['macro_f1'][name]:>9.4f}"
+        )
     print(f"int8 / fp32 throughput: {result['speedup_int8_over_fp32']:.2f}x")
 
 

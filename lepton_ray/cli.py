@@ -27,7 +27,9 @@ app = typer.Typer(
 cluster_app = typer.Typer(no_args_is_help=True, help="Start, stop or inspect a local Ray cluster.")
 app.add_typer(cluster_app, name="cluster")
 
-ConfigArg = Annotated[Path, typer.Argument(help="Experiment YAML, e.g. experiments/quickstart.yaml.")]
+ConfigArg = Annotated[
+    Path, typer.Argument(help="Experiment YAML, e.g. experiments/quickstart.yaml.")
+]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a key: --set train.lr=3e-4 (repeatable)."),
@@ -59,8 +61,11 @@ def handle_errors(fn):
         except Exception as err:  # noqa: BLE001 - last resort: no traceback unless asked
             if os.environ.get("LEPTON_DEBUG"):
                 raise
-            _fail(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
-                  "(set LEPTON_DEBUG=1 for the traceback)", 1)
+            _fail(
+                f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
+                "(set LEPTON_DEBUG=1 for the traceback)",
+                1,
+            )
 
     return wrapper
 
@@ -84,8 +89,10 @@ def _quiet_libraries() -> None:
 def validate(config: ConfigArg, set_: SetOpt = None) -> None:
     """Check a config (keys, types, ranges, files) without running anything."""
     cfg = _load(config, set_)
-    _say(f"ok: {config} is a valid '{cfg.task}' experiment named '{cfg.name}' "
-         f"(config hash {cfg.fingerprint()})")
+    _say(
+        f"ok: {config} is a valid '{cfg.task}' experiment named '{cfg.name}' "
+        f"(config hash {cfg.fingerprint()})"
+    )
 
 
 @app.command()
@@ -155,7 +162,9 @@ def run(config: ConfigArg, set_: SetOpt = None) -> None:
 def serve(
     config: ConfigArg,
     set_: SetOpt = None,
-    model_uri: Annotated[str | None, typer.Option(help="Default: @serving, else @champion.")] = None,
+    model_uri: Annotated[
+        str | None, typer.Option(help="Default: @serving, else @champion.")
+    ] = None,
 ) -> None:
     """Ray Serve: deploy the registered model behind HTTP on serve.host:serve.port."""
     from lepton_ray.pipeline import run_serve_stage
@@ -164,8 +173,10 @@ def serve(
     cfg = _load(config, set_)
     result = run_serve_stage(cfg, model_uri=model_uri, log=_say)
     _print_answers(result)
-    _say(f"query it:  curl -s -X POST {result['url']}/predict -H 'Content-Type: application/json' "
-         "-d '{\"texts\": [\"great product\"]}'")
+    _say(
+        f"query it:  curl -s -X POST {result['url']}/predict -H 'Content-Type: application/json' "
+        '-d \'{"texts": ["great product"]}\''
+    )
     if result["ray"] == "in-process":
         _serve_forever(result["url"])
 
@@ -176,10 +187,13 @@ def predict(
     config: ConfigArg,
     texts: Annotated[list[str], typer.Argument(help="Texts to classify.")],
     set_: SetOpt = None,
-    url: Annotated[str | None, typer.Option(help="Default: from the config's serve section.")] = None,
+    url: Annotated[
+        str | None, typer.Option(help="Default: from the config's serve section.")
+    ] = None,
 ) -> None:
     """Send texts to the running Serve endpoint and print labels and probabilities."""
-    from lepton_ray.serve.client import endpoint_url, predict as http_predict
+    from lepton_ray.serve.client import endpoint_url
+    from lepton_ray.serve.client import predict as http_predict
 
     cfg = _load(config, set_)
     for text, answer in zip(texts, http_predict(url or endpoint_url(cfg), texts)):
@@ -196,9 +210,18 @@ def ui(
     """Start the MLflow UI on the experiment's tracking store (127.0.0.1)."""
     cfg = _load(config, set_)
     mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
-    cmd = [mlflow_bin, "ui", "--backend-store-uri", cfg.tracking.tracking_uri,
-           "--default-artifact-root", cfg.tracking.artifact_location,
-           "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [
+        mlflow_bin,
+        "ui",
+        "--backend-store-uri",
+        cfg.tracking.tracking_uri,
+        "--default-artifact-root",
+        cfg.tracking.artifact_location,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     _say(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C to stop)")
     os.execv(mlflow_bin, cmd)
 
@@ -263,25 +286,33 @@ def _print_summary(cfg, summary: dict, config: Path) -> None:
     _say("")
     _say(f"== {cfg.name}: done in {summary.get('seconds', 0):.0f} s ==")
     if best:
-        _say(f"best run      {best['run_id']} (registered as {cfg.registered_model_name} v{best['version']})")
+        _say(
+            f"best run      {best['run_id']} (registered as {cfg.registered_model_name} v{best['version']})"
+        )
     comp = summary.get("compress")
     if comp:
         m = comp["metrics"]
-        _say(f"int8 model    v{comp['version']}: {m['size_mb_fp32']:.1f} MB -> {m['size_mb_int8']:.1f} MB, "
-             f"val accuracy {m.get('val_accuracy_fp32', float('nan')):.4f} -> {m.get('val_accuracy_int8', float('nan')):.4f}")
+        _say(
+            f"int8 model    v{comp['version']}: {m['size_mb_fp32']:.1f} MB -> {m['size_mb_int8']:.1f} MB, "
+            f"val accuracy {m.get('val_accuracy_fp32', float('nan')):.4f} -> {m.get('val_accuracy_int8', float('nan')):.4f}"
+        )
     srv = summary.get("serve")
     if srv:
         _say(f"serving       {srv['model_uri']} at {srv['url']}/predict")
         for text, answer in zip(cfg.serve.example_texts, srv["answers"]):
             _say(f"  {text!r:<60} -> {answer['label']} {json.dumps(answer['probabilities'])}")
-        _say(f"query it:     curl -s -X POST {srv['url']}/predict -H 'Content-Type: application/json' "
-             "-d '{\"texts\": [\"The lamp works perfectly.\"]}'")
+        _say(
+            f"query it:     curl -s -X POST {srv['url']}/predict -H 'Content-Type: application/json' "
+            '-d \'{"texts": ["The lamp works perfectly."]}\''
+        )
     _say(f"MLflow UI:    lepton-ray ui {config}   (then open http://127.0.0.1:5000)")
 
 
 def _serve_forever(url: str) -> None:
-    _say(f"serving from this process's Ray instance at {url}; Ctrl-C stops it "
-         "(start a cluster with `lepton-ray cluster up` to keep it running in the background)")
+    _say(
+        f"serving from this process's Ray instance at {url}; Ctrl-C stops it "
+        "(start a cluster with `lepton-ray cluster up` to keep it running in the background)"
+    )
     try:
         while True:
             time.sleep(3600)

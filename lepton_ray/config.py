@@ -262,6 +262,7 @@ class ExperimentConfig(Section):
     @classmethod
     def _absolute_output(cls, value: Path) -> Path:
         return value.resolve()
+
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
     peft: PeftSection = Field(default_factory=PeftSection)
@@ -313,7 +314,9 @@ TUNABLE_SECTIONS = {"train", "peft", "model", "data"}
 
 
 # ---------------------------------------------------------------------------------- loading
-def load_experiment(path: str | os.PathLike, overrides: list[str] | None = None) -> ExperimentConfig:
+def load_experiment(
+    path: str | os.PathLike, overrides: list[str] | None = None
+) -> ExperimentConfig:
     """Load, override and validate an experiment YAML.
 
     Args:
@@ -334,7 +337,9 @@ def load_experiment(path: str | os.PathLike, overrides: list[str] | None = None)
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top, got {type(raw).__name__}")
+        raise ConfigError(
+            f"{path}: expected a mapping of sections at the top, got {type(raw).__name__}"
+        )
     for item in overrides or []:
         key, value = parse_override(item)
         _check_dotted_key(ExperimentConfig, key, where=f"--set {key}")
@@ -425,7 +430,11 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         key = ".".join(loc) or "<top>"
         if item["type"] == "extra_forbidden":
             parent_model = _model_at(loc[:-1])
-            hint = _suggest(loc[-1], list(parent_model.model_fields), ".".join(loc[:-1])) if parent_model else ""
+            hint = (
+                _suggest(loc[-1], list(parent_model.model_fields), ".".join(loc[:-1]))
+                if parent_model
+                else ""
+            )
             lines.append(f"{source}: unknown key '{key}'{hint}")
         elif item["type"] == "missing":
             lines.append(f"{source}: missing required key '{key}'")

@@ -39,7 +39,9 @@ def metrics_from_confusion(matrix: np.ndarray) -> dict[str, float]:
     matrix = np.asarray(matrix, dtype=np.float64)
     total = matrix.sum()
     tp = np.diag(matrix)
-    precision = np.divide(tp, matrix.sum(axis=0), out=np.zeros_like(tp), where=matrix.sum(axis=0) > 0)
+    precision = np.divide(
+        tp, matrix.sum(axis=0), out=np.zeros_like(tp), where=matrix.sum(axis=0) > 0
+    )
     recall = np.divide(tp, matrix.sum(axis=1), out=np.zeros_like(tp), where=matrix.sum(axis=1) > 0)
     denom = precision + recall
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
@@ -80,9 +82,11 @@ def evaluate(
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
             pred = logits.argmax(dim=-1)
             flat = labels * num_labels + pred
-            confusion += torch.bincount(flat, minlength=num_labels * num_labels).view(
-                num_labels, num_labels
-            ).double()
+            confusion += (
+                torch.bincount(flat, minlength=num_labels * num_labels)
+                .view(num_labels, num_labels)
+                .double()
+            )
     if world_size > 1 and torch.distributed.is_initialized():
         torch.distributed.all_reduce(confusion)
         torch.distributed.all_reduce(loss_sum)

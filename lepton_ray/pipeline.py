@@ -5,7 +5,9 @@ Every CLI command and notebook calls one of the ``run_*`` functions here.
 
 from __future__ import annotations
 
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from lepton_ray.config import ExperimentConfig
@@ -30,12 +32,21 @@ def register_trained(cfg: ExperimentConfig, run_id: str, manifest: dict[str, Any
     """Register the best run's ``model`` artifact and point the 'champion' alias at it."""
     from lepton_ray.tracking.mlflow import TAG_STAGE, lineage_tags, register_version
 
-    tags = lineage_tags(cfg, manifest.get("fingerprint"), **{TAG_STAGE: "trained", "lepton.run_id": run_id})
-    version = register_version(
-        cfg.tracking.tracking_uri, cfg.registered_model_name, run_id, "model", tags,
-        alias=ALIAS_TRAINED, description=f"Best fine-tuned model of experiment {cfg.name}.",
+    tags = lineage_tags(
+        cfg, manifest.get("fingerprint"), **{TAG_STAGE: "trained", "lepton.run_id": run_id}
     )
-    log(f"[registry] {cfg.registered_model_name} version {version.version} (@{ALIAS_TRAINED}) from run {run_id}")
+    version = register_version(
+        cfg.tracking.tracking_uri,
+        cfg.registered_model_name,
+        run_id,
+        "model",
+        tags,
+        alias=ALIAS_TRAINED,
+        description=f"Best fine-tuned model of experiment {cfg.name}.",
+    )
+    log(
+        f"[registry] {cfg.registered_model_name} version {version.version} (@{ALIAS_TRAINED}) from run {run_id}"
+    )
     return version
 
 
@@ -46,7 +57,9 @@ def run_preprocess_stage(cfg: ExperimentConfig, log=print) -> dict[str, Any]:
     return run_preprocess(cfg, log=log)
 
 
-def run_train_stage(cfg: ExperimentConfig, parent_run_id: str | None = None, log=print) -> dict[str, Any]:
+def run_train_stage(
+    cfg: ExperimentConfig, parent_run_id: str | None = None, log=print
+) -> dict[str, Any]:
     """One training run with the config's values, registered as the champion."""
     from lepton_ray.train.driver import run_train
 
@@ -57,7 +70,9 @@ def run_train_stage(cfg: ExperimentConfig, parent_run_id: str | None = None, log
     return best
 
 
-def run_tune_stage(cfg: ExperimentConfig, parent_run_id: str | None = None, log=print) -> dict[str, Any]:
+def run_tune_stage(
+    cfg: ExperimentConfig, parent_run_id: str | None = None, log=print
+) -> dict[str, Any]:
     """A sweep under a parent run (made here if not given); the best trial is registered."""
     from lepton_ray.tracking.mlflow import TAG_STAGE, lineage_tags, log_config, tracked_run
     from lepton_ray.tune.driver import run_tune
@@ -81,22 +96,37 @@ def run_compress_stage(
     """Compress a registered model (default: @champion) and register it as @serving."""
     from lepton_ray.compress.quantize import run_compress
     from lepton_ray.tracking.mlflow import (
-        TAG_STAGE, download_model, lineage_tags, register_version, tracked_run,
+        TAG_STAGE,
+        download_model,
+        lineage_tags,
+        register_version,
+        tracked_run,
     )
 
     manifest = _data(cfg)
     uri = cfg.tracking.tracking_uri
     model_uri = model_uri or f"models:/{cfg.registered_model_name}@{ALIAS_TRAINED}"
-    folder = download_model(uri, model_uri)
-    tags = lineage_tags(cfg, manifest.get("fingerprint"), **{TAG_STAGE: "compress", "lepton.source_model": model_uri})
-    with tracked_run(cfg, "compress", tags=tags, parent_run_id=parent_run_id) as run_id:
-        _, metrics = run_compress(cfg, folder, run_id, log=log)
+    tags = lineage_tags(
+        cfg,
+        manifest.get("fingerprint"),
+        **{TAG_STAGE: "compress", "lepton.source_model": model_uri},
+    )
+    with tempfile.TemporaryDirectory(prefix="lepton-compress-") as tmp:
+        folder = download_model(uri, model_uri, Path(tmp))
+        with tracked_run(cfg, "compress", tags=tags, parent_run_id=parent_run_id) as run_id:
+            _, metrics = run_compress(cfg, folder, Path(tmp) / "out", run_id, log=log)
     version = register_version(
-        uri, cfg.registered_model_name, run_id, "model",
-        {**tags, "lepton.quantization": cfg.compress.method}, alias=ALIAS_SERVING,
+        uri,
+        cfg.registered_model_name,
+        run_id,
+        "model",
+        {**tags, "lepton.quantization": cfg.compress.method},
+        alias=ALIAS_SERVING,
         description=f"{cfg.compress.method} of {model_uri}.",
     )
-    log(f"[registry] {cfg.registered_model_name} version {version.version} (@{ALIAS_SERVING}) = {cfg.compress.method} of {model_uri}")
+    log(
+        f"[registry] {cfg.registered_model_name} version {version.version} (@{ALIAS_SERVING}) = {cfg.compress.method} of {model_uri}"
+    )
     return {"run_id": run_id, "metrics": metrics, "version": version.version}
 
 
@@ -112,13 +142,15 @@ def serving_model_uri(cfg: ExperimentConfig) -> str:
         return f"models:/{name}@{ALIAS_TRAINED}"
 
 
-def run_serve_stage(cfg: ExperimentConfig, model_uri: str | None = None, log=print) -> dict[str, Any]:
+def run_serve_stage(
+    cfg: ExperimentConfig, model_uri: str | None = None, log=print
+) -> dict[str, Any]:
     """Deploy on Ray Serve and send the config's example texts; returns the URL and answers."""
     from lepton_ray.serve.client import deploy, predict
-    from lepton_ray.tracking.mlflow import download_model
+    from lepton_ray.tracking.mlflow import get_model_version
 
     model_uri = model_uri or serving_model_uri(cfg)
-    download_model(cfg.tracking.tracking_uri, model_uri)  # fail here, clearly, if it is missing
+    get_model_version(cfg.tracking.tracking_uri, model_uri)  # fail here, clearly, if it is missing
     mode = _connect(cfg, log)
     url = deploy(cfg, model_uri, log=log)
     answers = predict(url, cfg.serve.example_texts) if cfg.serve.example_texts else []
@@ -128,7 +160,13 @@ def run_serve_stage(cfg: ExperimentConfig, model_uri: str | None = None, log=pri
 def run(cfg: ExperimentConfig, log=print) -> dict[str, Any]:
     """All stages: preprocess, train or tune, register, compress, serve."""
     from lepton_ray.tracking.mlflow import (
-        TAG_STAGE, lineage_tags, log_config, log_dict, log_metrics, set_tags, tracked_run,
+        TAG_STAGE,
+        lineage_tags,
+        log_config,
+        log_dict,
+        log_metrics,
+        set_tags,
+        tracked_run,
     )
 
     started = time.time()
@@ -140,16 +178,27 @@ def run(cfg: ExperimentConfig, log=print) -> dict[str, Any]:
         log(f"[mlflow] parent run {parent} in experiment '{cfg.experiment_name}' ({uri})")
         log_config(uri, parent, cfg)
         log_dict(uri, parent, manifest, "data/manifest.json")
-        log_metrics(uri, parent, {f"data_rows_{k}": v for k, v in manifest["splits"].items()}
-                    | {f"data_dropped_{k}": v for k, v in manifest["dropped"].items()}, step=0)
+        log_metrics(
+            uri,
+            parent,
+            {f"data_rows_{k}": v for k, v in manifest["splits"].items()}
+            | {f"data_dropped_{k}": v for k, v in manifest["dropped"].items()},
+            step=0,
+        )
         if cfg.tune.enabled:
             summary["best"] = run_tune_stage(cfg, parent_run_id=parent, log=log)
         else:
             summary["best"] = run_train_stage(cfg, parent_run_id=parent, log=log)
         if cfg.compress.enabled:
             summary["compress"] = run_compress_stage(cfg, parent_run_id=parent, log=log)
-        set_tags(uri, parent, {"lepton.registered_model": cfg.registered_model_name,
-                               "lepton.best_run_id": summary["best"]["run_id"]})
+        set_tags(
+            uri,
+            parent,
+            {
+                "lepton.registered_model": cfg.registered_model_name,
+                "lepton.best_run_id": summary["best"]["run_id"],
+            },
+        )
         summary["parent_run_id"] = parent
     if cfg.serve.enabled:
         summary["serve"] = run_serve_stage(cfg, log=log)

@@ -45,7 +45,13 @@ def worker_env() -> dict[str, str]:
         # Ray Train tees print() into its logger as well, so every progress line came twice.
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     }
-    for key in ("HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE", "MLFLOW_TRACKING_URI", LOOPBACK_ONLY):
+    for key in (
+        "HF_HUB_OFFLINE",
+        "HF_HOME",
+        "TRANSFORMERS_OFFLINE",
+        "MLFLOW_TRACKING_URI",
+        LOOPBACK_ONLY,
+    ):
         if key in os.environ:
             env[key] = os.environ[key]
     return env
@@ -56,21 +62,27 @@ def init_ray(cluster: ClusterSection, log=print) -> str:
     set_auth_mode(cluster.auth)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    address = cluster.address or os.environ.get("RAY_ADDRESS")
+    if address in (None, "auto", "local"):
+        # A cluster on this machine: keep it on 127.0.0.1. Ray reads this switch when it is
+        # first imported, so it must be set before the import below.
+        bind_to_loopback()
     import ray
 
     global _MODE
     if ray.is_initialized():
         return _MODE or "external"
-    address = cluster.address or os.environ.get("RAY_ADDRESS")
-    if address in (None, "auto", "local"):
-        bind_to_loopback()  # a cluster on this machine: keep it on 127.0.0.1
     if address is None and _local_head_running():
         address = "auto"
     runtime_env = {"env_vars": worker_env()}
     if address and address != "local":
         try:
-            ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING",
-                     log_to_driver=True)
+            ray.init(
+                address=address,
+                runtime_env=runtime_env,
+                logging_level="WARNING",
+                log_to_driver=True,
+            )
         except Exception as err:  # noqa: BLE001 - connection errors come in many types
             raise LeptonError(
                 f"cannot connect to the Ray cluster at cluster.address={address!r}: "
@@ -88,7 +100,9 @@ def init_ray(cluster: ClusterSection, log=print) -> str:
         logging_level="WARNING",
         log_to_driver=True,
     )
-    log(f"[ray] started an in-process Ray instance ({ray.cluster_resources().get('CPU', 0):.0f} CPUs)")
+    log(
+        f"[ray] started an in-process Ray instance ({ray.cluster_resources().get('CPU', 0):.0f} CPUs)"
+    )
     _MODE = "in-process"
     return _MODE
 
@@ -103,7 +117,10 @@ def local_cluster_address() -> str | None:
     ray_bin = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
     result = subprocess.run(
         [ray_bin, "status", "--address", address],
-        capture_output=True, text=True, timeout=60, env={**os.environ},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ},
     )
     return address if result.returncode == 0 else None
 
@@ -124,8 +141,13 @@ def cluster_up(num_cpus: int | None, auth: str, dashboard: bool = True, log=prin
     if auth == "token":
         subprocess.run([ray_bin, "get-auth-token", "--generate"], check=True, capture_output=True)
     cmd = [
-        ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={LOCAL_HEAD_PORT}",
-        "--disable-usage-stats", "--dashboard-port=8265",
+        ray_bin,
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        f"--port={LOCAL_HEAD_PORT}",
+        "--disable-usage-stats",
+        "--dashboard-port=8265",
     ]
     if num_cpus:
         cmd.append(f"--num-cpus={num_cpus}")

@@ -21,7 +21,9 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray binds to 
 def shared_file(*parts: str) -> Path:
     path = SHARED_DATA.joinpath(*parts)
     if not path.is_file():
-        pytest.skip(f"real data not available: {path} is absent (expected ../shared/data beside the checkout)")
+        pytest.skip(
+            f"real data not available: {path} is absent (expected ../shared/data beside the checkout)"
+        )
     return path
 
 
@@ -44,15 +46,25 @@ def smoke_config(tmp: Path, data_path: Path, **sections) -> dict:
     cfg = {
         "name": "smoke",
         "output_dir": str(tmp / "outputs"),
-        "data": {"path": str(data_path), "text_column": "review", "label_column": "sentiment",
-                 "split": {"validation": 0.2, "test": 0.2}, "max_length": 32},
+        "data": {
+            "path": str(data_path),
+            "text_column": "review",
+            "label_column": "sentiment",
+            "split": {"validation": 0.2, "test": 0.2},
+            "max_length": 32,
+        },
         "model": {"name": "minilm", "random_init": True, "config_overrides": TINY_BERT},
-        "peft": {"method": "lora", "lora": {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]}},
+        "peft": {
+            "method": "lora",
+            "lora": {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]},
+        },
         "train": {"epochs": 2, "batch_size": 16, "lr": 3e-3, "max_steps_per_epoch": 6},
         "scaling": {"num_workers": 2},
         "tune": {"enabled": False},
-        "tracking": {"tracking_uri": f"sqlite:///{tmp}/mlruns/mlflow.db",
-                     "artifact_location": str(tmp / "mlruns" / "artifacts")},
+        "tracking": {
+            "tracking_uri": f"sqlite:///{tmp}/mlruns/mlflow.db",
+            "artifact_location": str(tmp / "mlruns" / "artifacts"),
+        },
         "serve": {"enabled": False},
         "cluster": {"storage_path": str(tmp / "ray_results")},
     }
@@ -74,11 +86,21 @@ def ray_session():
     if not ray.is_initialized():
         # The dashboard backs Ray's State API, which Ray Train's placement-group cleaner
         # needs to notice a finished Tune trial; without it placement groups leak.
-        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
-                 dashboard_port=free_port(), logging_level="WARNING",
-                 runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
-                                           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-                                           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
+        ray.init(
+            num_cpus=2,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=free_port(),
+            logging_level="WARNING",
+            runtime_env={
+                "env_vars": {
+                    "RAY_AUTH_MODE": "disabled",
+                    "TOKENIZERS_PARALLELISM": "false",
+                    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                }
+            },
+        )
     import ray.data  # noqa: F401 - set Ray Data's log handlers up now, not inside a CliRunner
 
     yield ray

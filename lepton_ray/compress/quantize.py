@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -10,11 +9,17 @@ from typing import Any
 from lepton_ray.config import ExperimentConfig
 from lepton_ray.evaluation import evaluate, frame_batches
 from lepton_ray.models import (
-    ModelMeta, folder_size_mb, load_model_artifact, quantize_dynamic_int8, save_int8_artifact,
+    ModelMeta,
+    folder_size_mb,
+    load_model_artifact,
+    quantize_dynamic_int8,
+    save_int8_artifact,
 )
 
 
-def evaluate_split(model, tokenizer, cfg: ExperimentConfig, split: str, num_labels: int) -> dict[str, Any] | None:
+def evaluate_split(
+    model, tokenizer, cfg: ExperimentConfig, split: str, num_labels: int
+) -> dict[str, Any] | None:
     """Metrics and throughput on one preprocessed split (None when the split is empty)."""
     import pandas as pd
     import torch
@@ -25,15 +30,19 @@ def evaluate_split(model, tokenizer, cfg: ExperimentConfig, split: str, num_labe
     frame = pd.read_parquet(folder)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     started = time.perf_counter()
-    result = evaluate(model, frame_batches(frame, cfg.train.eval_batch_size, tokenizer.pad_token_id or 0), num_labels)
+    result = evaluate(
+        model,
+        frame_batches(frame, cfg.train.eval_batch_size, tokenizer.pad_token_id or 0),
+        num_labels,
+    )
     result["samples_per_s"] = len(frame) / (time.perf_counter() - started)
     return result
 
 
 def run_compress(
-    cfg: ExperimentConfig, model_dir: Path, run_id: str, log=print
+    cfg: ExperimentConfig, model_dir: Path, out: Path, run_id: str, log=print
 ) -> tuple[Path, dict[str, float]]:
-    """Compress the artifact in ``model_dir``; log before/after metrics to ``run_id``.
+    """Compress the artifact in ``model_dir`` into ``out``; log before/after metrics to ``run_id``.
 
     Returns the int8 artifact folder and the metrics.
     """
@@ -43,20 +52,30 @@ def run_compress(
     uri = cfg.tracking.tracking_uri
     model, tokenizer, meta = load_model_artifact(model_dir, merge=True)
     labels = meta.labels
-    out = Path(tempfile.mkdtemp(prefix="lepton-compress-"))
     fp32_dir = out / "fp32"
     model.save_pretrained(fp32_dir, safe_serialization=True)
     metrics: dict[str, float] = {"size_mb_fp32": folder_size_mb(fp32_dir, "*.safetensors")}
-    log(f"[compress] merged {meta.peft_method} adapter into the base: {metrics['size_mb_fp32']:.1f} MB fp32")
+    log(
+        f"[compress] merged {meta.peft_method} adapter into the base: {metrics['size_mb_fp32']:.1f} MB fp32"
+    )
 
-    before = {s: evaluate_split(model, tokenizer, cfg, s, len(labels)) for s in ("validation", "test")}
+    before = {
+        s: evaluate_split(model, tokenizer, cfg, s, len(labels)) for s in ("validation", "test")
+    }
     qmodel = quantize_dynamic_int8(model)
-    after = {s: evaluate_split(qmodel, tokenizer, cfg, s, len(labels)) for s in ("validation", "test")}
+    after = {
+        s: evaluate_split(qmodel, tokenizer, cfg, s, len(labels)) for s in ("validation", "test")
+    }
 
     int8_dir = out / "int8"
     int8_meta = ModelMeta(
-        task=meta.task, labels=labels, base_model=meta.base_model, max_length=meta.max_length,
-        weights="int8", peft_method=meta.peft_method, extra={"quantization": cfg.compress.method},
+        task=meta.task,
+        labels=labels,
+        base_model=meta.base_model,
+        max_length=meta.max_length,
+        weights="int8",
+        peft_method=meta.peft_method,
+        extra={"quantization": cfg.compress.method},
     )
     save_int8_artifact(qmodel, tokenizer, int8_meta, int8_dir)
     metrics["size_mb_int8"] = folder_size_mb(int8_dir, "model_int8.pt")
@@ -82,7 +101,8 @@ def run_compress(
         f"{metrics['size_mb_fp32']:.1f} MB -> {metrics['size_mb_int8']:.1f} MB; "
         + (
             f"val accuracy {metrics['val_accuracy_fp32']:.4f} -> {metrics['val_accuracy_int8']:.4f}"
-            if "val_accuracy_fp32" in metrics else "no validation split"
+            if "val_accuracy_fp32" in metrics
+            else "no validation split"
         )
     )
     return int8_dir, metrics

@@ -33,9 +33,8 @@ def normalize_label(value: Any) -> str | None:
     """Labels become strings: 1, 1.0 and "1" are the same class; blanks are missing."""
     if _missing(value):
         return None
-    if isinstance(value, float):
-        if value.is_integer():
-            value = int(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     text = str(value).strip()
     return text or None
 

@@ -59,18 +59,24 @@ def run_preprocess(cfg: ExperimentConfig, log=print) -> dict[str, Any]:
             f"data.label_column '{data.label_column}' in {data.path} has a single class "
             f"({labels[0]!r}); classification needs at least 2"
         )
-    log(f"[data] {n_read} rows read, {len(labels)} classes; dropped while cleaning: {dropped or 'none'}")
+    log(
+        f"[data] {n_read} rows read, {len(labels)} classes; dropped while cleaning: {dropped or 'none'}"
+    )
 
-    assigned = kept.groupby("label").map_groups(
-        assign_splits,
-        batch_format="pandas",
-        fn_kwargs=dict(
-            validation=data.split.validation,
-            test=data.split.test,
-            seed=data.split.seed,
-            dedup=data.dedup,
-        ),
-    ).materialize()
+    assigned = (
+        kept.groupby("label")
+        .map_groups(
+            assign_splits,
+            batch_format="pandas",
+            fn_kwargs=dict(
+                validation=data.split.validation,
+                test=data.split.test,
+                seed=data.split.seed,
+                dedup=data.dedup,
+            ),
+        )
+        .materialize()
+    )
     split_counts = _count_by(assigned, "split")
     if split_counts.get(DUPLICATE):
         dropped["duplicate"] = split_counts.pop(DUPLICATE)

@@ -11,19 +11,49 @@ import random
 from pathlib import Path
 
 PRODUCTS = [
-    "headphones", "blender", "backpack", "phone case", "desk lamp", "coffee maker", "keyboard",
-    "running shoes", "water bottle", "tent", "monitor", "vacuum", "novel", "board game",
-    "jacket", "toaster", "camera", "mattress", "chair", "speaker",
+    "headphones",
+    "blender",
+    "backpack",
+    "phone case",
+    "desk lamp",
+    "coffee maker",
+    "keyboard",
+    "running shoes",
+    "water bottle",
+    "tent",
+    "monitor",
+    "vacuum",
+    "novel",
+    "board game",
+    "jacket",
+    "toaster",
+    "camera",
+    "mattress",
+    "chair",
+    "speaker",
 ]
 POSITIVE = [
-    "works perfectly", "is excellent value", "exceeded my expectations", "is sturdy and well made",
-    "arrived early and works great", "is the best purchase I made this year", "feels premium",
-    "is comfortable and reliable", "does exactly what it promises", "is a delight to use",
+    "works perfectly",
+    "is excellent value",
+    "exceeded my expectations",
+    "is sturdy and well made",
+    "arrived early and works great",
+    "is the best purchase I made this year",
+    "feels premium",
+    "is comfortable and reliable",
+    "does exactly what it promises",
+    "is a delight to use",
 ]
 NEGATIVE = [
-    "broke after two days", "is a waste of money", "stopped working within a week",
-    "feels cheap and flimsy", "arrived damaged", "is the worst purchase I made this year",
-    "does not do what it promises", "is uncomfortable and unreliable", "was returned at once",
+    "broke after two days",
+    "is a waste of money",
+    "stopped working within a week",
+    "feels cheap and flimsy",
+    "arrived damaged",
+    "is the worst purchase I made this year",
+    "does not do what it promises",
+    "is uncomfortable and unreliable",
+    "was returned at once",
     "is noisy and slow",
 ]
 OPENERS = ["", "Honestly, ", "Update: ", "After a month, ", "Five stars. ", "One star. "]
@@ -43,7 +73,9 @@ def make_reviews(n: int = 1200, seed: int = 7) -> list[tuple[str, str]]:
         opener = rng.choice(OPENERS[:4])
         closer = rng.choice(POS_CLOSERS if positive else NEG_CLOSERS)
         if rng.random() < 0.15:  # negated praise reads negative, negated complaint positive
-            phrase = "is not " + rng.choice(["excellent value", "sturdy", "comfortable", "noisy", "cheap", "flimsy"])
+            phrase = "is not " + rng.choice(
+                ["excellent value", "sturdy", "comfortable", "noisy", "cheap", "flimsy"]
+            )
             positive = phrase.endswith(("noisy", "cheap", "flimsy"))
         article = "the" if opener else "The"
         label = "positive" if positive else "negative"

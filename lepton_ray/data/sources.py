@@ -22,7 +22,9 @@ SUFFIX_FORMATS = {
 
 def source_files(path: Path) -> list[Path]:
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIX_FORMATS)
+        files = sorted(
+            p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIX_FORMATS
+        )
         if not files:
             raise DataError(f"data.path {path}: folder holds no CSV/TSV/JSONL/Parquet files")
         return files
@@ -85,7 +87,9 @@ def check_rows(cfg: DataConfig, fmt: str) -> None:
                 for _ in reader:
                     pass
             except (pa.ArrowInvalid, UnicodeDecodeError) as err:
-                raise DataError(f"data.path {path}: malformed row: {str(err).splitlines()[0]}") from None
+                raise DataError(
+                    f"data.path {path}: malformed row: {str(err).splitlines()[0]}"
+                ) from None
         elif fmt == "jsonl":
             with path.open(encoding="utf-8") as fh:
                 for line_no, line in enumerate(fh, start=1):
@@ -94,7 +98,9 @@ def check_rows(cfg: DataConfig, fmt: str) -> None:
                     try:
                         row = json.loads(line)
                     except json.JSONDecodeError as err:
-                        raise DataError(f"data.path {path}: malformed JSON on line {line_no}: {err.msg}") from None
+                        raise DataError(
+                            f"data.path {path}: malformed JSON on line {line_no}: {err.msg}"
+                        ) from None
                     if not isinstance(row, dict):
                         raise DataError(f"data.path {path}: line {line_no} is not a JSON object")
 
@@ -114,7 +120,9 @@ def read_source(cfg: DataConfig):
         ds = ray.data.read_csv(
             paths,
             parse_options=parse,
-            convert_options=pacsv.ConvertOptions(column_types=string_cols, strings_can_be_null=True),
+            convert_options=pacsv.ConvertOptions(
+                column_types=string_cols, strings_can_be_null=True
+            ),
             file_extensions=None,
         )
     elif fmt == "jsonl":

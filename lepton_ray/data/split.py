@@ -39,7 +39,9 @@ def assign_splits(
     group["_key"] = [text_key(t, seed) for t in group["text"]]
     group = group.sort_values(["_key", "text"], kind="stable").reset_index(drop=True)
     split = pd.Series([DUPLICATE] * len(group), dtype=object)
-    unique_mask = ~group["text"].duplicated(keep="first") if dedup else pd.Series(True, index=group.index)
+    unique_mask = (
+        ~group["text"].duplicated(keep="first") if dedup else pd.Series(True, index=group.index)
+    )
     unique_idx = group.index[unique_mask]
     n_train, n_val, n_test = split_sizes(len(unique_idx), validation, test)
     split[unique_idx[:n_test]] = "test"

@@ -22,6 +22,8 @@ def tokenize_batch(
     encoded = tokenizer(list(batch["text"]), truncation=True, max_length=max_length)
     label_index = {label: i for i, label in enumerate(labels)}
     out = batch.copy()
-    out["input_ids"] = [list(ids) for ids in encoded["input_ids"]]  # arrow list<int>, not a tensor type
+    out["input_ids"] = [
+        list(ids) for ids in encoded["input_ids"]
+    ]  # arrow list<int>, not a tensor type
     out["label_id"] = [label_index[label] for label in batch["label"]]
     return out

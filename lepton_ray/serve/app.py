@@ -5,7 +5,6 @@ Serve never imports train or tune: it loads a registered artifact through ``mode
 requests are batched into one forward pass.
 """
 
-
 import asyncio
 import os
 import time
@@ -103,7 +102,8 @@ class TextClassifier:
             raise HTTPException(422, "texts: give at least one text")
         if len(texts) > self.args.max_texts_per_request:
             raise HTTPException(
-                413, f"texts: {len(texts)} texts, at most {self.args.max_texts_per_request} per request"
+                413,
+                f"texts: {len(texts)} texts, at most {self.args.max_texts_per_request} per request",
             )
         for i, text in enumerate(texts):
             if not text.strip():
@@ -116,17 +116,23 @@ class TextClassifier:
         import torch
 
         encoded = self.tokenizer(
-            texts, truncation=True, max_length=self.meta.max_length, padding=True, return_tensors="pt"
+            texts,
+            truncation=True,
+            max_length=self.meta.max_length,
+            padding=True,
+            return_tensors="pt",
         )
         with torch.inference_mode():
             probs = torch.softmax(self.model(**encoded).logits.float(), dim=-1).tolist()
         out = []
         for row in probs:
             best = max(range(len(row)), key=row.__getitem__)
-            out.append({
-                "label": self.labels[best],
-                "probabilities": {label: round(p, 6) for label, p in zip(self.labels, row)},
-            })
+            out.append(
+                {
+                    "label": self.labels[best],
+                    "probabilities": {label: round(p, 6) for label, p in zip(self.labels, row)},
+                }
+            )
         return out
 
 

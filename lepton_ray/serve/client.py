@@ -45,7 +45,9 @@ def wait_healthy(base_url: str, timeout_s: float = 120.0) -> None:
         except requests.RequestException:
             pass
         time.sleep(1)
-    raise LeptonError(f"the Serve endpoint at {base_url} did not become healthy in {timeout_s:.0f} s")
+    raise LeptonError(
+        f"the Serve endpoint at {base_url} did not become healthy in {timeout_s:.0f} s"
+    )
 
 
 def deploy(cfg: ExperimentConfig, model_uri: str, log=print) -> str:

@@ -49,7 +49,10 @@ def ensure_experiment(tracking: TrackingSection, name: str) -> str:
 def git_sha() -> str:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
             cwd=Path(__file__).resolve().parents[2],
         )
         return out.stdout.strip() or "unknown"
@@ -57,7 +60,9 @@ def git_sha() -> str:
         return "unknown"
 
 
-def lineage_tags(cfg: ExperimentConfig, data_fingerprint: str | None, **extra: str) -> dict[str, str]:
+def lineage_tags(
+    cfg: ExperimentConfig, data_fingerprint: str | None, **extra: str
+) -> dict[str, str]:
     tags = {TAG_CONFIG_HASH: cfg.fingerprint(), TAG_GIT_SHA: git_sha()}
     if data_fingerprint:
         tags[TAG_DATA_FINGERPRINT] = data_fingerprint
@@ -127,7 +132,12 @@ def log_figure(tracking_uri: str, run_id: str, figure, path: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         file = Path(tmp) / Path(path).name
         file.write_bytes(buf.getvalue())
-        client(tracking_uri).log_artifact(run_id, str(file), str(Path(path).parent) if "/" in path else None)
+        client(tracking_uri).log_artifact(
+            run_id, str(file), str(Path(path).parent) if "/" in path else None
+        )
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
 
 
 def log_folder(tracking_uri: str, run_id: str, folder: Path, artifact_path: str) -> None:
@@ -168,24 +178,32 @@ def register_version(
     return version
 
 
-def download_model(tracking_uri: str, model_uri: str, dst: Path | None = None) -> Path:
-    """Download a registered version (``models:/name@alias`` or ``models:/name/3``)."""
-    import mlflow.artifacts
-
+def get_model_version(tracking_uri: str, model_uri: str):
+    """The registry entry behind ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
     from lepton_ray.errors import StageError
 
     c = client(tracking_uri)
     name, version = _parse_model_uri(model_uri)
     try:
-        mv = (
-            c.get_model_version_by_alias(name, version[1:])
-            if version.startswith("@")
-            else c.get_model_version(name, version)
-        )
+        if version.startswith("@"):
+            return c.get_model_version_by_alias(name, version[1:])
+        return c.get_model_version(name, version)
     except Exception as err:  # noqa: BLE001 - MLflow raises generic errors for missing models
-        raise StageError(f"no registered model {model_uri} in {tracking_uri}: {str(err).splitlines()[0]}") from None
+        raise StageError(
+            f"no registered model {model_uri} in {tracking_uri} "
+            f"({str(err).splitlines()[0]}); train or tune this experiment first"
+        ) from None
+
+
+def download_model(tracking_uri: str, model_uri: str, dst: Path | None = None) -> Path:
+    """Download a registered version's artifact folder (to a new temporary folder by default)."""
+    import mlflow.artifacts
+
+    version = get_model_version(tracking_uri, model_uri)
     dst = dst or Path(tempfile.mkdtemp(prefix="lepton-model-"))
-    path = mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(dst), tracking_uri=tracking_uri)
+    path = mlflow.artifacts.download_artifacts(
+        artifact_uri=version.source, dst_path=str(dst), tracking_uri=tracking_uri
+    )
     return Path(path)
 
 
@@ -193,14 +211,18 @@ def _parse_model_uri(uri: str) -> tuple[str, str]:
     from lepton_ray.errors import LeptonError
 
     if not uri.startswith("models:/"):
-        raise LeptonError(f"model URI must look like models:/NAME@ALIAS or models:/NAME/VERSION, got {uri!r}")
+        raise LeptonError(
+            f"model URI must look like models:/NAME@ALIAS or models:/NAME/VERSION, got {uri!r}"
+        )
     rest = uri.removeprefix("models:/")
     if "@" in rest:
         name, alias = rest.split("@", 1)
         return name, "@" + alias
     name, _, version = rest.rpartition("/")
     if not name or not version:
-        raise LeptonError(f"model URI must look like models:/NAME@ALIAS or models:/NAME/VERSION, got {uri!r}")
+        raise LeptonError(
+            f"model URI must look like models:/NAME@ALIAS or models:/NAME/VERSION, got {uri!r}"
+        )
     return name, version
 
 

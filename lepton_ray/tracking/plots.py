@@ -43,8 +43,15 @@ def confusion_matrix(matrix: Sequence[Sequence[int]], labels: Sequence[str], tit
     for i in range(n):
         for j in range(n):
             value = matrix[i][j]
-            ax.text(j, i, str(value), ha="center", va="center",
-                    color="white" if value > peak / 2 else "black", fontsize=8)
+            ax.text(
+                j,
+                i,
+                str(value),
+                ha="center",
+                va="center",
+                color="white" if value > peak / 2 else "black",
+                fontsize=8,
+            )
     fig.tight_layout()
     return fig
 

@@ -64,7 +64,9 @@ def restore_checkpoint(folder: Path, model: torch.nn.Module, optimizer, schedule
     saved = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
     missing = unwrap(model).load_state_dict(saved["trainable"], strict=False)
     if missing.unexpected_keys:
-        raise RuntimeError(f"checkpoint {folder} does not match the model: {missing.unexpected_keys[:3]}")
+        raise RuntimeError(
+            f"checkpoint {folder} does not match the model: {missing.unexpected_keys[:3]}"
+        )
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     return LoopState(epoch=saved["epoch"], best=saved["best"], history=saved["history"])

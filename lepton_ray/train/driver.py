@@ -111,6 +111,10 @@ def _worker_error(err: BaseException) -> str:
     text = str(err)
     for line in reversed(text.splitlines()):
         line = line.strip()
-        if line and not line.startswith(("File ", "Traceback", "^", "During handling")) and ":" in line:
+        if (
+            line
+            and not line.startswith(("File ", "Traceback", "^", "During handling"))
+            and ":" in line
+        ):
             return line[:500]
     return text.splitlines()[0][:500] if text else type(err).__name__

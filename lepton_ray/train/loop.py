@@ -28,7 +28,9 @@ class LoopState:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: torch.nn.Module, lr: float, weight_decay: float
+) -> torch.optim.Optimizer:
     """AdamW over trainable weights; biases and norms are not decayed."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():

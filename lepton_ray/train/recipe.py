@@ -64,8 +64,16 @@ def setup_recipe(
     optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
     scheduler = build_scheduler(optimizer, steps * cfg.train.epochs, cfg.train.warmup_ratio)
     return Recipe(
-        cfg, labels, model, tokenizer, optimizer, scheduler, artifact_meta(cfg, labels),
-        base_dir, steps, counts,
+        cfg,
+        labels,
+        model,
+        tokenizer,
+        optimizer,
+        scheduler,
+        artifact_meta(cfg, labels),
+        base_dir,
+        steps,
+        counts,
     )
 
 
@@ -74,7 +82,11 @@ def validation_batches(cfg: ExperimentConfig, tokenizer) -> Callable[[], Iterabl
     import pandas as pd
 
     folder = cfg.data_dir / "validation"
-    frame = pd.read_parquet(folder) if folder.exists() else pd.DataFrame({"input_ids": [], "label_id": []})
+    frame = (
+        pd.read_parquet(folder)
+        if folder.exists()
+        else pd.DataFrame({"input_ids": [], "label_id": []})
+    )
     pad = tokenizer.pad_token_id or 0
     return lambda: frame_batches(frame, cfg.train.eval_batch_size, pad)
 
@@ -103,8 +115,14 @@ def train_recipe(
             return
         with tempfile.TemporaryDirectory(prefix="lepton-ckpt-") as tmp:
             folder = write_checkpoint(
-                Path(tmp), recipe.model, recipe.tokenizer, recipe.meta, recipe.optimizer,
-                recipe.scheduler, state, recipe.base_dir,
+                Path(tmp),
+                recipe.model,
+                recipe.tokenizer,
+                recipe.meta,
+                recipe.optimizer,
+                recipe.scheduler,
+                state,
+                recipe.base_dir,
             )
             report(metrics, folder)
 

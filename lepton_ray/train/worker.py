@@ -51,7 +51,9 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     resume = ray.train.get_checkpoint()
     if resume is not None:
         with resume.as_directory() as resume_dir:
-            state = train_recipe(recipe, train_batches, device, rank, world, report, Path(resume_dir))
+            state = train_recipe(
+                recipe, train_batches, device, rank, world, report, Path(resume_dir)
+            )
     else:
         state = train_recipe(recipe, train_batches, device, rank, world, report)
     if tracker is not None:
@@ -78,11 +80,18 @@ class _RankZeroTracker:
         from lepton_ray.tracking.mlflow import log_folder, log_metrics
 
         epoch = int(metrics["epoch"])
-        log_metrics(self.uri, self.run_id, {k: v for k, v in metrics.items() if k != "epoch"}, epoch)
+        log_metrics(
+            self.uri, self.run_id, {k: v for k, v in metrics.items() if k != "epoch"}, epoch
+        )
         if metrics["improved"] and folder is not None:
             metric = self.cfg.tune.metric
             log_folder(self.uri, self.run_id, folder, "model")
-            log_metrics(self.uri, self.run_id, {f"best_{metric}": metrics[metric], "best_epoch": epoch}, epoch)
+            log_metrics(
+                self.uri,
+                self.run_id,
+                {f"best_{metric}": metrics[metric], "best_epoch": epoch},
+                epoch,
+            )
             self.best_confusion = metrics["confusion"]
 
     def on_end(self, history: list[dict[str, float]]) -> None:
@@ -91,9 +100,13 @@ class _RankZeroTracker:
         from lepton_ray.tracking import plots
         from lepton_ray.tracking.mlflow import log_figure
 
-        log_figure(self.uri, self.run_id, plots.learning_curves(history), "plots/learning_curves.png")
+        log_figure(
+            self.uri, self.run_id, plots.learning_curves(history), "plots/learning_curves.png"
+        )
         if self.best_confusion is not None:
-            fig = plots.confusion_matrix(self.best_confusion, self.labels, "Validation (best epoch)")
+            fig = plots.confusion_matrix(
+                self.best_confusion, self.labels, "Validation (best epoch)"
+            )
             log_figure(self.uri, self.run_id, fig, "plots/confusion_matrix_val.png")
 
 

@@ -8,32 +8,49 @@ from lepton_ray.config import ExperimentConfig, apply_overrides
 from lepton_ray.tune.space import build_param_space, config_point
 
 
-def train_driver_fn(params: dict[str, Any], base: dict[str, Any], manifest: dict[str, Any],
-                    parent_run_id: str, train_ds) -> None:
+def train_driver_fn(
+    params: dict[str, Any],
+    base: dict[str, Any],
+    manifest: dict[str, Any],
+    parent_run_id: str,
+    train_ds,
+) -> None:
     """One Tune trial: apply the sampled values, then run a TorchTrainer reporting to Tune."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from lepton_ray.config import validate_experiment
     from lepton_ray.tracking.mlflow import (
-        TAG_STAGE, TAG_TRIAL_ID, lineage_tags, log_config, tracked_run,
+        TAG_STAGE,
+        TAG_TRIAL_ID,
+        lineage_tags,
+        log_config,
+        tracked_run,
     )
     from lepton_ray.train.driver import build_trainer, fit
 
     cfg = apply_overrides(validate_experiment(base), params)
     trial_id = ray.tune.get_context().get_trial_id()
-    tags = lineage_tags(cfg, manifest.get("fingerprint"), **{TAG_STAGE: "trial", TAG_TRIAL_ID: trial_id})
+    tags = lineage_tags(
+        cfg, manifest.get("fingerprint"), **{TAG_STAGE: "trial", TAG_TRIAL_ID: trial_id}
+    )
     tags.update({f"lepton.param.{k}": str(v) for k, v in params.items()})
     with tracked_run(cfg, f"trial-{trial_id}", tags=tags, parent_run_id=parent_run_id) as run_id:
         log_config(cfg.tracking.tracking_uri, run_id, cfg)
         trainer = build_trainer(
-            cfg, manifest, run_id, name=f"{cfg.name}-trial-{trial_id}",
-            callbacks=[TuneReportCallback()], train_ds=train_ds,
+            cfg,
+            manifest,
+            run_id,
+            name=f"{cfg.name}-trial-{trial_id}",
+            callbacks=[TuneReportCallback()],
+            train_ds=train_ds,
         )
         fit(trainer)
 
 
-def run_tune(cfg: ExperimentConfig, manifest: dict[str, Any], parent_run_id: str, log=print) -> dict[str, Any]:
+def run_tune(
+    cfg: ExperimentConfig, manifest: dict[str, Any], parent_run_id: str, log=print
+) -> dict[str, Any]:
     """Sweep ``cfg.tune.space``; returns the best trial's MLflow run id and its metrics."""
     import ray
     from ray import tune
@@ -89,11 +106,18 @@ def run_tune(cfg: ExperimentConfig, manifest: dict[str, Any], parent_run_id: str
     return summarize_trials(cfg, results, parent_run_id, log)
 
 
-def summarize_trials(cfg: ExperimentConfig, results, parent_run_id: str, log=print) -> dict[str, Any]:
+def summarize_trials(
+    cfg: ExperimentConfig, results, parent_run_id: str, log=print
+) -> dict[str, Any]:
     """Match Tune's trials to their MLflow runs, mark early stops, plot, pick the best."""
     from lepton_ray.tracking import plots
     from lepton_ray.tracking.mlflow import (
-        TAG_PARENT, TAG_TRIAL_ID, client, log_dict, log_figure, set_tags,
+        TAG_PARENT,
+        TAG_TRIAL_ID,
+        client,
+        log_dict,
+        log_figure,
+        set_tags,
     )
 
     t = cfg.tune
@@ -113,7 +137,11 @@ def summarize_trials(cfg: ExperimentConfig, results, parent_run_id: str, log=pri
         early = result.error is None and epochs < cfg.train.epochs
         if run is not None:
             if early:
-                set_tags(uri, run.info.run_id, {"lepton.early_stopped": "true", "lepton.epochs_run": epochs})
+                set_tags(
+                    uri,
+                    run.info.run_id,
+                    {"lepton.early_stopped": "true", "lepton.epochs_run": epochs},
+                )
             status = c.get_run(run.info.run_id).info.status
             if early and status != "KILLED":
                 # ASHA stopped it: Tune ends the trial by interrupting it, which our run
@@ -125,14 +153,16 @@ def summarize_trials(cfg: ExperimentConfig, results, parent_run_id: str, log=pri
         run_metrics = dict(run.data.metrics) if run is not None else {}
         if run is not None:
             run_metrics = dict(c.get_run(run.info.run_id).data.metrics)
-        trials.append({
-            "trial_id": trial_id,
-            "run_id": run.info.run_id if run is not None else None,
-            "params": {k: v for k, v in (result.config or {}).items()},
-            "metrics": {t.metric: run_metrics.get(best_key), "epochs": epochs},
-            "early_stopped": early,
-            "error": str(result.error).splitlines()[0] if result.error else None,
-        })
+        trials.append(
+            {
+                "trial_id": trial_id,
+                "run_id": run.info.run_id if run is not None else None,
+                "params": {k: v for k, v in (result.config or {}).items()},
+                "metrics": {t.metric: run_metrics.get(best_key), "epochs": epochs},
+                "early_stopped": early,
+                "error": str(result.error).splitlines()[0] if result.error else None,
+            }
+        )
     usable = [tr for tr in trials if tr["run_id"] and tr["metrics"][t.metric] is not None]
     if not usable:
         errors = "; ".join(tr["error"] for tr in trials if tr["error"]) or "no trial reported"
@@ -142,12 +172,22 @@ def summarize_trials(cfg: ExperimentConfig, results, parent_run_id: str, log=pri
     pick = max if t.mode == "max" else min
     best = pick(usable, key=lambda tr: tr["metrics"][t.metric])
     log_dict(uri, parent_run_id, {"best": best, "trials": trials}, "tune/trials.json")
-    log_figure(uri, parent_run_id, plots.sweep(usable, t.metric, sorted(t.space)), "plots/sweep.png")
+    log_figure(
+        uri, parent_run_id, plots.sweep(usable, t.metric, sorted(t.space)), "plots/sweep.png"
+    )
     for tr in trials:
         log(
             f"[tune] trial {tr['trial_id']}: {t.metric}={tr['metrics'][t.metric]} "
-            f"params={tr['params']}" + (" (stopped early by ASHA)" if tr["early_stopped"] else "")
+            f"params={tr['params']}"
+            + (" (stopped early by ASHA)" if tr["early_stopped"] else "")
             + (f" ERROR {tr['error']}" if tr["error"] else "")
         )
-    log(f"[tune] best trial {best['trial_id']}: {t.metric}={best['metrics'][t.metric]:.4f} {best['params']}")
-    return {"run_id": best["run_id"], "metrics": best["metrics"], "params": best["params"], "trials": trials}
+    log(
+        f"[tune] best trial {best['trial_id']}: {t.metric}={best['metrics'][t.metric]:.4f} {best['params']}"
+    )
+    return {
+        "run_id": best["run_id"],
+        "metrics": best["metrics"],
+        "params": best["params"],
+        "trials": trials,
+    }

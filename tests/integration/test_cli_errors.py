@@ -13,7 +13,9 @@ runner = CliRunner()
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lepton_ray.cli", *args], capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "lepton_ray.cli", *args], capture_output=True, text=True
+    )
 
 
 def assert_one_line_error(proc, *needles: str, code: int = 2):
@@ -27,10 +29,14 @@ def assert_one_line_error(proc, *needles: str, code: int = 2):
 
 def test_help_answers_without_heavy_imports():
     proc = subprocess.run(
-        [sys.executable, "-c",
-         "import sys; from lepton_ray.cli import app; "
-         "print(any(m in sys.modules for m in ('torch', 'ray', 'transformers', 'mlflow')))"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys; from lepton_ray.cli import app; "
+            "print(any(m in sys.modules for m in ('torch', 'ray', 'transformers', 'mlflow')))",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert proc.stdout.strip() == "False"
     assert cli("--help").returncode == 0
@@ -50,10 +56,15 @@ def test_unknown_key_in_file_and_override(tmp_path):
     data = tmp_path / "d.csv"
     data.write_text("review,sentiment\na,x\nb,y\n")
     path = write_yaml(tmp_path / "c.yaml", smoke_config(tmp_path, data, train={"lr_rate": 1}))
-    assert_one_line_error(cli("validate", str(path)), str(path), "unknown key 'train.lr_rate'", "did you mean")
+    assert_one_line_error(
+        cli("validate", str(path)), str(path), "unknown key 'train.lr_rate'", "did you mean"
+    )
     good = write_yaml(tmp_path / "g.yaml", smoke_config(tmp_path, data))
-    assert_one_line_error(cli("run", str(good), "--set", "scaling.num_worker=3"),
-                          "scaling.num_worker", "did you mean 'scaling.num_workers'")
+    assert_one_line_error(
+        cli("run", str(good), "--set", "scaling.num_worker=3"),
+        "scaling.num_worker",
+        "did you mean 'scaling.num_workers'",
+    )
 
 
 def test_missing_data_file(tmp_path):

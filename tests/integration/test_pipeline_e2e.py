@@ -13,8 +13,11 @@ from tests.conftest import free_port, smoke_config, write_yaml
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
-TEXTS = ["The lamp works perfectly. Recommended.", "The tent broke after two days. Avoid.",
-         "Honestly, the chair is noisy and slow."]
+TEXTS = [
+    "The lamp works perfectly. Recommended.",
+    "The tent broke after two days. Avoid.",
+    "Honestly, the chair is noisy and slow.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -23,19 +26,32 @@ def pipeline(tmp_path_factory, ray_session):
     data = write_reviews_csv(tmp / "reviews.csv", n=320, seed=11)
     port = free_port()
     raw = smoke_config(
-        tmp, data,
-        tune={"enabled": True, "num_samples": 2, "metric": "val_accuracy", "mode": "max",
-              "space": {"train.lr": {"type": "loguniform", "low": 1e-3, "high": 5e-3},
-                        "peft.lora.r": {"type": "choice", "values": [2, 4]}}},
+        tmp,
+        data,
+        tune={
+            "enabled": True,
+            "num_samples": 2,
+            "metric": "val_accuracy",
+            "mode": "max",
+            "space": {
+                "train.lr": {"type": "loguniform", "low": 1e-3, "high": 5e-3},
+                "peft.lora.r": {"type": "choice", "values": [2, 4]},
+            },
+        },
         compress={"enabled": True},
         serve={"enabled": True, "port": port, "app_name": "smoke-e2e", "example_texts": TEXTS},
     )
     path = write_yaml(tmp / "smoke.yaml", raw)
     result = runner.invoke(app, ["run", str(path)])
     assert result.exit_code == 0, result.output
-    return {"tmp": tmp, "config": path, "raw": raw, "output": result.output,
-            "url": f"http://127.0.0.1:{port}",
-            "client": MlflowClient(raw["tracking"]["tracking_uri"])}
+    return {
+        "tmp": tmp,
+        "config": path,
+        "raw": raw,
+        "output": result.output,
+        "url": f"http://127.0.0.1:{port}",
+        "client": MlflowClient(raw["tracking"]["tracking_uri"]),
+    }
 
 
 def _runs(client, **tags):
@@ -111,8 +127,12 @@ def test_serve_rejects_bad_requests_with_json(pipeline, payload, status, needle)
 
 
 def test_serve_rejects_non_json(pipeline):
-    resp = requests.post(f"{pipeline['url']}/predict", data="not json",
-                         headers={"Content-Type": "application/json"}, timeout=30)
+    resp = requests.post(
+        f"{pipeline['url']}/predict",
+        data="not json",
+        headers={"Content-Type": "application/json"},
+        timeout=30,
+    )
     assert resp.status_code == 422
     assert "error" in resp.json()
 

@@ -15,8 +15,15 @@ runner = CliRunner()
 @pytest.mark.usefixtures("ray_session")
 def test_trec_tsv_six_classes_stratified(tmp_path):
     trec = shared_file("trec", "train.tsv")
-    raw = smoke_config(tmp_path, trec, data={"text_column": "text", "label_column": "coarse_label",
-                                             "split": {"validation": 0.1, "test": 0.1, "seed": 5}})
+    raw = smoke_config(
+        tmp_path,
+        trec,
+        data={
+            "text_column": "text",
+            "label_column": "coarse_label",
+            "split": {"validation": 0.1, "test": 0.1, "seed": 5},
+        },
+    )
     path = write_yaml(tmp_path / "trec.yaml", raw)
     result = runner.invoke(app, ["preprocess", str(path)])
     assert result.exit_code == 0, result.output
@@ -29,7 +36,9 @@ def test_trec_tsv_six_classes_stratified(tmp_path):
     assert manifest["dropped"].get("duplicate", 0) > 0  # TREC repeats some questions
     # Stratified: every class keeps its share in validation (within one row of rounding).
     for label, n_val in manifest["class_counts"]["validation"].items():
-        n_all = sum(manifest["class_counts"][s].get(label, 0) for s in ("train", "validation", "test"))
+        n_all = sum(
+            manifest["class_counts"][s].get(label, 0) for s in ("train", "validation", "test")
+        )
         assert abs(n_val - round(n_all * 0.1)) <= 1, label
     frame = pd.read_parquet(out / "validation")
     assert set(frame.columns) >= {"text", "label", "input_ids", "label_id"}

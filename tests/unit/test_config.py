@@ -15,7 +15,9 @@ def minimal(tmp_path: Path, **extra) -> dict:
     return {"name": "t", "data": {"path": str(data)}, **extra}
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "experiments").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_every_shipped_experiment_validates(path, monkeypatch):
     monkeypatch.chdir(ROOT)
     text = path.read_text()
@@ -65,13 +67,19 @@ def test_wrong_type_and_out_of_range(tmp_path):
     path = write_yaml(tmp_path / "c.yaml", minimal(tmp_path, train={"epochs": "many"}))
     with pytest.raises(ConfigError, match=r"train.epochs: .*integer"):
         load_experiment(path)
-    path = write_yaml(tmp_path / "c.yaml", minimal(tmp_path, data=None) | {"data": {"path": str(tmp_path / "d.csv"), "split": {"validation": 0.6, "test": 0.5}}})
+    path = write_yaml(
+        tmp_path / "c.yaml",
+        minimal(tmp_path, data=None)
+        | {"data": {"path": str(tmp_path / "d.csv"), "split": {"validation": 0.6, "test": 0.5}}},
+    )
     with pytest.raises(ConfigError, match="validation \\+ data.split.test must be below 1.0"):
         load_experiment(path)
 
 
 def test_missing_data_file_and_missing_config(tmp_path):
-    path = write_yaml(tmp_path / "c.yaml", {"name": "t", "data": {"path": str(tmp_path / "nope.csv")}})
+    path = write_yaml(
+        tmp_path / "c.yaml", {"name": "t", "data": {"path": str(tmp_path / "nope.csv")}}
+    )
     with pytest.raises(ConfigError, match="data.path: data file not found"):
         load_experiment(path)
     with pytest.raises(ConfigError, match="config file not found"):
@@ -92,10 +100,17 @@ def test_missing_required_section(tmp_path):
 
 
 def test_tune_space_keys_must_exist(tmp_path):
-    cfg = minimal(tmp_path, tune={"space": {"train.lrate": {"type": "loguniform", "low": 1e-4, "high": 1e-3}}})
-    with pytest.raises(ConfigError, match=r"<config>: tune.space: unknown key 'train.lrate' \(did you mean 'train.lr'"):
+    cfg = minimal(
+        tmp_path, tune={"space": {"train.lrate": {"type": "loguniform", "low": 1e-4, "high": 1e-3}}}
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"<config>: tune.space: unknown key 'train.lrate' \(did you mean 'train.lr'",
+    ):
         validate_experiment(cfg)
-    cfg = minimal(tmp_path, tune={"space": {"train.lr": {"type": "loguniform", "low": 1e-3, "high": 1e-4}}})
+    cfg = minimal(
+        tmp_path, tune={"space": {"train.lr": {"type": "loguniform", "low": 1e-3, "high": 1e-4}}}
+    )
     with pytest.raises(ConfigError, match="must be below 'high'"):
         validate_experiment(cfg)
 

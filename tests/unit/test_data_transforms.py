@@ -16,24 +16,45 @@ def test_normalize_text_unicode_whitespace_and_controls():
     assert normalize_text("ﬁne", unicode_form="NFKC") == "fine"
 
 
-@pytest.mark.parametrize("raw, expected", [(1, "1"), (1.0, "1"), ("1", "1"), (" pos ", "pos"),
-                                           (None, None), (float("nan"), None), ("", None), (pd.NA, None)])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        (1, "1"),
+        (1.0, "1"),
+        ("1", "1"),
+        (" pos ", "pos"),
+        (None, None),
+        (float("nan"), None),
+        ("", None),
+        (pd.NA, None),
+    ],
+)
 def test_normalize_label(raw, expected):
     assert normalize_label(raw) == expected
 
 
 def test_clean_batch_tags_drop_reasons():
-    batch = pd.DataFrame({
-        "text": ["ok text", "   ", None, "\u200b", "labelless", pd.NA],
-        "label": ["a", "b", "a", "b", None, "a"],
-    })
+    batch = pd.DataFrame(
+        {
+            "text": ["ok text", "   ", None, "\u200b", "labelless", pd.NA],
+            "label": ["a", "b", "a", "b", None, "a"],
+        }
+    )
     out = clean_batch(batch, "NFKC", False, 1)
-    assert list(out["drop_reason"]) == ["", "empty_text", "missing_text", "empty_text",
-                                        "missing_label", "missing_text"]
+    assert list(out["drop_reason"]) == [
+        "",
+        "empty_text",
+        "missing_text",
+        "empty_text",
+        "missing_label",
+        "missing_text",
+    ]
     assert out.loc[0, "text"] == "ok text"
 
 
-@pytest.mark.parametrize("n, val, test", [(100, 0.1, 0.1), (7, 0.2, 0.2), (1, 0.3, 0.3), (3, 0.4, 0.4)])
+@pytest.mark.parametrize(
+    "n, val, test", [(100, 0.1, 0.1), (7, 0.2, 0.2), (1, 0.3, 0.3), (3, 0.4, 0.4)]
+)
 def test_split_sizes_keep_train_nonempty(n, val, test):
     n_train, n_val, n_test = split_sizes(n, val, test)
     assert n_train + n_val + n_test == n
@@ -56,7 +77,9 @@ def test_assign_splits_exact_stratified_counts_and_dedup():
 def test_assign_splits_is_deterministic_and_seeded():
     frame = _group(200)
     a = assign_splits(frame, 0.1, 0.1, seed=3, dedup=True).set_index("text")["split"]
-    b = assign_splits(frame.sample(frac=1, random_state=0), 0.1, 0.1, seed=3, dedup=True).set_index("text")["split"]
+    b = assign_splits(frame.sample(frac=1, random_state=0), 0.1, 0.1, seed=3, dedup=True).set_index(
+        "text"
+    )["split"]
     c = assign_splits(frame, 0.1, 0.1, seed=4, dedup=True).set_index("text")["split"]
     assert a.sort_index().equals(b.sort_index())  # row order does not matter
     assert not a.sort_index().equals(c.sort_index())  # the seed does

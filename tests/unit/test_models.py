@@ -9,7 +9,11 @@ import torch
 from lepton_ray.config import ModelConfig, PeftSection, validate_experiment
 from lepton_ray.errors import ConfigError
 from lepton_ray.models import (
-    build_model, load_model_artifact, load_tokenizer, quantize_dynamic_int8, resolve_model_path,
+    build_model,
+    load_model_artifact,
+    load_tokenizer,
+    quantize_dynamic_int8,
+    resolve_model_path,
     save_int8_artifact,
 )
 from lepton_ray.train.checkpoint import artifact_meta, write_checkpoint
@@ -54,8 +58,16 @@ def test_random_base_lora_checkpoint_round_trip(tmp_path):
     model.eval()
     opt = build_optimizer(model, 1e-3, 0.0)
     meta = artifact_meta(cfg, LABELS)
-    folder = write_checkpoint(tmp_path / "ckpt", model, load_tokenizer("minilm"), meta, opt,
-                              build_scheduler(opt, 10, 0.1), LoopState(epoch=1), base_dir)
+    folder = write_checkpoint(
+        tmp_path / "ckpt",
+        model,
+        load_tokenizer("minilm"),
+        meta,
+        opt,
+        build_scheduler(opt, 10, 0.1),
+        LoopState(epoch=1),
+        base_dir,
+    )
     loaded, _, loaded_meta = load_model_artifact(folder)
     assert loaded_meta.base_model == "./base"
     with torch.no_grad():
@@ -65,15 +77,23 @@ def test_random_base_lora_checkpoint_round_trip(tmp_path):
 
 
 def test_int8_artifact_round_trip_is_smaller_and_identical():
-    model = build_model(ModelConfig(name="minilm", random_init=True, config_overrides=TINY_BERT),
-                        "sequence_classification", LABELS)
+    model = build_model(
+        ModelConfig(name="minilm", random_init=True, config_overrides=TINY_BERT),
+        "sequence_classification",
+        LABELS,
+    )
     model.eval()
     qmodel = quantize_dynamic_int8(model)
     with tempfile.TemporaryDirectory() as tmp:
         from lepton_ray.models import ModelMeta
 
-        meta = ModelMeta(task="sequence_classification", labels=LABELS, base_model="minilm",
-                         max_length=32, weights="int8")
+        meta = ModelMeta(
+            task="sequence_classification",
+            labels=LABELS,
+            base_model="minilm",
+            max_length=32,
+            weights="int8",
+        )
         save_int8_artifact(qmodel, load_tokenizer("minilm"), meta, Path(tmp))
         loaded, _, loaded_meta = load_model_artifact(tmp)
         assert loaded_meta.weights == "int8"

@@ -21,23 +21,35 @@ def write_tokenized(cfg, rows) -> dict:
     counts = {}
     for split, part in rows.items():
         enc = tok([t for t, _ in part], truncation=True, max_length=cfg.data.max_length)
-        frame = pd.DataFrame({
-            "text": [t for t, _ in part], "label": [lab for _, lab in part],
-            "input_ids": enc["input_ids"], "label_id": [labels.index(lab) for _, lab in part],
-        })
+        frame = pd.DataFrame(
+            {
+                "text": [t for t, _ in part],
+                "label": [lab for _, lab in part],
+                "input_ids": enc["input_ids"],
+                "label_id": [labels.index(lab) for _, lab in part],
+            }
+        )
         (cfg.data_dir / split).mkdir(parents=True, exist_ok=True)
         frame.to_parquet(cfg.data_dir / split / "part-0.parquet")
         counts[split] = len(frame)
-    return {"labels": labels, "splits": counts, "model": "minilm", "max_length": cfg.data.max_length}
+    return {
+        "labels": labels,
+        "splits": counts,
+        "model": "minilm",
+        "max_length": cfg.data.max_length,
+    }
 
 
 @pytest.fixture()
 def tiny(tmp_path):
     data = tmp_path / "d.csv"
     data.write_text("review,sentiment\na,positive\n")
-    raw = smoke_config(tmp_path, data, train={"epochs": 3, "batch_size": 16, "lr": 2e-3,
-                                              "max_steps_per_epoch": None},
-                       peft={"method": "none"})
+    raw = smoke_config(
+        tmp_path,
+        data,
+        train={"epochs": 3, "batch_size": 16, "lr": 2e-3, "max_steps_per_epoch": None},
+        peft={"method": "none"},
+    )
     cfg = validate_experiment(raw)
     rows = [r for r in make_reviews(500, seed=3) if r[0].strip()]
     manifest = write_tokenized(cfg, {"train": rows[:400], "validation": rows[400:]})
