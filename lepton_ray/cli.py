@@ -165,12 +165,17 @@ def serve(
     model_uri: Annotated[
         str | None, typer.Option(help="Default: @serving, else @champion.")
     ] = None,
+    stop: Annotated[bool, typer.Option("--stop", help="Stop this experiment's endpoint.")] = False,
 ) -> None:
     """Ray Serve: deploy the registered model behind HTTP on serve.host:serve.port."""
-    from lepton_ray.pipeline import run_serve_stage
+    from lepton_ray.pipeline import run_serve_stage, run_serve_stop
 
     _quiet_libraries()
     cfg = _load(config, set_)
+    if stop:
+        if not run_serve_stop(cfg, log=_say):
+            _say(f"no Serve application '{cfg.serve.app_name or cfg.name}' is running")
+        return
     result = run_serve_stage(cfg, model_uri=model_uri, log=_say)
     _print_answers(result)
     _say(

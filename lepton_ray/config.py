@@ -245,6 +245,11 @@ class ClusterSection(Section):
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of an in-process cluster.")
     storage_path: Path = Field(Path("outputs/ray_results"), description="Ray Train/Tune storage.")
+    wait_for_resources: bool = Field(
+        False,
+        description="Wait when the cluster lacks free CPUs/GPUs for the workers (autoscaling "
+        "clusters); by default such a run stops at once and says what holds them.",
+    )
 
     @field_validator("storage_path")
     @classmethod

@@ -157,6 +157,13 @@ def run_serve_stage(
     return {"url": url, "model_uri": model_uri, "answers": answers, "ray": mode}
 
 
+def run_serve_stop(cfg: ExperimentConfig, log=print) -> bool:
+    from lepton_ray.serve.client import undeploy
+
+    _connect(cfg, log)
+    return undeploy(cfg, log=log)
+
+
 def run(cfg: ExperimentConfig, log=print) -> dict[str, Any]:
     """All stages: preprocess, train or tune, register, compress, serve."""
     from lepton_ray.tracking.mlflow import (
@@ -172,6 +179,11 @@ def run(cfg: ExperimentConfig, log=print) -> dict[str, Any]:
     started = time.time()
     summary: dict[str, Any] = {}
     manifest = run_preprocess_stage(cfg, log=log)
+    if cfg.serve.enabled:
+        # A previous run's endpoint holds CPUs that training needs; it is redeployed below.
+        from lepton_ray.serve.client import undeploy
+
+        undeploy(cfg, log=log)
     tags = lineage_tags(cfg, manifest["fingerprint"], **{TAG_STAGE: "pipeline"})
     uri = cfg.tracking.tracking_uri
     with tracked_run(cfg, "pipeline", tags=tags) as parent:

@@ -169,3 +169,44 @@ def cluster_down(log=print) -> None:
     ray_bin = str(Path(sys.executable).with_name("ray"))
     subprocess.run([ray_bin, "stop", "--force"], capture_output=True, text=True)
     log("[ray] stopped the local cluster (and the Serve endpoint on it)")
+
+
+def serve_applications() -> list[str]:
+    """Names of the Serve applications on the connected cluster (none if Serve is off)."""
+    try:
+        from ray import serve
+
+        return sorted(serve.status().applications)
+    except Exception:  # noqa: BLE001 - Serve not started on this cluster
+        return []
+
+
+def check_resources(cluster: ClusterSection, cpus: float, gpus: float, what: str) -> None:
+    """Fail fast, and say why, when ``what`` cannot get its workers' resources.
+
+    Ray would otherwise wait for them forever, which on a fixed-size cluster is a hang.
+    """
+    import ray
+
+    total, free = ray.cluster_resources(), ray.available_resources()
+    for name, need in (("CPU", cpus), ("GPU", gpus)):
+        if need <= 0:
+            continue
+        have_total, have_free = total.get(name, 0.0), free.get(name, 0.0)
+        if have_total < need and not cluster.wait_for_resources:
+            raise LeptonError(
+                f"{what} needs {need:g} {name} but the cluster has {have_total:g}; "
+                "lower scaling.num_workers or scaling.resources_per_worker"
+            )
+        if have_free + 1e-9 < need and not cluster.wait_for_resources:
+            apps = serve_applications()
+            held = (
+                f"Serve applications holding resources: {', '.join(apps)} "
+                "(stop one with `lepton-ray serve CONFIG --stop`)"
+                if apps
+                else "other jobs hold the rest"
+            )
+            raise LeptonError(
+                f"{what} needs {need:g} {name} but only {have_free:g} of {have_total:g} are free; "
+                f"{held}; or set cluster.wait_for_resources: true to wait"
+            )

@@ -78,3 +78,17 @@ def deploy(cfg: ExperimentConfig, model_uri: str, log=print) -> str:
     wait_healthy(url)
     log(f"[serve] ready at {url}/predict")
     return url
+
+
+def undeploy(cfg: ExperimentConfig, log=print) -> bool:
+    """Delete this experiment's Serve application; False when none was running."""
+    from ray import serve
+
+    from lepton_ray.runtime import serve_applications
+
+    app_name = cfg.serve.app_name or cfg.name
+    if app_name not in serve_applications():
+        return False
+    serve.delete(app_name)
+    log(f"[serve] stopped application '{app_name}'")
+    return True

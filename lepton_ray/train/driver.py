@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from lepton_ray.config import ExperimentConfig
@@ -26,6 +27,16 @@ def load_train_dataset(cfg: ExperimentConfig):
     return ray.data.read_parquet(str(cfg.data_dir / "train")).materialize()
 
 
+def check_worker_resources(cfg: ExperimentConfig, what: str) -> None:
+    """Stop at once, with the reason, if the cluster cannot host the workers now."""
+    from lepton_ray.runtime import check_resources
+
+    per_worker = cfg.scaling.resources_per_worker
+    n = cfg.scaling.num_workers
+    gpus = per_worker.get("GPU", 1.0 if cfg.scaling.use_gpu else 0.0)
+    check_resources(cfg.cluster, n * per_worker.get("CPU", 1.0), n * gpus, f"{what} ({n} workers)")
+
+
 def build_trainer(
     cfg: ExperimentConfig,
     manifest: dict[str, Any],
@@ -39,6 +50,7 @@ def build_trainer(
     from ray.train.torch import TorchTrainer
 
     if train_ds is None:
+        check_worker_resources(cfg, "training")
         train_ds = load_train_dataset(cfg)
     return TorchTrainer(
         train_fn_per_worker,
@@ -107,14 +119,14 @@ def _best_metrics(result, cfg: ExperimentConfig) -> dict[str, Any]:
     return dict(metrics)
 
 
+_EXCEPTION_LINE = re.compile(r"^(?:ray::\S+\s+)?[A-Za-z_][\w.]*(?:Error|Exception)\b.*?:")
+
+
 def _worker_error(err: BaseException) -> str:
-    text = str(err)
-    for line in reversed(text.splitlines()):
-        line = line.strip()
-        if (
-            line
-            and not line.startswith(("File ", "Traceback", "^", "During handling"))
-            and ":" in line
-        ):
-            return line[:500]
-    return text.splitlines()[0][:500] if text else type(err).__name__
+    """The worker's own exception, on one line: the last ``SomeError: ...`` and what follows."""
+    lines = [line.strip() for line in str(err).splitlines()]
+    starts = [i for i, line in enumerate(lines) if _EXCEPTION_LINE.match(line)]
+    if not starts:
+        return (lines[0] if lines else type(err).__name__)[:500]
+    message = " ".join(line for line in lines[starts[-1] :] if line)
+    return message[:500]

@@ -57,8 +57,9 @@ def run_tune(
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from lepton_ray.train.driver import load_train_dataset
+    from lepton_ray.train.driver import check_worker_resources, load_train_dataset
 
+    check_worker_resources(cfg, "each tune trial")
     t = cfg.tune
     first = config_point(cfg)
     searcher = OptunaSearch(points_to_evaluate=[first] if first else None, seed=t.seed)

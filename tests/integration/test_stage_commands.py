@@ -1,0 +1,101 @@
+"""The stages one command at a time: preprocess, train, compress, serve --model-uri."""
+
+import pytest
+import requests
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from lepton_ray.cli import app
+from lepton_ray.data.sample import write_reviews_csv
+from tests.conftest import free_port, smoke_config, write_yaml
+
+pytestmark = pytest.mark.slow
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, ray_session):
+    tmp = tmp_path_factory.mktemp("stages")
+    data = write_reviews_csv(tmp / "reviews.csv", n=240, seed=5)
+    port = free_port()
+    raw = smoke_config(
+        tmp,
+        data,
+        name="stages",
+        serve={"enabled": True, "port": port, "app_name": "stages"},
+        train={"epochs": 1},
+    )
+    path = write_yaml(tmp / "stages.yaml", raw)
+    return {
+        "path": path,
+        "raw": raw,
+        "url": f"http://127.0.0.1:{port}",
+        "client": MlflowClient(raw["tracking"]["tracking_uri"]),
+    }
+
+
+def test_train_before_preprocess_is_a_clear_error(setup):
+    result = runner.invoke(app, ["train", str(setup["path"])])
+    assert result.exit_code == 2
+    assert "run `lepton-ray preprocess`" in result.output
+
+
+def test_preprocess_train_compress_serve(setup):
+    path, c = str(setup["path"]), setup["client"]
+    assert runner.invoke(app, ["preprocess", path]).exit_code == 0
+    result = runner.invoke(app, ["train", path])
+    assert result.exit_code == 0, result.output
+    champion = c.get_model_version_by_alias("stages", "champion")
+    run = c.get_run(champion.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["lepton.stage"] == "train"
+    assert "val_macro_f1" in run.data.metrics
+    assert {a.path for a in c.list_artifacts(run.info.run_id, "plots")} >= {
+        "plots/learning_curves.png",
+        "plots/confusion_matrix_val.png",
+    }
+
+    result = runner.invoke(app, ["compress", path])
+    assert result.exit_code == 0, result.output
+    serving = c.get_model_version_by_alias("stages", "serving")
+
+    # Serve a chosen version, not the default alias.
+    uri = f"models:/stages/{champion.version}"
+    result = runner.invoke(app, ["serve", path, "--model-uri", uri])
+    assert result.exit_code == 0, result.output
+    meta = requests.get(f"{setup['url']}/metadata", timeout=10).json()
+    assert meta["model"] == uri and meta["weights"] == "adapter"
+    assert int(serving.version) > int(champion.version)
+
+    # The replica holds a CPU that 2 training workers need on this 2-CPU cluster: training
+    # must say so at once instead of waiting forever.
+    result = runner.invoke(app, ["train", path])
+    assert result.exit_code == 2
+    assert "only 1 of 2 are free" in result.output and "stages" in result.output
+
+    result = runner.invoke(app, ["serve", path, "--stop"])
+    assert result.exit_code == 0 and "stopped application 'stages'" in result.output
+    # The HTTP proxy stays up; the application's routes are gone.
+    assert requests.get(f"{setup['url']}/health", timeout=5).status_code == 404
+
+
+def test_training_crash_marks_run_failed_and_registers_nothing(setup):
+    path, c = str(setup["path"]), setup["client"]
+    before = {v.version for v in c.search_model_versions("name='stages'")}
+    result = runner.invoke(
+        app, ["train", path, "--set", "peft.lora.target_modules=[no_such_layer]"]
+    )
+    assert result.exit_code == 1
+    assert "error: training failed" in result.output and "target_modules" in result.output
+    exp = c.get_experiment_by_name("stages")
+    latest = c.search_runs(
+        [exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1
+    )[0]
+    assert latest.info.status == "FAILED"
+    assert {v.version for v in c.search_model_versions("name='stages'")} == before
+
+
+def test_serving_an_unknown_model_is_a_clear_error(setup):
+    result = runner.invoke(app, ["serve", str(setup["path"]), "--model-uri", "models:/stages/99"])
+    assert result.exit_code == 2
+    assert "no registered model models:/stages/99" in result.output
