@@ -122,7 +122,15 @@ def local_cluster_address() -> str | None:
         timeout=60,
         env={**os.environ},
     )
-    return address if result.returncode == 0 else None
+    if result.returncode == 0:
+        return address
+    if "authentication" in (result.stdout + result.stderr).lower():
+        raise LeptonError(
+            f"the local Ray cluster at {address} requires token authentication; set "
+            "cluster.auth: token (or --set cluster.auth=token), or restart it with "
+            "`lepton-ray cluster down && lepton-ray cluster up`"
+        )
+    return None
 
 
 def _local_head_running() -> bool:
