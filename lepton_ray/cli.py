@@ -177,11 +177,8 @@ def serve(
             _say(f"no Serve application '{cfg.serve.app_name or cfg.name}' is running")
         return
     result = run_serve_stage(cfg, model_uri=model_uri, log=_say)
-    _print_answers(result)
-    _say(
-        f"query it:  curl -s -X POST {result['url']}/predict -H 'Content-Type: application/json' "
-        '-d \'{"texts": ["great product"]}\''
-    )
+    _print_answers(cfg.serve.example_texts, result["answers"])
+    _say(f"query it:  {_curl_hint(result['url'])}")
     if result["ray"] == "in-process":
         _serve_forever(result["url"])
 
@@ -280,10 +277,14 @@ def cluster_status() -> None:
         raise typer.Exit(1)
 
 
-def _print_answers(result: dict) -> None:
-    cfg_texts = result.get("answers") or []
-    for answer in cfg_texts:
-        _say(f"  -> {answer['label']:<12} {json.dumps(answer['probabilities'])}")
+def _print_answers(texts: list[str], answers: list[dict]) -> None:
+    for text, answer in zip(texts, answers):
+        _say(f"  {text!r:<60} -> {answer['label']} {json.dumps(answer['probabilities'])}")
+
+
+def _curl_hint(url: str) -> str:
+    body = '{"texts": ["The lamp works perfectly."]}'
+    return f"curl -s -X POST {url}/predict -H 'Content-Type: application/json' -d '{body}'"
 
 
 def _print_summary(cfg, summary: dict, config: Path) -> None:
@@ -304,12 +305,8 @@ def _print_summary(cfg, summary: dict, config: Path) -> None:
     srv = summary.get("serve")
     if srv:
         _say(f"serving       {srv['model_uri']} at {srv['url']}/predict")
-        for text, answer in zip(cfg.serve.example_texts, srv["answers"]):
-            _say(f"  {text!r:<60} -> {answer['label']} {json.dumps(answer['probabilities'])}")
-        _say(
-            f"query it:     curl -s -X POST {srv['url']}/predict -H 'Content-Type: application/json' "
-            '-d \'{"texts": ["The lamp works perfectly."]}\''
-        )
+        _print_answers(cfg.serve.example_texts, srv["answers"])
+        _say(f"query it:     {_curl_hint(srv['url'])}")
     _say(f"MLflow UI:    lepton-ray ui {config}   (then open http://127.0.0.1:5000)")
 
 
