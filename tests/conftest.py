@@ -79,6 +79,12 @@ def write_yaml(path: Path, data: dict) -> Path:
 
 
 @pytest.fixture(scope="session")
+def serve_port() -> int:
+    """Serve runs one HTTP proxy per cluster, so every test that serves shares its port."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
 def ray_session():
     """One Ray instance for the whole test session (Ray start-up costs seconds)."""
     import ray

@@ -50,6 +50,19 @@ def wait_healthy(base_url: str, timeout_s: float = 120.0) -> None:
     )
 
 
+def _check_proxy_address(host: str, port: int) -> None:
+    """Serve has one HTTP proxy per cluster; a second address in a config cannot be honoured."""
+    from ray.serve.context import _get_global_client
+
+    http = _get_global_client().http_config
+    if (http.host, http.port) != (host, port):
+        raise LeptonError(
+            f"Ray Serve on this cluster already listens on http://{http.host}:{http.port}, not "
+            f"serve.host:serve.port = {host}:{port}; set serve.port: {http.port} (one HTTP "
+            "address per cluster), or restart the cluster"
+        )
+
+
 def deploy(cfg: ExperimentConfig, model_uri: str, log=print) -> str:
     """Deploy ``model_uri`` with Ray Serve on the connected cluster; returns the base URL."""
     from ray import serve
@@ -58,6 +71,7 @@ def deploy(cfg: ExperimentConfig, model_uri: str, log=print) -> str:
 
     s = cfg.serve
     serve.start(http_options={"host": s.host, "port": s.port})
+    _check_proxy_address(s.host, s.port)
     args = ServeArgs(
         tracking_uri=cfg.tracking.tracking_uri,
         model_uri=model_uri,

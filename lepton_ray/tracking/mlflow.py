@@ -76,10 +76,13 @@ def tracked_run(
     run_name: str,
     tags: dict[str, str] | None = None,
     parent_run_id: str | None = None,
+    settle_errors: bool = True,
 ) -> Iterator[str]:
     """Create a run, yield its id, and close it FINISHED, FAILED or KILLED.
 
-    A run that did not finish is never left looking complete.
+    A run that did not finish is never left looking complete. With ``settle_errors=False``
+    an error leaves the status to the caller's owner (a Tune trial interrupted by ASHA is
+    'KILLED', not 'FAILED', and only the sweep knows which it was).
     """
     c = client(cfg.tracking.tracking_uri)
     experiment_id = ensure_experiment(cfg.tracking, cfg.experiment_name)
@@ -91,10 +94,12 @@ def tracked_run(
     try:
         yield run_id
     except KeyboardInterrupt:
-        c.set_terminated(run_id, status="KILLED")
+        if settle_errors:
+            c.set_terminated(run_id, status="KILLED")
         raise
     except BaseException:
-        c.set_terminated(run_id, status="FAILED")
+        if settle_errors:
+            c.set_terminated(run_id, status="FAILED")
         raise
     else:
         c.set_terminated(run_id, status="FINISHED")

@@ -35,7 +35,11 @@ def train_driver_fn(
         cfg, manifest.get("fingerprint"), **{TAG_STAGE: "trial", TAG_TRIAL_ID: trial_id}
     )
     tags.update({f"lepton.param.{k}": str(v) for k, v in params.items()})
-    with tracked_run(cfg, f"trial-{trial_id}", tags=tags, parent_run_id=parent_run_id) as run_id:
+    # On an error the sweep settles the run's status: ASHA's stop arrives as an interruption
+    # that may land after the sweep has already recorded the trial as stopped early.
+    with tracked_run(
+        cfg, f"trial-{trial_id}", tags=tags, parent_run_id=parent_run_id, settle_errors=False
+    ) as run_id:
         log_config(cfg.tracking.tracking_uri, run_id, cfg)
         trainer = build_trainer(
             cfg,
@@ -144,12 +148,12 @@ def summarize_trials(
                     {"lepton.early_stopped": "true", "lepton.epochs_run": epochs},
                 )
             status = c.get_run(run.info.run_id).info.status
-            if early and status != "KILLED":
-                # ASHA stopped it: Tune ends the trial by interrupting it, which our run
-                # context would otherwise record as a failure (or never close at all).
-                c.set_terminated(run.info.run_id, status="KILLED")
+            if early:
+                c.set_terminated(run.info.run_id, status="KILLED")  # stopped by ASHA
+            elif result.error is not None:
+                c.set_terminated(run.info.run_id, status="FAILED")
             elif status == "RUNNING":
-                c.set_terminated(run.info.run_id, status="FAILED" if result.error else "FINISHED")
+                c.set_terminated(run.info.run_id, status="FINISHED")
         best_key = f"best_{t.metric}"
         run_metrics = dict(run.data.metrics) if run is not None else {}
         if run is not None:

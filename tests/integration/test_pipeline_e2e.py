@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from lepton_ray.cli import app
 from lepton_ray.data.sample import write_reviews_csv
-from tests.conftest import free_port, smoke_config, write_yaml
+from tests.conftest import smoke_config, write_yaml
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
@@ -21,10 +21,10 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, ray_session):
+def pipeline(tmp_path_factory, ray_session, serve_port):
     tmp = tmp_path_factory.mktemp("e2e")
     data = write_reviews_csv(tmp / "reviews.csv", n=320, seed=11)
-    port = free_port()
+    port = serve_port
     raw = smoke_config(
         tmp,
         data,
@@ -44,7 +44,7 @@ def pipeline(tmp_path_factory, ray_session):
     path = write_yaml(tmp / "smoke.yaml", raw)
     result = runner.invoke(app, ["run", str(path)])
     assert result.exit_code == 0, result.output
-    return {
+    yield {
         "tmp": tmp,
         "config": path,
         "raw": raw,
@@ -52,6 +52,8 @@ def pipeline(tmp_path_factory, ray_session):
         "url": f"http://127.0.0.1:{port}",
         "client": MlflowClient(raw["tracking"]["tracking_uri"]),
     }
+    # The replica holds a CPU; later tests in this Ray session need both for training.
+    assert runner.invoke(app, ["serve", str(path), "--stop"]).exit_code == 0
 
 
 def _runs(client, **tags):

@@ -7,17 +7,17 @@ from typer.testing import CliRunner
 
 from lepton_ray.cli import app
 from lepton_ray.data.sample import write_reviews_csv
-from tests.conftest import free_port, smoke_config, write_yaml
+from tests.conftest import smoke_config, write_yaml
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, ray_session):
+def setup(tmp_path_factory, ray_session, serve_port):
     tmp = tmp_path_factory.mktemp("stages")
     data = write_reviews_csv(tmp / "reviews.csv", n=240, seed=5)
-    port = free_port()
+    port = serve_port
     raw = smoke_config(
         tmp,
         data,
@@ -99,3 +99,9 @@ def test_serving_an_unknown_model_is_a_clear_error(setup):
     result = runner.invoke(app, ["serve", str(setup["path"]), "--model-uri", "models:/stages/99"])
     assert result.exit_code == 2
     assert "no registered model models:/stages/99" in result.output
+
+
+def test_a_second_serve_port_on_the_same_cluster_is_a_clear_error(setup):
+    result = runner.invoke(app, ["serve", str(setup["path"]), "--set", "serve.port=1"])
+    assert result.exit_code == 2
+    assert "already listens on http://127.0.0.1:" in result.output
