@@ -85,21 +85,27 @@ def load_tokenizer(name_or_path: str):
     return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
 
 
-def build_model(cfg: ModelConfig, task: str, labels: list[str], seed: int = 0):
-    """Build the model to fine-tune: pretrained weights, or random ones from the config."""
-    import torch
-    import transformers
+def _classifier_config(path: str, labels: list[str], overrides: dict[str, Any]):
+    """The transformers config of ``path`` with a head for ``labels``."""
     from transformers import AutoConfig
 
-    path = resolve_model_path(cfg.name)
-    auto_cls = getattr(transformers, AUTO_CLASSES[task])
-    hf_config = AutoConfig.from_pretrained(
+    return AutoConfig.from_pretrained(
         path,
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id={label: i for i, label in enumerate(labels)},
-        **cfg.config_overrides,
+        **overrides,
     )
+
+
+def build_model(cfg: ModelConfig, task: str, labels: list[str], seed: int = 0):
+    """Build the model to fine-tune: pretrained weights, or random ones from the config."""
+    import torch
+    import transformers
+
+    path = resolve_model_path(cfg.name)
+    auto_cls = getattr(transformers, AUTO_CLASSES[task])
+    hf_config = _classifier_config(path, labels, cfg.config_overrides)
     if cfg.random_init:
         torch.manual_seed(seed)
         return auto_cls.from_config(hf_config)
@@ -148,13 +154,7 @@ def load_model_artifact(folder: str | Path, merge: bool = True):
             if meta.base_model.startswith("./")
             else resolve_model_path(meta.base_model)
         )
-        hf_config = AutoConfig.from_pretrained(
-            base_path,
-            num_labels=len(meta.labels),
-            id2label=dict(enumerate(meta.labels)),
-            label2id={label: i for i, label in enumerate(meta.labels)},
-            **meta.config_overrides,
-        )
+        hf_config = _classifier_config(base_path, meta.labels, meta.config_overrides)
         base = auto_cls.from_pretrained(base_path, config=hf_config)
         model = PeftModel.from_pretrained(base, folder / "adapter")
         if merge:

@@ -140,24 +140,23 @@ def summarize_trials(
         run = by_trial.get(trial_id)
         epochs = int((result.metrics or {}).get("training_iteration", 0))
         early = result.error is None and epochs < cfg.train.epochs
+        run_metrics: dict[str, float] = {}
         if run is not None:
+            # Re-read: the search above may predate the trial's last writes.
+            latest = c.get_run(run.info.run_id)
+            run_metrics = dict(latest.data.metrics)
             if early:
                 set_tags(
                     uri,
                     run.info.run_id,
                     {"lepton.early_stopped": "true", "lepton.epochs_run": epochs},
                 )
-            status = c.get_run(run.info.run_id).info.status
-            if early:
                 c.set_terminated(run.info.run_id, status="KILLED")  # stopped by ASHA
             elif result.error is not None:
                 c.set_terminated(run.info.run_id, status="FAILED")
-            elif status == "RUNNING":
+            elif latest.info.status == "RUNNING":
                 c.set_terminated(run.info.run_id, status="FINISHED")
         best_key = f"best_{t.metric}"
-        run_metrics = dict(run.data.metrics) if run is not None else {}
-        if run is not None:
-            run_metrics = dict(c.get_run(run.info.run_id).data.metrics)
         trials.append(
             {
                 "trial_id": trial_id,
