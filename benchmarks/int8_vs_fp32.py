@@ -41,7 +41,7 @@ def main() -> None:
     import torch
 
     from lepton_ray.evaluation import evaluate
-    from lepton_ray.models import load_model_artifact, quantize_dynamic_int8
+    from lepton_ray.models import encode_texts, load_model_artifact, quantize_dynamic_int8
     from lepton_ray.tracking.mlflow import download_model
 
     if not Path(args.data).is_file():
@@ -57,12 +57,9 @@ def main() -> None:
     texts = [str(t) for t in frame[args.text_column]]
     batches = []
     for i in range(0, len(texts), args.batch_size):
-        enc = tokenizer(
-            texts[i : i + args.batch_size],
-            truncation=True,
-            max_length=args.max_length,
-            padding=True,
-            return_tensors="pt",
+        # The model's own cleaning, as in training and serving.
+        enc, _ = encode_texts(
+            tokenizer, meta, texts[i : i + args.batch_size], max_length=args.max_length
         )
         enc["labels"] = torch.tensor(labels[i : i + args.batch_size])
         batches.append(dict(enc))

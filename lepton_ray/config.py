@@ -29,9 +29,24 @@ class Section(BaseModel):
 
 # ----------------------------------------------------------------------------------------- data
 class SplitConfig(Section):
-    validation: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of rows for validation.")
+    validation: float = Field(
+        0.1,
+        lt=1.0,
+        description="Fraction of rows for validation (above 0: epochs, trials and the "
+        "compression gate are judged on it).",
+    )
     test: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of rows for test.")
     seed: int = Field(42, description="Seed of the stratified split; same seed, same split.")
+
+    @field_validator("validation")
+    @classmethod
+    def _validation_required(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError(
+                "must be above 0: the best epoch, the best trial and the compression check "
+                "are all chosen on the validation split"
+            )
+        return value
 
     @model_validator(mode="after")
     def _fractions_leave_train(self) -> SplitConfig:
@@ -177,7 +192,14 @@ class TuneSection(Section):
         return value
 
 
-REPORTED_METRICS = {"val_accuracy", "val_macro_f1", "val_loss", "train_loss"}
+REPORTED_METRICS = {
+    "val_accuracy",
+    "val_macro_f1",
+    "val_macro_precision",
+    "val_macro_recall",
+    "val_loss",
+    "train_loss",
+}
 
 
 # ------------------------------------------------------------------------------------- tracking
@@ -228,6 +250,9 @@ class ServeSection(Section):
     max_batch_size: int = Field(32, ge=1, description="Texts batched per forward pass.")
     batch_wait_timeout_s: float = Field(0.005, ge=0.0, description="Seconds to fill a batch.")
     max_texts_per_request: int = Field(256, ge=1)
+    max_chars_per_text: int = Field(
+        20_000, ge=1, description="Longer texts are refused with 413 before they reach a batch."
+    )
     example_texts: list[str] = Field(
         default_factory=list, description="Texts the pipeline sends after it deploys."
     )
@@ -282,10 +307,8 @@ class ExperimentConfig(Section):
     @model_validator(mode="after")
     def _space_keys_exist(self) -> ExperimentConfig:
         for key in self.tune.space:
-            if key.split(".")[0] not in TUNABLE_SECTIONS:
-                raise ValueError(
-                    f"tune.space key '{key}' must start with one of {sorted(TUNABLE_SECTIONS)}"
-                )
+            if key.split(".")[0] not in TUNABLE_SECTIONS or key in UNTUNABLE_KEYS:
+                raise ValueError(f"tune.space key '{key}' cannot be searched: {UNTUNABLE_REASON}")
             try:
                 _check_dotted_key(ExperimentConfig, key, where="tune.space")
             except ConfigError as err:
@@ -315,7 +338,13 @@ class ExperimentConfig(Section):
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-TUNABLE_SECTIONS = {"train", "peft", "model", "data"}
+TUNABLE_SECTIONS = {"train", "peft"}
+UNTUNABLE_KEYS = {"train.epochs"}
+UNTUNABLE_REASON = (
+    "a sweep can search keys under train.* and peft.* (e.g. train.lr, peft.lora.r), except "
+    "train.epochs (the ASHA budget); data.* and model.* are fixed for a sweep because every "
+    "trial trains on the data tokenized once for model.name"
+)
 
 
 # ---------------------------------------------------------------------------------- loading

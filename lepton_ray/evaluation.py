@@ -35,20 +35,31 @@ def frame_batches(frame, batch_size: int, pad_id: int) -> Iterator[dict[str, Any
 
 
 def metrics_from_confusion(matrix: np.ndarray) -> dict[str, float]:
-    """Accuracy and macro-F1 from a confusion matrix (rows: true, columns: predicted)."""
+    """Accuracy and macro precision, recall and F1 (rows: true, columns: predicted).
+
+    The standard (scikit-learn) definition: the macro average runs over every class that
+    is in the true labels or in the predictions, and a score with a zero denominator is 0.
+    So a class that is predicted but never true counts, with F1 0, and drags the mean
+    down; a class neither true nor predicted does not count.
+    """
     matrix = np.asarray(matrix, dtype=np.float64)
     total = matrix.sum()
     tp = np.diag(matrix)
-    precision = np.divide(
-        tp, matrix.sum(axis=0), out=np.zeros_like(tp), where=matrix.sum(axis=0) > 0
-    )
-    recall = np.divide(tp, matrix.sum(axis=1), out=np.zeros_like(tp), where=matrix.sum(axis=1) > 0)
+    predicted, actual = matrix.sum(axis=0), matrix.sum(axis=1)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
     denom = precision + recall
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
-    present = matrix.sum(axis=1) > 0  # classes absent from the eval set do not drag F1 down
+    counted = (actual > 0) | (predicted > 0)
+
+    def macro(values: np.ndarray) -> float:
+        return float(values[counted].mean()) if counted.any() else 0.0
+
     return {
         "accuracy": float(tp.sum() / total) if total else 0.0,
-        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "macro_precision": macro(precision),
+        "macro_recall": macro(recall),
+        "macro_f1": macro(f1),
     }
 
 

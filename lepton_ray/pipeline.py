@@ -28,9 +28,17 @@ def _data(cfg: ExperimentConfig) -> dict[str, Any]:
     return load_manifest(cfg)
 
 
+TAG_SOURCE_VERSION = "lepton.source_version"
+"""On a compressed version: the registered version it was made from."""
+
+
 def register_trained(cfg: ExperimentConfig, run_id: str, manifest: dict[str, Any], log=print):
-    """Register the best run's ``model`` artifact and point the 'champion' alias at it."""
-    from lepton_ray.tracking.mlflow import TAG_STAGE, lineage_tags, register_version
+    """Register the best run's ``model`` artifact and point the 'champion' alias at it.
+
+    An ``@serving`` alias left on a compression of an older champion is removed: it must
+    never stay in front of users once a new champion exists (``compress`` sets it again).
+    """
+    from lepton_ray.tracking.mlflow import TAG_STAGE, lineage_tags, register_version, remove_alias
 
     tags = lineage_tags(
         cfg, manifest.get("fingerprint"), **{TAG_STAGE: "trained", "lepton.run_id": run_id}
@@ -44,6 +52,8 @@ def register_trained(cfg: ExperimentConfig, run_id: str, manifest: dict[str, Any
         alias=ALIAS_TRAINED,
         description=f"Best fine-tuned model of experiment {cfg.name}.",
     )
+    if remove_alias(cfg.tracking.tracking_uri, cfg.registered_model_name, ALIAS_SERVING):
+        log(f"[registry] removed @{ALIAS_SERVING}: it compressed an older champion")
     log(
         f"[registry] {cfg.registered_model_name} version {version.version} (@{ALIAS_TRAINED}) from run {run_id}"
     )
@@ -98,6 +108,7 @@ def run_compress_stage(
     from lepton_ray.tracking.mlflow import (
         TAG_STAGE,
         download_model,
+        get_model_version,
         lineage_tags,
         register_version,
         tracked_run,
@@ -105,11 +116,18 @@ def run_compress_stage(
 
     manifest = _data(cfg)
     uri = cfg.tracking.tracking_uri
-    model_uri = model_uri or f"models:/{cfg.registered_model_name}@{ALIAS_TRAINED}"
+    source = get_model_version(
+        uri, model_uri or f"models:/{cfg.registered_model_name}@{ALIAS_TRAINED}"
+    )
+    model_uri = f"models:/{source.name}/{source.version}"
     tags = lineage_tags(
         cfg,
         manifest.get("fingerprint"),
-        **{TAG_STAGE: "compress", "lepton.source_model": model_uri},
+        **{
+            TAG_STAGE: "compress",
+            "lepton.source_model": model_uri,
+            TAG_SOURCE_VERSION: str(source.version),
+        },
     )
     with tempfile.TemporaryDirectory(prefix="lepton-compress-") as tmp:
         folder = download_model(uri, model_uri, Path(tmp))
@@ -131,30 +149,38 @@ def run_compress_stage(
 
 
 def serving_model_uri(cfg: ExperimentConfig) -> str:
-    """@serving when a compressed version exists, else @champion."""
-    from lepton_ray.tracking.mlflow import client
+    """What to serve by default, as a pinned ``models:/NAME/VERSION``.
 
-    name = cfg.registered_model_name
-    try:
-        client(cfg.tracking.tracking_uri).get_model_version_by_alias(name, ALIAS_SERVING)
-        return f"models:/{name}@{ALIAS_SERVING}"
-    except Exception:  # noqa: BLE001 - MLflow raises a generic error for a missing alias
-        return f"models:/{name}@{ALIAS_TRAINED}"
+    ``@serving`` when it is a compression of the current ``@champion``, else ``@champion``:
+    a newer champion that was not compressed is never hidden behind an older @serving (a
+    registry written before that rule may still hold one).
+    """
+    from lepton_ray.tracking.mlflow import get_model_version, get_version_by_alias
+
+    uri, name = cfg.tracking.tracking_uri, cfg.registered_model_name
+    champion = get_model_version(uri, f"models:/{name}@{ALIAS_TRAINED}")
+    serving = get_version_by_alias(uri, name, ALIAS_SERVING)
+    if serving is not None and serving.tags.get(TAG_SOURCE_VERSION) == str(champion.version):
+        return f"models:/{name}/{serving.version}"
+    return f"models:/{name}/{champion.version}"
 
 
 def run_serve_stage(
     cfg: ExperimentConfig, model_uri: str | None = None, log=print
 ) -> dict[str, Any]:
-    """Deploy on Ray Serve and send the config's example texts; returns the URL and answers."""
+    """Deploy on Ray Serve and send the config's example texts; returns the URL and answers.
+
+    ``model_uri`` (an alias or a version) is pinned to its version number at deploy time.
+    """
     from lepton_ray.serve.client import deploy, predict
     from lepton_ray.tracking.mlflow import get_model_version
 
     model_uri = model_uri or serving_model_uri(cfg)
     get_model_version(cfg.tracking.tracking_uri, model_uri)  # fail here, clearly, if it is missing
     mode = _connect(cfg, log)
-    url = deploy(cfg, model_uri, log=log)
+    url, pinned = deploy(cfg, model_uri, log=log)
     answers = predict(url, cfg.serve.example_texts) if cfg.serve.example_texts else []
-    return {"url": url, "model_uri": model_uri, "answers": answers, "ray": mode}
+    return {"url": url, "model_uri": pinned, "answers": answers, "ray": mode}
 
 
 def run_serve_stop(cfg: ExperimentConfig, log=print) -> bool:
@@ -172,6 +198,7 @@ def run(cfg: ExperimentConfig, log=print) -> dict[str, Any]:
         log_config,
         log_dict,
         log_metrics,
+        redact_uri,
         set_tags,
         tracked_run,
     )
@@ -187,7 +214,10 @@ def run(cfg: ExperimentConfig, log=print) -> dict[str, Any]:
     tags = lineage_tags(cfg, manifest["fingerprint"], **{TAG_STAGE: "pipeline"})
     uri = cfg.tracking.tracking_uri
     with tracked_run(cfg, "pipeline", tags=tags) as parent:
-        log(f"[mlflow] parent run {parent} in experiment '{cfg.experiment_name}' ({uri})")
+        log(
+            f"[mlflow] parent run {parent} in experiment '{cfg.experiment_name}' "
+            f"({redact_uri(uri)})"
+        )
         log_config(uri, parent, cfg)
         log_dict(uri, parent, manifest, "data/manifest.json")
         log_metrics(
@@ -213,6 +243,10 @@ def run(cfg: ExperimentConfig, log=print) -> dict[str, Any]:
         )
         summary["parent_run_id"] = parent
     if cfg.serve.enabled:
-        summary["serve"] = run_serve_stage(cfg, log=log)
+        # Exactly the version this run registered last (compressed, else trained).
+        deployed = summary.get("compress", summary["best"])["version"]
+        summary["serve"] = run_serve_stage(
+            cfg, model_uri=f"models:/{cfg.registered_model_name}/{deployed}", log=log
+        )
     summary["seconds"] = round(time.time() - started, 1)
     return summary

@@ -72,8 +72,10 @@ def init_ray(cluster: ClusterSection, log=print) -> str:
     global _MODE
     if ray.is_initialized():
         return _MODE or "external"
-    if address is None and _local_head_running():
-        address = "auto"
+    if address is None:
+        # The cluster `lepton-ray cluster up` started, by its recorded address ("auto" would
+        # also attach to any other Ray found in the process table).
+        address = local_cluster_address()
     runtime_env = {"env_vars": worker_env()}
     if address and address != "local":
         try:
@@ -107,10 +109,19 @@ def init_ray(cluster: ClusterSection, log=print) -> str:
     return _MODE
 
 
+def ray_temp_root() -> Path:
+    """Ray's temp folder on this machine (``$RAY_TMPDIR/ray``, else ``/tmp/ray``), as Ray
+    picks it; the test suite points RAY_TMPDIR elsewhere to stay off the user's cluster."""
+    base = os.environ.get("RAY_TMPDIR") or (
+        os.environ.get("TMPDIR") if sys.platform.startswith("linux") else None
+    )
+    return Path(base or "/tmp") / "ray"
+
+
 def local_cluster_address() -> str | None:
     """The address of a `ray start --head` cluster on this machine that answers, if any."""
     bind_to_loopback()
-    latest = Path("/tmp/ray/ray_current_cluster")
+    latest = ray_temp_root() / "ray_current_cluster"
     if not latest.is_file() or not latest.read_text().strip():
         return None
     address = latest.read_text().strip()
@@ -131,10 +142,6 @@ def local_cluster_address() -> str | None:
             "`lepton-ray cluster down && lepton-ray cluster up`"
         )
     return None
-
-
-def _local_head_running() -> bool:
-    return local_cluster_address() is not None
 
 
 def cluster_up(num_cpus: int | None, auth: str, dashboard: bool = True, log=print) -> str:

@@ -1,9 +1,18 @@
-"""Shared fixtures: paths to real data, a smoke config, and one Ray instance per session."""
+"""Shared fixtures: paths to real data, a smoke config, and one Ray instance per session.
+
+The suite never touches a Ray cluster, Serve endpoint, port or MLflow store that the user
+has running (the quickstart's, say): Ray state goes to a private temp folder (RAY_TMPDIR,
+so a `lepton-ray cluster up` cluster is not even found), the session's Ray is started with
+``address="local"`` on its own ports, every subprocess the tests start is pointed at it,
+and MLflow stores and Serve ports are per test.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,7 +21,12 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # explicit: never pick up a stale token
+# Short on purpose: Ray puts unix sockets under it (107-byte path limit).
+TEST_RAY_TMP = Path(tempfile.mkdtemp(prefix="lrt-", dir="/tmp"))
+os.environ["RAY_TMPDIR"] = str(TEST_RAY_TMP)
+for _user_setting in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+    os.environ.pop(_user_setting, None)
+os.environ["RAY_AUTH_MODE"] = "disabled"  # explicit: never pick up a stale token
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a hub
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray binds to 127.0.0.1 only
@@ -90,9 +104,11 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
+        # address="local": a new instance of our own even when another cluster runs here.
         # The dashboard backs Ray's State API, which Ray Train's placement-group cleaner
         # needs to notice a finished Tune trial; without it placement groups leak.
         ray.init(
+            address="local",
             num_cpus=2,
             include_dashboard=True,
             dashboard_host="127.0.0.1",
@@ -109,7 +125,10 @@ def ray_session():
         )
     import ray.data  # noqa: F401 - set Ray Data's log handlers up now, not inside a CliRunner
 
+    # CLI subprocesses started by tests join this instance, never a cluster of the user's.
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     yield ray
+    os.environ.pop("RAY_ADDRESS", None)
     try:
         from ray import serve
 
@@ -117,3 +136,8 @@ def ray_session():
     except Exception:  # noqa: BLE001 - Serve may never have started
         pass
     ray.shutdown()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Ray's session folders of this run go with it."""
+    shutil.rmtree(TEST_RAY_TMP, ignore_errors=True)

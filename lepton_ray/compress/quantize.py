@@ -9,6 +9,7 @@ from typing import Any
 from lepton_ray.config import ExperimentConfig
 from lepton_ray.evaluation import evaluate, frame_batches
 from lepton_ray.models import (
+    INT8_WEIGHTS,
     ModelMeta,
     folder_size_mb,
     load_model_artifact,
@@ -76,9 +77,10 @@ def run_compress(
         weights="int8",
         peft_method=meta.peft_method,
         extra={"quantization": cfg.compress.method},
+        cleaning=dict(meta.cleaning),  # the text must be cleaned as it was for training
     )
     save_int8_artifact(qmodel, tokenizer, int8_meta, int8_dir)
-    metrics["size_mb_int8"] = folder_size_mb(int8_dir, "model_int8.pt")
+    metrics["size_mb_int8"] = folder_size_mb(int8_dir, INT8_WEIGHTS)
     metrics["size_ratio"] = metrics["size_mb_fp32"] / metrics["size_mb_int8"]
     for split, short in (("validation", "val"), ("test", "test")):
         for tag, res in (("fp32", before[split]), ("int8", after[split])):

@@ -3,30 +3,14 @@
 from __future__ import annotations
 
 import math
-import re
-import unicodedata
 from typing import Any
 
 import pandas as pd
 
-_WHITESPACE = re.compile(r"\s+")
-_CONTROL = {"Cc", "Cf"}  # control and format characters (zero-width, BOM, ...)
+from lepton_ray.text import normalize_text
 
 KEEP = ""
 """drop_reason of a row that survives cleaning."""
-
-
-def normalize_text(text: str, unicode_form: str = "NFKC", lowercase: bool = False) -> str:
-    """Normalise unicode, strip control characters and collapse whitespace."""
-    if unicode_form != "none":
-        text = unicodedata.normalize(unicode_form, text)
-    text = "".join(
-        " " if ch in "\t\n\r\v\f" else ch
-        for ch in text
-        if ch in "\t\n\r\v\f" or unicodedata.category(ch) not in _CONTROL
-    )
-    text = _WHITESPACE.sub(" ", text).strip()
-    return text.lower() if lowercase else text
 
 
 def normalize_label(value: Any) -> str | None:

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from lepton_ray.config import ExperimentConfig
+from lepton_ray.data.clean import KEEP as KEEP_REASON
 from lepton_ray.data.clean import clean_batch, keep_rows
 from lepton_ray.data.sources import fingerprint, read_source, root_cause
-from lepton_ray.data.split import DUPLICATE, SPLITS, assign_splits
+from lepton_ray.data.split import KEY, SPLITS, assign_split_batch
 from lepton_ray.data.tokenize import tokenize_batch
 from lepton_ray.errors import DataError, StageError
 
@@ -63,24 +64,27 @@ def run_preprocess(cfg: ExperimentConfig, log=print) -> dict[str, Any]:
         f"[data] {n_read} rows read, {len(labels)} classes; dropped while cleaning: {dropped or 'none'}"
     )
 
-    assigned = (
-        kept.groupby("label")
-        .map_groups(
-            assign_splits,
-            batch_format="pandas",
-            fn_kwargs=dict(
-                validation=data.split.validation,
-                test=data.split.test,
-                seed=data.split.seed,
-                dedup=data.dedup,
-            ),
-        )
-        .materialize()
+    assigned = kept.map_batches(
+        assign_split_batch,
+        batch_format="pandas",
+        fn_kwargs=dict(
+            validation=data.split.validation, test=data.split.test, seed=data.split.seed
+        ),
     )
+    if data.dedup:
+        # Exact (text, label) duplicates: an aggregation, hash-partitioned across the cluster.
+        # The key and split are functions of the text, so they ride along in the group key.
+        counted = assigned.groupby(["text", "label", KEY, "split"]).count()
+        n_unique = counted.count()
+        n_kept = reasons.get(KEEP_REASON, 0)
+        if n_kept > n_unique:
+            dropped["duplicate"] = n_kept - n_unique
+        assigned = counted.drop_columns(["count()"])
+    # Written in hash order: every block mixes the classes (training shuffles from there).
+    assigned = assigned.sort(KEY).materialize()
     split_counts = _count_by(assigned, "split")
-    if split_counts.get(DUPLICATE):
-        dropped["duplicate"] = split_counts.pop(DUPLICATE)
     per_class = _count_by(assigned, "split", "label")
+    _check_splits(data, labels, split_counts, per_class)
 
     tokenized = assigned.map_batches(
         tokenize_batch,
@@ -93,7 +97,7 @@ def run_preprocess(cfg: ExperimentConfig, log=print) -> dict[str, Any]:
     tmp.mkdir(parents=True)
     try:
         for split in SPLITS:
-            part = tokenized.filter(expr=f"split == '{split}'").drop_columns(["split"])
+            part = tokenized.filter(expr=f"split == '{split}'").drop_columns(["split", KEY])
             if split_counts.get(split, 0):
                 part.write_parquet(str(tmp / split))
         manifest = {
@@ -123,6 +127,25 @@ def run_preprocess(cfg: ExperimentConfig, log=print) -> dict[str, Any]:
         + f" (dropped {sum(dropped.values())}: {dropped or 'none'})"
     )
     return manifest
+
+
+def _check_splits(
+    data, labels: list[str], split_counts: dict[str, int], per_class: dict[str, int]
+) -> None:
+    """Refuse a split that would train or select models on nothing."""
+    for split in ("train", "validation"):
+        if not split_counts.get(split):
+            raise DataError(
+                f"data.path {data.path}: the {split} split is empty after cleaning and "
+                f"deduplication ({sum(split_counts.values())} rows left); add rows or raise "
+                "data.split.validation"
+            )
+    missing = [label for label in labels if not per_class.get(f"train|{label}")]
+    if missing:
+        raise DataError(
+            f"data.path {data.path}: class(es) {missing} have no training row after the "
+            "split; add rows for them or lower data.split.validation/test"
+        )
 
 
 def load_manifest(cfg: ExperimentConfig) -> dict[str, Any]:

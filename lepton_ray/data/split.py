@@ -1,7 +1,11 @@
-"""Exact-duplicate removal and a seeded, stratified train/validation/test split.
+"""A seeded train/validation/test split decided row by row, and exact-duplicate removal.
 
-Both work on one label's rows at a time (``groupby(label).map_groups``), and order rows by a
-seeded hash of their text, so the result does not depend on how Ray partitioned the data.
+Each row's split comes from a keyed hash of its cleaned text compared with the split
+fractions, so it needs no task per class and no class in one worker's memory, does not
+depend on how Ray partitioned the data, and sends every copy of a text to the same split
+(no duplicate leaks from train into evaluation). The split is stratified in expectation:
+every class is cut by the same fractions. The same hash, ordered, gives the row order that
+is written, so written blocks mix the classes instead of holding one each.
 """
 
 from __future__ import annotations
@@ -10,8 +14,11 @@ import hashlib
 
 import pandas as pd
 
-DUPLICATE = "duplicate"
 SPLITS = ("train", "validation", "test")
+KEY = "_key"
+"""Column holding the row's 63-bit hash key (split and write order)."""
+
+_SCALE = float(2**63)
 
 
 def text_key(text: str, seed: int) -> int:
@@ -19,33 +26,22 @@ def text_key(text: str, seed: int) -> int:
     return int.from_bytes(digest, "big") >> 1  # fits in int64
 
 
-def split_sizes(n: int, validation: float, test: float) -> tuple[int, int, int]:
-    """Rows per split for a class of ``n`` rows; train always keeps at least one row."""
-    n_test = round(n * test)
-    n_val = round(n * validation)
-    while n_test + n_val >= n and (n_test or n_val):
-        if n_test >= n_val and n_test:
-            n_test -= 1
-        else:
-            n_val -= 1
-    return n - n_val - n_test, n_val, n_test
+def split_of(key: int, validation: float, test: float) -> str:
+    """The split of a row whose hash key is ``key``: test, then validation, then train."""
+    u = key / _SCALE
+    if u < test:
+        return "test"
+    if u < test + validation:
+        return "validation"
+    return "train"
 
 
-def assign_splits(
-    group: pd.DataFrame, validation: float, test: float, seed: int, dedup: bool
+def assign_split_batch(
+    batch: pd.DataFrame, validation: float, test: float, seed: int
 ) -> pd.DataFrame:
-    """Add a ``split`` column to one label's rows: train, validation, test or duplicate."""
-    group = group.copy()
-    group["_key"] = [text_key(t, seed) for t in group["text"]]
-    group = group.sort_values(["_key", "text"], kind="stable").reset_index(drop=True)
-    split = pd.Series([DUPLICATE] * len(group), dtype=object)
-    unique_mask = (
-        ~group["text"].duplicated(keep="first") if dedup else pd.Series(True, index=group.index)
-    )
-    unique_idx = group.index[unique_mask]
-    n_train, n_val, n_test = split_sizes(len(unique_idx), validation, test)
-    split[unique_idx[:n_test]] = "test"
-    split[unique_idx[n_test : n_test + n_val]] = "validation"
-    split[unique_idx[n_test + n_val :]] = "train"
-    group["split"] = split.values
-    return group.drop(columns=["_key"])
+    """Add ``split`` and the hash key to a batch of cleaned ``text``/``label`` rows."""
+    keys = [text_key(text, seed) for text in batch["text"]]
+    out = batch.copy()
+    out[KEY] = pd.Series(keys, index=batch.index, dtype="int64")
+    out["split"] = [split_of(k, validation, test) for k in keys]
+    return out

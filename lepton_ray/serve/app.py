@@ -1,8 +1,11 @@
 """A FastAPI ingress on a Ray Serve deployment, built from typed arguments.
 
 Serve never imports train or tune: it loads a registered artifact through ``models`` and
-``tracking``. Requests are validated (4xx with a JSON ``error``) and texts from concurrent
-requests are batched into one forward pass.
+``tracking``. Every deployment is pinned to one registered version (``models:/NAME/N``),
+resolved once when it is deployed, so a restarted replica loads the same model. Each text
+is validated before it joins a batch, texts are cleaned exactly as in training, and texts
+from concurrent requests share one forward pass; a text that fails inside a batch fails
+only its own request. Every error is JSON ``{"error": ...}``.
 """
 
 import asyncio
@@ -15,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 api = FastAPI(title="lepton-ray", description="Text classification served by lepton-ray.")
 
@@ -22,13 +26,16 @@ api = FastAPI(title="lepton-ray", description="Text classification served by lep
 class ServeArgs(BaseModel):
     """Everything a replica needs to find and run its model."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     tracking_uri: str
-    model_uri: str = Field(description="models:/NAME@ALIAS or models:/NAME/VERSION")
+    model_uri: str = Field(description="The pinned version: models:/NAME/VERSION.")
+    model_name: str
+    model_version: str
     max_batch_size: int = 32
     batch_wait_timeout_s: float = 0.005
     max_texts_per_request: int = 256
+    max_chars_per_text: int = 20_000
     torch_threads: int | None = None
 
 
@@ -41,25 +48,67 @@ class PredictRequest(BaseModel):
 class Prediction(BaseModel):
     label: str
     probabilities: dict[str, float]
+    truncated: bool = Field(description="The text was longer than the model's max_length.")
 
 
 class PredictResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
     predictions: list[Prediction]
-    model: str
+    model: str = Field(description="The registered version that answered: models:/NAME/N.")
+    model_version: str
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": message}, headers=headers)
 
 
 @api.exception_handler(RequestValidationError)
 async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
     if first.get("type") == "json_invalid":
-        return JSONResponse(status_code=422, content={"error": "body: not valid JSON"})
+        return _error(422, "body: not valid JSON")
     where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
-    return JSONResponse(status_code=422, content={"error": f"{where}: {first.get('msg')}"})
+    return _error(422, f"{where}: {first.get('msg')}")
 
 
-@api.exception_handler(HTTPException)
-async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
-    return JSONResponse(status_code=exc.status_code, content={"error": str(exc.detail)})
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    detail = str(exc.detail)
+    if exc.status_code == 400 and "parsing the body" in detail:
+        # FastAPI's words for a body that is not UTF-8 (or not decodable at all).
+        detail = "body: not valid UTF-8 JSON"
+    return _error(exc.status_code, detail, getattr(exc, "headers", None))
+
+
+@api.exception_handler(Exception)
+async def _crash(_: Request, exc: Exception) -> JSONResponse:
+    return _error(500, f"internal error: {type(exc).__name__}")
+
+
+def check_texts(texts: list[str], max_texts: int, max_chars: int) -> None:
+    """Refuse a request before any of its texts joins a batch (4xx, naming the text)."""
+    if not texts:
+        raise HTTPException(422, "texts: give at least one text")
+    if len(texts) > max_texts:
+        raise HTTPException(413, f"texts: {len(texts)} texts, at most {max_texts} per request")
+    for i, text in enumerate(texts):
+        if len(text) > max_chars:
+            raise HTTPException(
+                413, f"texts.{i}: {len(text)} characters, at most {max_chars} per text"
+            )
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise HTTPException(
+                422, f"texts.{i}: not encodable as UTF-8 (a lone surrogate such as \\ud800?)"
+            ) from None
+        if not text.strip():
+            raise HTTPException(422, f"texts.{i}: empty text")
+
+
+class _TextFailed(Exception):
+    """One text failed inside a batch; only its request fails."""
 
 
 @serve.deployment(name="TextClassifier", ray_actor_options={"num_cpus": 1})
@@ -69,68 +118,88 @@ class TextClassifier:
         import torch
 
         from lepton_ray.models import load_model_artifact
-        from lepton_ray.tracking.mlflow import download_model
+        from lepton_ray.tracking.mlflow import download_model, get_model_version
 
         self.args = ServeArgs.model_validate(args)
         torch.set_num_threads(self.args.torch_threads or max(1, os.cpu_count() or 1))
         folder = download_model(self.args.tracking_uri, self.args.model_uri)
         self.model, self.tokenizer, self.meta = load_model_artifact(folder)
+        self.version = get_model_version(self.args.tracking_uri, self.args.model_uri)
         self.labels = list(self.meta.labels)
         self._predict_batch.set_max_batch_size(self.args.max_batch_size)
         self._predict_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
         self.loaded_at = time.time()
 
-    @api.get("/health")
+    @api.get("/healthz")
+    @api.get("/health", include_in_schema=False)
     async def health(self) -> dict[str, str]:
-        return {"status": "ok"}
+        return {"status": "ok", "model_version": self.args.model_version}
 
-    @api.get("/metadata")
+    @api.get("/v1/model")
+    @api.get("/metadata", include_in_schema=False)
     async def metadata(self) -> dict[str, Any]:
+        tags = dict(self.version.tags or {})
         return {
             "model": self.args.model_uri,
+            "name": self.args.model_name,
+            "version": self.args.model_version,
             "task": self.meta.task,
             "labels": self.labels,
             "weights": self.meta.weights,
+            "quantization": tags.get("lepton.quantization", "none"),
             "max_length": self.meta.max_length,
+            "cleaning": self.meta.cleaning,
+            "lineage": {k: v for k, v in tags.items() if k.startswith("lepton.")},
             "max_texts_per_request": self.args.max_texts_per_request,
+            "max_chars_per_text": self.args.max_chars_per_text,
         }
 
-    @api.post("/predict", response_model=PredictResponse)
+    @api.post("/v1/predict", response_model=PredictResponse)
+    @api.post("/predict", response_model=PredictResponse, include_in_schema=False)
     async def predict(self, request: PredictRequest) -> PredictResponse:
         texts = request.texts
-        if not texts:
-            raise HTTPException(422, "texts: give at least one text")
-        if len(texts) > self.args.max_texts_per_request:
-            raise HTTPException(
-                413,
-                f"texts: {len(texts)} texts, at most {self.args.max_texts_per_request} per request",
-            )
-        for i, text in enumerate(texts):
-            if not text.strip():
-                raise HTTPException(422, f"texts.{i}: empty text")
+        check_texts(texts, self.args.max_texts_per_request, self.args.max_chars_per_text)
         results = await asyncio.gather(*(self._predict_batch(t) for t in texts))
-        return PredictResponse(predictions=results, model=self.args.model_uri)
+        for i, result in enumerate(results):
+            if isinstance(result, _TextFailed):
+                raise HTTPException(500, f"texts.{i}: the model failed on this text ({result})")
+        return PredictResponse(
+            predictions=results, model=self.args.model_uri, model_version=self.args.model_version
+        )
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _predict_batch(self, texts: list[str]) -> list[dict[str, Any]]:
+    async def _predict_batch(self, texts: list[str]) -> list[dict[str, Any] | _TextFailed]:
+        return self._classify_isolated(texts)
+
+    def _classify_isolated(self, texts: list[str]) -> list[dict[str, Any] | _TextFailed]:
+        """The batch in one pass; if that fails, text by text, so only the culprit fails."""
+        try:
+            return self._classify(texts)
+        except Exception:  # noqa: BLE001 - find the culprit; its batch-mates still get answers
+            out: list[dict[str, Any] | _TextFailed] = []
+            for text in texts:
+                try:
+                    out.extend(self._classify([text]))
+                except Exception as err:  # noqa: BLE001
+                    out.append(_TextFailed(type(err).__name__))
+            return out
+
+    def _classify(self, texts: list[str]) -> list[dict[str, Any]]:
         import torch
 
-        encoded = self.tokenizer(
-            texts,
-            truncation=True,
-            max_length=self.meta.max_length,
-            padding=True,
-            return_tensors="pt",
-        )
+        from lepton_ray.models import encode_texts
+
+        encoded, truncated = encode_texts(self.tokenizer, self.meta, texts)
         with torch.inference_mode():
             probs = torch.softmax(self.model(**encoded).logits.float(), dim=-1).tolist()
         out = []
-        for row in probs:
+        for row, cut in zip(probs, truncated):
             best = max(range(len(row)), key=row.__getitem__)
             out.append(
                 {
                     "label": self.labels[best],
                     "probabilities": {label: round(p, 6) for label, p in zip(self.labels, row)},
+                    "truncated": bool(cut),
                 }
             )
         return out

@@ -15,10 +15,10 @@ def endpoint_url(cfg: ExperimentConfig) -> str:
 
 
 def predict(base_url: str, texts: list[str], timeout: float = 60.0) -> list[dict[str, Any]]:
-    """POST texts to ``/predict``; a clear error when the endpoint is down or refuses."""
+    """POST texts to ``/v1/predict``; a clear error when the endpoint is down or refuses."""
     import requests
 
-    url = f"{base_url}/predict"
+    url = f"{base_url}/v1/predict"
     try:
         resp = requests.post(url, json={"texts": texts}, timeout=timeout)
     except requests.ConnectionError:
@@ -40,7 +40,7 @@ def wait_healthy(base_url: str, timeout_s: float = 120.0) -> None:
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         try:
-            if requests.get(f"{base_url}/health", timeout=5).status_code == 200:
+            if requests.get(f"{base_url}/healthz", timeout=5).status_code == 200:
                 return
         except requests.RequestException:
             pass
@@ -63,25 +63,37 @@ def _check_proxy_address(host: str, port: int) -> None:
         )
 
 
-def deploy(cfg: ExperimentConfig, model_uri: str, log=print) -> str:
-    """Deploy ``model_uri`` with Ray Serve on the connected cluster; returns the base URL."""
+def deploy(cfg: ExperimentConfig, model_uri: str, log=print) -> tuple[str, str]:
+    """Deploy ``model_uri`` with Ray Serve on the connected cluster.
+
+    An alias is resolved here, once, to ``models:/NAME/VERSION``: every replica, including
+    one restarted after the alias moved, loads that version. Returns the base URL and the
+    pinned model URI.
+    """
     from ray import serve
 
     from lepton_ray.serve.app import ServeArgs, build_app
+    from lepton_ray.tracking.mlflow import get_model_version
 
     s = cfg.serve
+    version = get_model_version(cfg.tracking.tracking_uri, model_uri)
+    pinned = f"models:/{version.name}/{version.version}"
     serve.start(http_options={"host": s.host, "port": s.port})
     _check_proxy_address(s.host, s.port)
     args = ServeArgs(
         tracking_uri=cfg.tracking.tracking_uri,
-        model_uri=model_uri,
+        model_uri=pinned,
+        model_name=version.name,
+        model_version=str(version.version),
         max_batch_size=s.max_batch_size,
         batch_wait_timeout_s=s.batch_wait_timeout_s,
         max_texts_per_request=s.max_texts_per_request,
+        max_chars_per_text=s.max_chars_per_text,
         torch_threads=s.torch_threads,
     )
     app_name = s.app_name or cfg.name
-    log(f"[serve] deploying {model_uri} as application '{app_name}' on http://{s.host}:{s.port}")
+    shown = pinned if pinned == model_uri else f"{model_uri} = {pinned}"
+    log(f"[serve] deploying {shown} as application '{app_name}' on http://{s.host}:{s.port}")
     serve.run(
         build_app(args, num_replicas=s.num_replicas, num_cpus=s.num_cpus),
         name=app_name,
@@ -90,8 +102,8 @@ def deploy(cfg: ExperimentConfig, model_uri: str, log=print) -> str:
     )
     url = endpoint_url(cfg)
     wait_healthy(url)
-    log(f"[serve] ready at {url}/predict")
-    return url
+    log(f"[serve] ready at {url}/v1/predict")
+    return url, pinned
 
 
 def undeploy(cfg: ExperimentConfig, log=print) -> bool:

@@ -17,14 +17,35 @@ class TrainingFailed(LeptonError):
 
 
 def load_train_dataset(cfg: ExperimentConfig):
-    """The tokenized train split, materialized in the object store.
+    """The tokenized train split, materialized in the object store, in shuffled blocks.
 
-    Materializing before the trainer starts matters on small machines: once the workers
-    hold every CPU, a lazy read would wait forever for a CPU of its own.
+    Preprocessing wrote the rows in a seeded hash order, so every block mixes the classes;
+    here the split is cut into blocks of a few batches whose order is reshuffled, seeded,
+    at every execution (every epoch), and each worker's local shuffle buffer mixes rows
+    across neighbouring blocks. That is a seeded global shuffle per epoch without an
+    all-to-all shuffle task, which could not get a CPU while the workers hold them all.
+
+    Materializing before the trainer starts matters on small machines for the same reason:
+    a lazy read would wait forever for a CPU of its own.
     """
     import ray.data
+    from ray.data import RandomSeedConfig
 
-    return ray.data.read_parquet(str(cfg.data_dir / "train")).materialize()
+    ds = ray.data.read_parquet(str(cfg.data_dir / "train"))
+    rows_per_block = SHUFFLE_BLOCK_BATCHES * cfg.train.batch_size
+    num_blocks = max(1, min(MAX_SHUFFLE_BLOCKS, -(-ds.count() // rows_per_block)))
+    return (
+        ds.repartition(num_blocks)
+        .materialize()
+        .randomize_block_order(
+            seed=RandomSeedConfig(seed=cfg.train.seed, reseed_after_execution=True)
+        )
+    )
+
+
+SHUFFLE_BLOCK_BATCHES = 4
+"""Rows per shuffled block of the train split, in batches."""
+MAX_SHUFFLE_BLOCKS = 512
 
 
 def check_worker_resources(cfg: ExperimentConfig, what: str) -> None:

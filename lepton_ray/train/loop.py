@@ -134,6 +134,8 @@ def run_epochs(
             "val_loss": val["loss"],
             "val_accuracy": val["accuracy"],
             "val_macro_f1": val["macro_f1"],
+            "val_macro_precision": val["macro_precision"],
+            "val_macro_recall": val["macro_recall"],
             "train_samples_per_s": seen.item() / train_seconds,
             "epoch_seconds": time.perf_counter() - started,
         }

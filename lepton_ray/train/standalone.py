@@ -17,9 +17,20 @@ from pathlib import Path
 from typing import Any
 
 
+def standalone_batch_rows(n_rows: int, cfg, epoch: int, rank: int, world: int):
+    """Row indices of this rank's batches for one epoch: a seeded global shuffle per epoch,
+    cut into equal shards (DDP's collectives stay in step)."""
+    import numpy as np
+
+    per_rank = n_rows // world
+    order = np.random.default_rng(cfg.train.seed + epoch).permutation(n_rows)
+    mine = order[rank * per_rank : (rank + 1) * per_rank]
+    for start in range(0, len(mine), cfg.train.batch_size):
+        yield mine[start : start + cfg.train.batch_size]
+
+
 def train_standalone(cfg, manifest: dict[str, Any], out: Path, log=print) -> dict[str, Any]:
     """Same recipe as a Ray Train worker, with torch.distributed set up from torchrun's env."""
-    import numpy as np
     import pandas as pd
     import torch
 
@@ -45,14 +56,11 @@ def train_standalone(cfg, manifest: dict[str, Any], out: Path, log=print) -> dic
 
     recipe = setup_recipe(cfg, manifest, world, wrap=wrap)
     frame = pd.read_parquet(cfg.data_dir / "train")
-    per_rank = len(frame) // world  # equal shards keep DDP's collectives in step
     pad_id = recipe.tokenizer.pad_token_id or 0
 
     def train_batches(epoch: int):
-        order = np.random.default_rng(cfg.train.seed + epoch).permutation(len(frame))
-        mine = order[rank * per_rank : (rank + 1) * per_rank]
-        for start in range(0, len(mine), cfg.train.batch_size):
-            rows = frame.iloc[mine[start : start + cfg.train.batch_size]]
+        for index in standalone_batch_rows(len(frame), cfg, epoch, rank, world):
+            rows = frame.iloc[index]
             yield collate(list(rows["input_ids"]), list(rows["label_id"]), pad_id)
 
     out.mkdir(parents=True, exist_ok=True)

@@ -31,12 +31,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
 
     def train_batches(epoch: int):
-        for frame in shard.iter_batches(
-            batch_size=cfg.train.batch_size,
-            batch_format="pandas",
-            local_shuffle_buffer_size=max(4 * cfg.train.batch_size, 256),
-            local_shuffle_seed=cfg.train.seed * 1000 + epoch * 10 + rank,
-        ):
+        for frame in iter_train_frames(shard, cfg, epoch, rank):
             yield collate(list(frame["input_ids"]), list(frame["label_id"]), pad_id)
 
     tracker = _RankZeroTracker(cfg, loop_config.get("mlflow_run_id"), recipe) if rank == 0 else None
@@ -51,13 +46,24 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     resume = ray.train.get_checkpoint()
     if resume is not None:
         with resume.as_directory() as resume_dir:
-            state = train_recipe(
-                recipe, train_batches, device, rank, world, report, Path(resume_dir)
-            )
+            train_recipe(recipe, train_batches, device, rank, world, report, Path(resume_dir))
     else:
-        state = train_recipe(recipe, train_batches, device, rank, world, report)
-    if tracker is not None:
-        tracker.on_end(state.history)
+        train_recipe(recipe, train_batches, device, rank, world, report)
+
+
+def iter_train_frames(shard, cfg: ExperimentConfig, epoch: int, rank: int):
+    """One epoch of training batches (pandas frames) from a worker's dataset shard.
+
+    The shard's blocks arrive in a per-epoch seeded order (``driver.load_train_dataset``);
+    the local buffer, seeded per epoch and rank, mixes rows across several blocks.
+    """
+    batch = cfg.train.batch_size
+    return shard.iter_batches(
+        batch_size=batch,
+        batch_format="pandas",
+        local_shuffle_buffer_size=max(8 * batch, 512),
+        local_shuffle_seed=cfg.train.seed * 1000 + epoch * 10 + rank,
+    )
 
 
 class _RankZeroTracker:
@@ -68,20 +74,29 @@ class _RankZeroTracker:
         self.run_id = run_id
         self.uri = cfg.tracking.tracking_uri
         self.labels = recipe.labels
-        self.best_confusion = None
+        self.history: list[dict[str, Any]] = []
         if run_id:
             from lepton_ray.tracking.mlflow import log_metrics
 
             log_metrics(self.uri, run_id, recipe.counts, step=0)
 
     def on_epoch(self, metrics: dict[str, Any], folder: Path | None) -> None:
+        """Log the epoch: metrics, and the pictures as they stand now.
+
+        Plots go out with every report, not at the end: Tune's scheduler may stop a trial
+        right after any report, and its workers with it.
+        """
         if not self.run_id:
             return
-        from lepton_ray.tracking.mlflow import log_folder, log_metrics
+        from lepton_ray.tracking import plots
+        from lepton_ray.tracking.mlflow import log_figure, log_folder, log_metrics
 
         epoch = int(metrics["epoch"])
-        log_metrics(
-            self.uri, self.run_id, {k: v for k, v in metrics.items() if k != "epoch"}, epoch
+        scalars = {k: v for k, v in metrics.items() if k not in ("epoch", "confusion")}
+        log_metrics(self.uri, self.run_id, scalars, epoch)
+        self.history.append({k: v for k, v in scalars.items() if k != "improved"})
+        log_figure(
+            self.uri, self.run_id, plots.learning_curves(self.history), "plots/learning_curves.png"
         )
         if metrics["improved"] and folder is not None:
             metric = self.cfg.tune.metric
@@ -92,20 +107,8 @@ class _RankZeroTracker:
                 {f"best_{metric}": metrics[metric], "best_epoch": epoch},
                 epoch,
             )
-            self.best_confusion = metrics["confusion"]
-
-    def on_end(self, history: list[dict[str, float]]) -> None:
-        if not self.run_id or not history:
-            return
-        from lepton_ray.tracking import plots
-        from lepton_ray.tracking.mlflow import log_figure
-
-        log_figure(
-            self.uri, self.run_id, plots.learning_curves(history), "plots/learning_curves.png"
-        )
-        if self.best_confusion is not None:
             fig = plots.confusion_matrix(
-                self.best_confusion, self.labels, "Validation (best epoch)"
+                metrics["confusion"], self.labels, f"Validation (best epoch: {epoch})"
             )
             log_figure(self.uri, self.run_id, fig, "plots/confusion_matrix_val.png")
 

@@ -80,8 +80,18 @@ def test_parent_and_nested_trial_runs_have_metrics(pipeline):
         assert run.data.params["train.lr"]
         artifacts = {a.path for a in c.list_artifacts(run.info.run_id)}
         assert {"config", "model"} <= artifacts
+        # Every trial has its pictures, the early-stopped ones and the champion above all.
+        assert {a.path for a in c.list_artifacts(run.info.run_id, "plots")} >= {
+            "plots/learning_curves.png",
+            "plots/confusion_matrix_val.png",
+        }, run.info.run_name
     plots = {a.path for a in c.list_artifacts(parent.info.run_id, "plots")}
     assert "plots/sweep.png" in plots
+
+
+def test_experiment_opens_as_model_training_in_the_mlflow_ui(pipeline):
+    exp = pipeline["client"].get_experiment_by_name("smoke")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_registered_versions_and_compression_metrics(pipeline):
@@ -97,7 +107,7 @@ def test_registered_versions_and_compression_metrics(pipeline):
 
 
 def test_serve_endpoint_answers_every_text(pipeline):
-    resp = requests.post(f"{pipeline['url']}/predict", json={"texts": TEXTS}, timeout=60)
+    resp = requests.post(f"{pipeline['url']}/v1/predict", json={"texts": TEXTS}, timeout=60)
     assert resp.status_code == 200
     body = resp.json()
     assert len(body["predictions"]) == len(TEXTS)
@@ -106,9 +116,58 @@ def test_serve_endpoint_answers_every_text(pipeline):
         assert set(pred["probabilities"]) == {"negative", "positive"}
         assert sum(pred["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
         assert pred["probabilities"][pred["label"]] == max(pred["probabilities"].values())
-    assert body["model"] == "models:/smoke@serving"
-    meta = requests.get(f"{pipeline['url']}/metadata", timeout=10).json()
-    assert meta["weights"] == "int8"
+    # The run deployed exactly the version it registered last, pinned by number.
+    serving = pipeline["client"].get_model_version_by_alias("smoke", "serving")
+    assert body["model"] == f"models:/smoke/{serving.version}"
+    assert body["model_version"] == str(serving.version)
+    meta = requests.get(f"{pipeline['url']}/v1/model", timeout=10).json()
+    assert meta["weights"] == "int8" and meta["version"] == str(serving.version)
+    assert meta["quantization"] == "dynamic_int8"
+    assert meta["cleaning"]["unicode_form"] == "NFKC"
+
+
+def _probabilities(url: str, texts: list[str]) -> list[dict[str, float]]:
+    resp = requests.post(f"{url}/v1/predict", json={"texts": texts}, timeout=60)
+    assert resp.status_code == 200, resp.text
+    return [p["probabilities"] for p in resp.json()["predictions"]]
+
+
+def test_serving_cleans_text_exactly_as_training_did(pipeline):
+    raw = ["Ｔｈｅ lamp\u200b works\u00a0 perfectly.\n", "The\tlamp works perfectly."]
+    cleaned = ["The lamp works perfectly.", "The lamp works perfectly."]
+    assert _probabilities(pipeline["url"], raw) == _probabilities(pipeline["url"], cleaned)
+
+
+def test_bad_texts_never_hurt_their_batch_mates(pipeline):
+    """Malformed requests sent concurrently with valid ones: 4xx for them, 200 for the rest."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = f"{pipeline['url']}/v1/predict"
+    bad = [
+        ('{"texts": ["\\ud800"]}', 422),  # valid JSON, a lone surrogate
+        ('{"texts": ["ok \\udfff end"]}', 422),
+        (b'{"texts": ["\xff\xfe bad utf-8"]}', 400),
+        ('{"texts": ["' + "x" * 25_000 + '"]}', 413),
+        ('{"texts": [null]}', 422),
+        ("[1, 2", 422),
+    ]
+    good = '{"texts": ["' + "a fine lamp " * 400 + '"]}'  # long but valid: truncated
+
+    def send(body):
+        resp = requests.post(
+            url, data=body, headers={"Content-Type": "application/json"}, timeout=60
+        )
+        return resp.status_code, resp.json()
+
+    jobs = [(body, want) for _ in range(6) for body, want in bad] + [(good, 200)] * 24
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        answers = list(pool.map(lambda job: (job[1], *send(job[0])), jobs))
+    for want, status, body in answers:
+        assert status == want, body
+        if status == 200:
+            assert body["predictions"][0]["truncated"] is True
+        else:
+            assert isinstance(body["error"], str) and body["error"], body
 
 
 @pytest.mark.parametrize(
@@ -119,24 +178,49 @@ def test_serve_endpoint_answers_every_text(pipeline):
         ({"text": ["wrong field"]}, 422, "texts"),
         ({"texts": [3]}, 422, "texts.0"),
         ({"texts": ["x"] * 300}, 413, "at most 256"),
+        ({"texts": ["ok", "y" * 20_001]}, 413, "texts.1: 20001 characters"),
     ],
-    ids=["empty-list", "blank-text", "wrong-field", "not-a-string", "too-many"],
+    ids=["empty-list", "blank-text", "wrong-field", "not-a-string", "too-many", "too-long"],
 )
 def test_serve_rejects_bad_requests_with_json(pipeline, payload, status, needle):
-    resp = requests.post(f"{pipeline['url']}/predict", json=payload, timeout=30)
+    resp = requests.post(f"{pipeline['url']}/v1/predict", json=payload, timeout=30)
     assert resp.status_code == status
     assert needle in resp.json()["error"]
 
 
 def test_serve_rejects_non_json(pipeline):
     resp = requests.post(
-        f"{pipeline['url']}/predict",
+        f"{pipeline['url']}/v1/predict",
         data="not json",
         headers={"Content-Type": "application/json"},
         timeout=30,
     )
     assert resp.status_code == 422
     assert "error" in resp.json()
+
+
+@pytest.mark.parametrize(
+    "body, status, needle",
+    [
+        (b'{"texts": ["\xff"]}', 400, "not valid UTF-8"),
+        ('{"texts": ["\\ud800"]}', 422, "texts.0: not encodable as UTF-8"),
+    ],
+    ids=["invalid-utf8", "lone-surrogate"],
+)
+def test_undecodable_text_is_a_json_4xx(pipeline, body, status, needle):
+    resp = requests.post(
+        f"{pipeline['url']}/v1/predict",
+        data=body,
+        headers={"Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert resp.status_code == status
+    assert needle in resp.json()["error"]
+
+
+def test_unknown_route_is_json_too(pipeline):
+    resp = requests.get(f"{pipeline['url']}/v1/nope", timeout=10)
+    assert resp.status_code == 404 and "error" in resp.json()
 
 
 def test_predict_command_queries_the_endpoint(pipeline):
@@ -149,5 +233,5 @@ def test_predict_command_queries_the_endpoint(pipeline):
 
 def test_pipeline_output_tells_user_how_to_query(pipeline):
     out = pipeline["output"]
-    assert "curl -s -X POST" in out and "/predict" in out
+    assert "curl -s -X POST" in out and "/v1/predict" in out
     assert "lepton-ray ui" in out

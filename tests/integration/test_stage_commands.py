@@ -1,5 +1,7 @@
 """The stages one command at a time: preprocess, train, compress, serve --model-uri."""
 
+import time
+
 import pytest
 import requests
 from mlflow.tracking import MlflowClient
@@ -63,9 +65,10 @@ def test_preprocess_train_compress_serve(setup):
     uri = f"models:/stages/{champion.version}"
     result = runner.invoke(app, ["serve", path, "--model-uri", uri])
     assert result.exit_code == 0, result.output
-    meta = requests.get(f"{setup['url']}/metadata", timeout=10).json()
+    meta = requests.get(f"{setup['url']}/v1/model", timeout=10).json()
     assert meta["model"] == uri and meta["weights"] == "adapter"
     assert int(serving.version) > int(champion.version)
+    assert serving.tags["lepton.source_version"] == str(champion.version)
 
     # The replica holds a CPU that 2 training workers need on this 2-CPU cluster: training
     # must say so at once instead of waiting forever.
@@ -76,7 +79,60 @@ def test_preprocess_train_compress_serve(setup):
     result = runner.invoke(app, ["serve", path, "--stop"])
     assert result.exit_code == 0 and "stopped application 'stages'" in result.output
     # The HTTP proxy stays up; the application's routes are gone.
-    assert requests.get(f"{setup['url']}/health", timeout=5).status_code == 404
+    assert requests.get(f"{setup['url']}/healthz", timeout=5).status_code == 404
+
+
+def test_a_new_uncompressed_champion_is_what_serve_deploys(setup):
+    """Never the int8 copy of an older champion, and pinned by number in every replica."""
+    path, c = str(setup["path"]), setup["client"]
+    old_serving = c.get_model_version_by_alias("stages", "serving")
+    result = runner.invoke(app, ["train", path])
+    assert result.exit_code == 0, result.output
+    champion = c.get_model_version_by_alias("stages", "champion")
+    assert int(champion.version) > int(old_serving.version)
+    assert "serving" not in c.get_registered_model("stages").aliases
+
+    result = runner.invoke(app, ["serve", path])
+    assert result.exit_code == 0, result.output
+    pinned = f"models:/stages/{champion.version}"
+    meta = requests.get(f"{setup['url']}/v1/model", timeout=10).json()
+    assert meta["model"] == pinned and meta["version"] == str(champion.version)
+    answer = requests.post(f"{setup['url']}/v1/predict", json={"texts": ["ok"]}, timeout=30)
+    assert answer.json()["model"] == pinned
+
+    # Move the alias, then kill the replica: Serve restarts it, and it loads the pinned
+    # version, not whatever @champion names now.
+    import ray
+
+    c.set_registered_model_alias("stages", "champion", old_serving.version)
+    replicas = [
+        a
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith("SERVE_REPLICA::stages#")
+    ]
+    assert len(replicas) == 1, replicas
+    old_replica = ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"])
+    ray.kill(old_replica, no_restart=True)
+    deadline = time.time() + 120
+    restarted = None
+    while time.time() < deadline:
+        time.sleep(2)
+        names = [
+            a["name"]
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith("SERVE_REPLICA::stages#")
+        ]
+        if names and names != [replicas[0]["name"]]:
+            try:
+                restarted = requests.get(f"{setup['url']}/v1/model", timeout=5)
+            except requests.RequestException:
+                continue
+            if restarted.status_code == 200:
+                break
+    assert restarted is not None and restarted.status_code == 200
+    assert restarted.json()["model"] == pinned
+    c.set_registered_model_alias("stages", "champion", champion.version)
+    assert runner.invoke(app, ["serve", path, "--stop"]).exit_code == 0
 
 
 def test_training_crash_marks_run_failed_and_registers_nothing(setup):

@@ -126,3 +126,36 @@ def test_fingerprint_changes_with_config(tmp_path):
     cfg = validate_experiment(minimal(tmp_path))
     assert cfg.fingerprint() == validate_experiment(minimal(tmp_path)).fingerprint()
     assert cfg.fingerprint() != apply_overrides(cfg, {"train.lr": 1e-4}).fingerprint()
+
+
+@pytest.mark.parametrize("fraction", [0, 0.0, -0.1])
+def test_a_validation_split_is_required(tmp_path, fraction):
+    cfg = minimal(tmp_path)
+    cfg["data"]["split"] = {"validation": fraction, "test": 0.1}
+    with pytest.raises(ConfigError, match=r"data.split.validation: must be above 0"):
+        validate_experiment(cfg)
+
+
+@pytest.mark.parametrize(
+    "key, param",
+    [
+        ("data.max_length", {"type": "choice", "values": [32, 64]}),
+        ("model.name", {"type": "choice", "values": ["minilm", "bert-base-uncased"]}),
+        ("data.split.seed", {"type": "int", "low": 0, "high": 5}),
+        ("train.epochs", {"type": "int", "low": 1, "high": 5}),
+    ],
+)
+def test_tune_space_refuses_keys_a_sweep_cannot_change(tmp_path, key, param):
+    cfg = minimal(tmp_path, tune={"space": {key: param}})
+    with pytest.raises(ConfigError, match=rf"tune.space key '{key}' cannot be searched.*train\.lr"):
+        validate_experiment(cfg)
+
+
+def test_tune_space_accepts_train_and_peft_keys(tmp_path):
+    space = {
+        "train.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-3},
+        "peft.lora.r": {"type": "choice", "values": [4, 8]},
+    }
+    assert set(validate_experiment(minimal(tmp_path, tune={"space": space})).tune.space) == set(
+        space
+    )

@@ -1,11 +1,9 @@
-from collections import Counter
-
 import numpy as np
 import pandas as pd
 import pytest
 
 from lepton_ray.data.clean import clean_batch, normalize_label, normalize_text
-from lepton_ray.data.split import assign_splits, split_sizes
+from lepton_ray.data.split import assign_split_batch, split_of
 from lepton_ray.evaluation import metrics_from_confusion
 
 
@@ -52,42 +50,44 @@ def test_clean_batch_tags_drop_reasons():
     assert out.loc[0, "text"] == "ok text"
 
 
-@pytest.mark.parametrize(
-    "n, val, test", [(100, 0.1, 0.1), (7, 0.2, 0.2), (1, 0.3, 0.3), (3, 0.4, 0.4)]
-)
-def test_split_sizes_keep_train_nonempty(n, val, test):
-    n_train, n_val, n_test = split_sizes(n, val, test)
-    assert n_train + n_val + n_test == n
-    assert n_train >= 1
+def _frame(n_per_class: int, labels=("a", "b", "c", "d")) -> pd.DataFrame:
+    rows = [(f"{label} text {i}", label) for label in labels for i in range(n_per_class)]
+    return pd.DataFrame(rows, columns=["text", "label"])
 
 
-def _group(n: int, label: str = "a", dupes: int = 0) -> pd.DataFrame:
-    texts = [f"text {i}" for i in range(n)] + [f"text {i}" for i in range(dupes)]
-    return pd.DataFrame({"text": texts, "label": [label] * len(texts)})
+def test_split_is_per_row_seeded_and_partition_independent():
+    frame = _frame(500)
+    whole = assign_split_batch(frame, 0.1, 0.2, seed=3).set_index("text")["split"]
+    # Any batching and any row order give each row the same split.
+    shuffled = frame.sample(frac=1, random_state=0)
+    parts = [assign_split_batch(shuffled.iloc[i::7], 0.1, 0.2, seed=3) for i in range(7)]
+    pieces = pd.concat(parts).set_index("text")["split"]
+    assert whole.sort_index().equals(pieces.sort_index())
+    other_seed = assign_split_batch(frame, 0.1, 0.2, seed=4).set_index("text")["split"]
+    assert not whole.sort_index().equals(other_seed.sort_index())
 
 
-def test_assign_splits_exact_stratified_counts_and_dedup():
-    out = assign_splits(_group(100, dupes=5), validation=0.1, test=0.2, seed=1, dedup=True)
-    counts = Counter(out["split"])
-    assert counts == {"train": 70, "validation": 10, "test": 20, "duplicate": 5}
-    kept = out[out["split"] != "duplicate"]
-    assert kept["text"].is_unique
+def test_split_is_stratified_by_the_fractions_in_every_class():
+    out = assign_split_batch(_frame(2000), validation=0.1, test=0.2, seed=1)
+    for label, group in out.groupby("label"):
+        share = group["split"].value_counts(normalize=True)
+        assert share["validation"] == pytest.approx(0.1, abs=0.025), label
+        assert share["test"] == pytest.approx(0.2, abs=0.03), label
+        assert share["train"] == pytest.approx(0.7, abs=0.035), label
 
 
-def test_assign_splits_is_deterministic_and_seeded():
-    frame = _group(200)
-    a = assign_splits(frame, 0.1, 0.1, seed=3, dedup=True).set_index("text")["split"]
-    b = assign_splits(frame.sample(frac=1, random_state=0), 0.1, 0.1, seed=3, dedup=True).set_index(
-        "text"
-    )["split"]
-    c = assign_splits(frame, 0.1, 0.1, seed=4, dedup=True).set_index("text")["split"]
-    assert a.sort_index().equals(b.sort_index())  # row order does not matter
-    assert not a.sort_index().equals(c.sort_index())  # the seed does
+def test_copies_of_a_text_land_in_the_same_split():
+    frame = pd.DataFrame({"text": ["same words"] * 5 + ["other"], "label": ["a"] * 6})
+    out = assign_split_batch(frame, 0.3, 0.3, seed=0)
+    assert out["split"][:5].nunique() == 1
 
 
-def test_assign_splits_without_dedup_keeps_duplicates():
-    out = assign_splits(_group(10, dupes=3), 0.0, 0.0, seed=0, dedup=False)
-    assert (out["split"] == "train").sum() == 13
+def test_split_of_respects_the_boundaries():
+    top = 2**63
+    assert split_of(0, 0.1, 0.2) == "test"
+    assert split_of(int(0.25 * top), 0.1, 0.2) == "validation"
+    assert split_of(int(0.35 * top), 0.1, 0.2) == "train"
+    assert split_of(top - 1, 0.1, 0.0) == "train"
 
 
 def test_metrics_from_confusion():
@@ -97,5 +97,32 @@ def test_metrics_from_confusion():
     f1_a = 2 * (8 / 9) * (8 / 10) / ((8 / 9) + (8 / 10))
     f1_b = 2 * (9 / 11) * (9 / 10) / ((9 / 11) + (9 / 10))
     assert m["macro_f1"] == pytest.approx((f1_a + f1_b) / 2)
-    # A class absent from the labels does not count towards macro-F1.
+    # A class that is predicted but absent from the true labels counts (F1 0), as in sklearn.
+    assert metrics_from_confusion(np.array([[5, 3], [0, 0]]))["macro_f1"] == pytest.approx(
+        (2 * 1 * 0.625 / 1.625) / 2
+    )
+    # A class neither true nor predicted does not.
     assert metrics_from_confusion(np.array([[5, 0], [0, 0]]))["macro_f1"] == pytest.approx(1.0)
+
+
+def _confusion(y_true, y_pred, k):
+    cm = np.zeros((k, k), dtype=np.int64)
+    np.add.at(cm, (y_true, y_pred), 1)
+    return cm
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_macro_metrics_match_sklearn_on_random_confusions(seed):
+    metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(2, 7))
+    n = int(rng.integers(1, 60))
+    # Skewed draws so that some classes are missing from the truth or the predictions.
+    y_true = rng.choice(k, size=n, p=rng.dirichlet(np.full(k, 0.4)))
+    y_pred = np.where(rng.random(n) < 0.5, y_true, rng.choice(k, size=n))
+    ours = metrics_from_confusion(_confusion(y_true, y_pred, k))
+    kw = dict(average="macro", zero_division=0)
+    assert ours["accuracy"] == pytest.approx(metrics.accuracy_score(y_true, y_pred))
+    assert ours["macro_f1"] == pytest.approx(metrics.f1_score(y_true, y_pred, **kw))
+    assert ours["macro_precision"] == pytest.approx(metrics.precision_score(y_true, y_pred, **kw))
+    assert ours["macro_recall"] == pytest.approx(metrics.recall_score(y_true, y_pred, **kw))
