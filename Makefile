@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install quickstart stop test test-fast lint ui clean
+.PHONY: install quickstart stop test test-fast lint docs ui clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ test-fast: install
 
 lint: install
 	$(BIN)/ruff check lepton_ray tests benchmarks
+
+docs: install
+	$(BIN)/python -m lepton_ray.config_docs --write
 
 clean:
 	rm -rf outputs mlruns

@@ -16,6 +16,7 @@ from typing import Annotated
 
 import typer
 
+from lepton_ray import console
 from lepton_ray.errors import LeptonError
 
 app = typer.Typer(
@@ -34,15 +35,50 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a key: --set train.lr=3e-4 (repeatable)."),
 ]
+VerboseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--verbose",
+        "-v",
+        help="Show Ray's and the libraries' output too (also: lepton-ray -v COMMAND).",
+    ),
+]
+_OPTIONS = {"verbose": False}
+
+
+@app.callback()
+def _global_options(
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            "-v",
+            envvar="LEPTON_VERBOSE",
+            help="Show everything on the terminal: Ray's and the libraries' logs, warnings, "
+            "progress bars, worker output. By default they go to a log file under the "
+            "experiment's outputs (its path is printed first).",
+        ),
+    ] = False,
+) -> None:
+    _OPTIONS["verbose"] = verbose
 
 
 def _say(message: str) -> None:
-    print(message, flush=True)
+    console.say(message)
 
 
 def _fail(message: str, code: int) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    console.error(f"error: {message}")
     raise typer.Exit(code)
+
+
+def _start_console(command: str, cfg=None, verbose: bool = False) -> None:
+    """Send everything but the stage lines to a log file; call before importing Ray."""
+    console.start(
+        command,
+        cfg.output_dir / cfg.name if cfg is not None else None,
+        verbose=verbose or _OPTIONS["verbose"],
+    )
 
 
 def handle_errors(fn):
@@ -53,19 +89,24 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except LeptonError as err:
+            console.log_exception(err)
             _fail(str(err), err.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
         except typer.Exit:
             raise
         except Exception as err:  # noqa: BLE001 - last resort: no traceback unless asked
+            console.log_exception(err)
             if os.environ.get("LEPTON_DEBUG"):
+                console.release()  # the traceback goes to the real terminal
                 raise
             _fail(
                 f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
                 "(set LEPTON_DEBUG=1 for the traceback)",
                 1,
             )
+        finally:
+            console.finish()
 
     return wrapper
 
@@ -80,6 +121,11 @@ def _quiet_libraries() -> None:
     import logging
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    active = console.active()
+    if active is not None and not active.verbose:
+        # The terminal shows stage lines from every worker: Ray must not fold "similar"
+        # lines of two Tune trials into one "[repeated 2x across cluster]" (read at import).
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     for name in ("ray.data", "ray.tune", "ray.train", "ray.serve", "alembic", "mlflow"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -97,34 +143,40 @@ def validate(config: ConfigArg, set_: SetOpt = None) -> None:
 
 @app.command()
 @handle_errors
-def preprocess(config: ConfigArg, set_: SetOpt = None) -> None:
+def preprocess(config: ConfigArg, set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
     """Ray Data: read, clean, deduplicate, split, tokenize; write Parquet."""
+    cfg = _load(config, set_)
+    _start_console("preprocess", cfg, verbose)
     from lepton_ray.pipeline import run_preprocess_stage
 
     _quiet_libraries()
-    manifest = run_preprocess_stage(_load(config, set_), log=_say)
+    manifest = run_preprocess_stage(cfg, log=_say)
     _say(json.dumps({k: manifest[k] for k in ("rows_read", "dropped", "splits")}))
 
 
 @app.command()
 @handle_errors
-def train(config: ConfigArg, set_: SetOpt = None) -> None:
+def train(config: ConfigArg, set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
     """Ray Train: fine-tune with the config's values; register the model (@champion)."""
+    cfg = _load(config, set_)
+    _start_console("train", cfg, verbose)
     from lepton_ray.pipeline import run_train_stage
 
     _quiet_libraries()
-    best = run_train_stage(_load(config, set_), log=_say)
+    best = run_train_stage(cfg, log=_say)
     _say(f"done: run {best['run_id']}, registered version {best['version']}")
 
 
 @app.command()
 @handle_errors
-def tune(config: ConfigArg, set_: SetOpt = None) -> None:
+def tune(config: ConfigArg, set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
     """Ray Tune + Optuna + ASHA sweep; register the best trial's model (@champion)."""
+    cfg = _load(config, set_)
+    _start_console("tune", cfg, verbose)
     from lepton_ray.pipeline import run_tune_stage
 
     _quiet_libraries()
-    best = run_tune_stage(_load(config, set_), log=_say)
+    best = run_tune_stage(cfg, log=_say)
     _say(f"done: best run {best['run_id']}, registered version {best['version']}")
 
 
@@ -134,23 +186,27 @@ def compress(
     config: ConfigArg,
     set_: SetOpt = None,
     model_uri: Annotated[str | None, typer.Option(help="Default: models:/NAME@champion.")] = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Merge LoRA, quantize to int8, evaluate before/after; register it (@serving)."""
+    cfg = _load(config, set_)
+    _start_console("compress", cfg, verbose)
     from lepton_ray.pipeline import run_compress_stage
 
     _quiet_libraries()
-    result = run_compress_stage(_load(config, set_), model_uri=model_uri, log=_say)
+    result = run_compress_stage(cfg, model_uri=model_uri, log=_say)
     _say(f"done: registered version {result['version']}")
 
 
 @app.command()
 @handle_errors
-def run(config: ConfigArg, set_: SetOpt = None) -> None:
+def run(config: ConfigArg, set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
     """Every stage in order: preprocess, train/tune, register, compress, serve."""
+    cfg = _load(config, set_)
+    _start_console("run", cfg, verbose)
     from lepton_ray.pipeline import run as run_pipeline
 
     _quiet_libraries()
-    cfg = _load(config, set_)
     summary = run_pipeline(cfg, log=_say)
     _print_summary(cfg, summary, config)
     if summary.get("serve", {}).get("ray") == "in-process":
@@ -166,12 +222,14 @@ def serve(
         str | None, typer.Option(help="Default: @serving, else @champion.")
     ] = None,
     stop: Annotated[bool, typer.Option("--stop", help="Stop this experiment's endpoint.")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Ray Serve: deploy the registered model behind HTTP on serve.host:serve.port."""
+    cfg = _load(config, set_)
+    _start_console("serve-stop" if stop else "serve", cfg, verbose)
     from lepton_ray.pipeline import run_serve_stage, run_serve_stop
 
     _quiet_libraries()
-    cfg = _load(config, set_)
     if stop:
         if not run_serve_stop(cfg, log=_say):
             _say(f"no Serve application '{cfg.serve.app_name or cfg.name}' is running")
@@ -246,12 +304,14 @@ def sample_data(
 def cluster_up(
     num_cpus: Annotated[int | None, typer.Option(help="Default: every core.")] = None,
     auth: Annotated[str, typer.Option(help="RAY_AUTH_MODE: disabled or token.")] = "disabled",
+    verbose: VerboseOpt = False,
 ) -> None:
     """`ray start --head` on 127.0.0.1 (dashboard on 127.0.0.1:8265)."""
-    from lepton_ray.runtime import cluster_up as start
-
     if auth not in ("disabled", "token"):
         raise LeptonError(f"--auth must be 'disabled' or 'token', got {auth!r}")
+    _start_console("cluster-up", None, verbose)
+    from lepton_ray.runtime import cluster_up as start
+
     address = start(num_cpus, auth, log=_say)
     _say(f"stop it with: lepton-ray cluster down   (address {address})")
 
@@ -284,7 +344,7 @@ def _print_answers(texts: list[str], answers: list[dict]) -> None:
 
 def _curl_hint(url: str) -> str:
     body = '{"texts": ["The lamp works perfectly."]}'
-    return f"curl -s -X POST {url}/predict -H 'Content-Type: application/json' -d '{body}'"
+    return f"curl -s -X POST {url}/v1/predict -H 'Content-Type: application/json' -d '{body}'"
 
 
 def _print_summary(cfg, summary: dict, config: Path) -> None:
@@ -304,7 +364,7 @@ def _print_summary(cfg, summary: dict, config: Path) -> None:
         )
     srv = summary.get("serve")
     if srv:
-        _say(f"serving       {srv['model_uri']} at {srv['url']}/predict")
+        _say(f"serving       {srv['model_uri']} at {srv['url']}/v1/predict")
         _print_answers(cfg.serve.example_texts, srv["answers"])
         _say(f"query it:     {_curl_hint(srv['url'])}")
     _say(f"MLflow UI:    lepton-ray ui {config}   (then open http://127.0.0.1:5000)")

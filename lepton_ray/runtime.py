@@ -16,6 +16,11 @@ from lepton_ray.config import ClusterSection
 from lepton_ray.errors import LeptonError
 
 LOCAL_HEAD_PORT = 6379
+LOCAL_DASHBOARD_PORT = 8265
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+"""Where Ray's State API lives. Ray Train's placement-group cleaner (a worker) queries it;
+left unset, it looks for "the" Ray on the machine and fails when there are two (the
+quickstart's cluster and the test suite's, say), and then the workers' CPUs leak."""
 _MODE: str | None = None
 
 
@@ -37,8 +42,8 @@ def bind_to_loopback() -> None:
     os.environ.setdefault(LOOPBACK_ONLY, "0")
 
 
-def worker_env() -> dict[str, str]:
-    """Environment for Ray workers: offline-friendly, one thread per core they own."""
+def worker_env(api_server: str | None = None) -> dict[str, str]:
+    """Environment for Ray workers: offline-friendly, and told which Ray is theirs."""
     env = {
         "TOKENIZERS_PARALLELISM": "false",
         "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
@@ -51,10 +56,21 @@ def worker_env() -> dict[str, str]:
         "TRANSFORMERS_OFFLINE",
         "MLFLOW_TRACKING_URI",
         LOOPBACK_ONLY,
+        API_SERVER_ENV,
     ):
         if key in os.environ:
             env[key] = os.environ[key]
+    if api_server:
+        env[API_SERVER_ENV] = api_server
     return env
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def init_ray(cluster: ClusterSection, log=print) -> str:
@@ -72,16 +88,18 @@ def init_ray(cluster: ClusterSection, log=print) -> str:
     global _MODE
     if ray.is_initialized():
         return _MODE or "external"
+    api_server = None
     if address is None:
         # The cluster `lepton-ray cluster up` started, by its recorded address ("auto" would
         # also attach to any other Ray found in the process table).
         address = local_cluster_address()
-    runtime_env = {"env_vars": worker_env()}
+        if address:
+            api_server = f"http://127.0.0.1:{LOCAL_DASHBOARD_PORT}"
     if address and address != "local":
         try:
             ray.init(
                 address=address,
-                runtime_env=runtime_env,
+                runtime_env={"env_vars": worker_env(api_server)},
                 logging_level="WARNING",
                 log_to_driver=True,
             )
@@ -93,12 +111,15 @@ def init_ray(cluster: ClusterSection, log=print) -> str:
         log(f"[ray] connected to cluster at {address}")
         _MODE = "external"
         return _MODE
+    dashboard_port = _free_port()
     ray.init(
+        address="local",
         num_cpus=cluster.num_cpus,
         # The dashboard backs the State API that Ray Train's placement-group cleaner uses.
         include_dashboard=True,
         dashboard_host="127.0.0.1",
-        runtime_env=runtime_env,
+        dashboard_port=dashboard_port,
+        runtime_env={"env_vars": worker_env(f"http://127.0.0.1:{dashboard_port}")},
         logging_level="WARNING",
         log_to_driver=True,
     )
@@ -162,7 +183,7 @@ def cluster_up(num_cpus: int | None, auth: str, dashboard: bool = True, log=prin
         "--node-ip-address=127.0.0.1",
         f"--port={LOCAL_HEAD_PORT}",
         "--disable-usage-stats",
-        "--dashboard-port=8265",
+        f"--dashboard-port={LOCAL_DASHBOARD_PORT}",
     ]
     if num_cpus:
         cmd.append(f"--num-cpus={num_cpus}")
@@ -170,7 +191,7 @@ def cluster_up(num_cpus: int | None, auth: str, dashboard: bool = True, log=prin
         cmd += ["--include-dashboard=true", "--dashboard-host=127.0.0.1"]
     else:
         cmd.append("--include-dashboard=false")
-    env = {**os.environ, **worker_env()}
+    env = {**os.environ, **worker_env(f"http://127.0.0.1:{LOCAL_DASHBOARD_PORT}")}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["unknown error"]

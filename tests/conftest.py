@@ -24,7 +24,12 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 # Short on purpose: Ray puts unix sockets under it (107-byte path limit).
 TEST_RAY_TMP = Path(tempfile.mkdtemp(prefix="lrt-", dir="/tmp"))
 os.environ["RAY_TMPDIR"] = str(TEST_RAY_TMP)
-for _user_setting in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+for _user_setting in (
+    "RAY_ADDRESS",
+    "RAY_API_SERVER_ADDRESS",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_REGISTRY_URI",
+):
     os.environ.pop(_user_setting, None)
 os.environ["RAY_AUTH_MODE"] = "disabled"  # explicit: never pick up a stale token
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -107,15 +112,21 @@ def ray_session():
         # address="local": a new instance of our own even when another cluster runs here.
         # The dashboard backs Ray's State API, which Ray Train's placement-group cleaner
         # needs to notice a finished Tune trial; without it placement groups leak.
+        dashboard_port = free_port()
+        # The State API of *this* instance, for Ray Train's placement-group cleaner (a
+        # worker) and for CLI subprocesses: with another Ray on the machine, its "auto"
+        # lookup finds two and fails, and every failed cleanup leaks the workers' CPUs.
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
         ray.init(
             address="local",
             num_cpus=2,
             include_dashboard=True,
             dashboard_host="127.0.0.1",
-            dashboard_port=free_port(),
+            dashboard_port=dashboard_port,
             logging_level="WARNING",
             runtime_env={
                 "env_vars": {
+                    "RAY_API_SERVER_ADDRESS": os.environ["RAY_API_SERVER_ADDRESS"],
                     "RAY_AUTH_MODE": "disabled",
                     "TOKENIZERS_PARALLELISM": "false",
                     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",

@@ -210,3 +210,9 @@ def build_app(args: ServeArgs, num_replicas: int = 1, num_cpus: float = 1.0):
     return TextClassifier.options(
         num_replicas=num_replicas, ray_actor_options={"num_cpus": num_cpus}
     ).bind(args.model_dump())
+
+
+def app_builder(args: ServeArgs):
+    """One-argument builder for Serve config files (``import_path: ...app:app_builder``,
+    as the KubeRay RayService manifest uses); ``args`` are validated as ``ServeArgs``."""
+    return build_app(args)

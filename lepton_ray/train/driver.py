@@ -102,12 +102,23 @@ def build_trainer(
 
 def fit(trainer) -> Any:
     """``trainer.fit()`` with a worker's crash turned into one readable line."""
+    import signal
+    import threading
+
     from ray.train import TrainingFailedError
 
+    # In the main thread, fit() installs a SIGINT handler whose closure holds the train
+    # controller's actor handle; left in place it keeps a failed run's controller and its
+    # workers' placement group (every CPU) alive until the process exits.
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
     try:
         return trainer.fit()
     except TrainingFailedError as err:
-        raise TrainingFailed(f"training failed: {_worker_error(err)}") from err
+        raise TrainingFailed(f"training failed: {_worker_error(err)}") from None
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
 
 
 def run_train(

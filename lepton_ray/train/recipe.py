@@ -81,12 +81,16 @@ def validation_batches(cfg: ExperimentConfig, tokenizer) -> Callable[[], Iterabl
     """The whole validation split, read once; every rank iterates it (and takes its share)."""
     import pandas as pd
 
+    from lepton_ray.errors import StageError
+
     folder = cfg.data_dir / "validation"
-    frame = (
-        pd.read_parquet(folder)
-        if folder.exists()
-        else pd.DataFrame({"input_ids": [], "label_id": []})
-    )
+    if not folder.exists():
+        # Never an empty frame: every epoch would score 0 and the first one would win.
+        raise StageError(
+            f"no validation split at {folder}; run `lepton-ray preprocess` again "
+            "(data.split.validation must be above 0)"
+        )
+    frame = pd.read_parquet(folder)
     pad = tokenizer.pad_token_id or 0
     return lambda: frame_batches(frame, cfg.train.eval_batch_size, pad)
 

@@ -94,7 +94,9 @@ class _RankZeroTracker:
         epoch = int(metrics["epoch"])
         scalars = {k: v for k, v in metrics.items() if k not in ("epoch", "confusion")}
         log_metrics(self.uri, self.run_id, scalars, epoch)
-        self.history.append({k: v for k, v in scalars.items() if k != "improved"})
+        self.history.append(
+            {"epoch": epoch, **{k: v for k, v in scalars.items() if k != "improved"}}
+        )
         log_figure(
             self.uri, self.run_id, plots.learning_curves(self.history), "plots/learning_curves.png"
         )

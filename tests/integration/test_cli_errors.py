@@ -84,6 +84,24 @@ def test_missing_data_file(tmp_path):
     ids=["no-text-column", "no-label-column", "single-class", "malformed-row"],
 )
 def test_bad_data_fails_cleanly_and_leaves_nothing(tmp_path, content, needle):
+    _fails_cleanly(tmp_path, content, needle)
+
+
+def _all_train_rows(n: int) -> str:
+    """A CSV whose every text hashes into the train split (smoke config: seed 42, 0.2/0.2)."""
+    from lepton_ray.data.split import split_of, text_key
+
+    texts = (f"review number {i}" for i in range(10_000))
+    picked = [t for t in texts if split_of(text_key(t, 42), 0.2, 0.2) == "train"][:n]
+    return "review,sentiment\n" + "".join(f"{t},{'xy'[i % 2]}\n" for i, t in enumerate(picked))
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_an_empty_validation_split_is_a_clear_error(tmp_path):
+    _fails_cleanly(tmp_path, _all_train_rows(6), "the validation split is empty")
+
+
+def _fails_cleanly(tmp_path, content: str, needle: str) -> None:
     data = tmp_path / "d.csv"
     data.write_text(content)
     raw = smoke_config(tmp_path, data)

@@ -26,3 +26,27 @@ def test_a_user_cluster_in_the_default_temp_folder_is_not_found(tmp_path, monkey
     assert local_cluster_address() is None
     monkeypatch.setenv("RAY_TMPDIR", str(fake))
     assert ray_temp_root() == fake / "ray"
+
+
+def test_workers_query_the_state_api_of_their_own_ray(ray_session):
+    """Ray Train's placement-group cleaner runs in a worker and asks the State API which
+    actors live; with a second Ray on the machine an unpinned lookup fails and leaks CPUs."""
+
+    @ray_session.remote(num_cpus=0)
+    def api_server_seen_by_a_worker() -> str:
+        from ray.dashboard.utils import get_address_for_submission_client
+
+        return get_address_for_submission_client(None)
+
+    seen = ray_session.get(api_server_seen_by_a_worker.remote())
+    assert seen == os.environ["RAY_API_SERVER_ADDRESS"]
+    assert seen.startswith("http://127.0.0.1:")
+
+
+def test_cli_workers_are_pinned_too(monkeypatch):
+    from lepton_ray.runtime import API_SERVER_ENV, worker_env
+
+    monkeypatch.delenv(API_SERVER_ENV, raising=False)
+    assert worker_env("http://127.0.0.1:8265")[API_SERVER_ENV] == "http://127.0.0.1:8265"
+    monkeypatch.setenv(API_SERVER_ENV, "http://127.0.0.1:1234")
+    assert worker_env()[API_SERVER_ENV] == "http://127.0.0.1:1234"

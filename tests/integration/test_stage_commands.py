@@ -149,6 +149,13 @@ def test_training_crash_marks_run_failed_and_registers_nothing(setup):
     )[0]
     assert latest.info.status == "FAILED"
     assert {v.version for v in c.search_model_versions("name='stages'")} == before
+    # The failed run gives its workers' CPUs back (no controller left holding them).
+    import ray
+
+    deadline = time.time() + 60
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+        assert time.time() < deadline, ray.available_resources()
+        time.sleep(1)
 
 
 def test_serving_an_unknown_model_is_a_clear_error(setup):
