@@ -63,25 +63,187 @@ class CleanConfig(Section):
     min_chars: int = Field(1, ge=1, description="Rows whose cleaned text is shorter are dropped.")
 
 
+class HFSource(Section):
+    """Arguments of ``datasets.load_dataset`` (or a folder written by ``save_to_disk``)."""
+
+    name: str = Field(
+        description="Dataset on the Hugging Face hub ('ag_news'), a packaged builder ('csv', "
+        "'json', 'parquet') with data_files, or a folder written by Dataset.save_to_disk."
+    )
+    config: str | None = Field(
+        None, description="Dataset configuration (load_dataset's second argument)."
+    )
+    split: str = Field("train", description="Split to read; slices such as 'train[:10%]' work.")
+    data_files: str | list[str] | dict[str, str | list[str]] | None = Field(
+        None, description="Files for a packaged builder (load_dataset's data_files)."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _absolute_folder(cls, value: str) -> str:
+        # A local folder must survive a change of directory (Ray workers, `lepton-ray run`).
+        if "://" not in value and Path(value).expanduser().is_dir():
+            return str(Path(value).expanduser().resolve())
+        return value
+
+    @field_validator("data_files")
+    @classmethod
+    def _absolute_data_files(cls, value: Any) -> Any:
+        def absolute(item: str) -> str:
+            return item if "://" in item else str(Path(item).expanduser().resolve())
+
+        if isinstance(value, str):
+            return absolute(value)
+        if isinstance(value, list):
+            return [absolute(v) for v in value]
+        if isinstance(value, dict):
+            return {
+                k: absolute(v) if isinstance(v, str) else [absolute(x) for x in v]
+                for k, v in value.items()
+            }
+        return value
+
+
+DATA_SUFFIXES = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".tab": "tsv",
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".ndjson": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+"""File suffix -> format: the files read from a folder, and what data.format: auto picks."""
+
+
 class DataConfig(Section):
-    path: Path = Field(description="CSV, TSV, JSONL or Parquet file (or a folder of them).")
+    path: Path | str | None = Field(
+        None,
+        description="Local file, folder or glob (data/*.csv) of CSV, TSV, JSONL or Parquet, or "
+        "a storage URI that Ray Data reads (s3://, gs://, ...). Give exactly one of path and hf.",
+    )
+    hf: HFSource | None = Field(
+        None, description="A Hugging Face `datasets` split instead of data.path."
+    )
     format: Literal["auto", "csv", "tsv", "jsonl", "parquet"] = Field(
         "auto", description="File format; 'auto' picks it from the file suffix."
     )
-    text_column: str = Field("text", description="Column holding the input text.")
+    header: bool = Field(
+        True, description="CSV/TSV files start with a header row; false needs column_names."
+    )
+    column_names: list[str] | None = Field(
+        None, min_length=1, description="Names of the columns of headerless CSV/TSV files."
+    )
+    text_column: str | list[str] = Field(
+        "text", description="Column holding the input text, or a list of columns to join."
+    )
+    text_join: str = Field(
+        " ", description="Separator between the columns of a text_column list (blanks skipped)."
+    )
     label_column: str = Field("label", description="Column holding the class label.")
+    on_bad_row: Literal["skip", "error"] = Field(
+        "error",
+        description="A malformed row (wrong field count, a JSONL line that is not an object) "
+        "stops the run ('error', naming file and line) or is skipped and counted ('skip').",
+    )
     max_rows: int | None = Field(None, ge=1, description="Read at most this many rows.")
     clean: CleanConfig = Field(default_factory=CleanConfig)
     dedup: bool = Field(True, description="Drop exact duplicate (text, label) rows.")
     split: SplitConfig = Field(default_factory=SplitConfig)
     max_length: int = Field(128, ge=8, le=4096, description="Tokens per text after truncation.")
 
+    @field_validator("path", mode="before")
+    @classmethod
+    def _local_path_or_uri(cls, value: Any) -> Any:
+        # URIs go to Ray Data as typed; local paths become absolute (Ray workers run elsewhere).
+        if value is None or (isinstance(value, str) and "://" in value):
+            return value
+        if isinstance(value, (str, os.PathLike)):
+            return Path(value).expanduser().resolve()
+        return value
+
     @field_validator("path")
     @classmethod
-    def _path_exists(cls, value: Path) -> Path:
-        if not value.exists():
+    def _path_exists(cls, value: Path | str | None) -> Path | str | None:
+        if not isinstance(value, Path):
+            return value
+        if any(char in str(value) for char in "*?["):
+            import glob
+
+            if not any(Path(p).exists() for p in glob.iglob(str(value), recursive=True)):
+                raise ValueError(f"no file matches the glob {value}")
+        elif not value.exists():
             raise ValueError(f"data file not found: {value}")
-        return value.resolve()
+        elif value.is_dir() and not any(
+            p.suffix.lower() in DATA_SUFFIXES for p in value.rglob("*") if p.is_file()
+        ):
+            raise ValueError(f"folder {value} holds no CSV/TSV/JSONL/Parquet files")
+        return value
+
+    @field_validator("text_column")
+    @classmethod
+    def _text_columns_given(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("give a column name or a non-empty list of them")
+            if len(set(value)) != len(value):
+                raise ValueError(f"lists a column twice: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if (self.path is None) == (self.hf is None):
+            raise ValueError(
+                "give exactly one of data.path (files or a URI) and data.hf (a Hugging Face "
+                "dataset)"
+            )
+        if self.hf is not None and (
+            self.format != "auto" or not self.header or self.column_names is not None
+        ):
+            raise ValueError(
+                "data.format, data.header and data.column_names describe data.path files; "
+                "drop them for data.hf"
+            )
+        if not self.header and not self.column_names:
+            raise ValueError(
+                "data.header: false needs data.column_names, the names of the file's columns "
+                "in order (text_column and label_column then name two of them)"
+            )
+        if self.header and self.column_names is not None:
+            raise ValueError(
+                "data.column_names names the columns of a file without a header row; set "
+                "data.header: false, or drop column_names to use the header's names"
+            )
+        if self.column_names is not None:
+            if self.format in ("jsonl", "parquet"):
+                raise ValueError(
+                    f"data.header and data.column_names apply to CSV and TSV, not {self.format}"
+                )
+            if len(set(self.column_names)) != len(self.column_names):
+                raise ValueError(f"data.column_names lists a column twice: {self.column_names}")
+            missing = [
+                c for c in [*self.text_columns, self.label_column] if c not in self.column_names
+            ]
+            if missing:
+                raise ValueError(
+                    f"data.text_column/label_column name {missing}, which data.column_names "
+                    f"does not list ({', '.join(self.column_names)})"
+                )
+        return self
+
+    @property
+    def text_columns(self) -> list[str]:
+        """``text_column`` as a list (one or more columns joined with ``text_join``)."""
+        return [self.text_column] if isinstance(self.text_column, str) else list(self.text_column)
+
+    @property
+    def source_name(self) -> str:
+        """The source as a user would name it in a message: the path, URI or hf dataset."""
+        if self.hf is not None:
+            config = f"/{self.hf.config}" if self.hf.config else ""
+            return f"hf:{self.hf.name}{config}[{self.hf.split}]"
+        return str(self.path)
 
 
 # ---------------------------------------------------------------------------------------- model

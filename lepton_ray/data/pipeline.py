@@ -13,7 +13,7 @@ from typing import Any
 from lepton_ray.config import ExperimentConfig
 from lepton_ray.data.clean import KEEP as KEEP_REASON
 from lepton_ray.data.clean import clean_batch, keep_rows
-from lepton_ray.data.sources import fingerprint, read_source, root_cause
+from lepton_ray.data.sources import detect_format, read_source, root_cause
 from lepton_ray.data.split import KEY, SPLITS, assign_split_batch
 from lepton_ray.data.tokenize import tokenize_batch
 from lepton_ray.errors import DataError, StageError
@@ -34,8 +34,9 @@ def run_preprocess(cfg: ExperimentConfig, log=print) -> dict[str, Any]:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
 
-    log(f"[data] reading {data.path}")
-    ds = read_source(data)
+    log(f"[data] reading {data.source_name}")
+    source = read_source(data)
+    ds = source.ds
     cleaned = _run(
         lambda: ds.map_batches(
             clean_batch,
@@ -46,18 +47,23 @@ def run_preprocess(cfg: ExperimentConfig, log=print) -> dict[str, Any]:
                 min_chars=data.clean.min_chars,
             ),
         ).materialize(),
-        data.path,
+        data.source_name,
     )
     reasons = _count_by(cleaned, "drop_reason")
     n_read = sum(reasons.values())
     dropped = {reason: n for reason, n in reasons.items() if reason}
+    if source.n_bad:
+        # Malformed rows skipped by the reader (data.on_bad_row: skip) are counted too:
+        # rows in the files = kept + dropped, reason by reason.
+        dropped["bad_row"] = source.n_bad
+        n_read += source.n_bad
     kept = cleaned.map_batches(keep_rows, batch_format="pandas").materialize()
     if n_read == 0 or kept.count() == 0:
-        raise DataError(f"data.path {data.path}: no usable rows ({n_read} read, dropped {dropped})")
+        raise DataError(f"data {data.source_name}: no usable rows ({n_read} read, dropped {dropped})")
     labels = _sorted_labels(kept.unique("label"))
     if len(labels) < 2:
         raise DataError(
-            f"data.label_column '{data.label_column}' in {data.path} has a single class "
+            f"data.label_column '{data.label_column}' in {data.source_name} has a single class "
             f"({labels[0]!r}); classification needs at least 2"
         )
     log(
@@ -101,9 +107,10 @@ def run_preprocess(cfg: ExperimentConfig, log=print) -> dict[str, Any]:
             if split_counts.get(split, 0):
                 part.write_parquet(str(tmp / split))
         manifest = {
-            "source": str(data.path),
-            "format": data.format,
-            "fingerprint": fingerprint(data),
+            "source": data.source_name,
+            "format": detect_format(data),
+            "fingerprint": source.fingerprint,
+            "bad_rows": source.bad_rows,
             "labels": labels,
             "model": cfg.model.name,
             "max_length": data.max_length,
@@ -136,14 +143,14 @@ def _check_splits(
     for split in ("train", "validation"):
         if not split_counts.get(split):
             raise DataError(
-                f"data.path {data.path}: the {split} split is empty after cleaning and "
+                f"data {data.source_name}: the {split} split is empty after cleaning and "
                 f"deduplication ({sum(split_counts.values())} rows left); add rows or raise "
                 "data.split.validation"
             )
     missing = [label for label in labels if not per_class.get(f"train|{label}")]
     if missing:
         raise DataError(
-            f"data.path {data.path}: class(es) {missing} have no training row after the "
+            f"data {data.source_name}: class(es) {missing} have no training row after the "
             "split; add rows for them or lower data.split.validation/test"
         )
 
@@ -163,13 +170,13 @@ def load_manifest(cfg: ExperimentConfig) -> dict[str, Any]:
     return manifest
 
 
-def _run(make, path: Path):
+def _run(make, source: str):
     try:
         return make()
     except DataError:
         raise
     except Exception as err:  # noqa: BLE001 - Ray wraps reader errors; name the file
-        raise DataError(f"data.path {path}: {root_cause(err)}") from None
+        raise DataError(f"data {source}: {root_cause(err)}") from None
 
 
 def _count_by(ds, *columns: str) -> dict[str, int]:

@@ -26,7 +26,7 @@ def test_reference_documents_nested_keys_types_defaults_and_constraints():
     assert "> 0.0; < 1.0" in rows["`train.lr`"] and "`0.0005`" in rows["`train.lr`"]
     assert "≥ 1; ≤ 65535" in rows["`serve.port`"] and "`8000`" in rows["`serve.port`"]
     assert "one of `auto`, `csv`, `tsv`, `jsonl`, `parquet`" in rows["`data.format`"]
-    assert "**required**" in rows["`data.path`"] and "**required**" in rows["`name`"]
+    assert "**required**" in rows["`name`"] and "`data.hf.name`" in rows
     # dict[str, SearchParam] gets a table of its own for the items.
     assert "`tune.space.<key>.type`" in rows
     assert "val_macro_f1" in rows["`tune.metric`"]
