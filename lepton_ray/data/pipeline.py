@@ -59,7 +59,9 @@ def run_preprocess(cfg: ExperimentConfig, log=print) -> dict[str, Any]:
         n_read += source.n_bad
     kept = cleaned.map_batches(keep_rows, batch_format="pandas").materialize()
     if n_read == 0 or kept.count() == 0:
-        raise DataError(f"data {data.source_name}: no usable rows ({n_read} read, dropped {dropped})")
+        raise DataError(
+            f"data {data.source_name}: no usable rows ({n_read} read, dropped {dropped})"
+        )
     labels = _sorted_labels(kept.unique("label"))
     if len(labels) < 2:
         raise DataError(
