@@ -205,12 +205,14 @@ def run(cfg: ExperimentConfig, log=print) -> dict[str, Any]:
 
     started = time.time()
     summary: dict[str, Any] = {}
-    manifest = run_preprocess_stage(cfg, log=log)
     if cfg.serve.enabled:
-        # A previous run's endpoint holds CPUs that training needs; it is redeployed below.
+        # A previous run's endpoint holds a CPU that Ray Data's shuffles and training need
+        # (with one CPU left the data stage crawls); it is redeployed at the end.
         from lepton_ray.serve.client import undeploy
 
+        _connect(cfg, log)
         undeploy(cfg, log=log)
+    manifest = run_preprocess_stage(cfg, log=log)
     tags = lineage_tags(cfg, manifest["fingerprint"], **{TAG_STAGE: "pipeline"})
     uri = cfg.tracking.tracking_uri
     with tracked_run(cfg, "pipeline", tags=tags) as parent:
