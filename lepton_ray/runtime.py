@@ -65,7 +65,8 @@ def worker_env(api_server: str | None = None) -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
     import socket
 
     with socket.socket() as sock:
@@ -111,7 +112,7 @@ def init_ray(cluster: ClusterSection, log=print) -> str:
         log(f"[ray] connected to cluster at {address}")
         _MODE = "external"
         return _MODE
-    dashboard_port = _free_port()
+    dashboard_port = free_port()
     ray.init(
         address="local",
         num_cpus=cluster.num_cpus,

@@ -90,8 +90,11 @@ def run_preprocess(cfg: ExperimentConfig, log=print) -> dict[str, Any]:
         assigned = counted.drop_columns(["count()"])
     # Written in hash order: every block mixes the classes (training shuffles from there).
     assigned = assigned.sort(KEY).materialize()
-    split_counts = _count_by(assigned, "split")
     per_class = _count_by(assigned, "split", "label")
+    split_counts: dict[str, int] = {}
+    for key, n in per_class.items():  # one pass over the data, not two
+        split = key.split("|", 1)[0]
+        split_counts[split] = split_counts.get(split, 0) + n
     _check_splits(data, labels, split_counts, per_class)
 
     tokenized = assigned.map_batches(
