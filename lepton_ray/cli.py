@@ -143,15 +143,24 @@ def validate(config: ConfigArg, set_: SetOpt = None) -> None:
 
 @app.command()
 @handle_errors
-def preprocess(config: ConfigArg, set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
-    """Ray Data: read, clean, deduplicate, split, tokenize; write Parquet."""
+def preprocess(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Recompute even if shards for this fingerprint exist."),
+    ] = False,
+) -> None:
+    """Ray Data: read, clean, deduplicate, split, augment, tokenize; write Parquet and a report."""
     cfg = _load(config, set_)
     _start_console("preprocess", cfg, verbose)
+    from lepton_ray.data.report import summary_table
     from lepton_ray.pipeline import run_preprocess_stage
 
     _quiet_libraries()
-    manifest = run_preprocess_stage(cfg, log=_say)
-    _say(json.dumps({k: manifest[k] for k in ("rows_read", "dropped", "splits")}))
+    manifest = run_preprocess_stage(cfg, log=_say, force=force)
+    _say(summary_table(manifest))
 
 
 @app.command()

@@ -28,15 +28,54 @@ class Section(BaseModel):
 
 
 # ----------------------------------------------------------------------------------------- data
+SPLIT_NAMES = {
+    "train": "train",
+    "training": "train",
+    "validation": "validation",
+    "valid": "validation",
+    "val": "validation",
+    "dev": "validation",
+    "test": "test",
+}
+"""Values of a split column that name each split (case-insensitive); extend with split.names."""
+
+
 class SplitConfig(Section):
     validation: float = Field(
         0.1,
         lt=1.0,
         description="Fraction of rows for validation (above 0: epochs, trials and the "
-        "compression gate are judged on it).",
+        "compression gate are judged on it). Unused when validation comes from files or a "
+        "split column.",
     )
-    test: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of rows for test.")
+    test: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Fraction of rows for test. Unused when test comes from files or a split column.",
+    )
     seed: int = Field(42, description="Seed of the stratified split; same seed, same split.")
+    files: dict[Literal["validation", "test"], Path | str] = Field(
+        default_factory=dict,
+        description="Splits the data already has as separate files (same columns and format as "
+        "data.path), e.g. {validation: dev.tsv, test: test.tsv}. data.path then feeds train "
+        "and any split not listed here, cut by its fraction.",
+    )
+    column: str | None = Field(
+        None,
+        description="A column of data.path naming each row's split (train/validation/test; "
+        "also dev, val, valid). Fractions are then unused.",
+    )
+    names: dict[str, Literal["train", "validation", "test"]] = Field(
+        default_factory=dict,
+        description="More split-column values, e.g. {holdout: test}. Rows with a value not "
+        "named here or in the defaults are dropped as 'unknown_split'.",
+    )
+    contamination: Literal["report", "remove"] = Field(
+        "report",
+        description="Validation/test rows whose cleaned text also appears in train: report "
+        "them, or remove them from the evaluation split.",
+    )
 
     @field_validator("validation")
     @classmethod
@@ -48,11 +87,76 @@ class SplitConfig(Section):
             )
         return value
 
+    @field_validator("files")
+    @classmethod
+    def _split_files_exist(cls, value: dict[str, Path | str]) -> dict[str, Path | str]:
+        out: dict[str, Path | str] = {}
+        for split, path in value.items():
+            if isinstance(path, str) and "://" in path:
+                out[split] = path
+                continue
+            path = Path(path).expanduser().resolve()
+            if not path.exists():
+                raise ValueError(f"{split} file not found: {path}")
+            out[split] = path
+        return out
+
     @model_validator(mode="after")
     def _fractions_leave_train(self) -> SplitConfig:
-        if self.validation + self.test >= 1.0:
+        if self.column is not None and self.files:
+            raise ValueError("give data.split.column or data.split.files, not both")
+        if self.hashed_fraction() >= 1.0:
             raise ValueError("data.split.validation + data.split.test must be below 1.0")
         return self
+
+    def hashed_fraction(self) -> float:
+        """The share of data.path cut off for validation and test by the hash split."""
+        if self.column is not None:
+            return 0.0
+        return sum(getattr(self, s) for s in ("validation", "test") if s not in self.files)
+
+    @property
+    def source(self) -> str:
+        """How rows get their split: 'hash' (fractions), 'files' or 'column'."""
+        return "column" if self.column else "files" if self.files else "hash"
+
+    def split_names(self) -> dict[str, str]:
+        return {**SPLIT_NAMES, **{k.lower(): v for k, v in self.names.items()}}
+
+
+class NearDupConfig(Section):
+    enabled: bool = Field(False, description="Drop near-duplicates found by MinHash LSH.")
+    threshold: float = Field(
+        0.8,
+        gt=0.0,
+        le=1.0,
+        description="Estimated Jaccard similarity of word n-grams at or "
+        "above which two rows are near-duplicates.",
+    )
+    num_perm: int = Field(64, ge=16, le=512, description="MinHash permutations per row.")
+    ngram: int = Field(3, ge=1, le=10, description="Words per shingle.")
+
+
+class DedupConfig(Section):
+    exact: bool = Field(True, description="Drop exact duplicates of the cleaned text in a split.")
+    conflicts: Literal["drop", "majority", "keep"] = Field(
+        "drop",
+        description="Copies of one cleaned text with different labels: drop them all, keep "
+        "the majority label (ties dropped), or keep every label.",
+    )
+    near: NearDupConfig = Field(default_factory=NearDupConfig)
+
+
+class AugmentConfig(Section):
+    enabled: bool = Field(False, description="Add augmented copies of training rows.")
+    copies: int = Field(1, ge=1, le=10, description="Augmented copies per training row.")
+    deletion_rate: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Chance that each word is deleted."
+    )
+    swap_rate: float = Field(
+        0.1, ge=0.0, le=1.0, description="Word swaps per word (rounded per text)."
+    )
+    seed: int = Field(0, description="Seed of the augmentation; same seed, same rows.")
 
 
 class CleanConfig(Section):
@@ -61,6 +165,14 @@ class CleanConfig(Section):
     )
     lowercase: bool = Field(False, description="Lowercase texts (uncased models do this anyway).")
     min_chars: int = Field(1, ge=1, description="Rows whose cleaned text is shorter are dropped.")
+    max_chars: int | None = Field(
+        None, ge=1, description="Rows whose cleaned text is longer are dropped ('too_long')."
+    )
+    strip_html: bool = Field(False, description="Remove HTML tags and unescape entities.")
+    mask_pii: list[Literal["email", "url", "phone"]] = Field(
+        default_factory=list,
+        description="Personal data to mask as [EMAIL], [URL], [PHONE] (counted in the manifest).",
+    )
 
 
 class HFSource(Section):
@@ -149,8 +261,14 @@ class DataConfig(Section):
     )
     max_rows: int | None = Field(None, ge=1, description="Read at most this many rows.")
     clean: CleanConfig = Field(default_factory=CleanConfig)
-    dedup: bool = Field(True, description="Drop exact duplicate (text, label) rows.")
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    cache: bool = Field(
+        True,
+        description="Reuse shards already written for the same inputs and preprocessing "
+        "config (same fingerprint) instead of recomputing them.",
+    )
     max_length: int = Field(128, ge=8, le=4096, description="Tokens per text after truncation.")
 
     @field_validator("path", mode="before")
@@ -180,6 +298,11 @@ class DataConfig(Section):
         ):
             raise ValueError(f"folder {value} holds no CSV/TSV/JSONL/Parquet files")
         return value
+
+    @field_validator("dedup", mode="before")
+    @classmethod
+    def _dedup_switch(cls, value: Any) -> Any:
+        return {"exact": value} if isinstance(value, bool) else value
 
     @field_validator("text_column")
     @classmethod
@@ -229,6 +352,17 @@ class DataConfig(Section):
                 raise ValueError(
                     f"data.text_column/label_column name {missing}, which data.column_names "
                     f"does not list ({', '.join(self.column_names)})"
+                )
+        split_column = self.split.column
+        if split_column is not None:
+            if split_column in [*self.text_columns, self.label_column]:
+                raise ValueError(
+                    f"data.split.column '{split_column}' is also a text or label column"
+                )
+            if self.column_names is not None and split_column not in self.column_names:
+                raise ValueError(
+                    f"data.split.column '{split_column}' is not in data.column_names "
+                    f"({', '.join(self.column_names)})"
                 )
         return self
 

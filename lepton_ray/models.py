@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from lepton_ray.config import MODEL_ALIASES, ModelConfig
 from lepton_ray.errors import ConfigError, StageError
-from lepton_ray.text import DEFAULT_CLEANING, clean_texts
+from lepton_ray.text import DEFAULT_CLEANING, clean_texts, pii_kinds
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -150,6 +150,12 @@ class ModelMeta:
             )
         if not isinstance(self.cleaning["lowercase"], bool):
             raise bad("cleaning.lowercase must be true or false")
+        if not isinstance(self.cleaning["strip_html"], bool):
+            raise bad("cleaning.strip_html must be true or false")
+        try:
+            pii_kinds(self.cleaning["mask_pii"])
+        except (TypeError, ValueError) as err:
+            raise bad(f"cleaning.mask_pii: {err}") from None
 
 
 def load_tokenizer(name_or_path: str):

@@ -60,11 +60,28 @@ def register_trained(cfg: ExperimentConfig, run_id: str, manifest: dict[str, Any
     return version
 
 
-def run_preprocess_stage(cfg: ExperimentConfig, log=print) -> dict[str, Any]:
+def run_preprocess_stage(
+    cfg: ExperimentConfig, log=print, force: bool = False, track: bool = True
+) -> dict[str, Any]:
+    """The data stage; with ``track`` its report goes to an MLflow run 'preprocess'."""
     from lepton_ray.data.pipeline import run_preprocess
 
     _connect(cfg, log)
-    return run_preprocess(cfg, log=log)
+    manifest = run_preprocess(cfg, log=log, force=force)
+    if track:
+        from lepton_ray.tracking.mlflow import TAG_STAGE, lineage_tags, tracked_run
+
+        tags = lineage_tags(cfg, manifest["fingerprint"], **{TAG_STAGE: "preprocess"})
+        with tracked_run(cfg, "preprocess", tags=tags) as run_id:
+            log_data_report(cfg, run_id, manifest)
+            log(f"[mlflow] data report in run {run_id}")
+    return manifest
+
+
+def log_data_report(cfg: ExperimentConfig, run_id: str, manifest: dict[str, Any]) -> None:
+    from lepton_ray.data.report import log_data_report as log_report
+
+    log_report(cfg.tracking.tracking_uri, run_id, manifest, cfg.data_dir)
 
 
 def run_train_stage(
@@ -196,8 +213,6 @@ def run(cfg: ExperimentConfig, log=print) -> dict[str, Any]:
         TAG_STAGE,
         lineage_tags,
         log_config,
-        log_dict,
-        log_metrics,
         redact_uri,
         set_tags,
         tracked_run,
@@ -212,7 +227,7 @@ def run(cfg: ExperimentConfig, log=print) -> dict[str, Any]:
 
         _connect(cfg, log)
         undeploy(cfg, log=log)
-    manifest = run_preprocess_stage(cfg, log=log)
+    manifest = run_preprocess_stage(cfg, log=log, track=False)
     tags = lineage_tags(cfg, manifest["fingerprint"], **{TAG_STAGE: "pipeline"})
     uri = cfg.tracking.tracking_uri
     with tracked_run(cfg, "pipeline", tags=tags) as parent:
@@ -221,14 +236,7 @@ def run(cfg: ExperimentConfig, log=print) -> dict[str, Any]:
             f"({redact_uri(uri)})"
         )
         log_config(uri, parent, cfg)
-        log_dict(uri, parent, manifest, "data/manifest.json")
-        log_metrics(
-            uri,
-            parent,
-            {f"data_rows_{k}": v for k, v in manifest["splits"].items()}
-            | {f"data_dropped_{k}": v for k, v in manifest["dropped"].items()},
-            step=0,
-        )
+        log_data_report(cfg, parent, manifest)
         if cfg.tune.enabled:
             summary["best"] = run_tune_stage(cfg, parent_run_id=parent, log=log)
         else:

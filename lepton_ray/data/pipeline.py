@@ -1,7 +1,24 @@
-"""``run_preprocess``: the whole data stage, written atomically to ``<run_dir>/data``."""
+"""``run_preprocess``: the whole data stage, written atomically to ``<run_dir>/data``.
+
+One plan per step, with as few passes over the data as possible:
+
+1. read every source, clean, key and split each row (a fused map over the read), then
+   hash-partition by the text's key and tag exact duplicates, conflicting labels and
+   contaminated evaluation rows block by block (every copy of a text meets in one block);
+2. optionally search near-duplicates with MinHash LSH (its own distributed plan; only the
+   keys of the rows to drop come back);
+3. one pass of per-batch counters: drop reasons, classes per split, masked PII, a sample of
+   dropped rows;
+4. one streaming pass through an actor pool (the tokenizer loads once per actor): label ids,
+   augmentation, token ids and lengths, written as Parquet partitioned by split.
+
+The output appears at ``cfg.data_dir`` only when complete; the same inputs and
+preprocessing config reuse it (``data.cache``), keyed by the fingerprint.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -11,134 +28,388 @@ from pathlib import Path
 from typing import Any
 
 from lepton_ray.config import ExperimentConfig
-from lepton_ray.data.clean import KEEP as KEEP_REASON
-from lepton_ray.data.clean import clean_batch, keep_rows
-from lepton_ray.data.sources import detect_format, read_source, root_cause
-from lepton_ray.data.split import KEY, SPLITS, assign_split_batch
-from lepton_ray.data.tokenize import tokenize_batch
+from lepton_ray.data.clean import KEEP
+from lepton_ray.data.rows import (
+    EVAL_SPLITS,
+    Finalize,
+    merge_summaries,
+    prepare_batch,
+    resolve_duplicates,
+    summarize_batch,
+)
+from lepton_ray.data.sources import Source, detect_format, read_source, root_cause
+from lepton_ray.data.split import KEY, SPLITS
 from lepton_ray.errors import DataError, StageError
 
 MANIFEST = "manifest.json"
+DROPPED_SAMPLE = "dropped_sample.jsonl"
+VERSION = 2
+"""Bumped when the stage's output changes for the same config (invalidates caches)."""
+LENGTH_BINS = 16
+ROWS_PER_BLOCK = 100_000
 
 
-def run_preprocess(cfg: ExperimentConfig, log=print) -> dict[str, Any]:
-    """Read, clean, deduplicate, split and tokenize; return the manifest.
-
-    Output appears at ``cfg.data_dir`` only when complete: it is built in a temporary
-    folder beside it and renamed into place, and ``manifest.json`` is its last file.
-    """
+def run_preprocess(cfg: ExperimentConfig, log=print, force: bool = False) -> dict[str, Any]:
+    """Read, clean, deduplicate, split, augment and tokenize; return the manifest."""
+    import ray
     import ray.data
 
     data = cfg.data
     started = time.time()
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
+    ray.data.DataContext.get_current().enable_progress_bars = True
+
+    timer = _Timer()
+    inputs = input_fingerprints(cfg)
+    fingerprint = preprocessing_fingerprint(cfg, inputs)
+    cached = _cached_manifest(cfg, fingerprint)
+    if cached is not None and data.cache and not force:
+        log(f"[data] reusing {cfg.data_dir} (fingerprint {fingerprint} unchanged)")
+        return cached | {"reused": True}
 
     log(f"[data] reading {data.source_name}")
-    source = read_source(data)
-    ds = source.ds
-    cleaned = _run(
-        lambda: ds.map_batches(
-            clean_batch,
+    timer.lap("fingerprint")
+    sources = _read_sources(cfg)
+    timer.lap("scan")
+    n_in = sum(s.n_rows for _, s in sources)
+    blocks = max(2, min(256, -(-n_in // ROWS_PER_BLOCK)))
+    clean = dict(
+        unicode_form=data.clean.unicode_form,
+        lowercase=data.clean.lowercase,
+        min_chars=data.clean.min_chars,
+        max_chars=data.clean.max_chars,
+        strip_html=data.clean.strip_html,
+        mask_pii=list(data.clean.mask_pii),
+    )
+    hashed = {s: getattr(data.split, s) for s in EVAL_SPLITS if s not in data.split.files}
+    names = data.split.split_names() if data.split.column else None
+    prepared = None
+    for preset, source in sources:
+        part = source.ds.map_batches(
+            prepare_batch,
             batch_format="pandas",
             fn_kwargs=dict(
-                unicode_form=data.clean.unicode_form,
-                lowercase=data.clean.lowercase,
-                min_chars=data.clean.min_chars,
+                clean=clean, seed=data.split.seed, hashed=hashed, preset=preset, names=names
             ),
-        ).materialize(),
+        )
+        prepared = part if prepared is None else prepared.union(part)
+    resolved = _run(
+        lambda: (
+            prepared.repartition(blocks, keys=[KEY])
+            .map_batches(
+                resolve_duplicates,
+                batch_format="pandas",
+                batch_size=None,
+                fn_kwargs=dict(
+                    exact=data.dedup.exact,
+                    conflicts=data.dedup.conflicts,
+                    contamination=data.split.contamination,
+                ),
+            )
+            .materialize()
+        ),
         data.source_name,
     )
-    reasons = _count_by(cleaned, "drop_reason")
-    n_read = sum(reasons.values())
-    dropped = {reason: n for reason, n in reasons.items() if reason}
-    if source.n_bad:
-        # Malformed rows skipped by the reader (data.on_bad_row: skip) are counted too:
-        # rows in the files = kept + dropped, reason by reason.
-        dropped["bad_row"] = source.n_bad
-        n_read += source.n_bad
-    kept = cleaned.map_batches(keep_rows, batch_format="pandas").materialize()
-    if n_read == 0 or kept.count() == 0:
+
+    timer.lap("read_clean_dedup")
+    drops, near = frozenset(), None
+    if data.dedup.near.enabled:
+        drops, near = _near_duplicates(cfg, resolved, log)
+
+        timer.lap("near_duplicates")
+    summary = merge_summaries(
+        resolved.map_batches(
+            summarize_batch, batch_format="pandas", fn_kwargs=dict(drops=drops)
+        ).take_all()
+    )
+    timer.lap("count")
+    n_bad = sum(s.n_bad for _, s in sources)
+    dropped = {r: n for r, n in summary["reasons"].items() if r != KEEP and n}
+    if n_bad:
+        # Malformed rows skipped by the reader (data.on_bad_row: skip) are counted too.
+        dropped["bad_row"] = n_bad
+    n_kept = summary["reasons"].get(KEEP, 0)
+    n_read = n_kept + sum(dropped.values())
+    per_class = summary["kept"]
+    if n_kept == 0:
         raise DataError(
             f"data {data.source_name}: no usable rows ({n_read} read, dropped {dropped})"
         )
-    labels = _sorted_labels(kept.unique("label"))
+    labels = _sorted_labels({key.split("|", 1)[1] for key in per_class})
     if len(labels) < 2:
         raise DataError(
             f"data.label_column '{data.label_column}' in {data.source_name} has a single class "
             f"({labels[0]!r}); classification needs at least 2"
         )
-    log(
-        f"[data] {n_read} rows read, {len(labels)} classes; dropped while cleaning: {dropped or 'none'}"
-    )
-
-    assigned = kept.map_batches(
-        assign_split_batch,
-        batch_format="pandas",
-        fn_kwargs=dict(
-            validation=data.split.validation, test=data.split.test, seed=data.split.seed
-        ),
-    )
-    if data.dedup:
-        # Exact (text, label) duplicates: an aggregation, hash-partitioned across the cluster.
-        # The key and split are functions of the text, so they ride along in the group key.
-        counted = assigned.groupby(["text", "label", KEY, "split"]).count()
-        n_unique = counted.count()
-        n_kept = reasons.get(KEEP_REASON, 0)
-        if n_kept > n_unique:
-            dropped["duplicate"] = n_kept - n_unique
-        assigned = counted.drop_columns(["count()"])
-    # Written in hash order: every block mixes the classes (training shuffles from there).
-    assigned = assigned.sort(KEY).materialize()
-    per_class = _count_by(assigned, "split", "label")
     split_counts: dict[str, int] = {}
-    for key, n in per_class.items():  # one pass over the data, not two
+    for key, n in per_class.items():
         split = key.split("|", 1)[0]
         split_counts[split] = split_counts.get(split, 0) + n
     _check_splits(data, labels, split_counts, per_class)
+    log(
+        f"[data] {n_read} rows read, {len(labels)} classes; dropped: "
+        f"{dict(sorted(dropped.items())) or 'none'}"
+    )
 
-    tokenized = assigned.map_batches(
-        tokenize_batch,
-        batch_format="pandas",
-        fn_kwargs=dict(model_name=cfg.model.name, max_length=data.max_length, labels=labels),
-    ).materialize()
-
+    label_map = {label: i for i, label in enumerate(labels)}
+    augment = None
+    if data.augment.enabled:
+        augment = data.augment.model_dump(exclude={"enabled"})
     out = cfg.data_dir
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
-        for split in SPLITS:
-            part = tokenized.filter(expr=f"split == '{split}'").drop_columns(["split", KEY])
-            if split_counts.get(split, 0):
-                part.write_parquet(str(tmp / split))
+        finalized = resolved.map_batches(
+            Finalize,
+            batch_format="pandas",
+            fn_constructor_kwargs=dict(
+                model_name=cfg.model.name,
+                max_length=data.max_length,
+                label_map=label_map,
+                drops=drops,
+                augment=augment,
+            ),
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_actor_count()),
+            num_cpus=0.5,
+        )
+        _run(
+            lambda: finalized.write_parquet(str(tmp / "parts"), partition_cols=["split"]),
+            data.source_name,
+        )
+        timer.lap("tokenize_write")
+        written = _collect_splits(tmp)
+        stats = _written_stats(tmp, labels, data.max_length)
+        if stats["kept"] != n_kept:
+            raise StageError(
+                f"data stage lost rows: {n_kept} kept rows counted but {stats['kept']} written"
+            )
+        _write_sample(tmp / DROPPED_SAMPLE, summary["sample"], sources)
+        timer.lap("stats")
         manifest = {
+            "version": VERSION,
             "source": data.source_name,
-            "format": detect_format(data),
-            "fingerprint": source.fingerprint,
-            "bad_rows": source.bad_rows,
+            "sources": {(preset or "all"): _source_name(cfg, preset) for preset, _ in sources},
+            "split_source": data.split.source,
+            "format": detect_format(data) if data.hf is None else "hf",
+            "fingerprint": fingerprint,
+            "inputs": inputs,
+            "reused": False,
+            "bad_rows": [row for _, s in sources for row in s.bad_rows][:50],
             "labels": labels,
+            "label_map": label_map,
             "model": cfg.model.name,
             "max_length": data.max_length,
             "rows_read": n_read,
             "dropped": dropped,
-            "splits": {s: split_counts.get(s, 0) for s in SPLITS},
-            "class_counts": {
-                s: {k.split("|", 1)[1]: v for k, v in per_class.items() if k.startswith(s + "|")}
-                for s in SPLITS
+            "kept": n_kept,
+            "augmented": stats["augmented"],
+            "splits": {s: stats["splits"].get(s, 0) for s in SPLITS},
+            "class_counts": stats["class_counts"],
+            "masked": {k: v for k, v in summary["masked"].items()},
+            "conflicts": {"texts": summary["conflict_texts"], "rows": summary["conflict_rows"]},
+            "contamination": {
+                **{s: summary["contaminated"].get(s, 0) for s in EVAL_SPLITS},
+                "action": data.split.contamination,
             },
+            "token_lengths": stats["token_lengths"],
             "seconds": round(time.time() - started, 1),
+            "timings": timer.laps,
         }
+        if near is not None:
+            manifest["near_duplicates"] = near
+        assert written  # at least train and validation
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log(
-        f"[data] wrote {out}: "
+        f"[data] wrote {out} in {manifest['seconds']} s: "
         + ", ".join(f"{s}={manifest['splits'][s]}" for s in SPLITS)
-        + f" (dropped {sum(dropped.values())}: {dropped or 'none'})"
     )
     return manifest
+
+
+class _Timer:
+    """Seconds per phase, kept in the manifest (where the stage's time goes)."""
+
+    def __init__(self):
+        self.last, self.laps = time.perf_counter(), {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self.last, 2)
+        self.last = now
+
+
+# ------------------------------------------------------------------------------- fingerprints
+def input_fingerprints(cfg: ExperimentConfig) -> dict[str, str]:
+    """Content hash of every input: the main source and each split file."""
+    from lepton_ray.data.sources import fingerprint
+
+    prints = {"all": fingerprint(cfg.data)}
+    for split, path in cfg.data.split.files.items():
+        prints[split] = fingerprint(_split_file_config(cfg, path))
+    return prints
+
+
+def preprocessing_fingerprint(cfg: ExperimentConfig, inputs: dict[str, str]) -> str:
+    """Hash of the inputs' contents and of everything that decides the output."""
+    settings = cfg.data.model_dump(mode="json", exclude={"cache", "path"})
+    settings["split"]["files"] = sorted(cfg.data.split.files)  # contents are in ``inputs``
+    blob = json.dumps(
+        {"version": VERSION, "inputs": inputs, "data": settings, "model": cfg.model.name},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _cached_manifest(cfg: ExperimentConfig, fingerprint: str) -> dict[str, Any] | None:
+    path = cfg.data_dir / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if manifest.get("fingerprint") != fingerprint:
+        return None
+    if not all((cfg.data_dir / s).is_dir() for s, n in manifest["splits"].items() if n):
+        return None
+    return manifest
+
+
+# ------------------------------------------------------------------------------------ reading
+def _split_file_config(cfg: ExperimentConfig, path):
+    """The data config of one split file: same columns and format, no split of its own."""
+    return cfg.data.model_copy(
+        update={
+            "path": path,
+            "hf": None,
+            "max_rows": None,
+            "split": cfg.data.split.model_copy(update={"files": {}, "column": None}),
+        }
+    )
+
+
+def _read_sources(cfg: ExperimentConfig) -> list[tuple[str | None, Source]]:
+    """(preset split or None, source) for data.path/hf and every data.split.files entry."""
+    sources = [(None, read_source(cfg.data))]
+    for split, path in cfg.data.split.files.items():
+        sources.append((split, read_source(_split_file_config(cfg, path))))
+    return sources
+
+
+def _source_name(cfg: ExperimentConfig, preset: str | None) -> str:
+    return cfg.data.source_name if preset is None else str(cfg.data.split.files[preset])
+
+
+def _near_duplicates(cfg: ExperimentConfig, resolved, log) -> tuple[frozenset, dict[str, Any]]:
+    """Keys of near-duplicate rows to drop, and what the search found."""
+    from lepton_ray.data.neardup import near_duplicate_drops
+
+    near = cfg.data.dedup.near
+    live = resolved.map_batches(
+        lambda b: b.loc[b["drop_reason"] == KEEP, ["text", KEY, "split"]], batch_format="pandas"
+    )
+    found = _run(
+        lambda: near_duplicate_drops(
+            live,
+            threshold=near.threshold,
+            num_perm=near.num_perm,
+            ngram=near.ngram,
+            seed=cfg.data.split.seed,
+        ).take_all(),
+        cfg.data.source_name,
+    )
+    # Same split: a duplicate. Across splits (the copy in train): a leak, removed when the
+    # split is ours (hash) or when contamination removal is asked for; else only reported.
+    remove_cross = cfg.data.split.source == "hash" or cfg.data.split.contamination == "remove"
+    drops, cross = set(), 0
+    for row in found:
+        same = row["split"] == row["dup_split"]
+        if not same:
+            cross += 1
+        if same or remove_cross:
+            drops.add((int(row[KEY]), row["split"]))
+    log(f"[data] near-duplicates: {len(found)} found ({cross} across splits)")
+    return frozenset(drops), {
+        "threshold": near.threshold,
+        "found": len(found),
+        "cross_split": cross,
+        "cross_split_removed": remove_cross,
+    }
+
+
+def _actor_count() -> int:
+    """Tokenizer actors: half a CPU each, leaving room for the rest of the plan."""
+    import ray
+
+    cpus = ray.available_resources().get("CPU", 1.0)
+    return max(1, min(8, int(cpus)))
+
+
+# ------------------------------------------------------------------------------------ output
+def _collect_splits(tmp: Path) -> list[str]:
+    """``parts/split=train`` -> ``train`` (partitioned write, then plain split folders)."""
+    found = []
+    parts = tmp / "parts"
+    for folder in sorted(parts.glob("split=*")) if parts.exists() else []:
+        split = folder.name.split("=", 1)[1]
+        if split in SPLITS:
+            os.replace(folder, tmp / split)
+            found.append(split)
+    shutil.rmtree(parts, ignore_errors=True)
+    return found
+
+
+def _written_stats(tmp: Path, labels: list[str], max_length: int) -> dict[str, Any]:
+    """Rows, classes, augmented rows and token lengths per split, read back from the shards."""
+    import numpy as np
+    import pyarrow.dataset as pads
+
+    edges = np.unique(np.linspace(0, max_length, LENGTH_BINS + 1).round().astype(int))
+    splits, class_counts, hist = {}, {}, {}
+    lengths_all, augmented = [], 0
+    for split in SPLITS:
+        folder = tmp / split
+        if not folder.is_dir():
+            continue
+        table = pads.dataset(folder, format="parquet").to_table(
+            columns=["label_id", "length", "augmented"]
+        )
+        ids = table.column("label_id").to_numpy()
+        lengths = table.column("length").to_numpy()
+        aug = table.column("augmented").to_numpy(zero_copy_only=False)
+        splits[split] = len(ids)
+        counts = np.bincount(ids, minlength=len(labels))
+        class_counts[split] = {label: int(counts[i]) for i, label in enumerate(labels)}
+        hist[split] = np.histogram(lengths, bins=edges)[0].tolist()
+        lengths_all.append(lengths)
+        augmented += int(aug.sum())
+    lengths = np.concatenate(lengths_all) if lengths_all else np.zeros(0, dtype=np.int32)
+    return {
+        "splits": splits,
+        "class_counts": {s: class_counts.get(s, {}) for s in SPLITS},
+        "augmented": augmented,
+        "kept": int(sum(splits.values())) - augmented,
+        "token_lengths": {
+            "edges": edges.tolist(),
+            "counts": hist,
+            "mean": round(float(lengths.mean()), 2) if len(lengths) else 0.0,
+            "p50": int(np.percentile(lengths, 50)) if len(lengths) else 0,
+            "p95": int(np.percentile(lengths, 95)) if len(lengths) else 0,
+            "max": int(lengths.max()) if len(lengths) else 0,
+            "truncated": int((lengths >= max_length).sum()),
+        },
+    }
+
+
+def _write_sample(path: Path, sample: list[dict[str, Any]], sources) -> None:
+    """Dropped rows with their reasons, and the malformed rows the reader skipped."""
+    with path.open("w") as handle:
+        for item in sample:
+            handle.write(json.dumps(item) + "\n")
+        for _, source in sources:
+            for row in source.bad_rows[:20]:
+                handle.write(json.dumps({"reason": "bad_row", **row}) + "\n")
 
 
 def _check_splits(
@@ -149,8 +420,8 @@ def _check_splits(
         if not split_counts.get(split):
             raise DataError(
                 f"data {data.source_name}: the {split} split is empty after cleaning and "
-                f"deduplication ({sum(split_counts.values())} rows left); add rows or raise "
-                "data.split.validation"
+                f"deduplication ({sum(split_counts.values())} rows left); add rows, raise "
+                "data.split.validation or give the split's file in data.split.files"
             )
     missing = [label for label in labels if not per_class.get(f"train|{label}")]
     if missing:
@@ -178,18 +449,13 @@ def load_manifest(cfg: ExperimentConfig) -> dict[str, Any]:
 def _run(make, source: str):
     try:
         return make()
-    except DataError:
+    except (DataError, StageError):
         raise
     except Exception as err:  # noqa: BLE001 - Ray wraps reader errors; name the file
         raise DataError(f"data {source}: {root_cause(err)}") from None
 
 
-def _count_by(ds, *columns: str) -> dict[str, int]:
-    rows = ds.groupby(list(columns)).count().take_all()
-    return {"|".join(str(row[c]) for c in columns): int(row["count()"]) for row in rows}
-
-
-def _sorted_labels(values: list[str]) -> list[str]:
+def _sorted_labels(values) -> list[str]:
     values = sorted(set(values))
     if all(v.lstrip("-").isdigit() for v in values):
         return sorted(values, key=int)

@@ -489,7 +489,10 @@ def read_source(cfg: DataConfig) -> Source:
         batch_format="pyarrow",
         zero_copy_batch=True,
         fn_kwargs=dict(
-            text_columns=cfg.text_columns, label_column=cfg.label_column, sep=cfg.text_join
+            text_columns=cfg.text_columns,
+            label_column=cfg.label_column,
+            sep=cfg.text_join,
+            split_column=cfg.split.column,
         ),
     )
     if cfg.max_rows:
@@ -507,7 +510,7 @@ def _read_files(cfg: DataConfig) -> Source:
     if not cfg.header and fmt not in ("csv", "tsv"):
         raise DataError(f"data.header and data.column_names apply to CSV and TSV, not {fmt}")
     scans = _scan_all(cfg, files, fmt)
-    needed = list(dict.fromkeys([*cfg.text_columns, cfg.label_column]))
+    needed = list(dict.fromkeys([*cfg.text_columns, cfg.label_column, *_split_column(cfg)]))
     for scan in scans:
         _check_columns(cfg, scan.columns, scan.file)
     n_rows, n_bad = sum(s.rows for s in scans), sum(s.n_bad for s in scans)
@@ -541,8 +544,16 @@ def _read_files(cfg: DataConfig) -> Source:
     return Source(ds=ds, bad_rows=bad_rows, n_bad=n_bad, n_rows=n_rows, fingerprint=digest)
 
 
+def _split_column(cfg: DataConfig) -> list[str]:
+    return [cfg.split.column] if cfg.split.column else []
+
+
 def _check_columns(cfg: DataConfig, columns: list[str], where: str) -> None:
-    for key, names in (("text_column", cfg.text_columns), ("label_column", [cfg.label_column])):
+    for key, names in (
+        ("text_column", cfg.text_columns),
+        ("label_column", [cfg.label_column]),
+        ("split.column", _split_column(cfg)),
+    ):
         for column in names:
             if column not in columns:
                 raise DataError(
@@ -585,8 +596,11 @@ def _json_to_str(value: Any) -> str | None:
     return str(value)
 
 
-def to_text_label(batch, text_columns: list[str], label_column: str, sep: str):
-    """Any batch -> ``text`` (the text columns joined, blanks skipped) and ``label`` strings."""
+def to_text_label(
+    batch, text_columns: list[str], label_column: str, sep: str, split_column: str | None = None
+):
+    """Any batch -> ``text`` (the text columns joined, blanks skipped) and ``label`` strings,
+    plus ``split`` (the split column's values, as written) when ``split_column`` is given."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -601,7 +615,10 @@ def to_text_label(batch, text_columns: list[str], label_column: str, sep: str):
         text = parts[0]
         for part in parts[1:]:
             text = pc.coalesce(pc.binary_join_element_wise(text, part, sep), text, part)
-    return pa.table({"text": text, "label": _as_strings(batch, label_column)})
+    columns = {"text": text, "label": _as_strings(batch, label_column)}
+    if split_column:
+        columns["split"] = _as_strings(batch, split_column)
+    return pa.table(columns)
 
 
 def _as_strings(batch, column: str):

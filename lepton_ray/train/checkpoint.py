@@ -44,6 +44,8 @@ def artifact_meta(cfg: ExperimentConfig, labels: list[str]) -> ModelMeta:
         cleaning={
             "unicode_form": cfg.data.clean.unicode_form,
             "lowercase": bool(cfg.data.clean.lowercase),
+            "strip_html": bool(cfg.data.clean.strip_html),
+            "mask_pii": list(cfg.data.clean.mask_pii),
         },
     )
 

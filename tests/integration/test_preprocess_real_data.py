@@ -1,67 +1,74 @@
-"""Ray Data preprocessing on the real TREC and SST-2 files (skipped where ../shared is absent)."""
+"""The shipped SST-2 and TREC experiments' data stage on the real files, checked against the
+counts in each SOURCE.md (skipped where ../shared is absent)."""
 
 import json
 
 import pandas as pd
 import pytest
-from typer.testing import CliRunner
+import yaml
 
-from lepton_ray.cli import app
-from tests.conftest import shared_file, smoke_config, write_yaml
+from lepton_ray.config import validate_experiment
+from lepton_ray.data.pipeline import run_preprocess
+from tests.conftest import ROOT, shared_file
 
-runner = CliRunner()
+pytestmark = pytest.mark.usefixtures("ray_session")
 
 
-@pytest.mark.usefixtures("ray_session")
-def test_trec_tsv_six_classes_stratified(tmp_path):
-    trec = shared_file("trec", "train.tsv")
-    raw = smoke_config(
-        tmp_path,
-        trec,
-        data={
-            "text_column": "text",
-            "label_column": "coarse_label",
-            "split": {"validation": 0.1, "test": 0.1, "seed": 5},
-        },
-    )
-    path = write_yaml(tmp_path / "trec.yaml", raw)
-    result = runner.invoke(app, ["preprocess", str(path)])
-    assert result.exit_code == 0, result.output
-    out = tmp_path / "outputs" / "smoke" / "data"
-    manifest = json.loads((out / "manifest.json").read_text())
+def _shipped(name: str, tmp_path, **data):
+    raw = yaml.safe_load((ROOT / "experiments" / f"{name}.yaml").read_text())
+    raw["output_dir"] = str(tmp_path / "outputs")
+    raw["tracking"] = {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}
+    raw["data"].update(data)
+    # Paths in the shipped files are relative to the checkout.
+    raw["data"]["path"] = str(ROOT / raw["data"]["path"])
+    files = raw["data"]["split"].get("files", {})
+    raw["data"]["split"]["files"] = {k: str(ROOT / v) for k, v in files.items()}
+    return validate_experiment(raw, name)
+
+
+def _identity(manifest):
+    assert manifest["rows_read"] == manifest["kept"] + sum(manifest["dropped"].values())
+    assert sum(manifest["splits"].values()) == manifest["kept"] + manifest.get("augmented", 0)
+
+
+def test_trec_official_test_set_and_counts(tmp_path):
+    shared_file("trec", "train.tsv")
+    cfg = _shipped("trec_minilm_lora", tmp_path)
+    manifest = run_preprocess(cfg, log=lambda _: None)
+    # SOURCE.md: 5,452 training questions, 500 test questions.
+    assert manifest["rows_read"] == 5452 + 500
+    _identity(manifest)
     assert manifest["labels"] == ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
-    assert manifest["rows_read"] == 5452
-    kept = sum(manifest["splits"].values())
-    assert kept + sum(manifest["dropped"].values()) == 5452
     assert manifest["dropped"].get("duplicate", 0) > 0  # TREC repeats some questions
-    # Stratified in expectation (a per-row hash decides): every class keeps its 10% share
-    # in validation and test within 3.5 binomial standard deviations, and no class is lost.
-    for split in ("validation", "test"):
-        for label in manifest["labels"]:
-            n_all = sum(
-                manifest["class_counts"][s].get(label, 0) for s in ("train", "validation", "test")
-            )
-            n = manifest["class_counts"][split].get(label, 0)
-            assert abs(n - n_all * 0.1) <= max(3.0, 3.5 * (n_all * 0.1 * 0.9) ** 0.5), label
-            assert manifest["class_counts"]["train"][label] > 0.7 * n_all, label
-    frame = pd.read_parquet(out / "validation")
-    assert set(frame.columns) >= {"text", "label", "input_ids", "label_id"}
-    assert frame["input_ids"].map(len).max() <= raw["data"]["max_length"]
-    assert len(frame) == manifest["splits"]["validation"]
+    # The official test set, whole, with SOURCE.md's coarse label counts.
+    test_counts = {"ABBR": 9, "DESC": 138, "ENTY": 94, "HUM": 65, "LOC": 81, "NUM": 113}
+    assert manifest["class_counts"]["test"] == test_counts
+    assert manifest["splits"]["test"] == 500
+    # Validation is cut from train (stratified in expectation, 10% of every class).
+    train_counts = {"ABBR": 86, "DESC": 1162, "ENTY": 1250, "HUM": 1223, "LOC": 835, "NUM": 896}
+    for label, n_all in train_counts.items():
+        n = manifest["class_counts"]["validation"][label]
+        assert abs(n - n_all * 0.1) <= max(3.0, 3.5 * (n_all * 0.1 * 0.9) ** 0.5), label
+    frame = pd.read_parquet(cfg.data_dir / "test")
+    assert frame["input_ids"].map(len).max() <= cfg.data.max_length
+    assert (frame["length"] == frame["input_ids"].map(len)).all()
 
 
-@pytest.mark.usefixtures("ray_session")
-def test_sst2_is_deterministic_across_runs(tmp_path):
-    sst = shared_file("sst2", "dev.tsv")
-    raw = smoke_config(tmp_path, sst, data={"text_column": "sentence", "label_column": "label"})
-    path = write_yaml(tmp_path / "sst.yaml", raw)
-    out = tmp_path / "outputs" / "smoke" / "data"
-    splits = []
-    for _ in range(2):
-        assert runner.invoke(app, ["preprocess", str(path)]).exit_code == 0
-        frame = pd.read_parquet(out / "test")
-        splits.append(sorted(frame["text"]))
-    assert splits[0] == splits[1]
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["labels"] == ["0", "1"]
-    assert sum(manifest["splits"].values()) + sum(manifest["dropped"].values()) == 872
+def test_sst2_full_train_with_dev_as_test(tmp_path):
+    shared_file("sst2", "train.tsv")
+    cfg = _shipped("sst2_minilm_lora", tmp_path, max_rows=None)
+    manifest = run_preprocess(cfg, log=lambda _: None)
+    # SOURCE.md: 67,349 train rows (0: 29,780, 1: 37,569) and 872 dev rows (428 / 444);
+    # none of the dev sentences appear in train, and 371 train sentences are repeated.
+    assert manifest["rows_read"] == 67349 + 872
+    _identity(manifest)
+    assert manifest["class_counts"]["test"] == {"0": 428, "1": 444}
+    assert manifest["contamination"]["test"] == 0
+    assert (
+        manifest["dropped"].get("duplicate", 0) + manifest["dropped"].get("conflicting_label", 0)
+        >= 371
+    )
+    kept_train_val = manifest["splits"]["train"] + manifest["splits"]["validation"]
+    assert kept_train_val == 67349 - sum(manifest["dropped"].values())
+    assert manifest["split_source"] == "files"
+    print(json.dumps({k: manifest[k] for k in ("dropped", "splits", "seconds")}))

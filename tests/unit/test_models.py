@@ -117,7 +117,7 @@ def test_int8_artifact_is_safetensors_and_reloads_to_identical_logits(tmp_path, 
     assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("*.bin"))
     loaded, _, loaded_meta = load_model_artifact(tmp_path)
     assert loaded_meta.weights == "int8"
-    assert loaded_meta.cleaning == {"unicode_form": "NFC", "lowercase": True}
+    assert loaded_meta.cleaning == {**DEFAULT_CLEANING, "unicode_form": "NFC", "lowercase": True}
     linears = [m for m in loaded.modules() if isinstance(m, DynamicLinear)]
     assert len(linears) == len([m for m in qmodel.modules() if isinstance(m, DynamicLinear)])
     scheme = torch.per_channel_affine if per_channel else torch.per_tensor_affine
@@ -192,7 +192,7 @@ def test_checkpoint_carries_cleaning_and_resumes_from_weights_only_state(tmp_pat
         smoke_config(tmp_path, Path(__file__), data={"clean": {"lowercase": True}})
     )
     meta = artifact_meta(cfg, LABELS)
-    assert meta.cleaning == {"unicode_form": "NFKC", "lowercase": True}
+    assert meta.cleaning == {**DEFAULT_CLEANING, "unicode_form": "NFKC", "lowercase": True}
     model = apply_peft(
         build_model(cfg.model, cfg.task, LABELS), PeftSection(method="lora"), cfg.task
     )

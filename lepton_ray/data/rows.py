@@ -1,0 +1,235 @@
+"""Batch transforms of the data stage, each a plain function of a pandas batch.
+
+Rows are never filtered out before they are counted: every transform tags a row's
+``drop_reason`` (``KEEP``: kept) and the stage counts the tags, so the rows read always
+equal the rows kept plus the rows dropped, reason by reason.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Any
+
+import pandas as pd
+
+from lepton_ray.data.clean import KEEP, clean_batch
+from lepton_ray.data.split import KEY, split_of, text_key
+
+SAMPLE_PER_REASON = 20
+"""Dropped rows kept per reason for the data report."""
+SAMPLE_CHARS = 200
+EVAL_SPLITS = ("validation", "test")
+MASKED = ("email", "url", "phone")
+
+
+def prepare_batch(
+    batch: pd.DataFrame,
+    clean: dict[str, Any],
+    seed: int,
+    hashed: dict[str, float] | None = None,
+    preset: str | None = None,
+    names: dict[str, str] | None = None,
+) -> pd.DataFrame:
+    """Clean a batch, tag drop reasons, and give each row its hash key and split.
+
+    The split is ``preset`` (a file given for that split), the split column's value mapped
+    through ``names`` (an unknown value drops the row as ``unknown_split``), or the hash split
+    with the fractions in ``hashed``.
+    """
+    out = clean_batch(batch[["text", "label"]], **clean)
+    keys = [text_key(text, seed) for text in out["text"]]
+    out[KEY] = pd.Series(keys, index=out.index, dtype="int64")
+    if preset is not None:
+        out["split"] = preset
+    elif names is not None:
+        mapped = [_split_name(value, names) for value in batch["split"]]
+        unknown = pd.Series([m is None for m in mapped], index=out.index)
+        out.loc[unknown & (out["drop_reason"] == KEEP), "drop_reason"] = "unknown_split"
+        out["split"] = [m or "" for m in mapped]
+    else:
+        hashed = hashed or {}
+        validation, test = hashed.get("validation", 0.0), hashed.get("test", 0.0)
+        out["split"] = [split_of(k, validation, test) for k in keys]
+    return out
+
+
+def _split_name(value: Any, names: dict[str, str]) -> str | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
+        return None
+    return names.get(str(value).strip().lower())
+
+
+def resolve_duplicates(
+    batch: pd.DataFrame, exact: bool, conflicts: str, contamination: str
+) -> pd.DataFrame:
+    """Tag duplicates, conflicting labels and contaminated evaluation rows.
+
+    Runs on whole blocks hash-partitioned by the text's key, so every copy of a text is in
+    the batch. Adds ``conflict_text`` (1 on one row per text with several labels) and
+    ``contaminated`` (an evaluation row whose text is also a kept training row).
+    """
+    out = batch.copy()
+    out["conflict_text"] = 0
+    out["contaminated"] = False
+    live = out["drop_reason"] == KEEP
+    if not live.any():
+        return out
+    rows = out[live]
+    n_labels = rows.groupby("text")["label"].transform("nunique")
+    conflicted = n_labels > 1
+    if conflicted.any():
+        first = ~rows["text"].duplicated() & conflicted
+        out.loc[first[first].index, "conflict_text"] = 1
+        if conflicts == "drop":
+            out.loc[conflicted[conflicted].index, "drop_reason"] = "conflicting_label"
+        elif conflicts == "majority":
+            losers = _minority_rows(rows[conflicted])
+            out.loc[losers, "drop_reason"] = "conflicting_label"
+    if exact:
+        live = out["drop_reason"] == KEEP
+        subset = ["text", "split"] if conflicts != "keep" else ["text", "label", "split"]
+        dup = out[live].duplicated(subset=subset, keep="first")
+        out.loc[dup[dup].index, "drop_reason"] = "duplicate"
+    live = out["drop_reason"] == KEEP
+    train_texts = set(out.loc[live & (out["split"] == "train"), "text"])
+    if train_texts:
+        hit = live & out["split"].isin(EVAL_SPLITS) & out["text"].isin(train_texts)
+        out.loc[hit, "contaminated"] = True
+        if contamination == "remove":
+            out.loc[hit, "drop_reason"] = "contaminated"
+    return out
+
+
+def _minority_rows(rows: pd.DataFrame) -> pd.Index:
+    """Rows of conflicting texts that lose the vote (all of a text's rows on a tie)."""
+    counts = rows.groupby(["text", "label"]).size().rename("n").reset_index()
+    best = counts.groupby("text")["n"].transform("max")
+    winners = counts[counts["n"] == best]
+    unique_winner = winners.groupby("text")["label"].transform("size") == 1
+    keep = set(zip(winners.loc[unique_winner, "text"], winners.loc[unique_winner, "label"]))
+    lose = [i for i, t, lab in zip(rows.index, rows["text"], rows["label"]) if (t, lab) not in keep]
+    return pd.Index(lose)
+
+
+def tag_near_duplicates(batch: pd.DataFrame, drops: frozenset) -> pd.DataFrame:
+    """Tag rows whose (key, split) the near-duplicate search chose to drop."""
+    if not drops:
+        return batch
+    hit = [
+        reason == KEEP and (key, split) in drops
+        for reason, key, split in zip(batch["drop_reason"], batch[KEY], batch["split"])
+    ]
+    out = batch.copy()
+    out.loc[pd.Series(hit, index=batch.index), "drop_reason"] = "near_duplicate"
+    return out
+
+
+def summarize_batch(batch: pd.DataFrame, drops: frozenset = frozenset()) -> pd.DataFrame:
+    """One row of counters per batch (summed on the driver by ``merge_summaries``)."""
+    batch = tag_near_duplicates(batch, drops)
+    live = batch["drop_reason"] == KEEP
+    reasons = Counter(batch["drop_reason"])
+    kept_by = Counter(zip(batch.loc[live, "split"], batch.loc[live, "label"]))
+    sample: list[dict[str, Any]] = []
+    for reason, group in batch[~live].groupby("drop_reason"):
+        for text, label, split in group[["text", "label", "split"]].head(SAMPLE_PER_REASON).values:
+            sample.append(
+                {"reason": reason, "text": str(text)[:SAMPLE_CHARS], "label": label, "split": split}
+            )
+    contaminated = Counter(batch.loc[batch["contaminated"], "split"])
+    summary = {
+        "reasons": dict(reasons),
+        "kept": {f"{s}|{lab}": n for (s, lab), n in kept_by.items()},
+        "masked": {k: int(batch[f"masked_{k}"].sum()) for k in MASKED},
+        "conflict_texts": int(batch["conflict_text"].sum()),
+        "conflict_rows": int((batch["drop_reason"] == "conflicting_label").sum()),
+        "contaminated": dict(contaminated),
+        "sample": sample,
+    }
+    return pd.DataFrame({"summary": [summary]})
+
+
+def merge_summaries(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    total: dict[str, Any] = {
+        "reasons": Counter(),
+        "kept": Counter(),
+        "masked": Counter(),
+        "contaminated": Counter(),
+        "conflict_texts": 0,
+        "conflict_rows": 0,
+        "sample": [],
+    }
+    per_reason: Counter = Counter()
+    for row in rows:
+        part = row["summary"]
+        for key in ("reasons", "kept", "masked", "contaminated"):
+            total[key].update(part[key])
+        total["conflict_texts"] += part["conflict_texts"]
+        total["conflict_rows"] += part["conflict_rows"]
+        for item in part["sample"]:
+            if per_reason[item["reason"]] < SAMPLE_PER_REASON:
+                per_reason[item["reason"]] += 1
+                total["sample"].append(item)
+    return total
+
+
+class Finalize:
+    """Kept rows -> label ids, optional augmented training copies, token ids and lengths.
+
+    A callable class so each actor loads the tokenizer once.
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        max_length: int,
+        label_map: dict[str, int],
+        drops: frozenset,
+        augment: dict[str, Any] | None,
+    ):
+        from lepton_ray.models import load_tokenizer
+
+        self.tokenizer = load_tokenizer(model_name)
+        self.max_length = max_length
+        self.label_map = label_map
+        self.drops = drops
+        self.augment = augment
+
+    def __call__(self, batch: pd.DataFrame):
+        import numpy as np
+        import pyarrow as pa
+
+        batch = tag_near_duplicates(batch, self.drops)
+        rows = batch.loc[batch["drop_reason"] == KEEP, ["text", "label", KEY, "split"]]
+        rows = rows.assign(augmented=False)
+        if self.augment and len(rows):
+            from lepton_ray.data.augment import augment_batch
+
+            extra = augment_batch(rows[rows["split"] == "train"], **self.augment)
+            if len(extra):
+                rows = pd.concat([rows, extra[rows.columns]], ignore_index=True)
+        encoded = self.tokenizer(
+            list(rows["text"]),
+            truncation=True,
+            max_length=self.max_length,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+        )["input_ids"]
+        lengths = np.fromiter((len(ids) for ids in encoded), dtype=np.int32, count=len(encoded))
+        offsets = np.zeros(len(encoded) + 1, dtype=np.int32)
+        np.cumsum(lengths, out=offsets[1:])
+        flat = np.fromiter(
+            (i for ids in encoded for i in ids), dtype=np.int32, count=int(offsets[-1])
+        )
+        return pa.table(
+            {
+                "text": pa.array(rows["text"].tolist(), pa.string()),
+                "label": pa.array(rows["label"].tolist(), pa.string()),
+                "label_id": pa.array([self.label_map[x] for x in rows["label"]], pa.int64()),
+                "input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)),
+                "length": pa.array(lengths),
+                "augmented": pa.array(rows["augmented"].tolist(), pa.bool_()),
+                "split": pa.array(rows["split"].tolist(), pa.string()),
+            }
+        )
