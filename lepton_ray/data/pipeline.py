@@ -36,6 +36,7 @@ from lepton_ray.data.rows import (
     prepare_batch,
     resolve_duplicates,
     summarize_batch,
+    tokenizer_spec,
 )
 from lepton_ray.data.sources import Source, detect_format, read_source, root_cause
 from lepton_ray.data.split import KEY, SPLITS
@@ -71,7 +72,7 @@ def run_preprocess(cfg: ExperimentConfig, log=print, force: bool = False) -> dic
     sources = _read_sources(cfg)
     timer.lap("scan")
     n_in = sum(s.n_rows for _, s in sources)
-    blocks = max(2, min(256, -(-n_in // ROWS_PER_BLOCK)))
+    blocks = max(_cluster_cpus(), min(256, -(-n_in // ROWS_PER_BLOCK)))
     clean = dict(
         unicode_form=data.clean.unicode_form,
         lowercase=data.clean.lowercase,
@@ -92,22 +93,15 @@ def run_preprocess(cfg: ExperimentConfig, log=print, force: bool = False) -> dic
             ),
         )
         prepared = part if prepared is None else prepared.union(part)
-    resolved = _run(
-        lambda: (
-            prepared.repartition(blocks, keys=[KEY])
-            .map_batches(
-                resolve_duplicates,
-                batch_format="pandas",
-                batch_size=None,
-                fn_kwargs=dict(
-                    exact=data.dedup.exact,
-                    conflicts=data.dedup.conflicts,
-                    contamination=data.split.contamination,
-                ),
-            )
-            .materialize()
+    prepared = _run(prepared.materialize, data.source_name)
+    resolved, summaries = _resolve_by_text(
+        prepared,
+        blocks,
+        dict(
+            exact=data.dedup.exact,
+            conflicts=data.dedup.conflicts,
+            contamination=data.split.contamination,
         ),
-        data.source_name,
     )
 
     timer.lap("read_clean_dedup")
@@ -116,11 +110,8 @@ def run_preprocess(cfg: ExperimentConfig, log=print, force: bool = False) -> dic
         drops, near = _near_duplicates(cfg, resolved, log)
 
         timer.lap("near_duplicates")
-    summary = merge_summaries(
-        resolved.map_batches(
-            summarize_batch, batch_format="pandas", fn_kwargs=dict(drops=drops)
-        ).take_all()
-    )
+    # The resolve tasks counted their blocks already; near-duplicate tags need a recount.
+    summary = _summarize(resolved, drops) if drops else merge_summaries(summaries)
     timer.lap("count")
     n_bad = sum(s.n_bad for _, s in sources)
     dropped = {r: n for r, n in summary["reasons"].items() if r != KEEP and n}
@@ -162,13 +153,13 @@ def run_preprocess(cfg: ExperimentConfig, log=print, force: bool = False) -> dic
             Finalize,
             batch_format="pandas",
             fn_constructor_kwargs=dict(
-                model_name=cfg.model.name,
+                tokenizer=tokenizer_spec(cfg.model.name),
                 max_length=data.max_length,
                 label_map=label_map,
                 drops=drops,
                 augment=augment,
             ),
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_actor_count()),
+            compute=ray.data.ActorPoolStrategy(size=min(blocks, _actor_count())),
             num_cpus=0.5,
         )
         _run(
@@ -336,6 +327,83 @@ def _near_duplicates(cfg: ExperimentConfig, resolved, log) -> tuple[frozenset, d
         "cross_split": cross,
         "cross_split_removed": remove_cross,
     }
+
+
+def _resolve_by_text(prepared, parts: int, options: dict[str, Any]):
+    """Hash-partition the rows by their text's key and resolve duplicates per partition.
+
+    A map-reduce of plain Ray tasks over the materialized blocks: every copy of a text lands
+    in one partition, and each reduce task also counts its rows. Ray Data's hash shuffle
+    does the same with an actor pool whose start-up costs more than the work at these sizes.
+    Returns the resolved dataset (materialized) and the per-partition counters.
+    """
+    import ray
+    import ray.data
+
+    split = ray.remote(num_returns=parts)(_partition_block) if parts > 1 else None
+    pieces = []
+    for bundle in prepared.iter_internal_ref_bundles():
+        for block in bundle.block_refs:
+            out = (
+                split.remote(block, parts)
+                if split
+                else [ray.remote(_partition_block).remote(block, 1)]
+            )
+            pieces.append(out)
+    resolve = ray.remote(num_returns=2)(_resolve_partition)
+    results = [resolve.remote(options, *[p[i] for p in pieces]) for i in range(parts)]
+    blocks = [r[0] for r in results]
+    summaries = [{"summary": s} for s in ray.get([r[1] for r in results])]
+    return ray.data.from_pandas_refs(blocks), summaries
+
+
+def _partition_block(block, parts: int):
+    from ray.data.block import BlockAccessor
+
+    frame = BlockAccessor.for_block(block).to_pandas()
+    if parts == 1:
+        return frame
+    which = frame[KEY].to_numpy() % parts
+    return tuple(frame[which == i] for i in range(parts))
+
+
+def _resolve_partition(options: dict[str, Any], *frames):
+    import pandas as pd
+
+    frame = pd.concat(frames, ignore_index=True)
+    out = resolve_duplicates(frame, **options)
+    return out, summarize_batch(out)["summary"].iloc[0]
+
+
+def _cluster_cpus() -> int:
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _summarize(resolved, drops: frozenset) -> dict[str, Any]:
+    """Counters of every materialized block, one plain Ray task per block.
+
+    Plain tasks on the block references skip a Ray Data execution's start-up (seconds on a
+    small machine) for what is a cheap pass; only the counters come back to the driver.
+    """
+    import ray
+
+    task = ray.remote(_summarize_block)
+    drops_ref = ray.put(drops)
+    refs = [
+        task.remote(block, drops_ref)
+        for bundle in resolved.iter_internal_ref_bundles()
+        for block in bundle.block_refs
+    ]
+    return merge_summaries([{"summary": part} for part in ray.get(refs)])
+
+
+def _summarize_block(block, drops: frozenset) -> dict[str, Any]:
+    from ray.data.block import BlockAccessor
+
+    frame = BlockAccessor.for_block(block).to_pandas()
+    return summarize_batch(frame, drops)["summary"].iloc[0]
 
 
 def _actor_count() -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 SPLIT_ORDER = ("train", "validation", "test")
 MAX_CLASS_COLUMNS = 8
@@ -398,31 +398,70 @@ def data_metrics(manifest: Mapping[str, Any]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if math.isfinite(v)}
 
 
-def log_data_report(manifest: Mapping[str, Any], data_dir: Path | str) -> None:
-    """Record the data stage in the active MLflow run; without an active run, do nothing.
+@overload
+def log_data_report(manifest: Mapping[str, Any], data_dir: Path | str, /) -> None: ...
 
-    Logs ``data/manifest.json``, ``data/summary.txt`` (the table above),
+
+@overload
+def log_data_report(
+    tracking_uri: str, run_id: str, manifest: Mapping[str, Any], data_dir: Path | str, /
+) -> None: ...
+
+
+def log_data_report(*args: Any) -> None:
+    """Record the data stage in an MLflow run.
+
+    ``log_data_report(manifest, data_dir)`` logs into the active run (``mlflow.start_run``)
+    and does nothing without one; ``log_data_report(tracking_uri, run_id, manifest,
+    data_dir)`` logs into the given run through a client, active or not (the project's
+    stages create their runs that way).
+
+    Logged: ``data/manifest.json``, ``data/summary.txt`` (:func:`summary_table`),
     ``data/label_distribution.png``, ``data/token_lengths.png`` (when the manifest has token
-    lengths), ``data/dropped_sample.jsonl`` (when the data stage wrote one into ``data_dir``),
-    and the metrics of :func:`data_metrics`.
+    lengths), ``data/dropped_sample.jsonl`` (when the data stage wrote one into
+    ``data_dir``), and the metrics of :func:`data_metrics`.
     """
-    import mlflow
+    if len(args) == 2 and isinstance(args[0], Mapping):
+        import mlflow
 
-    if mlflow.active_run() is None:
-        return
+        run = mlflow.active_run()
+        if run is None:
+            return
+        _log_to_run(mlflow.get_tracking_uri(), run.info.run_id, *args)
+    elif len(args) == 4 and isinstance(args[2], Mapping):
+        _log_to_run(*args)
+    else:
+        raise TypeError(
+            "log_data_report(manifest, data_dir) or "
+            "log_data_report(tracking_uri, run_id, manifest, data_dir)"
+        )
+
+
+def _log_to_run(
+    tracking_uri: str, run_id: str, manifest: Mapping[str, Any], data_dir: Path | str
+) -> None:
+    import time
+
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
     plt = _pyplot()
-    mlflow.log_dict(dict(manifest), "data/manifest.json")
-    mlflow.log_text(summary_table(manifest) + "\n", "data/summary.txt")
+    client.log_dict(run_id, dict(manifest), "data/manifest.json")
+    client.log_text(run_id, summary_table(manifest) + "\n", "data/summary.txt")
     figures = [("data/label_distribution.png", label_distribution_figure)]
     if _dict(manifest.get("token_lengths")).get("counts"):
         figures.append(("data/token_lengths.png", length_histogram_figure))
     for artifact, build in figures:
         fig = build(manifest)
         try:
-            mlflow.log_figure(fig, artifact)
+            client.log_figure(run_id, fig, artifact)
         finally:
             plt.close(fig)
     sample = Path(data_dir) / DROPPED_SAMPLE
     if sample.is_file():
-        mlflow.log_artifact(str(sample), "data")
-    mlflow.log_metrics(data_metrics(manifest))
+        client.log_artifact(run_id, str(sample), "data")
+    now = int(time.time() * 1000)
+    client.log_batch(
+        run_id, metrics=[Metric(k, v, now, 0) for k, v in data_metrics(manifest).items()]
+    )

@@ -182,16 +182,13 @@ class Finalize:
 
     def __init__(
         self,
-        model_name: str,
+        tokenizer: str,
         max_length: int,
         label_map: dict[str, int],
         drops: frozenset,
         augment: dict[str, Any] | None,
     ):
-        from lepton_ray.models import load_tokenizer
-
-        self.tokenizer = load_tokenizer(model_name)
-        self.max_length = max_length
+        self.encode = batch_encoder(tokenizer, max_length)
         self.label_map = label_map
         self.drops = drops
         self.augment = augment
@@ -209,13 +206,7 @@ class Finalize:
             extra = augment_batch(rows[rows["split"] == "train"], **self.augment)
             if len(extra):
                 rows = pd.concat([rows, extra[rows.columns]], ignore_index=True)
-        encoded = self.tokenizer(
-            list(rows["text"]),
-            truncation=True,
-            max_length=self.max_length,
-            return_attention_mask=False,
-            return_token_type_ids=False,
-        )["input_ids"]
+        encoded = self.encode(list(rows["text"]))
         lengths = np.fromiter((len(ids) for ids in encoded), dtype=np.int32, count=len(encoded))
         offsets = np.zeros(len(encoded) + 1, dtype=np.int32)
         np.cumsum(lengths, out=offsets[1:])
@@ -233,3 +224,39 @@ class Finalize:
                 "split": pa.array(rows["split"].tolist(), pa.string()),
             }
         )
+
+
+def tokenizer_spec(model_name: str) -> str:
+    """What the tokenizer actors load: the fast tokenizer's JSON (exactly what the
+    ``transformers`` tokenizer runs, settings applied), else the model name.
+
+    Actors then need only the ``tokenizers`` library (milliseconds), not ``transformers``
+    (seconds per actor).
+    """
+    from lepton_ray.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model_name)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return "json:" + backend.to_str() if backend is not None else "name:" + model_name
+
+
+def batch_encoder(spec: str, max_length: int):
+    """texts -> token id lists, truncated to ``max_length`` with special tokens, unpadded."""
+    kind, value = spec.split(":", 1)
+    if kind == "json":
+        from tokenizers import Tokenizer
+
+        fast = Tokenizer.from_str(value)
+        fast.no_padding()
+        fast.enable_truncation(max_length)
+        return lambda texts: [e.ids for e in fast.encode_batch(texts)]
+    from lepton_ray.models import load_tokenizer
+
+    slow = load_tokenizer(value)
+    return lambda texts: slow(
+        texts,
+        truncation=True,
+        max_length=max_length,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+    )["input_ids"]

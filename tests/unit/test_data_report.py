@@ -311,3 +311,31 @@ def test_log_data_report_without_an_active_run_does_nothing(tmp_path, monkeypatc
     assert mlflow.active_run() is None
     log_data_report(FULL, tmp_path)
     assert not (tmp_path / "never.db").exists()
+
+
+def test_log_data_report_into_a_run_by_id_without_an_active_run(mlflow_store, tmp_path):
+    """The form the stages use: a client-created run, not the fluent active run."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = mlflow.get_tracking_uri()
+    client = MlflowClient(uri)
+    run_id = client.create_run(mlflow_store).info.run_id
+    assert mlflow.active_run() is None
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "dropped_sample.jsonl").write_text('{"reason": "empty_text", "text": ""}\n')
+    log_data_report(uri, run_id, FULL, data_dir)
+    listed = {a.path for a in client.list_artifacts(run_id, "data")}
+    assert {
+        "data/manifest.json",
+        "data/label_distribution.png",
+        "data/token_lengths.png",
+        "data/dropped_sample.jsonl",
+    } <= listed
+    assert client.get_run(run_id).data.metrics == data_metrics(FULL)
+
+
+def test_log_data_report_rejects_other_arguments(tmp_path):
+    with pytest.raises(TypeError, match="log_data_report"):
+        log_data_report(tmp_path)
