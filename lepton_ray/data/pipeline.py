@@ -1,16 +1,18 @@
 """``run_preprocess``: the whole data stage, written atomically to ``<run_dir>/data``.
 
-One plan per step, with as few passes over the data as possible:
+One streaming Ray Data pass and two rounds of plain Ray tasks:
 
-1. read every source, clean, key and split each row (a fused map over the read), then
-   hash-partition by the text's key and tag exact duplicates, conflicting labels and
-   contaminated evaluation rows block by block (every copy of a text meets in one block);
-2. optionally search near-duplicates with MinHash LSH (its own distributed plan; only the
-   keys of the rows to drop come back);
-3. one pass of per-batch counters: drop reasons, classes per split, masked PII, a sample of
-   dropped rows;
-4. one streaming pass through an actor pool (the tokenizer loads once per actor): label ids,
-   augmentation, token ids and lengths, written as Parquet partitioned by split.
+1. read every source, clean, key and split each row, and tokenize the rows kept so far in
+   an actor pool (the tokenizer loads once per actor; the actors start while files are
+   still being read); materialized;
+2. a map-reduce of Ray tasks hash-partitions the rows by their text's key, tags exact
+   duplicates, conflicting labels and contaminated evaluation rows (every copy of a text
+   meets in one partition) and counts each partition: drop reasons, classes per split,
+   masked PII, a sample of dropped rows;
+3. optionally, near-duplicates by MinHash LSH (its own distributed plan; only the keys of
+   the rows to drop come back, and the partitions are recounted);
+4. one Ray task per partition: label ids, augmentation of training rows, Parquet files per
+   split, and exact row/class/token-length counts.
 
 The output appears at ``cfg.data_dir`` only when complete; the same inputs and
 preprocessing config reuse it (``data.cache``), keyed by the fingerprint.
@@ -31,14 +33,16 @@ from lepton_ray.config import ExperimentConfig
 from lepton_ray.data.clean import KEEP
 from lepton_ray.data.rows import (
     EVAL_SPLITS,
-    Finalize,
+    Tokenize,
     merge_summaries,
+    partition_block,
     prepare_batch,
-    resolve_duplicates,
+    resolve_partition,
     summarize_batch,
     tokenizer_spec,
+    write_partition,
 )
-from lepton_ray.data.sources import Source, detect_format, read_source, root_cause
+from lepton_ray.data.sources import TASK_CPUS, Source, detect_format, read_source, root_cause
 from lepton_ray.data.split import KEY, SPLITS
 from lepton_ray.errors import DataError, StageError
 
@@ -87,13 +91,25 @@ def run_preprocess(cfg: ExperimentConfig, log=print, force: bool = False) -> dic
     for preset, source in sources:
         part = source.ds.map_batches(
             prepare_batch,
+            num_cpus=TASK_CPUS,
             batch_format="pandas",
             fn_kwargs=dict(
                 clean=clean, seed=data.split.seed, hashed=hashed, preset=preset, names=names
             ),
         )
         prepared = part if prepared is None else prepared.union(part)
+    # Tokenized in the same streaming pass as the read: the actors start while files are
+    # read, and copies of a text dropped below cost a few wasted tokens, not a pass.
+    tokenizer = tokenizer_spec(cfg.model.name)
+    prepared = prepared.map_batches(
+        Tokenize,
+        batch_format="pandas",
+        fn_constructor_kwargs=dict(tokenizer=tokenizer, max_length=data.max_length),
+        compute=ray.data.ActorPoolStrategy(size=_actor_count()),
+        num_cpus=TASK_CPUS,
+    )
     prepared = _run(prepared.materialize, data.source_name)
+    timer.lap("read_clean_tokenize")
     resolved, summaries = _resolve_by_text(
         prepared,
         blocks,
@@ -104,7 +120,7 @@ def run_preprocess(cfg: ExperimentConfig, log=print, force: bool = False) -> dic
         ),
     )
 
-    timer.lap("read_clean_dedup")
+    timer.lap("dedup_count")
     drops, near = frozenset(), None
     if data.dedup.near.enabled:
         drops, near = _near_duplicates(cfg, resolved, log)
@@ -149,32 +165,24 @@ def run_preprocess(cfg: ExperimentConfig, log=print, force: bool = False) -> dic
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
-        finalized = resolved.map_batches(
-            Finalize,
-            batch_format="pandas",
-            fn_constructor_kwargs=dict(
-                tokenizer=tokenizer_spec(cfg.model.name),
-                max_length=data.max_length,
+        stats = _write_splits(
+            resolved,
+            tmp,
+            dict(
                 label_map=label_map,
                 drops=drops,
                 augment=augment,
+                tokenizer=tokenizer,
+                max_length=data.max_length,
             ),
-            compute=ray.data.ActorPoolStrategy(size=min(blocks, _actor_count())),
-            num_cpus=0.5,
+            labels,
         )
-        _run(
-            lambda: finalized.write_parquet(str(tmp / "parts"), partition_cols=["split"]),
-            data.source_name,
-        )
-        timer.lap("tokenize_write")
-        written = _collect_splits(tmp)
-        stats = _written_stats(tmp, labels, data.max_length)
+        timer.lap("write")
         if stats["kept"] != n_kept:
             raise StageError(
                 f"data stage lost rows: {n_kept} kept rows counted but {stats['kept']} written"
             )
         _write_sample(tmp / DROPPED_SAMPLE, summary["sample"], sources)
-        timer.lap("stats")
         manifest = {
             "version": VERSION,
             "source": data.source_name,
@@ -207,7 +215,6 @@ def run_preprocess(cfg: ExperimentConfig, log=print, force: bool = False) -> dic
         }
         if near is not None:
             manifest["near_duplicates"] = near
-        assert written  # at least train and validation
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         _swap_into_place(tmp, out)
     except BaseException:
@@ -340,39 +347,23 @@ def _resolve_by_text(prepared, parts: int, options: dict[str, Any]):
     import ray
     import ray.data
 
-    split = ray.remote(num_returns=parts)(_partition_block) if parts > 1 else None
+    split = (
+        ray.remote(num_returns=parts, num_cpus=TASK_CPUS)(partition_block) if parts > 1 else None
+    )
     pieces = []
     for bundle in prepared.iter_internal_ref_bundles():
         for block in bundle.block_refs:
             out = (
                 split.remote(block, parts)
                 if split
-                else [ray.remote(_partition_block).remote(block, 1)]
+                else [ray.remote(num_cpus=TASK_CPUS)(partition_block).remote(block, 1)]
             )
             pieces.append(out)
-    resolve = ray.remote(num_returns=2)(_resolve_partition)
+    resolve = ray.remote(num_returns=2, num_cpus=TASK_CPUS)(resolve_partition)
     results = [resolve.remote(options, *[p[i] for p in pieces]) for i in range(parts)]
     blocks = [r[0] for r in results]
     summaries = [{"summary": s} for s in ray.get([r[1] for r in results])]
-    return ray.data.from_pandas_refs(blocks), summaries
-
-
-def _partition_block(block, parts: int):
-    from ray.data.block import BlockAccessor
-
-    frame = BlockAccessor.for_block(block).to_pandas()
-    if parts == 1:
-        return frame
-    which = frame[KEY].to_numpy() % parts
-    return tuple(frame[which == i] for i in range(parts))
-
-
-def _resolve_partition(options: dict[str, Any], *frames):
-    import pandas as pd
-
-    frame = pd.concat(frames, ignore_index=True)
-    out = resolve_duplicates(frame, **options)
-    return out, summarize_batch(out)["summary"].iloc[0]
+    return ray.data.from_arrow_refs(blocks), summaries
 
 
 def _cluster_cpus() -> int:
@@ -389,7 +380,7 @@ def _summarize(resolved, drops: frozenset) -> dict[str, Any]:
     """
     import ray
 
-    task = ray.remote(_summarize_block)
+    task = ray.remote(num_cpus=TASK_CPUS)(_summarize_block)
     drops_ref = ray.put(drops)
     refs = [
         task.remote(block, drops_ref)
@@ -415,58 +406,66 @@ def _actor_count() -> int:
 
 
 # ------------------------------------------------------------------------------------ output
-def _collect_splits(tmp: Path) -> list[str]:
-    """``parts/split=train`` -> ``train`` (partitioned write, then plain split folders)."""
-    found = []
-    parts = tmp / "parts"
-    for folder in sorted(parts.glob("split=*")) if parts.exists() else []:
-        split = folder.name.split("=", 1)[1]
-        if split in SPLITS:
-            os.replace(folder, tmp / split)
-            found.append(split)
-    shutil.rmtree(parts, ignore_errors=True)
-    return found
-
-
-def _written_stats(tmp: Path, labels: list[str], max_length: int) -> dict[str, Any]:
-    """Rows, classes, augmented rows and token lengths per split, read back from the shards."""
+def _write_splits(resolved, tmp: Path, options: dict[str, Any], labels: list[str]):
+    """Write each partition's kept rows as Parquet, one file per split, in plain Ray tasks;
+    return the merged counts (rows, classes, augmented rows, token lengths per split)."""
     import numpy as np
-    import pyarrow.dataset as pads
+    import ray
 
-    edges = np.unique(np.linspace(0, max_length, LENGTH_BINS + 1).round().astype(int))
-    splits, class_counts, hist = {}, {}, {}
-    lengths_all, augmented = [], 0
-    for split in SPLITS:
-        folder = tmp / split
-        if not folder.is_dir():
-            continue
-        table = pads.dataset(folder, format="parquet").to_table(
-            columns=["label_id", "length", "augmented"]
+    task = ray.remote(num_cpus=TASK_CPUS)(write_partition)
+    refs = [
+        task.remote(i, block, str(tmp), options)
+        for i, block in enumerate(
+            b for bundle in resolved.iter_internal_ref_bundles() for b in bundle.block_refs
         )
-        ids = table.column("label_id").to_numpy()
-        lengths = table.column("length").to_numpy()
-        aug = table.column("augmented").to_numpy(zero_copy_only=False)
-        splits[split] = len(ids)
-        counts = np.bincount(ids, minlength=len(labels))
-        class_counts[split] = {label: int(counts[i]) for i, label in enumerate(labels)}
-        hist[split] = np.histogram(lengths, bins=edges)[0].tolist()
-        lengths_all.append(lengths)
-        augmented += int(aug.sum())
-    lengths = np.concatenate(lengths_all) if lengths_all else np.zeros(0, dtype=np.int32)
+    ]
+    max_length = options["max_length"]
+    splits, augmented = {}, 0
+    classes = {s: np.zeros(len(labels), dtype=np.int64) for s in SPLITS}
+    lengths = {s: np.zeros(max_length + 1, dtype=np.int64) for s in SPLITS}
+    for part in ray.get(refs):
+        for split, st in part.items():
+            splits[split] = splits.get(split, 0) + st["rows"]
+            augmented += st["augmented"]
+            classes[split] += np.asarray(st["classes"])
+            lengths[split] += np.asarray(st["lengths"])[: max_length + 1]
     return {
         "splits": splits,
-        "class_counts": {s: class_counts.get(s, {}) for s in SPLITS},
         "augmented": augmented,
-        "kept": int(sum(splits.values())) - augmented,
-        "token_lengths": {
-            "edges": edges.tolist(),
-            "counts": hist,
-            "mean": round(float(lengths.mean()), 2) if len(lengths) else 0.0,
-            "p50": int(np.percentile(lengths, 50)) if len(lengths) else 0,
-            "p95": int(np.percentile(lengths, 95)) if len(lengths) else 0,
-            "max": int(lengths.max()) if len(lengths) else 0,
-            "truncated": int((lengths >= max_length).sum()),
+        "kept": sum(splits.values()) - augmented,
+        "class_counts": {
+            s: {label: int(classes[s][i]) for i, label in enumerate(labels)}
+            for s in SPLITS
+            if splits.get(s)
+        }
+        | {s: {} for s in SPLITS if not splits.get(s)},
+        "token_lengths": _length_summary(lengths, max_length),
+    }
+
+
+def _length_summary(per_split: dict[str, Any], max_length: int) -> dict[str, Any]:
+    """Histogram bins and exact percentiles from 1-token counts."""
+    import numpy as np
+
+    edges = np.unique(np.linspace(0, max_length + 1, LENGTH_BINS + 1).round().astype(int))
+    total = sum(per_split.values())
+    n = int(total.sum())
+
+    def percentile(q: float) -> int:
+        return int(np.searchsorted(np.cumsum(total), q * n, side="left")) if n else 0
+
+    return {
+        "edges": edges.tolist(),
+        "counts": {
+            s: [int(c[a:b].sum()) for a, b in zip(edges[:-1], edges[1:])]
+            for s, c in per_split.items()
+            if c.sum()
         },
+        "mean": round(float((total * np.arange(len(total))).sum() / n), 2) if n else 0.0,
+        "p50": percentile(0.5),
+        "p95": percentile(0.95),
+        "max": int(np.flatnonzero(total).max()) if n else 0,
+        "truncated": int(total[max_length]),
     }
 
 

@@ -7,6 +7,7 @@ equal the rows kept plus the rows dropped, reason by reason.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from typing import Any
@@ -174,56 +175,144 @@ def merge_summaries(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return total
 
 
-class Finalize:
-    """Kept rows -> label ids, optional augmented training copies, token ids and lengths.
+class Tokenize:
+    """``map_batches`` callable: token ids of the rows kept so far.
 
-    A callable class so each actor loads the tokenizer once.
+    A class so that each actor loads the tokenizer once. Dropped rows get no tokens.
     """
 
-    def __init__(
-        self,
-        tokenizer: str,
-        max_length: int,
-        label_map: dict[str, int],
-        drops: frozenset,
-        augment: dict[str, Any] | None,
-    ):
+    def __init__(self, tokenizer: str, max_length: int):
         self.encode = batch_encoder(tokenizer, max_length)
-        self.label_map = label_map
-        self.drops = drops
-        self.augment = augment
 
     def __call__(self, batch: pd.DataFrame):
         import numpy as np
         import pyarrow as pa
 
-        batch = tag_near_duplicates(batch, self.drops)
-        rows = batch.loc[batch["drop_reason"] == KEEP, ["text", "label", KEY, "split"]]
-        rows = rows.assign(augmented=False)
-        if self.augment and len(rows):
-            from lepton_ray.data.augment import augment_batch
+        live = np.flatnonzero((batch["drop_reason"] == KEEP).to_numpy())
+        encoded = self.encode(batch["text"].iloc[live].tolist())
+        ids: list[list[int]] = [[] for _ in range(len(batch))]
+        for pos, row_ids in zip(live, encoded):
+            ids[pos] = row_ids
+        table = pa.Table.from_pandas(batch, preserve_index=False)
+        return table.append_column("input_ids", list_array(ids))
 
-            extra = augment_batch(rows[rows["split"] == "train"], **self.augment)
-            if len(extra):
-                rows = pd.concat([rows, extra[rows.columns]], ignore_index=True)
-        encoded = self.encode(list(rows["text"]))
-        lengths = np.fromiter((len(ids) for ids in encoded), dtype=np.int32, count=len(encoded))
-        offsets = np.zeros(len(encoded) + 1, dtype=np.int32)
-        np.cumsum(lengths, out=offsets[1:])
-        flat = np.fromiter(
-            (i for ids in encoded for i in ids), dtype=np.int32, count=int(offsets[-1])
-        )
-        return pa.table(
+
+def list_array(rows: list):
+    """Token id lists -> an Arrow list<int32> column, built from offsets (no per-int objects)."""
+    import numpy as np
+    import pyarrow as pa
+
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int32, count=len(rows))
+    offsets = np.zeros(len(rows) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.fromiter((i for r in rows for i in r), dtype=np.int32, count=int(offsets[-1]))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
+
+
+def light_frame(table) -> pd.DataFrame:
+    """The columns other than token ids of an Arrow block, as pandas (ids stay in Arrow)."""
+    names = [c for c in table.column_names if c != "input_ids"]
+    return table.select(names).to_pandas()
+
+
+def finalize_partition(
+    table,
+    label_map: dict[str, int],
+    drops: frozenset,
+    augment: dict[str, Any] | None,
+    tokenizer: str,
+    max_length: int,
+) -> dict[str, Any]:
+    """Kept rows of one partition (an Arrow table) -> label ids and augmented copies; Arrow
+    tables per split.
+
+    Returns ``{"tables": {split: table}, "stats": {...}}`` with the per-split row, class,
+    augmented and token-length counts (lengths as a 1-token histogram, merged exactly).
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    frame = tag_near_duplicates(light_frame(table), drops).reset_index(drop=True)
+    keep = np.flatnonzero((frame["drop_reason"] == KEEP).to_numpy())
+    rows = frame.loc[keep, ["text", "label", KEY, "split"]].reset_index(drop=True)
+    ids = table.column("input_ids").take(pa.array(keep)).combine_chunks()
+    rows["augmented"] = False
+    if augment and len(rows):
+        from lepton_ray.data.augment import augment_batch
+
+        extra = augment_batch(rows.loc[rows["split"] == "train", rows.columns[:4]], **augment)
+        if len(extra):
+            encoded = _cached_encoder(tokenizer, max_length)(extra["text"].tolist())
+            ids = pa.concat_arrays([ids, list_array(encoded)])
+            rows = pd.concat([rows, extra[rows.columns]], ignore_index=True)
+    tables, stats = {}, {}
+    for split, part in rows.groupby("split"):
+        split_ids = ids.take(pa.array(part.index.to_numpy()))
+        lengths = pc.list_value_length(split_ids).to_numpy().astype(np.int32)
+        label_ids = np.array([label_map[x] for x in part["label"]], dtype=np.int64)
+        tables[split] = pa.table(
             {
-                "text": pa.array(rows["text"].tolist(), pa.string()),
-                "label": pa.array(rows["label"].tolist(), pa.string()),
-                "label_id": pa.array([self.label_map[x] for x in rows["label"]], pa.int64()),
-                "input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)),
+                "text": pa.array(part["text"].tolist(), pa.string()),
+                "label": pa.array(part["label"].tolist(), pa.string()),
+                "label_id": pa.array(label_ids),
+                "input_ids": split_ids,
                 "length": pa.array(lengths),
-                "augmented": pa.array(rows["augmented"].tolist(), pa.bool_()),
-                "split": pa.array(rows["split"].tolist(), pa.string()),
+                "augmented": pa.array(part["augmented"].to_numpy(dtype=bool)),
             }
         )
+        stats[split] = {
+            "rows": len(part),
+            "augmented": int(part["augmented"].sum()),
+            "classes": np.bincount(label_ids, minlength=len(label_map)).tolist(),
+            "lengths": np.bincount(lengths, minlength=max_length + 1).tolist(),
+        }
+    return {"tables": tables, "stats": stats}
+
+
+def partition_block(block, parts: int):
+    """Split an Arrow block by the text key's hash into ``parts`` tables."""
+    import numpy as np
+    import pyarrow as pa
+
+    table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block)
+    if parts == 1:
+        return table
+    which = table.column(KEY).to_numpy() % parts
+    return tuple(table.take(pa.array(np.flatnonzero(which == i))) for i in range(parts))
+
+
+def resolve_partition(options: dict[str, Any], *tables):
+    """Resolve one partition's duplicates; the token ids stay in Arrow, untouched."""
+    import pyarrow as pa
+
+    table = pa.concat_tables(tables)
+    out = resolve_duplicates(light_frame(table), **options)
+    for name in ("drop_reason", "conflict_text", "contaminated"):
+        column = pa.array(out[name].to_numpy())
+        if name in table.column_names:
+            table = table.set_column(table.column_names.index(name), name, column)
+        else:
+            table = table.append_column(name, column)
+    return table, summarize_batch(out)["summary"].iloc[0]
+
+
+def write_partition(index: int, table, folder: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Finalize one partition and write its rows as ``folder/<split>/part-<index>.parquet``."""
+    import os
+
+    import pyarrow.parquet as pq
+
+    result = finalize_partition(table, **options)
+    for split, part in result["tables"].items():
+        os.makedirs(os.path.join(folder, split), exist_ok=True)
+        pq.write_table(part, os.path.join(folder, split, f"part-{index:05d}.parquet"))
+    return result["stats"]
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_encoder(tokenizer: str, max_length: int):
+    return batch_encoder(tokenizer, max_length)
 
 
 def tokenizer_spec(model_name: str) -> str:

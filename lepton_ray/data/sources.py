@@ -477,6 +477,11 @@ def fingerprint(cfg: DataConfig) -> str:
 
 
 # ------------------------------------------------------------------------------------- reading
+TASK_CPUS = 0.5
+"""CPUs per read or map task of the data stage: with the tokenizer actors at 0.5 each, no
+task needs a whole CPU, so actors spread over small nodes can never starve the reads."""
+
+
 def read_source(cfg: DataConfig) -> Source:
     """Scan, then lazily read the source as a Ray Dataset of ``text`` and ``label``.
 
@@ -486,6 +491,7 @@ def read_source(cfg: DataConfig) -> Source:
     source = _read_hf(cfg) if cfg.hf is not None else _read_files(cfg)
     source.ds = source.ds.map_batches(
         to_text_label,
+        num_cpus=TASK_CPUS,
         batch_format="pyarrow",
         zero_copy_batch=True,
         fn_kwargs=dict(
@@ -529,16 +535,30 @@ def _read_files(cfg: DataConfig) -> Source:
                 strings_can_be_null=True,
             ),
             file_extensions=None,
+            ray_remote_args={"num_cpus": TASK_CPUS},
         )
     elif fmt == "jsonl" and n_bad:
         # pyarrow's JSON reader cannot skip a line: parse lines ourselves, as the scan did.
-        ds = ray.data.read_binary_files(paths, file_extensions=None).map_batches(
-            parse_jsonl_files, batch_size=1, batch_format="pyarrow", fn_kwargs=dict(columns=needed)
+        ds = ray.data.read_binary_files(
+            paths, file_extensions=None, ray_remote_args={"num_cpus": TASK_CPUS}
+        ).map_batches(
+            parse_jsonl_files,
+            batch_size=1,
+            batch_format="pyarrow",
+            fn_kwargs=dict(columns=needed),
+            num_cpus=TASK_CPUS,
         )
     elif fmt == "jsonl":
-        ds = ray.data.read_json(paths, lines=True, file_extensions=None)
+        ds = ray.data.read_json(
+            paths, lines=True, file_extensions=None, ray_remote_args={"num_cpus": TASK_CPUS}
+        )
     else:
-        ds = ray.data.read_parquet(paths, columns=needed, file_extensions=None)
+        ds = ray.data.read_parquet(
+            paths,
+            columns=needed,
+            file_extensions=None,
+            ray_remote_args={"num_cpus": TASK_CPUS},
+        )
     bad_rows = [row for scan in scans for row in scan.bad_rows][:MAX_BAD_ROWS_KEPT]
     digest = _combine([(s.file, s.digest) for s in scans])
     return Source(ds=ds, bad_rows=bad_rows, n_bad=n_bad, n_rows=n_rows, fingerprint=digest)
