@@ -4,7 +4,6 @@ The stage is faked (no Ray): it prints what Ray, the libraries, C code and child
 print, so the redirection of fds 1 and 2 is checked in a real process.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lepton_ray.cli import app
+from lepton_ray.data.report import summary_table
 from tests.conftest import smoke_config, write_yaml
 
 STEP = "[train] epoch 1/1 step 4/4 loss 0.5000 lr 1.00e-03 9.0 samples/s"
@@ -23,7 +23,7 @@ FAKE_STAGE = textwrap.dedent(
     import atexit, logging, os, subprocess, sys, warnings
     import lepton_ray.pipeline as pipeline
 
-    def fake(cfg, log=print):
+    def fake(cfg, log=print, force=False):
         atexit.register(lambda: print("shutdown noise from atexit"))  # as Ray's shutdown
         logging.getLogger("ray").addHandler(logging.StreamHandler())
         log("[data] read 3 rows")
@@ -85,11 +85,12 @@ def test_default_shows_stage_lines_only_and_logs_the_rest(tmp_path, config):
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     lines = proc.stdout.splitlines()
+    table = summary_table({"rows_read": 3, "dropped": {}, "splits": {"train": 3}})
     assert lines[1:] == [
         "[data] read 3 rows",
         "[train] epoch 1/1 [####################] 4/4 steps  loss 0.5000  9 samples/s",
         "[train] epoch 1/1 done: val_accuracy 0.5",
-        json.dumps({"rows_read": 3, "dropped": {}, "splits": {"train": 3}}),
+        *table.splitlines(),
     ]
     log = log_file(tmp_path, proc.stdout).read_text()
     for needle in NOISE + ["[data] read 3 rows", f"(RayTrainWorker pid=7) {STEP}"]:
@@ -127,7 +128,7 @@ def test_verbose_shows_everything(tmp_path, config, where):
 def test_cli_runner_still_captures_the_stage_lines(tmp_path, config, monkeypatch):
     import lepton_ray.pipeline as pipeline
 
-    def fake(cfg, log=print):
+    def fake(cfg, log=print, force=False):
         log("[data] read 3 rows")
         print("2025 INFO worker.py -- Started a local Ray instance.")
         print(f"(RayTrainWorker pid=7) {STEP}")
