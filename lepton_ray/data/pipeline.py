@@ -136,6 +136,7 @@ def run_preprocess(cfg: ExperimentConfig, log=print, force: bool = False) -> dic
         dropped["bad_row"] = n_bad
     n_kept = summary["reasons"].get(KEEP, 0)
     n_read = n_kept + sum(dropped.values())
+    _check_nothing_lost(data, sources, sum(summary["reasons"].values()))
     per_class = summary["kept"]
     if n_kept == 0:
         raise DataError(
@@ -477,6 +478,19 @@ def _write_sample(path: Path, sample: list[dict[str, Any]], sources) -> None:
         for _, source in sources:
             for row in source.bad_rows[:20]:
                 handle.write(json.dumps({"reason": "bad_row", **row}) + "\n")
+
+
+def _check_nothing_lost(data, sources, tagged: int) -> None:
+    """The rows tagged (kept or with a drop reason) are exactly the rows the scan counted."""
+    expected = 0
+    for preset, source in sources:
+        limit = data.max_rows if preset is None and data.max_rows else None
+        expected += min(source.n_rows, limit) if limit else source.n_rows
+    if tagged != expected:
+        raise StageError(
+            f"data stage lost rows: the files hold {expected} readable rows but {tagged} "
+            "came through cleaning (a bug: please report it with this config)"
+        )
 
 
 def _check_splits(
