@@ -1,0 +1,117 @@
+"""The data stage's batch transforms, without Ray: duplicate resolution, counting,
+tokenization, and the per-partition writer's exact counts."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from lepton_ray.data.rows import (
+    Tokenize,
+    batch_encoder,
+    finalize_partition,
+    merge_summaries,
+    resolve_duplicates,
+    summarize_batch,
+    tokenizer_spec,
+)
+from lepton_ray.data.split import KEY
+
+
+def _rows(items):
+    frame = pd.DataFrame(items, columns=["text", "label", "split"])
+    frame[KEY] = [hash(t) & (2**62) for t in frame["text"]]
+    frame["drop_reason"] = ""
+    for kind in ("email", "url", "phone"):
+        frame[f"masked_{kind}"] = 0
+    return frame
+
+
+ROWS = [
+    ("a", "x", "train"),
+    ("a", "x", "train"),  # duplicate
+    ("b", "x", "train"),
+    ("b", "y", "train"),  # conflict 1:1
+    ("c", "x", "train"),
+    ("c", "x", "train"),
+    ("c", "y", "train"),  # conflict 2:1
+    ("d", "x", "train"),
+    ("d", "x", "test"),  # contaminated
+]
+
+
+@pytest.mark.parametrize(
+    "conflicts,kept",
+    [
+        ("drop", {("a", "x", "train"), ("d", "x", "train"), ("d", "x", "test")}),
+        (
+            "majority",
+            {("a", "x", "train"), ("c", "x", "train"), ("d", "x", "train"), ("d", "x", "test")},
+        ),
+        (
+            "keep",
+            {
+                ("a", "x", "train"),
+                ("b", "x", "train"),
+                ("b", "y", "train"),
+                ("c", "x", "train"),
+                ("c", "y", "train"),
+                ("d", "x", "train"),
+                ("d", "x", "test"),
+            },
+        ),
+    ],
+)
+def test_resolve_duplicates_policies(conflicts, kept):
+    out = resolve_duplicates(_rows(ROWS), exact=True, conflicts=conflicts, contamination="report")
+    live = out[out["drop_reason"] == ""]
+    assert set(map(tuple, live[["text", "label", "split"]].values)) == kept
+    assert len(live) == len(kept)  # one row per kept (text, label, split)
+    assert out["contaminated"].sum() == 1
+    summary = merge_summaries([{"summary": summarize_batch(out)["summary"].iloc[0]}])
+    assert sum(summary["reasons"].values()) == len(ROWS)
+    assert summary["conflict_texts"] == 2  # b and c, whatever the policy
+
+
+def test_contamination_remove_drops_the_eval_copy_only():
+    out = resolve_duplicates(_rows(ROWS), exact=True, conflicts="drop", contamination="remove")
+    gone = out[out["drop_reason"] == "contaminated"]
+    assert list(map(tuple, gone[["text", "split"]].values)) == [("d", "test")]
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return tokenizer_spec("minilm")
+
+
+def test_fast_tokenizer_json_matches_transformers(spec):
+    from lepton_ray.models import load_tokenizer
+
+    texts = ["Hello, World!", "naïve café — ÜBER", "x " * 200, "What is the capital of Peru ?"]
+    expected = load_tokenizer("minilm")(texts, truncation=True, max_length=16)["input_ids"]
+    assert batch_encoder(spec, 16)(texts) == expected
+
+
+def test_tokenize_skips_dropped_rows_and_finalize_counts_exactly(spec):
+    frame = _rows([("good film", "pos", "train"), ("", "neg", "train"), ("bad", "neg", "test")])
+    frame.loc[1, "drop_reason"] = "empty_text"
+    table = Tokenize(spec, 8)(frame)
+    ids = table.column("input_ids").to_pylist()
+    assert ids[1] == [] and len(ids[0]) > 2
+    table = table.append_column("conflict_text", pa.array([0, 0, 0])).append_column(
+        "contaminated", pa.array([False] * 3)
+    )
+    result = finalize_partition(
+        table,
+        label_map={"neg": 0, "pos": 1},
+        drops=frozenset(),
+        augment=None,
+        tokenizer=spec,
+        max_length=8,
+    )
+    assert set(result["tables"]) == {"train", "test"}
+    train = result["tables"]["train"].to_pydict()
+    assert train["label_id"] == [1] and train["length"] == [len(ids[0])]
+    assert result["stats"]["test"]["classes"] == [1, 0]
+    assert sum(result["stats"]["train"]["lengths"]) == 1
