@@ -30,8 +30,11 @@ def config(path, **data) -> DataConfig:
 
 def rows(source: Source) -> list[tuple[str | None, str | None]]:
     assert source.ds.columns() == ["text", "label"]
+    read = source.ds.take_all()
+    # The scan's count is what the data stage checks its tagged rows against.
+    assert len(read) == source.n_rows
     return sorted(
-        ((r["text"], r["label"]) for r in source.ds.take_all()),
+        ((r["text"], r["label"]) for r in read),
         key=lambda r: (r[0] is None, r[0] or ""),
     )
 
