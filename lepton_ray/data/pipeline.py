@@ -363,7 +363,7 @@ def _resolve_by_text(prepared, parts: int, options: dict[str, Any]):
     resolve = ray.remote(num_returns=2, num_cpus=TASK_CPUS)(resolve_partition)
     results = [resolve.remote(options, *[p[i] for p in pieces]) for i in range(parts)]
     blocks = [r[0] for r in results]
-    summaries = [{"summary": s} for s in ray.get([r[1] for r in results])]
+    summaries = ray.get([r[1] for r in results])
     return ray.data.from_arrow_refs(blocks), summaries
 
 
@@ -388,14 +388,14 @@ def _summarize(resolved, drops: frozenset) -> dict[str, Any]:
         for bundle in resolved.iter_internal_ref_bundles()
         for block in bundle.block_refs
     ]
-    return merge_summaries([{"summary": part} for part in ray.get(refs)])
+    return merge_summaries(ray.get(refs))
 
 
 def _summarize_block(block, drops: frozenset) -> dict[str, Any]:
     from ray.data.block import BlockAccessor
 
     frame = BlockAccessor.for_block(block).to_pandas()
-    return summarize_batch(frame, drops)["summary"].iloc[0]
+    return summarize_batch(frame, drops)
 
 
 def _actor_count() -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, overload
+from typing import Any
 
 SPLIT_ORDER = ("train", "validation", "test")
 MAX_CLASS_COLUMNS = 8
@@ -398,48 +398,17 @@ def data_metrics(manifest: Mapping[str, Any]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if math.isfinite(v)}
 
 
-@overload
-def log_data_report(manifest: Mapping[str, Any], data_dir: Path | str, /) -> None: ...
-
-
-@overload
 def log_data_report(
-    tracking_uri: str, run_id: str, manifest: Mapping[str, Any], data_dir: Path | str, /
-) -> None: ...
-
-
-def log_data_report(*args: Any) -> None:
-    """Record the data stage in an MLflow run.
-
-    ``log_data_report(manifest, data_dir)`` logs into the active run (``mlflow.start_run``)
-    and does nothing without one; ``log_data_report(tracking_uri, run_id, manifest,
-    data_dir)`` logs into the given run through a client, active or not (the project's
-    stages create their runs that way).
+    tracking_uri: str, run_id: str, manifest: Mapping[str, Any], data_dir: Path | str
+) -> None:
+    """Record the data stage in an MLflow run (by id: the stages create their runs through
+    a client, not as the fluent active run).
 
     Logged: ``data/manifest.json``, ``data/summary.txt`` (:func:`summary_table`),
     ``data/label_distribution.png``, ``data/token_lengths.png`` (when the manifest has token
     lengths), ``data/dropped_sample.jsonl`` (when the data stage wrote one into
     ``data_dir``), and the metrics of :func:`data_metrics`.
     """
-    if len(args) == 2 and isinstance(args[0], Mapping):
-        import mlflow
-
-        run = mlflow.active_run()
-        if run is None:
-            return
-        _log_to_run(mlflow.get_tracking_uri(), run.info.run_id, *args)
-    elif len(args) == 4 and isinstance(args[2], Mapping):
-        _log_to_run(*args)
-    else:
-        raise TypeError(
-            "log_data_report(manifest, data_dir) or "
-            "log_data_report(tracking_uri, run_id, manifest, data_dir)"
-        )
-
-
-def _log_to_run(
-    tracking_uri: str, run_id: str, manifest: Mapping[str, Any], data_dir: Path | str
-) -> None:
     import time
 
     from mlflow.entities import Metric

@@ -126,8 +126,8 @@ def tag_near_duplicates(batch: pd.DataFrame, drops: frozenset) -> pd.DataFrame:
     return out
 
 
-def summarize_batch(batch: pd.DataFrame, drops: frozenset = frozenset()) -> pd.DataFrame:
-    """One row of counters per batch (summed on the driver by ``merge_summaries``)."""
+def summarize_batch(batch: pd.DataFrame, drops: frozenset = frozenset()) -> dict[str, Any]:
+    """The counters of one batch (summed on the driver by ``merge_summaries``)."""
     batch = tag_near_duplicates(batch, drops)
     live = batch["drop_reason"] == KEEP
     reasons = Counter(batch["drop_reason"])
@@ -139,7 +139,7 @@ def summarize_batch(batch: pd.DataFrame, drops: frozenset = frozenset()) -> pd.D
                 {"reason": reason, "text": str(text)[:SAMPLE_CHARS], "label": label, "split": split}
             )
     contaminated = Counter(batch.loc[batch["contaminated"], "split"])
-    summary = {
+    return {
         "reasons": dict(reasons),
         "kept": {f"{s}|{lab}": n for (s, lab), n in kept_by.items()},
         "masked": {k: int(batch[f"masked_{k}"].sum()) for k in MASKED},
@@ -148,10 +148,9 @@ def summarize_batch(batch: pd.DataFrame, drops: frozenset = frozenset()) -> pd.D
         "contaminated": dict(contaminated),
         "sample": sample,
     }
-    return pd.DataFrame({"summary": [summary]})
 
 
-def merge_summaries(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def merge_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
     total: dict[str, Any] = {
         "reasons": Counter(),
         "kept": Counter(),
@@ -162,8 +161,7 @@ def merge_summaries(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "sample": [],
     }
     per_reason: Counter = Counter()
-    for row in rows:
-        part = row["summary"]
+    for part in parts:
         for key in ("reasons", "kept", "masked", "contaminated"):
             total[key].update(part[key])
         total["conflict_texts"] += part["conflict_texts"]
@@ -294,7 +292,7 @@ def resolve_partition(options: dict[str, Any], *tables):
             table = table.set_column(table.column_names.index(name), name, column)
         else:
             table = table.append_column(name, column)
-    return table, summarize_batch(out)["summary"].iloc[0]
+    return table, summarize_batch(out)
 
 
 def write_partition(index: int, table, folder: str, options: dict[str, Any]) -> dict[str, Any]:

@@ -273,7 +273,7 @@ def test_log_data_report_records_manifest_figures_sample_and_metrics(mlflow_stor
         json.dumps({"reason": "duplicate", "text": "great phone", "label": "pos"}) + "\n"
     )
     with mlflow.start_run(experiment_id=mlflow_store) as run:
-        log_data_report(FULL, data_dir)
+        log_data_report(mlflow.get_tracking_uri(), run.info.run_id, FULL, data_dir)
     client = MlflowClient()
     listed = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "data")}
     assert listed == {
@@ -296,21 +296,12 @@ def test_log_data_report_of_an_old_manifest_without_sample(mlflow_store, tmp_pat
     from mlflow import MlflowClient
 
     with mlflow.start_run(experiment_id=mlflow_store) as run:
-        log_data_report(OLD, tmp_path / "missing")
+        log_data_report(mlflow.get_tracking_uri(), run.info.run_id, OLD, tmp_path / "missing")
     client = MlflowClient()
     listed = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "data")}
     assert listed == {"manifest.json", "summary.txt", "label_distribution.png"}
     metrics = client.get_run(run.info.run_id).data.metrics
     assert metrics["data_rows_kept"] == 100 and metrics["data_rows_dropped"] == 20
-
-
-def test_log_data_report_without_an_active_run_does_nothing(tmp_path, monkeypatch):
-    import mlflow
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/never.db")
-    assert mlflow.active_run() is None
-    log_data_report(FULL, tmp_path)
-    assert not (tmp_path / "never.db").exists()
 
 
 def test_log_data_report_into_a_run_by_id_without_an_active_run(mlflow_store, tmp_path):
@@ -334,8 +325,3 @@ def test_log_data_report_into_a_run_by_id_without_an_active_run(mlflow_store, tm
         "data/dropped_sample.jsonl",
     } <= listed
     assert client.get_run(run_id).data.metrics == data_metrics(FULL)
-
-
-def test_log_data_report_rejects_other_arguments(tmp_path):
-    with pytest.raises(TypeError, match="log_data_report"):
-        log_data_report(tmp_path)

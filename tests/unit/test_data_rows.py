@@ -69,7 +69,7 @@ def test_resolve_duplicates_policies(conflicts, kept):
     assert set(map(tuple, live[["text", "label", "split"]].values)) == kept
     assert len(live) == len(kept)  # one row per kept (text, label, split)
     assert out["contaminated"].sum() == 1
-    summary = merge_summaries([{"summary": summarize_batch(out)["summary"].iloc[0]}])
+    summary = merge_summaries([summarize_batch(out)])
     assert sum(summary["reasons"].values()) == len(ROWS)
     assert summary["conflict_texts"] == 2  # b and c, whatever the policy
 
