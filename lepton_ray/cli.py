@@ -35,6 +35,13 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a key: --set train.lr=3e-4 (repeatable)."),
 ]
+NewOpt = Annotated[
+    bool,
+    typer.Option(
+        "--new",
+        help="Start training afresh instead of resuming this experiment's unfinished run.",
+    ),
+]
 VerboseOpt = Annotated[
     bool,
     typer.Option(
@@ -86,6 +93,7 @@ def handle_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        _terminate_as_interrupt()
         try:
             return fn(*args, **kwargs)
         except LeptonError as err:
@@ -109,6 +117,18 @@ def handle_errors(fn):
             console.finish()
 
     return wrapper
+
+
+def _terminate_as_interrupt() -> None:
+    """SIGTERM (a job stop, ``kill``) ends a command like Ctrl-C: runs end KILLED, not RUNNING."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
 
 
 def _load(config: Path, overrides: list[str] | None):
@@ -165,14 +185,18 @@ def preprocess(
 
 @app.command()
 @handle_errors
-def train(config: ConfigArg, set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
-    """Ray Train: fine-tune with the config's values; register the model (@champion)."""
+def train(
+    config: ConfigArg, set_: SetOpt = None, verbose: VerboseOpt = False, new: NewOpt = False
+) -> None:
+    """Ray Train: fine-tune with the config's values; register the model (@champion).
+
+    Re-running the same command after a crash resumes from the latest checkpoint."""
     cfg = _load(config, set_)
     _start_console("train", cfg, verbose)
     from lepton_ray.pipeline import run_train_stage
 
     _quiet_libraries()
-    best = run_train_stage(cfg, log=_say)
+    best = run_train_stage(cfg, log=_say, new=new)
     _say(f"done: run {best['run_id']}, registered version {best['version']}")
 
 
@@ -209,14 +233,16 @@ def compress(
 
 @app.command()
 @handle_errors
-def run(config: ConfigArg, set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
+def run(
+    config: ConfigArg, set_: SetOpt = None, verbose: VerboseOpt = False, new: NewOpt = False
+) -> None:
     """Every stage in order: preprocess, train/tune, register, compress, serve."""
     cfg = _load(config, set_)
     _start_console("run", cfg, verbose)
     from lepton_ray.pipeline import run as run_pipeline
 
     _quiet_libraries()
-    summary = run_pipeline(cfg, log=_say)
+    summary = run_pipeline(cfg, log=_say, new=new)
     _print_summary(cfg, summary, config)
     if summary.get("serve", {}).get("ray") == "in-process":
         _serve_forever(summary["serve"]["url"])

@@ -85,14 +85,14 @@ def log_data_report(cfg: ExperimentConfig, run_id: str, manifest: dict[str, Any]
 
 
 def run_train_stage(
-    cfg: ExperimentConfig, parent_run_id: str | None = None, log=print
+    cfg: ExperimentConfig, parent_run_id: str | None = None, log=print, new: bool = False
 ) -> dict[str, Any]:
     """One training run with the config's values, registered as the champion."""
     from lepton_ray.train.driver import run_train
 
     manifest = _data(cfg)
     _connect(cfg, log)
-    best = run_train(cfg, manifest, parent_run_id=parent_run_id, log=log)
+    best = run_train(cfg, manifest, parent_run_id=parent_run_id, log=log, new=new)
     best["version"] = register_trained(cfg, best["run_id"], manifest, log).version
     return best
 
@@ -207,7 +207,7 @@ def run_serve_stop(cfg: ExperimentConfig, log=print) -> bool:
     return undeploy(cfg, log=log)
 
 
-def run(cfg: ExperimentConfig, log=print) -> dict[str, Any]:
+def run(cfg: ExperimentConfig, log=print, new: bool = False) -> dict[str, Any]:
     """All stages: preprocess, train or tune, register, compress, serve."""
     from lepton_ray.tracking.mlflow import (
         TAG_STAGE,
@@ -240,7 +240,7 @@ def run(cfg: ExperimentConfig, log=print) -> dict[str, Any]:
         if cfg.tune.enabled:
             summary["best"] = run_tune_stage(cfg, parent_run_id=parent, log=log)
         else:
-            summary["best"] = run_train_stage(cfg, parent_run_id=parent, log=log)
+            summary["best"] = run_train_stage(cfg, parent_run_id=parent, log=log, new=new)
         if cfg.compress.enabled:
             summary["compress"] = run_compress_stage(cfg, parent_run_id=parent, log=log)
         set_tags(

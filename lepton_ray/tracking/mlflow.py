@@ -21,6 +21,7 @@ TAG_DATA_FINGERPRINT = "lepton.data_fingerprint"
 TAG_GIT_SHA = "lepton.git_sha"
 TAG_TRIAL_ID = "lepton.trial_id"
 TAG_STAGE = "lepton.stage"
+TAG_ERROR = "lepton.error"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
@@ -107,28 +108,39 @@ def tracked_run(
     tags: dict[str, str] | None = None,
     parent_run_id: str | None = None,
     settle_errors: bool = True,
+    resume_run_id: str | None = None,
 ) -> Iterator[str]:
     """Create a run, yield its id, and close it FINISHED, FAILED or KILLED.
 
     A run that did not finish is never left looking complete. With ``settle_errors=False``
     an error leaves the status to the caller's owner (a Tune trial interrupted by ASHA is
-    'KILLED', not 'FAILED', and only the sweep knows which it was).
+    'KILLED', not 'FAILED', and only the sweep knows which it was). A failed run carries
+    the error's message in the ``lepton.error`` tag. ``resume_run_id`` reopens that run
+    (marked RUNNING again) instead of creating one.
     """
     c = client(cfg.tracking.tracking_uri)
     experiment_id = ensure_experiment(cfg.tracking, cfg.experiment_name)
     all_tags = dict(tags or {})
     if parent_run_id:
         all_tags[TAG_PARENT] = parent_run_id
-    run = c.create_run(experiment_id, run_name=run_name, tags=all_tags)
-    run_id = run.info.run_id
+    if resume_run_id:
+        run_id = resume_run_id
+        c.update_run(run_id, status="RUNNING")
+        for key, value in all_tags.items():
+            c.set_tag(run_id, key, value)
+        c.set_tag(run_id, TAG_ERROR, "")
+    else:
+        run_id = c.create_run(experiment_id, run_name=run_name, tags=all_tags).info.run_id
     try:
         yield run_id
     except KeyboardInterrupt:
         if settle_errors:
+            c.set_tag(run_id, TAG_ERROR, "interrupted (signal)")
             c.set_terminated(run_id, status="KILLED")
         raise
-    except BaseException:
+    except BaseException as err:
         if settle_errors:
+            c.set_tag(run_id, TAG_ERROR, redact_uri(f"{type(err).__name__}: {err}")[:5000])
             c.set_terminated(run_id, status="FAILED")
         raise
     else:

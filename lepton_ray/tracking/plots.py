@@ -15,18 +15,45 @@ def _pyplot():
 
 
 def learning_curves(history: list[dict[str, float]]):
-    """Loss and validation metrics per epoch."""
+    """Loss and validation metrics per evaluation (x: optimizer step, else epoch)."""
     plt = _pyplot()
-    epochs = [h["epoch"] for h in history]
+    x_key = "step" if history and all("step" in h for h in history) else "epoch"
+    xs = [h[x_key] for h in history]
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax_loss.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train")
-    ax_loss.plot(epochs, [h["val_loss"] for h in history], marker="o", label="validation")
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="Loss")
+    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
+        if all(key in h for h in history):
+            ax_loss.plot(xs, [h[key] for h in history], marker="o", label=label)
+    ax_loss.set(xlabel=x_key, ylabel="cross-entropy", title="Loss")
     ax_loss.legend()
-    for key in ("val_accuracy", "val_macro_f1"):
-        ax_metric.plot(epochs, [h[key] for h in history], marker="o", label=key)
-    ax_metric.set(xlabel="epoch", ylim=(0, 1.02), title="Validation")
+    for key in ("val_accuracy", "val_macro_f1", "val_roc_auc"):
+        if all(key in h for h in history):
+            ax_metric.plot(xs, [h[key] for h in history], marker="o", label=key)
+    ax_metric.set(xlabel=x_key, ylim=(0, 1.02), title="Validation")
     ax_metric.legend()
+    fig.tight_layout()
+    return fig
+
+
+def roc_curve(probs, targets, labels: Sequence[str], title: str):
+    """ROC curve(s): the second class for two labels, else one-vs-rest per class."""
+    import numpy as np
+
+    from lepton_ray.evaluation import binary_auc, roc_points
+
+    plt = _pyplot()
+    probs, targets = np.asarray(probs), np.asarray(targets)
+    fig, ax = plt.subplots(figsize=(4.8, 4.2))
+    classes = [1] if len(labels) == 2 else range(len(labels))
+    for c in classes:
+        positives = targets == c
+        if not positives.any() or positives.all():
+            continue
+        fpr, tpr = roc_points(probs[:, c], positives)
+        auc = binary_auc(probs[:, c], positives)
+        ax.plot(fpr, tpr, label=f"{labels[c]} (AUC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="chance")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     return fig
 

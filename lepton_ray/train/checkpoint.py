@@ -2,9 +2,13 @@
 
 <artifact files>        see lepton_ray.models (safetensors weights, lepton_model.json)
 base/                   a random base model, when the adapter needs it
-trainable.safetensors   the trainable weights (LoRA, head, or all of them)
-trainer_state.pt        optimizer, scheduler and loop state: tensors and plain Python
-                        values only, read back with ``torch.load(weights_only=True)``
+trainable.safetensors   the trainable weights (LoRA, head, or all of them), by parameter name
+trainer_state.pt        optimizer (by parameter name), scheduler and loop state (epoch,
+                        batch, step, best, early-stopping count, history): tensors and
+                        plain Python values only, read with ``torch.load(weights_only=True)``
+
+Randomness needs no saved generator state: batch order and dropout are functions of
+(seed, epoch, rank, step), all of which the loop state holds.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 from lepton_ray.config import MODEL_ALIASES, ExperimentConfig
 from lepton_ray.errors import StageError
 from lepton_ray.models import ModelMeta, save_model_artifact
-from lepton_ray.train.loop import LoopState, unwrap
+from lepton_ray.train.loop import LoopState
 
 STATE_FILE = "trainer_state.pt"
 TRAINABLE_FILE = "trainable.safetensors"
@@ -65,6 +69,46 @@ def _plain(value: Any) -> Any:
     return float(value)
 
 
+def write_checkpoint_files(
+    folder: Path,
+    model: torch.nn.Module,
+    tokenizer,
+    meta: ModelMeta,
+    trainable: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    scheduler,
+    state: LoopState,
+    base_dir: Path | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write the artifact, ``trainable.safetensors`` and ``trainer_state.pt`` into ``folder``.
+
+    ``model`` is a plain module holding the current weights (the unwrapped DDP module, or
+    rank 0's export copy under FSDP); ``trainable`` and ``optimizer_state`` are whole,
+    by parameter name (``parallel.full_state``).
+    """
+    from safetensors.torch import save_file
+
+    save_model_artifact(model, tokenizer, meta, folder)
+    if base_dir is not None:
+        shutil.copytree(base_dir, folder / BASE_DIR, dirs_exist_ok=True)
+    save_file(
+        {n: t.detach().cpu().contiguous() for n, t in trainable.items()},
+        str(folder / TRAINABLE_FILE),
+    )
+    torch.save(
+        {
+            "optimizer": optimizer_state,
+            "scheduler": scheduler.state_dict(),
+            "loop": _plain(state.to_dict()),
+            "epoch": int(state.epoch),
+            **_plain(extra or {}),
+        },
+        folder / STATE_FILE,
+    )
+    return folder
+
+
 def write_checkpoint(
     folder: Path,
     model: torch.nn.Module,
@@ -75,28 +119,14 @@ def write_checkpoint(
     state: LoopState,
     base_dir: Path | None = None,
 ) -> Path:
-    """Write the artifact, ``trainable.safetensors`` and ``trainer_state.pt`` into ``folder``."""
-    from safetensors.torch import save_file
+    """``write_checkpoint_files`` for a plain or DDP-wrapped model (no collective needed)."""
+    from lepton_ray.train.parallel import full_state, unwrap
 
-    inner = unwrap(model)
-    save_model_artifact(inner, tokenizer, meta, folder)
-    if base_dir is not None:
-        shutil.copytree(base_dir, folder / BASE_DIR, dirs_exist_ok=True)
-    trainable = {
-        n: p.detach().cpu().contiguous() for n, p in inner.named_parameters() if p.requires_grad
-    }
-    save_file(trainable, str(folder / TRAINABLE_FILE))
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "epoch": int(state.epoch),
-            "best": None if state.best is None else float(state.best),
-            "history": _plain(state.history),
-        },
-        folder / STATE_FILE,
-    )
-    return folder
+    trainable, optimizer_state = full_state(model, optimizer)
+    return write_checkpoint_files(
+        folder, unwrap(model), tokenizer, meta, trainable, optimizer_state, scheduler, state,
+        base_dir,
+    )  # fmt: skip
 
 
 def _load_state(path: Path) -> dict[str, Any]:
@@ -123,43 +153,62 @@ def _load_state(path: Path) -> dict[str, Any]:
     return saved
 
 
-def _load_trainable(folder: Path, saved: dict[str, Any]) -> dict[str, torch.Tensor]:
+def _load_trainable(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = folder / TRAINABLE_FILE
-    if path.is_file():
-        try:
-            return load_file(str(path), device="cpu")
-        except (SafetensorError, OSError, ValueError) as err:
-            raise StageError(f"{path}: not a valid safetensors file ({err})") from None
-    if isinstance(saved.get("trainable"), dict):  # older checkpoints kept them in the state
-        return saved["trainable"]
-    raise StageError(f"{path}: trainable weights not found")
+    if not path.is_file():
+        raise StageError(f"{path}: trainable weights not found")
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise StageError(f"{path}: not a valid safetensors file ({err})") from None
+
+
+def check_checkpoint(folder: Path | str) -> Path:
+    """A folder a run can resume from, or one clear error naming what is missing."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise StageError(f"train.resume_from: checkpoint folder {folder} does not exist")
+    for name in (STATE_FILE, TRAINABLE_FILE):
+        if not (folder / name).is_file():
+            raise StageError(
+                f"train.resume_from: {folder} is not a lepton-ray checkpoint (no {name})"
+            )
+    return folder
+
+
+def read_checkpoint(folder: Path) -> dict[str, Any]:
+    """Everything a resume needs, read safely (safetensors + ``weights_only`` state)."""
+    folder = Path(folder)
+    saved = _load_state(folder / STATE_FILE)
+    loop = saved.get("loop") or {"epoch": int(saved["epoch"])}
+    return {
+        "trainable": _load_trainable(folder),
+        "optimizer": saved["optimizer"],
+        "scheduler": saved["scheduler"],
+        "state": LoopState.from_dict(loop),
+        "extra": {k: v for k, v in saved.items() if k not in ("optimizer", "scheduler", "loop")},
+    }
 
 
 def restore_checkpoint(folder: Path, model: torch.nn.Module, optimizer, scheduler) -> LoopState:
-    """Load trainable weights and optimizer state; return where training left off."""
+    """Load trainable weights, optimizer and scheduler state; return where training left off.
+
+    ``model`` may be plain, DDP-wrapped or FSDP-sharded: the whole weights are put back
+    through ``parallel.load_full_state`` (every rank calls this under FSDP).
+    """
+    from lepton_ray.train.parallel import load_full_state
+
     folder = Path(folder)
-    saved = _load_state(folder / STATE_FILE)
-    trainable = _load_trainable(folder, saved)
-    inner = unwrap(model)
-    wanted = {n for n, p in inner.named_parameters() if p.requires_grad}
-    absent = sorted(wanted - trainable.keys())
+    saved = read_checkpoint(folder)
     try:
-        result = inner.load_state_dict(trainable, strict=False)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[-1].strip()
-        raise StageError(f"checkpoint {folder} does not match the model: {first}") from None
-    if result.unexpected_keys or absent:
-        raise StageError(
-            f"checkpoint {folder} does not match the model: "
-            f"unexpected {result.unexpected_keys[:3]}, missing {absent[:3]}"
-        )
-    optimizer.load_state_dict(saved["optimizer"])
+        load_full_state(model, optimizer, saved["trainable"], saved["optimizer"])
+    except (RuntimeError, KeyError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[-1].strip()
+        raise StageError(f"checkpoint {folder} does not match the model: {first[:300]}") from None
+    except StageError as err:
+        raise StageError(f"checkpoint {folder}: {err}") from None
     scheduler.load_state_dict(saved["scheduler"])
-    return LoopState(
-        epoch=int(saved["epoch"]),
-        best=saved.get("best"),
-        history=list(saved.get("history") or []),
-    )
+    return saved["state"]

@@ -16,36 +16,40 @@ class TrainingFailed(LeptonError):
     exit_code = 1
 
 
-def load_train_dataset(cfg: ExperimentConfig):
-    """The tokenized train split, materialized in the object store, in shuffled blocks.
+def load_split_dataset(cfg: ExperimentConfig, split: str, block_rows: int = 4096):
+    """A tokenized split, materialized in the object store in a fixed block order.
 
-    Preprocessing wrote the rows in a seeded hash order, so every block mixes the classes;
-    here the split is cut into blocks of a few batches whose order is reshuffled, seeded,
-    at every execution (every epoch), and each worker's local shuffle buffer mixes rows
-    across neighbouring blocks. That is a seeded global shuffle per epoch without an
-    all-to-all shuffle task, which could not get a CPU while the workers hold them all.
+    Workers receive their rows from here (no shared filesystem needed) and shuffle them
+    themselves, seeded per epoch (``batching.epoch_batches``). The block order is fixed
+    (``preserve_order``) and the streaming split is deterministic, so every run with the
+    same seed, and every restart of a failed worker, gives each worker the same rows.
 
-    Materializing before the trainer starts matters on small machines for the same reason:
-    a lazy read would wait forever for a CPU of its own.
+    Materializing before the trainer starts matters on small machines: a lazy read would
+    wait forever for a CPU while the workers hold them all.
     """
     import ray.data
-    from ray.data import RandomSeedConfig
 
-    ds = ray.data.read_parquet(str(cfg.data_dir / "train"))
-    rows_per_block = SHUFFLE_BLOCK_BATCHES * cfg.train.batch_size
-    num_blocks = max(1, min(MAX_SHUFFLE_BLOCKS, -(-ds.count() // rows_per_block)))
-    return (
-        ds.repartition(num_blocks)
-        .materialize()
-        .randomize_block_order(
-            seed=RandomSeedConfig(seed=cfg.train.seed, reseed_after_execution=True)
+    folder = cfg.data_dir / split
+    if not folder.exists():
+        from lepton_ray.errors import StageError
+
+        raise StageError(
+            f"no {split} split at {folder}; run `lepton-ray preprocess` again "
+            "(data.split.validation must be above 0)"
         )
-    )
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ds = ray.data.read_parquet(str(folder), columns=["text", "label_id", "input_ids"])
+    blocks = max(1, min(MAX_BLOCKS, -(-ds.count() // block_rows)))
+    return ds.repartition(blocks).materialize()
 
 
-SHUFFLE_BLOCK_BATCHES = 4
-"""Rows per shuffled block of the train split, in batches."""
-MAX_SHUFFLE_BLOCKS = 512
+def load_train_dataset(cfg: ExperimentConfig):
+    """The train split for ``build_trainer`` (kept for callers that pass it in)."""
+    return load_split_dataset(cfg, "train")
+
+
+MAX_BLOCKS = 256
 
 
 def check_worker_resources(cfg: ExperimentConfig, what: str) -> None:
@@ -58,32 +62,72 @@ def check_worker_resources(cfg: ExperimentConfig, what: str) -> None:
     check_resources(cfg.cluster, n * per_worker.get("CPU", 1.0), n * gpus, f"{what} ({n} workers)")
 
 
+def preflight(cfg: ExperimentConfig, manifest: dict[str, Any], what: str = "training") -> None:
+    """Every check that can fail before a worker starts: resources, GPUs, FSDP, resume."""
+    from lepton_ray.errors import StageError
+
+    if cfg.scaling.use_gpu:
+        import ray
+
+        if ray.cluster_resources().get("GPU", 0) <= 0:
+            raise StageError(
+                "scaling.use_gpu is true but the Ray cluster has no GPU; "
+                "set scaling.use_gpu: false to train on CPUs"
+            )
+    check_worker_resources(cfg, what)
+    if cfg.train.resume_from:
+        from lepton_ray.train.checkpoint import check_checkpoint
+
+        check_checkpoint(cfg.train.resume_from)
+    # The model is built once here: a typo in peft.lora.target_modules, a config override
+    # the architecture refuses or a model too small for FSDP stops the run now, not in
+    # every worker (and again in every retry).
+    from lepton_ray.models import build_model
+    from lepton_ray.train.peft import apply_peft
+
+    try:
+        model = apply_peft(
+            build_model(cfg.model, cfg.task, manifest["labels"], seed=cfg.train.seed),
+            cfg.peft,
+            cfg.task,
+        )
+    except (ValueError, KeyError, TypeError) as err:
+        raise StageError(f"model {cfg.model.name} with peft {cfg.peft.method}: {err}") from None
+    if cfg.train.strategy == "fsdp":
+        from lepton_ray.train.parallel import check_fsdp
+
+        check_fsdp(model, cfg.scaling.num_workers, cfg.train.fsdp_min_params_per_worker)
+
+
 def build_trainer(
     cfg: ExperimentConfig,
     manifest: dict[str, Any],
     mlflow_run_id: str | None,
     name: str,
     callbacks: list | None = None,
-    train_ds=None,
+    datasets: dict | None = None,
 ):
-    """A ``TorchTrainer`` over the preprocessed train split (Ray Data shards it per worker)."""
+    """A ``TorchTrainer`` over the preprocessed splits (Ray Data shards train per worker)."""
     import ray.train
+    from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
 
-    if train_ds is None:
-        check_worker_resources(cfg, "training")
-        train_ds = load_train_dataset(cfg)
+    if datasets is None:
+        preflight(cfg, manifest)
+        datasets = {split: load_split_dataset(cfg, split) for split in ("train", "validation")}
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config={
             "experiment": cfg.model_dump(mode="json"),
             "manifest": manifest,
             "mlflow_run_id": mlflow_run_id,
+            "resume_from": cfg.train.resume_from,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
             resources_per_worker=dict(cfg.scaling.resources_per_worker),
+            placement_strategy=cfg.scaling.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=name,
@@ -93,10 +137,15 @@ def build_trainer(
                 checkpoint_score_attribute=cfg.tune.metric,
                 checkpoint_score_order=cfg.tune.mode,
             ),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=callbacks,
         ),
-        datasets={"train": train_ds},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=["train"],
+            execution_options=ExecutionOptions(preserve_order=True),
+            enable_shard_locality=False,
+        ),
     )
 
 
@@ -121,23 +170,85 @@ def fit(trainer) -> Any:
             signal.signal(signal.SIGINT, previous)
 
 
+def training_key(cfg: ExperimentConfig, manifest: dict[str, Any]) -> str:
+    """Same data and the same training settings -> the same key (and Ray run name)."""
+    import hashlib
+    import json
+
+    sections = {k: cfg.model_dump(mode="json")[k] for k in TRAINING_SECTIONS}
+    sections["data_fingerprint"] = manifest.get("fingerprint")
+    blob = json.dumps(sections, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+TRAINING_SECTIONS = ("name", "task", "model", "peft", "train", "scaling")
+TAG_TRAINING_KEY = "lepton.training_key"
+TAG_RAY_RUN = "lepton.ray_run_name"
+
+
+def unfinished_run(cfg: ExperimentConfig, key: str) -> str | None:
+    """The latest MLflow train run with this key that did not finish (to resume), if any."""
+    from lepton_ray.tracking.mlflow import client
+
+    c = client(cfg.tracking.tracking_uri)
+    experiment = c.get_experiment_by_name(cfg.experiment_name)
+    if experiment is None:
+        return None
+    runs = c.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`{TAG_TRAINING_KEY}` = '{key}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=5,
+    )
+    for run in runs:
+        if run.info.status != "FINISHED":
+            return run.info.run_id
+        return None
+    return None
+
+
 def run_train(
     cfg: ExperimentConfig,
     manifest: dict[str, Any],
     parent_run_id: str | None = None,
     log=print,
+    new: bool = False,
 ) -> dict[str, Any]:
-    """Train once with the config's hyperparameters; returns the MLflow run id and metrics."""
+    """Train once with the config's hyperparameters; returns the MLflow run id and metrics.
+
+    Re-running the same command after a crash (or a killed driver) resumes: the MLflow run
+    that did not finish is reopened, and its Ray Train run name (stable: training key +
+    MLflow run id) makes Ray Train restore the latest checkpoint from ``storage_path``.
+    ``new=True`` starts afresh.
+    """
     from lepton_ray.tracking.mlflow import TAG_STAGE, lineage_tags, log_config, tracked_run
 
-    tags = lineage_tags(cfg, manifest.get("fingerprint"), **{TAG_STAGE: "train"})
-    with tracked_run(cfg, "train", tags=tags, parent_run_id=parent_run_id) as run_id:
-        log_config(cfg.tracking.tracking_uri, run_id, cfg)
+    preflight(cfg, manifest)
+    datasets = {split: load_split_dataset(cfg, split) for split in ("train", "validation")}
+    key = training_key(cfg, manifest)
+    resume = None if new else unfinished_run(cfg, key)
+    tags = lineage_tags(
+        cfg, manifest.get("fingerprint"), **{TAG_STAGE: "train", TAG_TRAINING_KEY: key}
+    )
+    with tracked_run(
+        cfg, "train", tags=tags, parent_run_id=parent_run_id, resume_run_id=resume
+    ) as run_id:
+        name = f"{cfg.name}-train-{key[:8]}-{run_id[:8]}"
+        if resume:
+            log(
+                f"[train] resuming run {run_id} ({name}) from its latest checkpoint; --new starts afresh"
+            )
+        else:
+            log_config(cfg.tracking.tracking_uri, run_id, cfg)
+        from lepton_ray.tracking.mlflow import set_tags
+
+        set_tags(cfg.tracking.tracking_uri, run_id, {TAG_RAY_RUN: name})
         log(
-            f"[train] {cfg.scaling.num_workers} workers x {cfg.train.epochs} epochs, "
-            f"{manifest['splits']['train']} training rows, peft={cfg.peft.method}"
+            f"[train] {cfg.scaling.num_workers} workers ({cfg.train.strategy}) x "
+            f"{cfg.train.epochs} epochs, {manifest['splits']['train']} training rows, "
+            f"peft={cfg.peft.method}"
         )
-        result = fit(build_trainer(cfg, manifest, run_id, name=f"{cfg.name}-train-{run_id[:8]}"))
+        result = fit(build_trainer(cfg, manifest, run_id, name=name, datasets=datasets))
     best = _best_metrics(result, cfg)
     return {"run_id": run_id, "metrics": best, "checkpoint": result.checkpoint}
 

@@ -2,36 +2,101 @@
 
 It runs inside a Ray Train worker (``worker.py``), under torchrun, or in one process
 (``standalone.py``), so GPU paths can be checked on a machine that has torch but no Ray.
+
+Everything random is a function of counters in the checkpoint: the batch order of an
+epoch of (seed, epoch, rank) (``batching.py``) and dropout of (seed, rank, optimizer step),
+re-seeded before every step. So a run resumed from any checkpoint continues exactly as the
+uninterrupted run would have, and two runs with the same seed give the same metrics.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 from lepton_ray.evaluation import evaluate
-
-Batch = dict[str, torch.Tensor]
+from lepton_ray.train.batching import TokenRows, epoch_batches, padding_fraction
+from lepton_ray.train.parallel import distributed, gradient_sync, unwrap
+from lepton_ray.train.precision import Precision
 
 
 @dataclass
 class LoopState:
-    """What a checkpoint must hold to resume: where we are and what we have seen."""
+    """Where training is: what a checkpoint must hold to resume at the right step."""
 
-    epoch: int = 0  # epochs completed
+    epoch: int = 0  # the epoch in progress (0-based); == epochs when done
+    batch: int = 0  # micro-batches of that epoch already trained on
+    step: int = 0  # optimizer steps done in all
     best: float | None = None
+    best_step: int | None = None
+    stale: int = 0  # evaluations since the metric last improved by min_delta
+    stopped_early: bool = False
     history: list[dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> LoopState:
+        known = {k: saved[k] for k in cls.__dataclass_fields__ if k in saved}
+        return cls(**known)
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    epochs: int
+    batch_size: int
+    accumulation: int = 1
+    max_grad_norm: float | None = 1.0
+    max_steps_per_epoch: int | None = None
+    eval_every_steps: int | None = None
+    log_every_steps: int = 10
+    patience: int | None = None
+    min_delta: float = 0.0
+    metric: str = "val_accuracy"
+    mode: str = "max"
+    seed: int = 42
+    group_by_length: bool = True
+
+    @classmethod
+    def from_config(cls, cfg) -> LoopSettings:
+        t = cfg.train
+        return cls(
+            epochs=t.epochs,
+            batch_size=t.batch_size,
+            accumulation=t.gradient_accumulation_steps,
+            max_grad_norm=t.max_grad_norm,
+            max_steps_per_epoch=t.max_steps_per_epoch,
+            eval_every_steps=t.eval_every_steps,
+            log_every_steps=t.log_every_steps,
+            patience=t.early_stopping.patience,
+            min_delta=t.early_stopping.min_delta,
+            metric=cfg.tune.metric,
+            mode=cfg.tune.mode,
+            seed=t.seed,
+            group_by_length=t.group_by_length,
+        )
+
+    def micro_batches(self, rows: int) -> int:
+        """Forward passes per epoch on a worker holding ``rows`` rows."""
+        n = math.ceil(rows / self.batch_size)
+        if self.max_steps_per_epoch:
+            n = min(n, self.max_steps_per_epoch * self.accumulation)
+        return max(n, 1)
+
+    def steps_per_epoch(self, rows: int) -> int:
+        return math.ceil(self.micro_batches(rows) / self.accumulation)
 
 
 def build_optimizer(
     model: torch.nn.Module, lr: float, weight_decay: float
 ) -> torch.optim.Optimizer:
-    """AdamW over trainable weights; biases and norms are not decayed."""
+    """AdamW over trainable weights; biases and normalization weights are not decayed."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -44,112 +109,267 @@ def build_optimizer(
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
 
 
-def build_scheduler(optimizer, total_steps: int, warmup_ratio: float):
-    """Linear warm-up, then linear decay to zero."""
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """The learning rate multiplier at optimizer step ``step`` (0-based)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return max(0.0, 1.0 - progress)
+
+
+def build_scheduler(optimizer, total_steps: int, warmup_ratio: float, schedule: str = "linear"):
+    """Linear warm-up over ``warmup_ratio`` of the steps, then constant, linear or cosine."""
     warmup = max(1, int(total_steps * warmup_ratio)) if warmup_ratio > 0 else 0
-
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        remaining = max(1, total_steps - warmup)
-        return max(0.0, 1.0 - (step - warmup) / remaining)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, warmup, schedule)
+    )
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
-def is_better(value: float, best: float | None, mode: str) -> bool:
+def is_better(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
+    if math.isnan(value):
+        return False
     if best is None or math.isnan(best):
-        return not math.isnan(value)
-    return value > best if mode == "max" else value < best
+        return True
+    return value > best + min_delta if mode == "max" else value < best - min_delta
 
 
-def run_epochs(
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """Dropout's seed for one optimizer step: a pure function of where training is."""
+    return (seed * 1_000_003 + rank * 7_919 + step) % (2**63 - 1)
+
+
+Report = Callable[[dict[str, Any], bool, LoopState], None]
+
+
+def run_training(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler,
+    rows: TokenRows,
     *,
-    train_batches: Callable[[int], Iterable[Batch]],
-    eval_batches: Callable[[], Iterable[Batch]],
-    epochs: int,
+    pad_id: int,
+    eval_batches: Callable[[], Any],
     num_labels: int,
-    steps_per_epoch: int,
-    device: torch.device,
+    settings: LoopSettings,
     state: LoopState,
-    metric: str = "val_accuracy",
-    mode: str = "max",
-    max_grad_norm: float = 1.0,
-    max_steps_per_epoch: int | None = None,
+    device: torch.device,
+    precision: Precision,
     rank: int = 0,
     world_size: int = 1,
-    on_epoch_end: Callable[[dict[str, Any], bool], None] | None = None,
+    on_evaluation: Report | None = None,
+    on_log: Callable[[int, dict[str, float]], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> LoopState:
-    """Train from ``state.epoch`` to ``epochs``, evaluating after every epoch.
+    """Train from ``state`` to the last epoch (or an early stop), evaluating as configured.
 
-    ``on_epoch_end(metrics, improved)`` is called on every rank (Ray Train's report is a
-    barrier); ``metrics`` holds train/val loss, val accuracy and macro-F1, and throughput.
+    ``on_evaluation(metrics, improved, state)`` runs on every rank after every evaluation
+    (Ray Train's report is a barrier); ``metrics`` are the same on every rank. ``on_log``
+    gets the running train loss and learning rate every ``log_every_steps`` steps (rank 0).
     """
-    distributed = world_size > 1 and torch.distributed.is_initialized()
-    if max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, max_steps_per_epoch)
-    log_every = max(1, steps_per_epoch // 5)
-    for epoch in range(state.epoch, epochs):
-        model.train()
-        started = time.perf_counter()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        seen = torch.zeros((), dtype=torch.float64, device=device)
-        for step, batch in enumerate(train_batches(epoch)):
-            if max_steps_per_epoch and step >= max_steps_per_epoch:
-                break
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            out = model(**batch)
-            out.loss.backward()
-            if max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            n = batch["labels"].shape[0]
-            loss_sum += out.loss.detach().double() * n
-            seen += n
-            if rank == 0 and (step + 1) % log_every == 0:
-                rate = seen.item() * world_size / (time.perf_counter() - started)
-                log(
-                    f"[train] epoch {epoch + 1}/{epochs} step {step + 1}/{steps_per_epoch} "
-                    f"loss {loss_sum.item() / max(seen.item(), 1):.4f} "
-                    f"lr {scheduler.get_last_lr()[0]:.2e} {rate:.1f} samples/s"
-                )
-        if distributed:
-            torch.distributed.all_reduce(loss_sum)
-            torch.distributed.all_reduce(seen)
-        train_seconds = time.perf_counter() - started
-        val = evaluate(unwrap(model), eval_batches(), num_labels, device, rank, world_size)
+    s = settings
+    multi = distributed(world_size)
+    scaler = torch.amp.GradScaler(device.type) if precision.use_grad_scaler else None
+    micro_total = s.micro_batches(len(rows))
+    steps_per_epoch = s.steps_per_epoch(len(rows))
+    lengths = rows.lengths
+    window = _Window(device)
+
+    def evaluate_now(epoch_done: bool) -> bool:
+        """Evaluate, report; True when early stopping says stop."""
+        window.reduce(multi)
+        val = evaluate(
+            unwrap(model),
+            eval_batches(),
+            num_labels,
+            device,
+            rank,
+            world_size,
+            autocast=precision.autocast,
+        )
         metrics = {
-            "epoch": epoch + 1,
-            "train_loss": loss_sum.item() / max(seen.item(), 1.0),
+            "epoch": state.epoch + (0 if epoch_done else state.batch / micro_total),
+            "step": state.step,
+            "train_loss": window.loss(),
             "val_loss": val["loss"],
             "val_accuracy": val["accuracy"],
             "val_macro_f1": val["macro_f1"],
             "val_macro_precision": val["macro_precision"],
             "val_macro_recall": val["macro_recall"],
-            "train_samples_per_s": seen.item() / train_seconds,
-            "epoch_seconds": time.perf_counter() - started,
+            "val_roc_auc": val["roc_auc"],
+            "lr": scheduler.get_last_lr()[0],
+            "train_samples_per_s": window.samples_per_s(),
+            "train_tokens_per_s": window.tokens_per_s(),
+            "train_seconds": window.seconds,
+            "padding_fraction": window.padding(),
         }
-        improved = is_better(metrics[metric], state.best, mode)
+        window.reset()
+        improved = is_better(metrics[s.metric], state.best, s.mode)
         if improved:
-            state.best = metrics[metric]
-        state.epoch = epoch + 1
-        state.history.append(metrics)
+            state.best, state.best_step = metrics[s.metric], state.step
+        if is_better(metrics[s.metric], _previous_best(state, s), s.mode, s.min_delta):
+            state.stale = 0
+        else:
+            state.stale += 1
+        state.history.append({k: float(v) for k, v in metrics.items()})
+        stop = bool(s.patience and state.stale >= s.patience)
+        state.stopped_early = stop
         if rank == 0:
             log(
-                f"[train] epoch {epoch + 1}/{epochs} done: train_loss {metrics['train_loss']:.4f} "
-                f"val_loss {val['loss']:.4f} val_accuracy {val['accuracy']:.4f} "
-                f"val_macro_f1 {val['macro_f1']:.4f}" + (" (best)" if improved else "")
+                f"[train] step {state.step} (epoch {metrics['epoch']:.2f}): "
+                f"train_loss {metrics['train_loss']:.4f} val_loss {val['loss']:.4f} "
+                f"val_accuracy {val['accuracy']:.4f} val_macro_f1 {val['macro_f1']:.4f} "
+                f"val_roc_auc {val['roc_auc']:.4f}"
+                + (" (best)" if improved else "")
+                + (f" - early stop: no gain for {state.stale} evaluations" if stop else "")
             )
-        if on_epoch_end is not None:
-            on_epoch_end({**metrics, "confusion": val["confusion"]}, improved)
+        if on_evaluation is not None:
+            extra = {k: val[k] for k in ("confusion", "probs", "targets")}
+            on_evaluation({**metrics, **extra}, improved, state)
+        return stop
+
+    while state.epoch < s.epochs and not state.stopped_early:
+        batches = epoch_batches(rows, s.batch_size, s.seed, state.epoch, rank, s.group_by_length)[
+            :micro_total
+        ]
+        model.train()
+        for step_in_epoch in range(state.batch // s.accumulation, steps_per_epoch):
+            first = step_in_epoch * s.accumulation
+            micro = batches[first : first + s.accumulation]
+            torch.manual_seed(step_seed(s.seed, rank, state.step))
+            started = time.perf_counter()
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            for j, index in enumerate(micro):
+                batch = {
+                    k: v.to(device, non_blocking=True)
+                    for k, v in rows.collate(index, pad_id).items()
+                }
+                with gradient_sync(model, not multi or j == len(micro) - 1), precision.autocast():
+                    out = model(**batch)
+                loss = out.loss.float() / len(micro)
+                (scaler.scale(loss) if scaler else loss).backward()
+                loss_sum += out.loss.detach().double().cpu() * len(index)
+            if scaler:
+                scaler.unscale_(optimizer)
+            if s.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), s.max_grad_norm)
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.batch = first + len(micro)
+            window.add(micro, lengths, loss_sum, time.perf_counter() - started)
+            if rank == 0 and state.step % s.log_every_steps == 0:
+                lr = scheduler.get_last_lr()[0]
+                log(
+                    f"[train] epoch {state.epoch + 1}/{s.epochs} step {step_in_epoch + 1}/"
+                    f"{steps_per_epoch} loss {window.running_loss():.4f} lr {lr:.2e} "
+                    f"{window.local_rate() * world_size:.1f} samples/s"
+                )
+                if on_log is not None:
+                    on_log(state.step, {"train_loss_step": window.running_loss(), "lr": lr})
+            last = step_in_epoch == steps_per_epoch - 1
+            if (
+                s.eval_every_steps
+                and state.step % s.eval_every_steps == 0
+                and not last
+                and evaluate_now(epoch_done=False)
+            ):
+                return state
+        state.epoch += 1
+        state.batch = 0
+        if evaluate_now(epoch_done=True):
+            return state
     return state
+
+
+def _previous_best(state: LoopState, s: LoopSettings) -> float | None:
+    """The best metric before the latest evaluation (for early stopping's min_delta)."""
+    values = [h[s.metric] for h in state.history]
+    if not values:
+        return None
+    pick = max if s.mode == "max" else min
+    clean = [v for v in values if not math.isnan(v)]
+    return pick(clean) if clean else None
+
+
+class _Window:
+    """Train loss and throughput since the last evaluation (summed over ranks at reduce)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(5, dtype=torch.float64)  # loss*n, rows, tokens, slots, seconds
+        self.reduced: torch.Tensor | None = None
+        self.seconds = 0.0
+        self._recent: list[float] = []
+
+    def add(self, micro, lengths, loss_sum, seconds: float) -> None:
+        rows = sum(len(i) for i in micro)
+        tokens = sum(int(lengths[i].sum()) for i in micro)
+        slots = sum(int(lengths[i].max()) * len(i) for i in micro if len(i))
+        self.sums += torch.tensor(
+            [float(loss_sum), rows, tokens, slots, seconds], dtype=torch.float64
+        )
+        self.seconds += seconds
+        self._recent.append(float(loss_sum) / max(rows, 1))
+
+    def reduce(self, multi: bool) -> None:
+        total = self.sums.clone()
+        if multi:
+            # Seconds: the slowest rank sets the pace; the rest are summed.
+            seconds = total[4].clone().to(self.device)
+            rest = total[:4].to(self.device)
+            torch.distributed.all_reduce(rest)
+            torch.distributed.all_reduce(seconds, op=torch.distributed.ReduceOp.MAX)
+            total = torch.cat([rest.cpu(), seconds.cpu().view(1)])
+        self.reduced = total
+        self.seconds = float(total[4])
+
+    def _total(self) -> torch.Tensor:
+        return self.reduced if self.reduced is not None else self.sums
+
+    def loss(self) -> float:
+        t = self._total()
+        return float(t[0] / t[1]) if t[1] else float("nan")
+
+    def samples_per_s(self) -> float:
+        t = self._total()
+        return float(t[1] / t[4]) if t[4] else 0.0
+
+    def tokens_per_s(self) -> float:
+        t = self._total()
+        return float(t[2] / t[4]) if t[4] else 0.0
+
+    def padding(self) -> float:
+        t = self._total()
+        return float(1 - t[2] / t[3]) if t[3] else 0.0
+
+    def running_loss(self) -> float:
+        recent = self._recent[-50:]
+        return sum(recent) / len(recent) if recent else float("nan")
+
+    def local_rate(self) -> float:
+        return float(self.sums[1] / self.sums[4]) if self.sums[4] else 0.0
+
+
+__all__ = [
+    "LoopSettings",
+    "LoopState",
+    "build_optimizer",
+    "build_scheduler",
+    "is_better",
+    "lr_factor",
+    "padding_fraction",
+    "run_training",
+    "step_seed",
+]

@@ -1,25 +1,34 @@
 """One training run, set up in small steps; shared by the Ray worker and the standalone entry.
 
-No Ray here: the caller supplies rank, world size, device and the training batches.
+No Ray here: the caller supplies rank, world size, device, the rows and a ``report``.
 """
 
 from __future__ import annotations
 
-import math
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from lepton_ray.config import ExperimentConfig
-from lepton_ray.evaluation import frame_batches
+from lepton_ray.errors import StageError
 from lepton_ray.models import ModelMeta, build_model, load_tokenizer
-from lepton_ray.train.checkpoint import artifact_meta, restore_checkpoint, write_checkpoint
-from lepton_ray.train.loop import LoopState, build_optimizer, build_scheduler, run_epochs
+from lepton_ray.train.batching import TokenRows
+from lepton_ray.train.checkpoint import artifact_meta, restore_checkpoint, write_checkpoint_files
+from lepton_ray.train.loop import (
+    LoopSettings,
+    LoopState,
+    build_optimizer,
+    build_scheduler,
+    run_training,
+)
+from lepton_ray.train.parallel import check_fsdp, distributed, full_state, unwrap, wrap_model
 from lepton_ray.train.peft import apply_peft, parameter_counts
+from lepton_ray.train.precision import Precision, resolve_precision
 
 
 @dataclass
@@ -27,49 +36,75 @@ class Recipe:
     cfg: ExperimentConfig
     labels: list[str]
     model: torch.nn.Module
+    export: torch.nn.Module | None  # rank 0's unsharded copy under FSDP (checkpoints)
     tokenizer: Any
     optimizer: torch.optim.Optimizer
     scheduler: Any
+    precision: Precision
+    settings: LoopSettings
     meta: ModelMeta
     base_dir: Path | None
     steps_per_epoch: int
     counts: dict[str, int]
 
 
+def _fresh_model(cfg: ExperimentConfig, labels: list[str]) -> torch.nn.Module:
+    return apply_peft(
+        build_model(cfg.model, cfg.task, labels, seed=cfg.train.seed), cfg.peft, cfg.task
+    )
+
+
 def setup_recipe(
     cfg: ExperimentConfig,
     manifest: dict[str, Any],
-    world_size: int,
-    wrap: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m,
+    train_rows: int,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    log: Callable[[str], None] = print,
 ) -> Recipe:
-    """Model (+PEFT), tokenizer, optimizer and schedule for one run.
+    """Model (+PEFT) wrapped for the strategy, tokenizer, optimizer, schedule and precision.
 
-    ``wrap`` moves the model to its device and wraps it for data parallelism (DDP).
+    ``train_rows`` is the number of rows this worker trains on per epoch.
     """
     torch.manual_seed(cfg.train.seed)
     labels = manifest["labels"]
     model = build_model(cfg.model, cfg.task, labels, seed=cfg.train.seed)
     base_dir = None
-    if cfg.model.random_init:
+    if cfg.model.random_init and rank == 0:
         base_dir = Path(tempfile.mkdtemp(prefix="lepton-base-"))
         model.save_pretrained(base_dir, safe_serialization=True)
     model = apply_peft(model, cfg.peft, cfg.task)
     counts = parameter_counts(model)
-    model = wrap(model)
-    tokenizer = load_tokenizer(cfg.model.name)
-    train_rows = manifest["splits"]["train"]
-    steps = max(1, math.ceil(train_rows / world_size / cfg.train.batch_size))
-    if cfg.train.max_steps_per_epoch:
-        steps = min(steps, cfg.train.max_steps_per_epoch)
+    strategy = cfg.train.strategy
+    sharded = strategy == "fsdp" and distributed(world_size)
+    if strategy == "fsdp":
+        check_fsdp(model, world_size, cfg.train.fsdp_min_params_per_worker)
+    # Under FSDP the live model is sharded; rank 0 keeps a plain copy to write artifacts.
+    export = _fresh_model(cfg, labels) if sharded and rank == 0 else None
+    model = wrap_model(model, strategy, device, world_size)
+    precision = resolve_precision(cfg.train.precision, device)
+    settings = LoopSettings.from_config(cfg)
+    steps = settings.steps_per_epoch(train_rows)
     optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
-    scheduler = build_scheduler(optimizer, steps * cfg.train.epochs, cfg.train.warmup_ratio)
+    scheduler = build_scheduler(
+        optimizer, steps * cfg.train.epochs, cfg.train.warmup_ratio, cfg.train.lr_schedule
+    )
+    if rank == 0:
+        log(
+            f"[train] {strategy} x {world_size} on {device.type}, {precision.reason}; "
+            f"{counts['params_trainable']:,} of {counts['params_total']:,} weights trainable"
+        )
     return Recipe(
         cfg,
         labels,
         model,
-        tokenizer,
+        export,
+        load_tokenizer(cfg.model.name),
         optimizer,
         scheduler,
+        precision,
+        settings,
         artifact_meta(cfg, labels),
         base_dir,
         steps,
@@ -77,76 +112,98 @@ def setup_recipe(
     )
 
 
-def validation_batches(cfg: ExperimentConfig, tokenizer) -> Callable[[], Iterable]:
-    """The whole validation split, read once; every rank iterates it (and takes its share)."""
+def eval_batches_of(rows: TokenRows, batch_size: int, pad_id: int) -> Callable[[], list]:
+    """Validation batches, longest first (little padding); the same list on every rank."""
+    order = np.argsort(-rows.lengths, kind="stable")
+    batches = [
+        rows.collate(order[i : i + batch_size], pad_id) for i in range(0, len(rows), batch_size)
+    ]
+    return lambda: batches
+
+
+def read_split(cfg: ExperimentConfig, split: str) -> TokenRows:
+    """A preprocessed split from the data folder (the standalone path; Ray passes datasets)."""
     import pandas as pd
 
-    from lepton_ray.errors import StageError
-
-    folder = cfg.data_dir / "validation"
+    folder = cfg.data_dir / split
     if not folder.exists():
-        # Never an empty frame: every epoch would score 0 and the first one would win.
+        # Never an empty frame: every evaluation would score 0 and the first would win.
         raise StageError(
-            f"no validation split at {folder}; run `lepton-ray preprocess` again "
+            f"no {split} split at {folder}; run `lepton-ray preprocess` again "
             "(data.split.validation must be above 0)"
         )
-    frame = pd.read_parquet(folder)
-    pad = tokenizer.pad_token_id or 0
-    return lambda: frame_batches(frame, cfg.train.eval_batch_size, pad)
+    return TokenRows.from_frames([pd.read_parquet(folder)])
 
 
 def train_recipe(
     recipe: Recipe,
-    train_batches: Callable[[int], Iterable],
+    rows: TokenRows,
+    validation: TokenRows,
     device: torch.device,
     rank: int,
     world_size: int,
     report: Callable[[dict[str, Any], Path | None], None],
     resume_from: Path | None = None,
     log: Callable[[str], None] = print,
+    on_log: Callable[[int, dict[str, float]], None] | None = None,
 ) -> LoopState:
-    """Run the epochs; after each, rank 0 writes a checkpoint and everyone calls ``report``."""
+    """Run the loop; after each evaluation rank 0 writes a checkpoint and every rank reports."""
     cfg = recipe.cfg
     state = LoopState()
     if resume_from is not None:
         state = restore_checkpoint(resume_from, recipe.model, recipe.optimizer, recipe.scheduler)
-        log(f"[train] resumed from {resume_from} after epoch {state.epoch}")
+        if rank == 0:
+            log(
+                f"[train] resumed from {resume_from}: epoch {state.epoch + 1}, "
+                f"batch {state.batch}, step {state.step}"
+            )
+    sharded = recipe.export is not None or (
+        cfg.train.strategy == "fsdp" and distributed(world_size)
+    )
 
-    def on_epoch_end(metrics: dict[str, Any], improved: bool) -> None:
+    def on_evaluation(metrics: dict[str, Any], improved: bool, state: LoopState) -> None:
         metrics = {**metrics, "improved": improved}
+        weights = optim = None
+        if sharded or rank == 0:
+            weights, optim = full_state(recipe.model, recipe.optimizer)  # collective under FSDP
         if rank != 0:
             report(metrics, None)
             return
+        plain = unwrap(recipe.model)
+        if recipe.export is not None:
+            recipe.export.load_state_dict(weights, strict=False)
+            plain = recipe.export
         with tempfile.TemporaryDirectory(prefix="lepton-ckpt-") as tmp:
-            folder = write_checkpoint(
+            folder = write_checkpoint_files(
                 Path(tmp),
-                recipe.model,
+                plain,
                 recipe.tokenizer,
                 recipe.meta,
-                recipe.optimizer,
+                weights,
+                optim,
                 recipe.scheduler,
                 state,
                 recipe.base_dir,
+                extra={"world_size": world_size, "seed": cfg.train.seed},
             )
             report(metrics, folder)
 
-    return run_epochs(
+    pad_id = recipe.tokenizer.pad_token_id or 0
+    return run_training(
         recipe.model,
         recipe.optimizer,
         recipe.scheduler,
-        train_batches=train_batches,
-        eval_batches=validation_batches(cfg, recipe.tokenizer),
-        epochs=cfg.train.epochs,
+        rows,
+        pad_id=pad_id,
+        eval_batches=eval_batches_of(validation, cfg.train.eval_batch_size, pad_id),
         num_labels=len(recipe.labels),
-        steps_per_epoch=recipe.steps_per_epoch,
-        device=device,
+        settings=recipe.settings,
         state=state,
-        metric=cfg.tune.metric,
-        mode=cfg.tune.mode,
-        max_grad_norm=cfg.train.max_grad_norm,
-        max_steps_per_epoch=cfg.train.max_steps_per_epoch,
+        device=device,
+        precision=recipe.precision,
         rank=rank,
         world_size=world_size,
-        on_epoch_end=on_epoch_end,
+        on_evaluation=on_evaluation,
+        on_log=on_log,
         log=log,
     )

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from lepton_ray.config import ExperimentConfig
+from lepton_ray.train.batching import TokenRows
 
 
 def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
@@ -15,7 +16,6 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from lepton_ray.evaluation import collate
     from lepton_ray.train.recipe import setup_recipe, train_recipe
 
     cfg = ExperimentConfig.model_validate(loop_config["experiment"])
@@ -26,48 +26,60 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(threads)
     device = ray.train.torch.get_device()
 
-    recipe = setup_recipe(cfg, manifest, world, wrap=ray.train.torch.prepare_model)
-    pad_id = recipe.tokenizer.pad_token_id or 0
-    shard = ray.train.get_dataset_shard("train")
-
-    def train_batches(epoch: int):
-        for frame in iter_train_frames(shard, cfg, epoch, rank):
-            yield collate(list(frame["input_ids"]), list(frame["label_id"]), pad_id)
-
+    rows = shard_rows(ray.train.get_dataset_shard("train"))
+    validation = shard_rows(ray.train.get_dataset_shard("validation"))
+    recipe = setup_recipe(cfg, manifest, len(rows), device, rank, world)
     tracker = _RankZeroTracker(cfg, loop_config.get("mlflow_run_id"), recipe) if rank == 0 else None
 
     def report(metrics: dict[str, Any], folder: Path | None) -> None:
-        scalar = {k: v for k, v in metrics.items() if k != "confusion"}
+        scalar = {k: v for k, v in metrics.items() if k not in _NOT_REPORTED}
         if tracker is not None:
-            tracker.on_epoch(metrics, folder)
+            tracker.on_evaluation(metrics, folder)
         checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if folder else None
         ray.train.report(scalar, checkpoint=checkpoint)
 
+    on_log = tracker.on_log if tracker is not None else None
     resume = ray.train.get_checkpoint()
     if resume is not None:
         with resume.as_directory() as resume_dir:
-            train_recipe(recipe, train_batches, device, rank, world, report, Path(resume_dir))
+            train_recipe(
+                recipe,
+                rows,
+                validation,
+                device,
+                rank,
+                world,
+                report,
+                Path(resume_dir),
+                on_log=on_log,
+            )
     else:
-        train_recipe(recipe, train_batches, device, rank, world, report)
+        start = loop_config.get("resume_from")
+        train_recipe(
+            recipe, rows, validation, device, rank, world, report,
+            Path(start) if start else None, on_log=on_log,
+        )  # fmt: skip
 
 
-def iter_train_frames(shard, cfg: ExperimentConfig, epoch: int, rank: int):
-    """One epoch of training batches (pandas frames) from a worker's dataset shard.
+_NOT_REPORTED = ("confusion", "probs", "targets")
+ROW_COLUMNS = ["text", "label_id", "input_ids"]
 
-    The shard's blocks arrive in a per-epoch seeded order (``driver.load_train_dataset``);
-    the local buffer, seeded per epoch and rank, mixes rows across several blocks.
+
+def shard_rows(shard) -> TokenRows:
+    """A worker's share of a split, read once into memory in a canonical order.
+
+    The split reaches the worker through Ray Data (no shared filesystem needed); its
+    batches are then drawn in a seeded order of its own (``batching.epoch_batches``), so
+    a restarted worker sees exactly the batches it would have seen.
     """
-    batch = cfg.train.batch_size
-    return shard.iter_batches(
-        batch_size=batch,
-        batch_format="pandas",
-        local_shuffle_buffer_size=max(8 * batch, 512),
-        local_shuffle_seed=cfg.train.seed * 1000 + epoch * 10 + rank,
+    return TokenRows.from_frames(
+        shard.iter_batches(batch_size=8192, batch_format="pandas"), sort_by_text=True
     )
 
 
 class _RankZeroTracker:
-    """MLflow logging from rank 0 only: metrics per epoch, the best model, the pictures."""
+    """MLflow logging from rank 0 only: metrics per step and per evaluation, the best model
+    and the pictures (learning curves; confusion matrix and ROC curve of the best model)."""
 
     def __init__(self, cfg: ExperimentConfig, run_id: str | None, recipe):
         self.cfg = cfg
@@ -80,8 +92,14 @@ class _RankZeroTracker:
 
             log_metrics(self.uri, run_id, recipe.counts, step=0)
 
-    def on_epoch(self, metrics: dict[str, Any], folder: Path | None) -> None:
-        """Log the epoch: metrics, and the pictures as they stand now.
+    def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        if self.run_id:
+            from lepton_ray.tracking.mlflow import log_metrics
+
+            log_metrics(self.uri, self.run_id, metrics, step)
+
+    def on_evaluation(self, metrics: dict[str, Any], folder: Path | None) -> None:
+        """Log one evaluation, and the pictures as they stand now.
 
         Plots go out with every report, not at the end: Tune's scheduler may stop a trial
         right after any report, and its workers with it.
@@ -91,12 +109,10 @@ class _RankZeroTracker:
         from lepton_ray.tracking import plots
         from lepton_ray.tracking.mlflow import log_figure, log_folder, log_metrics
 
-        epoch = int(metrics["epoch"])
-        scalars = {k: v for k, v in metrics.items() if k not in ("epoch", "confusion")}
-        log_metrics(self.uri, self.run_id, scalars, epoch)
-        self.history.append(
-            {"epoch": epoch, **{k: v for k, v in scalars.items() if k != "improved"}}
-        )
+        step = int(metrics["step"])
+        scalars = {k: v for k, v in metrics.items() if k not in _NOT_REPORTED}
+        log_metrics(self.uri, self.run_id, scalars, step)
+        self.history.append({k: v for k, v in scalars.items() if k != "improved"})
         log_figure(
             self.uri, self.run_id, plots.learning_curves(self.history), "plots/learning_curves.png"
         )
@@ -106,13 +122,18 @@ class _RankZeroTracker:
             log_metrics(
                 self.uri,
                 self.run_id,
-                {f"best_{metric}": metrics[metric], "best_epoch": epoch},
-                epoch,
+                {
+                    f"best_{metric}": metrics[metric],
+                    "best_step": step,
+                    "best_epoch": metrics["epoch"],
+                },
+                step,
             )
-            fig = plots.confusion_matrix(
-                metrics["confusion"], self.labels, f"Validation (best epoch: {epoch})"
-            )
+            title = f"Validation (best: step {step}, epoch {metrics['epoch']:.2f})"
+            fig = plots.confusion_matrix(metrics["confusion"], self.labels, title)
             log_figure(self.uri, self.run_id, fig, "plots/confusion_matrix_val.png")
+            fig = plots.roc_curve(metrics["probs"], metrics["targets"], self.labels, title)
+            log_figure(self.uri, self.run_id, fig, "plots/roc_curve_val.png")
 
 
 def ray_storage(cfg: ExperimentConfig) -> str:

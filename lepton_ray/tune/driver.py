@@ -13,7 +13,7 @@ def train_driver_fn(
     base: dict[str, Any],
     manifest: dict[str, Any],
     parent_run_id: str,
-    train_ds,
+    datasets: dict,
 ) -> None:
     """One Tune trial: apply the sampled values, then run a TorchTrainer reporting to Tune."""
     import ray.tune
@@ -47,7 +47,7 @@ def train_driver_fn(
             run_id,
             name=f"{cfg.name}-trial-{trial_id}",
             callbacks=[TuneReportCallback()],
-            train_ds=train_ds,
+            datasets=datasets,
         )
         fit(trainer)
 
@@ -61,14 +61,14 @@ def run_tune(
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from lepton_ray.train.driver import check_worker_resources, load_train_dataset
+    from lepton_ray.train.driver import load_split_dataset, preflight
 
-    check_worker_resources(cfg, "each tune trial")
+    preflight(cfg, manifest, "each tune trial")
     t = cfg.tune
     first = config_point(cfg)
     searcher = OptunaSearch(points_to_evaluate=[first] if first else None, seed=t.seed)
     scheduler = ASHAScheduler(
-        time_attr="training_iteration",
+        time_attr="epoch",  # reported as a fraction when evaluating every N steps
         max_t=cfg.train.epochs,
         grace_period=min(t.scheduler.grace_period, cfg.train.epochs),
         reduction_factor=t.scheduler.reduction_factor,
@@ -85,7 +85,7 @@ def run_tune(
         base=cfg.model_dump(mode="json"),
         manifest=manifest,
         parent_run_id=parent_run_id,
-        train_ds=load_train_dataset(cfg),
+        datasets={split: load_split_dataset(cfg, split) for split in ("train", "validation")},
     )
     tuner = tune.Tuner(
         # The trial only drives; its Ray Train workers hold the CPUs. Tune refuses an empty
@@ -138,7 +138,7 @@ def summarize_trials(
     for result in results:
         trial_id = (result.metrics or {}).get("trial_id")
         run = by_trial.get(trial_id)
-        epochs = int((result.metrics or {}).get("training_iteration", 0))
+        epochs = round(float((result.metrics or {}).get("epoch", 0)), 3)
         early = result.error is None and epochs < cfg.train.epochs
         run_metrics: dict[str, float] = {}
         if run is not None:

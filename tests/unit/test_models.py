@@ -211,7 +211,7 @@ def test_checkpoint_carries_cleaning_and_resumes_from_weights_only_state(tmp_pat
     )  # fmt: skip
     assert (folder / TRAINABLE_FILE).is_file()
     state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-    assert "trainable" not in state and state["history"] == history
+    assert "trainable" not in state and state["loop"]["history"] == history
     assert ModelMeta.load(folder).cleaning["lowercase"] is True
 
     fresh = apply_peft(

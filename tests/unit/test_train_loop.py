@@ -1,6 +1,7 @@
 """The training loop and recipe without Ray (the path a GPU box without Ray runs)."""
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -9,7 +10,7 @@ import torch
 from lepton_ray.config import validate_experiment
 from lepton_ray.data.sample import make_reviews
 from lepton_ray.models import load_model_artifact, load_tokenizer
-from lepton_ray.train.loop import build_scheduler, is_better
+from lepton_ray.train.loop import build_scheduler, is_better, lr_factor
 from lepton_ray.train.standalone import train_standalone
 from tests.conftest import smoke_config
 
@@ -87,6 +88,117 @@ def test_scheduler_warms_up_then_decays():
     assert lrs[0] < lrs[1] <= 1.0
     assert lrs[1] == pytest.approx(1.0)
     assert lrs[-1] < lrs[2]
+
+
+def test_lr_schedules_after_warmup():
+    total, warmup = 100, 10
+    for schedule in ("constant", "linear", "cosine"):
+        ramp = [lr_factor(s, total, warmup, schedule) for s in range(warmup)]
+        assert ramp == sorted(ramp) and ramp[-1] == pytest.approx(1.0)
+    assert lr_factor(50, total, warmup, "constant") == 1.0
+    assert lr_factor(55, total, warmup, "linear") == pytest.approx(0.5)
+    assert lr_factor(55, total, warmup, "cosine") == pytest.approx(0.5)
+    assert lr_factor(32, total, warmup, "cosine") > lr_factor(32, total, warmup, "linear")
+    assert lr_factor(99, total, warmup, "linear") < 0.02
+    assert lr_factor(100, total, warmup, "cosine") == pytest.approx(0.0)
+
+
+def _config(tmp_path, **train):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    data = tmp_path / "d.csv"
+    data.write_text("review,sentiment\na,positive\n")
+    base = {
+        "epochs": 2,
+        "batch_size": 16,
+        "lr": 2e-3,
+        "max_steps_per_epoch": None,
+        "precision": "fp32",
+    }
+    return validate_experiment(smoke_config(tmp_path, data, train={**base, **train}))
+
+
+def _train(cfg, manifest, out, **kwargs):
+    torch.set_num_threads(1)
+    return train_standalone(cfg, manifest, out, log=lambda _: None, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def rows():
+    rows = [r for r in make_reviews(500, seed=3) if r[0].strip()]
+    return {"train": rows[:400], "validation": rows[400:]}
+
+
+def test_same_seed_same_metrics_and_step_evaluations(tmp_path, rows):
+    cfg = _config(tmp_path, eval_every_steps=10)
+    manifest = write_tokenized(cfg, rows)
+    a = _train(cfg, manifest, tmp_path / "a")
+    b = _train(cfg, manifest, tmp_path / "b")
+    # 400 rows / 16 = 25 steps an epoch: evaluations at 10, 20, 25 (epoch end), 30, 40, 50.
+    assert [h["step"] for h in a["history"]] == [10, 20, 25, 30, 40, 50]
+    assert [h["val_loss"] for h in a["history"]] == [h["val_loss"] for h in b["history"]]
+    assert all(0.0 <= h["val_roc_auc"] <= 1.0 for h in a["history"])
+    assert all(h["train_tokens_per_s"] > 0 for h in a["history"])
+
+
+def test_resume_mid_epoch_equals_uninterrupted(tmp_path, rows):
+    cfg = _config(tmp_path, eval_every_steps=10)
+    manifest = write_tokenized(cfg, rows)
+    whole = _train(cfg, manifest, tmp_path / "whole")
+
+    from lepton_ray.train import standalone
+
+    class Crash(Exception):
+        pass
+
+    seen = []
+    real = standalone.shutil.copytree
+
+    def copy_then_crash(src, dst, *args, **kw):  # the run dies right after step 20's checkpoint
+        out = real(src, dst, *args, **kw)
+        if Path(dst).name == "last":
+            seen.append(dst)
+            if len(seen) == 2:
+                raise Crash()
+        return out
+
+    standalone.shutil.copytree = copy_then_crash
+    try:
+        with pytest.raises(Crash):
+            _train(cfg, manifest, tmp_path / "part")
+    finally:
+        standalone.shutil.copytree = real
+    resumed_cfg = cfg.model_copy(deep=True)
+    resumed_cfg.train.resume_from = str(tmp_path / "part" / "last")
+    rest = _train(resumed_cfg, manifest, tmp_path / "rest")
+    assert [h["step"] for h in rest["history"]] == [10, 20, 25, 30, 40, 50]
+    for mine, theirs in zip(rest["history"][2:], whole["history"][2:]):
+        assert mine["val_loss"] == pytest.approx(theirs["val_loss"], abs=1e-6)
+        assert mine["val_accuracy"] == theirs["val_accuracy"]
+
+
+def test_gradient_accumulation_matches_a_bigger_batch(tmp_path, rows):
+    no_dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    results = []
+    for batch, accumulation in ((16, 1), (8, 2)):
+        cfg = _config(
+            tmp_path / f"{batch}", batch_size=batch, gradient_accumulation_steps=accumulation,
+            group_by_length=False, epochs=1,
+        )  # fmt: skip
+        cfg.model.config_overrides = {**cfg.model.config_overrides, **no_dropout}
+        cfg.peft.lora.lora_dropout = 0.0
+        manifest = write_tokenized(cfg, rows)
+        results.append(_train(cfg, manifest, tmp_path / f"out{batch}")["history"][-1])
+    assert results[0]["step"] == results[1]["step"] == 25
+    assert results[0]["val_loss"] == pytest.approx(results[1]["val_loss"], abs=1e-4)
+
+
+def test_early_stopping_stops_and_keeps_the_best(tmp_path, rows):
+    cfg = _config(tmp_path, epochs=6, lr=1e-9, early_stopping={"patience": 2}, warmup_ratio=0.0)
+    manifest = write_tokenized(cfg, rows)
+    result = _train(cfg, manifest, tmp_path / "out")
+    # With a learning rate of 1e-9 nothing improves after the first evaluation.
+    assert len(result["history"]) == 3 and result["stopped_early"]
+    assert result["best_step"] == result["history"][0]["step"]
 
 
 def test_is_better_respects_mode():

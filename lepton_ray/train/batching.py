@@ -1,0 +1,159 @@
+"""Training rows in memory and the order they are batched in: plain numpy and torch, no Ray.
+
+A worker holds its share of the tokenized train split as one flat ``int32`` array of token
+ids plus offsets (4 bytes a token: SST-2's 63k training rows take about 4 MB). Every epoch's
+batch order is a pure function of (seed, epoch, rank), so
+
+- two runs with the same seed see the same batches;
+- a run resumed from a checkpoint taken after batch ``k`` of epoch ``e`` continues with
+  batch ``k + 1`` of the very same order (nothing is replayed, nothing skipped);
+- a Ray Train worker and a bare process (``standalone.py``) given the same rows batch them
+  identically.
+
+Length grouping: the epoch's shuffled rows are cut into windows of ``window`` batches,
+sorted by token length inside each window, cut into batches, and the batches are shuffled.
+Batches then hold texts of similar length (dynamic padding pads little) while their order,
+and which texts meet in a batch, stays random from epoch to epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+LENGTH_WINDOW_BATCHES = 64
+"""Batches per window sorted by length: wide enough to find similar lengths, narrow
+enough that a window still holds a random sample of the epoch."""
+
+
+@dataclass(frozen=True)
+class TokenRows:
+    """Token id sequences and labels, stored flat (``ids[offsets[i]:offsets[i+1]]``)."""
+
+    ids: np.ndarray
+    offsets: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    @classmethod
+    def from_frames(cls, frames: Iterable, sort_by_text: bool = True) -> TokenRows:
+        """Rows from pandas frames with ``input_ids`` and ``label_id`` (and ``text``).
+
+        ``sort_by_text`` puts rows in a canonical order (by text, then label), so the order
+        rows arrived in (files, blocks, streaming splits) cannot change the batches.
+        """
+        seqs: list = []
+        labels: list[np.ndarray] = []
+        texts: list = []
+        for frame in frames:
+            seqs.extend(frame["input_ids"])
+            labels.append(np.asarray(frame["label_id"], dtype=np.int64))
+            if sort_by_text and "text" in frame:
+                texts.extend(frame["text"])
+        label_arr = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+        lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+        offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        flat = np.zeros(int(offsets[-1]), dtype=np.int32)
+        for i, seq in enumerate(seqs):
+            flat[offsets[i] : offsets[i + 1]] = seq
+        rows = cls(flat, offsets, label_arr)
+        if sort_by_text and len(texts) == len(seqs) and len(seqs) > 1:
+            order = np.lexsort((label_arr, np.asarray(texts, dtype=object).astype(str)))
+            rows = rows.take(order)
+        return rows
+
+    def take(self, index: np.ndarray) -> TokenRows:
+        index = np.asarray(index, dtype=np.int64)
+        lengths = self.lengths[index]
+        offsets = np.zeros(len(index) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        if len(index):
+            gather = np.concatenate(
+                [np.arange(self.offsets[i], self.offsets[i + 1]) for i in index]
+            )
+        else:
+            gather = np.zeros(0, dtype=np.int64)
+        return TokenRows(self.ids[gather], offsets, self.labels[index])
+
+    def shard(self, rank: int, world: int) -> TokenRows:
+        """Every ``world``-th row from ``rank``, the same count on every rank (torchrun)."""
+        per_rank = len(self) // world
+        return self.take(np.arange(rank, per_rank * world, world))
+
+    def collate(self, index: np.ndarray, pad_id: int) -> dict:
+        """A padded batch (dynamic padding: to the longest row of the batch)."""
+        import torch
+
+        lengths = self.lengths[index]
+        width = int(lengths.max()) if len(index) else 0
+        ids = np.full((len(index), width), pad_id, dtype=np.int64)
+        mask = np.zeros((len(index), width), dtype=np.int64)
+        for row, (i, n) in enumerate(zip(index, lengths)):
+            ids[row, :n] = self.ids[self.offsets[i] : self.offsets[i] + n]
+            mask[row, :n] = 1
+        return {
+            "input_ids": torch.from_numpy(ids),
+            "attention_mask": torch.from_numpy(mask),
+            "labels": torch.from_numpy(self.labels[index].copy()),
+        }
+
+
+def epoch_rng(seed: int, epoch: int, rank: int) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, rank])
+
+
+def epoch_batches(
+    rows: TokenRows,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    group_by_length: bool = True,
+    window: int = LENGTH_WINDOW_BATCHES,
+) -> list[np.ndarray]:
+    """Row indices of every batch of one epoch, in order (the last batch may be short)."""
+    rng = epoch_rng(seed, epoch, rank)
+    order = rng.permutation(len(rows))
+    if not group_by_length:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    lengths = rows.lengths
+    batches: list[np.ndarray] = []
+    span = batch_size * window
+    for start in range(0, len(order), span):
+        chunk = order[start : start + span]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    shuffled = rng.permutation(len(batches))
+    return [batches[i] for i in shuffled]
+
+
+def padding_fraction(rows: TokenRows, batches: list[np.ndarray]) -> float:
+    """Share of the padded token slots that hold padding (0 = none wasted)."""
+    lengths = rows.lengths
+    real = sum(int(lengths[b].sum()) for b in batches)
+    slots = sum(int(lengths[b].max()) * len(b) for b in batches if len(b))
+    return 1.0 - real / slots if slots else 0.0
+
+
+def iter_epoch(
+    rows: TokenRows,
+    batches: list[np.ndarray],
+    pad_id: int,
+    start: int = 0,
+) -> Iterator[dict]:
+    """Collated batches ``start``, ``start + 1``, ... of an epoch's order."""
+    for index in batches[start:]:
+        yield rows.collate(index, pad_id)
