@@ -844,7 +844,9 @@ def _unwrap(annotation: Any) -> Any:
 
 
 def _suggest(bad: str, valid: list[str], prefix: str) -> str:
-    close = difflib.get_close_matches(bad, valid, n=1, cutoff=0.5)
+    # A key that starts like a valid one ('lrate' -> 'lr') beats a merely similar one.
+    starts = sorted((v for v in valid if bad.startswith(v) or v.startswith(bad)), key=len)
+    close = starts[-1:] or difflib.get_close_matches(bad, valid, n=1, cutoff=0.5)
     dotted = f"{prefix}.{close[0]}" if prefix and close else (close[0] if close else "")
     if close:
         return f" (did you mean '{dotted}'?)"

@@ -104,46 +104,55 @@ def test_parse_and_render_a_step_line():
 def test_the_training_loop_prints_lines_the_bar_understands():
     """The format is train/loop.py's: run it on a toy model and parse what it logs."""
     torch = pytest.importorskip("torch")
-    from lepton_ray.train.loop import LoopState, run_epochs
+    import pandas as pd
+
+    from lepton_ray.train.batching import TokenRows
+    from lepton_ray.train.loop import LoopSettings, LoopState, run_training
+    from lepton_ray.train.precision import Precision
 
     class Toy(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.lin = torch.nn.Linear(3, 2)
+            self.emb = torch.nn.Embedding(50, 2)
 
-        def forward(self, x, labels=None):
-            logits = self.lin(x)
+        def forward(self, input_ids, attention_mask, labels=None):
+            logits = self.emb(input_ids).mean(dim=1)
             loss = torch.nn.functional.cross_entropy(logits, labels) if labels is not None else None
             return types.SimpleNamespace(loss=loss, logits=logits)
 
-    gen = torch.Generator().manual_seed(0)
-    data = [
-        {"x": torch.randn(4, 3, generator=gen), "labels": torch.tensor([0, 1, 0, 1])}
-        for _ in range(10)
-    ]
+    frame = pd.DataFrame(
+        {
+            "text": [f"t{i}" for i in range(40)],
+            "input_ids": [[1 + i % 40, 2, 3][: 1 + i % 3] for i in range(40)],
+            "label_id": [i % 2 for i in range(40)],
+        }
+    )
+    rows = TokenRows.from_frames([frame])
     model = Toy()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     lines: list[str] = []
-    run_epochs(
+    run_training(
         model,
         opt,
         sched,
-        train_batches=lambda epoch: iter(data),
-        eval_batches=lambda: iter([{k: v.clone() for k, v in b.items()} for b in data[:2]]),
-        epochs=2,
+        rows,
+        pad_id=0,
+        eval_batches=lambda: [rows.collate(list(range(8)), 0)],
         num_labels=2,
-        steps_per_epoch=10,
-        device=torch.device("cpu"),
+        settings=LoopSettings(epochs=2, batch_size=4, log_every_steps=2),
         state=LoopState(),
+        device=torch.device("cpu"),
+        precision=Precision("fp32", "cpu", "test"),
         log=lines.append,
     )
-    steps = [parse_train_step(line) for line in lines if " step " in line]
-    assert len(steps) == 10 and all(steps), lines
+    steps = [parse_train_step(line) for line in lines]
+    steps = [step for step in steps if step is not None]
+    assert len(steps) == 10, lines
     assert [(s.epoch, s.step) for s in steps][:3] == [(1, 2), (1, 4), (1, 6)]
     assert steps[-1].epochs == 2 and steps[-1].steps == 10 and steps[-1].rate > 0
-    # The epoch summary is a plain stage line, not a bar.
-    done = [line for line in lines if "done:" in line]
+    # The evaluation summaries are plain stage lines, not bars.
+    done = [line for line in lines if "val_loss" in line]
     assert len(done) == 2 and all(stage_line(line) for line in done)
     assert not any(parse_train_step(line) for line in done)
 
