@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -63,37 +64,37 @@ def need_data(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def private_ray(num_cpus: int = 2, keep: bool = False):
-    """A local Ray of our own (own RAY_TMPDIR, loopback, no dashboard); yields a scratch dir."""
+def private_ray(num_cpus: int = 2, keep: bool = False, dashboard: bool = True):
+    """A local Ray of our own (own RAY_TMPDIR, loopback only); yields a scratch folder.
+
+    Started as ``lepton_ray.runtime.init_ray`` starts one in-process: with the dashboard on a
+    free loopback port, whose State API Ray Train's placement-group cleaner queries (without
+    it, or with another Ray on the machine, the cleaner's thread dies with a traceback).
+    """
     scratch = Path(tempfile.mkdtemp(prefix="lrt-", dir="/tmp"))
-    os.environ["RAY_TMPDIR"] = str(scratch)
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "RAY_API_SERVER_ADDRESS"):
         os.environ.pop(key, None)
+    os.environ.update(RAY_TMPDIR=str(scratch), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    for key, value in (("RAY_AUTH_MODE", "disabled"), ("RAY_TRAIN_V2_ENABLED", "1"),
+                       ("HF_HUB_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+        os.environ.setdefault(key, value)
     import ray
 
-    from lepton_ray.runtime import worker_env
+    from lepton_ray.runtime import free_port, worker_env
 
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        runtime_env={"env_vars": worker_env()},
-        logging_level="WARNING",
-    )
+    port = free_port() if dashboard else None
+    api = f"http://127.0.0.1:{port}" if dashboard else None
+    if api:
+        os.environ["RAY_API_SERVER_ADDRESS"] = api
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
+             **({"dashboard_host": "127.0.0.1", "dashboard_port": port} if dashboard else {}),
+             runtime_env={"env_vars": worker_env(api)}, logging_level="WARNING")
     try:
         yield scratch
     finally:
         ray.shutdown()
         time.sleep(1)
-        if keep:
-            log(f"kept {scratch}")
-        else:
-            shutil.rmtree(scratch, ignore_errors=True)
+        log(f"kept {scratch}") if keep else shutil.rmtree(scratch, ignore_errors=True)
 
 
 def experiment(tmp: Path, data: dict, train: dict, peft: dict, scaling: dict | None = None):
@@ -101,63 +102,47 @@ def experiment(tmp: Path, data: dict, train: dict, peft: dict, scaling: dict | N
     from lepton_ray.config import validate_experiment
 
     raw = {
-        "name": "bench-train",
-        "output_dir": str(tmp / "outputs"),
-        "data": data,
-        "model": {"name": "minilm"},
-        "peft": peft,
-        "train": train,
+        "name": "bench-train", "output_dir": str(tmp / "outputs"), "data": data,
+        "model": {"name": "minilm"}, "peft": peft, "train": train,
         "scaling": scaling or {"num_workers": 1, "resources_per_worker": {"CPU": 2}},
-        "tune": {"enabled": False},
-        "compress": {"enabled": False},
-        "serve": {"enabled": False},
-        "tracking": {
-            "tracking_uri": f"sqlite:///{tmp}/mlflow.db",
-            "artifact_location": str(tmp / "artifacts"),
-        },
+        "tune": {"enabled": False}, "compress": {"enabled": False}, "serve": {"enabled": False},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp}/mlflow.db",
+                     "artifact_location": str(tmp / "artifacts")},
         "cluster": {"storage_path": str(tmp / "ray_results")},
     }
     return validate_experiment(raw, source="benchmark")
 
 
 def rates(history: list[dict], tokens_per_row: float) -> dict:
-    """Samples/s, tokens/s and seconds over every evaluation window of a loop's history."""
-    if history and all("train_seconds" in h for h in history):
-        seconds = sum(h["train_seconds"] for h in history)
-        rows = sum(h["train_samples_per_s"] * h["train_seconds"] for h in history)
-        exact = all("train_tokens_per_s" in h for h in history)
-        tokens = (
-            sum(h["train_tokens_per_s"] * h["train_seconds"] for h in history)
-            if exact
-            else rows * tokens_per_row
-        )
-        return {
-            "samples_per_s": rows / seconds,
-            "tokens_per_s": tokens / seconds,
-            "train_seconds": seconds,
-            "rows": round(rows),
-            "tokens_estimated": not exact,
-            "padding_fraction": history[-1].get("padding_fraction"),
-        }
-    sps = statistics.mean(h["train_samples_per_s"] for h in history)
-    return {
-        "samples_per_s": sps,
-        "tokens_per_s": sps * tokens_per_row,
-        "train_seconds": None,
-        "tokens_estimated": True,
-    }
+    """Samples/s, real tokens/s and seconds over every evaluation window of a loop's history.
+
+    Tokens are estimated (rows x mean length of the train split) if the loop reports none.
+    """
+    if not (history and all("train_seconds" in h for h in history)):
+        sps = statistics.mean(h["train_samples_per_s"] for h in history)
+        return {"samples_per_s": sps, "tokens_per_s": sps * tokens_per_row,
+                "train_seconds": None, "tokens_estimated": True}
+    seconds = sum(h["train_seconds"] for h in history)
+    rows = sum(h["train_samples_per_s"] * h["train_seconds"] for h in history)
+    exact = all("train_tokens_per_s" in h for h in history)
+    tokens = sum(h.get("train_tokens_per_s", 0) * h["train_seconds"] for h in history)
+    tokens = tokens if exact else rows * tokens_per_row
+    return {"samples_per_s": rows / seconds, "tokens_per_s": tokens / seconds,
+            "train_seconds": seconds, "rows": round(rows), "tokens_estimated": not exact,
+            "padding_fraction": history[-1].get("padding_fraction")}
 
 
-def ray_history(cfg, result: dict) -> list[dict]:
-    """Every evaluation's throughput metrics of a Ray run, from its MLflow run."""
+THROUGHPUT_KEYS = ("train_samples_per_s", "train_tokens_per_s", "train_seconds", "padding_fraction")
+
+
+def ray_history(cfg, result: dict, keys: tuple[str, ...] = THROUGHPUT_KEYS) -> list[dict]:
+    """Every evaluation's metrics ``keys`` of a Ray run, from its MLflow run."""
     from lepton_ray.tracking.mlflow import client
 
-    keys = ("train_samples_per_s", "train_tokens_per_s", "train_seconds", "padding_fraction")
     c = client(cfg.tracking.tracking_uri)
     series = {k: {m.step: m.value for m in c.get_metric_history(result["run_id"], k)} for k in keys}
-    steps = sorted(series["train_samples_per_s"])
-    history = [{k: series[k][s] for k in keys if s in series[k]} for s in steps]
-    return history or [result["metrics"]]
+    steps = sorted(series[keys[0]])
+    return [{k: series[k][s] for k in keys if s in series[k]} for s in steps] or [result["metrics"]]
 
 
 def wait_for_cpus(seconds: float = 60.0) -> None:
@@ -173,22 +158,16 @@ def wait_for_cpus(seconds: float = 60.0) -> None:
 
 
 class TrainRows:
-    """The train Parquet as a torch dataset for `Trainer`; counts what it hands out."""
+    """The train Parquet as a torch dataset for `Trainer` (its collator pads the ids)."""
 
     def __init__(self, frame):
         self.ids = [list(map(int, x)) for x in frame["input_ids"]]
         self.labels = [int(x) for x in frame["label_id"]]
-        self.reset()
-
-    def reset(self) -> None:
-        self.rows = self.tokens = 0
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict:
-        self.rows += 1
-        self.tokens += len(self.ids[i])
         return {"input_ids": self.ids[i], "label": self.labels[i]}
 
 
@@ -196,108 +175,70 @@ def run_hf(args, frame, labels: list[str], out: Path) -> dict:
     import dataclasses
 
     import torch
+    import transformers as tf
     from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import (
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
-        set_seed,
-    )
 
     from lepton_ray.models import resolve_model_path
 
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
     path = resolve_model_path("minilm")
-    set_seed(42)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(labels))
-    lora = LoraConfig(
-        task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, lora_dropout=0.1,
-        target_modules=["query", "value"],
-    )  # fmt: skip
-    model = get_peft_model(model, lora)
-    rows = TrainRows(frame)
+    tf.set_seed(42)
+    tokenizer = tf.AutoTokenizer.from_pretrained(path)
+    model = tf.AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(labels))
+    model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16,
+                                             lora_dropout=0.1, target_modules=["query", "value"]))
 
-    class Clock(TrainerCallback):
+    class Clock(tf.TrainerCallback):
         def on_train_begin(self, a, state, control, **kw):
-            rows.reset()
             self.start = time.perf_counter()
 
         def on_step_end(self, a, state, control, **kw):
             if state.global_step % 10 == 0:
-                rate = rows.rows / (time.perf_counter() - self.start)
+                rate = state.global_step * args.batch / (time.perf_counter() - self.start)
                 log(f"[hf] step {state.global_step}/{state.max_steps} {rate:.1f} samples/s")
 
         def on_train_end(self, a, state, control, **kw):
             self.seconds = time.perf_counter() - self.start
 
-    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
-    sampler = (
-        {"group_by_length": False}
-        if "group_by_length" in fields
-        else {"train_sampling_strategy": "random"}
+    fields = {f.name for f in dataclasses.fields(tf.TrainingArguments)}
+    random_order = ({"group_by_length": False} if "group_by_length" in fields
+                    else {"train_sampling_strategy": "random"})
+    targs = tf.TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=args.batch, num_train_epochs=args.epochs,
+        max_steps=args.max_steps * args.epochs if args.max_steps else -1, learning_rate=args.lr,
+        weight_decay=0.01, lr_scheduler_type="linear", warmup_steps=0.1, max_grad_norm=1.0,
+        seed=42, use_cpu=True, dataloader_num_workers=0, report_to=[], save_strategy="no",
+        eval_strategy="no", logging_strategy="no", disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding", **random_order,  # real tokens: mask sums
     )
-    targs = TrainingArguments(
-        output_dir=str(out),
-        per_device_train_batch_size=args.batch,
-        num_train_epochs=args.epochs,
-        max_steps=args.max_steps * args.epochs if args.max_steps else -1,
-        learning_rate=args.lr,
-        weight_decay=0.01,
-        lr_scheduler_type="linear",
-        warmup_steps=0.1,
-        max_grad_norm=1.0,
-        seed=42,
-        use_cpu=True,
-        dataloader_num_workers=0,
-        report_to=[],
-        save_strategy="no",
-        eval_strategy="no",
-        logging_strategy="no",
-        disable_tqdm=True,
-        **sampler,
-    )
-    clock = Clock()
-    trainer = Trainer(
-        model=model, args=targs, train_dataset=rows, processing_class=tokenizer, callbacks=[clock]
-    )
+    clock, rows = Clock(), TrainRows(frame)
+    trainer = tf.Trainer(model=model, args=targs, train_dataset=rows, processing_class=tokenizer,
+                         callbacks=[clock])
     output = trainer.train()
-    return {
-        "samples_per_s": rows.rows / clock.seconds,
-        "tokens_per_s": rows.tokens / clock.seconds,
-        "train_seconds": clock.seconds,
-        "rows": rows.rows,
-        "tokens_estimated": False,
-        "trainer_train_runtime": output.metrics.get("train_runtime"),
-        "wall_s": time.perf_counter() - started,
-    }
+    # Every row once per epoch; with --max-steps, full batches (smoke sizes fit in an epoch).
+    n = len(rows) * args.epochs
+    n = min(n, trainer.state.global_step * args.batch) if args.max_steps else n
+    tokens = trainer.state.num_input_tokens_seen
+    return {"samples_per_s": n / clock.seconds, "tokens_per_s": tokens / clock.seconds,
+            "train_seconds": clock.seconds, "rows": n, "tokens": tokens,
+            "tokens_estimated": False, "trainer_train_runtime": output.metrics.get("train_runtime"),
+            "wall_s": time.perf_counter() - started}
 
 
 def variant_config(args, tmp: Path, kind: str, precision: str, glen: bool):
-    data = {
-        "path": str(args.data),
-        "text_column": "sentence",
-        "label_column": "label",
-        "max_rows": args.rows,
-        "split": {"validation": args.validation, "test": 0.0, "seed": 42},
-        "max_length": args.max_length,
-    }
+    data = {"path": str(args.data), "text_column": "sentence", "label_column": "label",
+            "max_rows": args.rows, "max_length": args.max_length,
+            "split": {"validation": args.validation, "test": 0.0, "seed": 42}}
     peft = {"method": "lora", "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1,
-                                       "target_modules": ["query", "value"]}}  # fmt: skip
+                                       "target_modules": ["query", "value"]}}
     workers = 2 if kind == "ray2x1" else 1
-    train = {
-        "epochs": args.epochs, "lr": args.lr, "warmup_ratio": 0.1, "precision": precision,
-        "group_by_length": glen, "torch_threads": max(1, args.threads // workers),
-        "max_steps_per_epoch": args.max_steps, "seed": 42,
-    }  # fmt: skip
-    if workers > 1 and args.ddp_batch == "global":
-        train["global_batch_size"] = args.batch
-    else:
-        train["batch_size"] = args.batch
     cpus = max(1, args.threads // workers)
+    train = {"epochs": args.epochs, "lr": args.lr, "warmup_ratio": 0.1, "precision": precision,
+             "group_by_length": glen, "torch_threads": cpus, "seed": 42,
+             "max_steps_per_epoch": args.max_steps}
+    ddp_global = workers > 1 and args.ddp_batch == "global"
+    train["global_batch_size" if ddp_global else "batch_size"] = args.batch
     scaling = {"num_workers": workers, "resources_per_worker": {"CPU": cpus}}
     return experiment(tmp, data, train, peft, scaling)
 
@@ -311,15 +252,22 @@ def run_variant(name: str, args, tmp: Path, manifest: dict, frame, tokens_per_ro
     if kind == "loop":
         from lepton_ray.train.standalone import train_standalone
 
-        result = train_standalone(cfg, manifest, tmp / f"{name}-{i}", log=log)
-        history = result["history"]
+        history = train_standalone(cfg, manifest, tmp / f"{name}-{i}", log=log)["history"]
     else:
         from lepton_ray.train.driver import run_train
 
         wait_for_cpus()
-        result = run_train(cfg, manifest, log=log, new=True)
-        history = ray_history(cfg, result)
+        history = ray_history(cfg, run_train(cfg, manifest, log=log, new=True))
     return {**rates(history, tokens_per_row), "wall_s": time.perf_counter() - started}
+
+
+def save(result: dict, out: Path | None, stem: str) -> Path:
+    """``--out`` if given, else ``benchmarks/results/STEM-<date>.json``."""
+    if out is None:
+        return write(f"{stem}-{datetime.now(timezone.utc):%Y-%m-%d}", result)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str))
+    return out
 
 
 def main() -> None:
@@ -340,6 +288,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=None, help="steps per epoch (smoke)")
     parser.add_argument("--out", type=Path, default=None, help="result JSON path")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    parser.add_argument("--no-dashboard", action="store_true", help="Ray without dashboard")
     args = parser.parse_args()
 
     args.data = need_data(args.data_root.expanduser().resolve() / "sst2" / "train.tsv")
@@ -350,7 +299,7 @@ def main() -> None:
         sys.exit(f"unknown variant(s) {bad}; e.g. hf, loop-fp32, loop-bf16-glen, ray1x2-fp32-glen")
 
     runs: dict[str, list[dict]] = {v: [] for v in variants}
-    with private_ray(num_cpus=2, keep=args.keep) as tmp:
+    with private_ray(2, args.keep, not args.no_dashboard) as tmp:
         import pandas as pd
 
         from lepton_ray.data.pipeline import run_preprocess
@@ -370,10 +319,10 @@ def main() -> None:
                 record = run_variant(name, args, tmp, manifest, frame, tokens_per_row, i)
                 runs[name].append(record)
                 log(f"[bench] {name}: {record['samples_per_s']:.1f} samples/s, "
-                    f"{record['tokens_per_s']:.0f} tokens/s, wall {record['wall_s']:.1f} s")  # fmt: skip
+                    f"{record['tokens_per_s']:.0f} tokens/s, wall {record['wall_s']:.1f} s")
 
     med = {v: {k: statistics.median(r[k] for r in rs)
-               for k in ("samples_per_s", "tokens_per_s", "wall_s")} for v, rs in runs.items()}  # fmt: skip
+               for k in ("samples_per_s", "tokens_per_s", "wall_s")} for v, rs in runs.items()}
     for v, m in med.items():
         hf = med.get("hf")
         m["x_hf_samples"] = m["samples_per_s"] / hf["samples_per_s"] if hf else None
@@ -394,33 +343,25 @@ def main() -> None:
         "runs": runs,
         "median": med,
     }
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    path = args.out or Path(__file__).resolve().parent / "results" / f"train_throughput-{date}.json"
-    if args.out:
-        import json
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2, default=str))
-    else:
-        path = write(f"train_throughput-{date}", result)
+    path = save(result, args.out, "train_throughput")
 
     print(f"\nMiniLM-L6 + LoRA r=8, SST-2 first {args.rows} rows ({len(frame)} train rows), "
           f"batch {args.batch}, max_length {args.max_length}, {args.epochs} epoch(s)"
           f"{f', {args.max_steps} steps/epoch' if args.max_steps else ''}; {info['cpu']}, "
           f"{info['nproc']} cores; torch {info['torch']}, ray {info['ray']}; median of "
-          f"{args.repeats}\n")  # fmt: skip
+          f"{args.repeats}\n")
     print("| variant | samples/s | real tokens/s | x HF (samples) | x HF (tokens) "
-          "| Ray slower than bare loop | wall s |")  # fmt: skip
+          "| Ray slower than bare loop | wall s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for v, m in med.items():
         def fmt(x, spec):
             return "-" if x is None else format(x, spec)
 
         ray = (f"{fmt(m['ray_slower_pct'], '+.1f')}% (wall {fmt(m['ray_wall_slower_pct'], '+.0f')}%)"
-               if m["ray_slower_pct"] is not None else "-")  # fmt: skip
+               if m["ray_slower_pct"] is not None else "-")
         print(f"| {v} | {m['samples_per_s']:.1f} | {m['tokens_per_s']:,.0f} | "
               f"{fmt(m['x_hf_samples'], '.2f')} | {fmt(m['x_hf_tokens'], '.2f')} | {ray} | "
-              f"{m['wall_s']:.1f} |")  # fmt: skip
+              f"{m['wall_s']:.1f} |")
     print(f"\nFull numbers: {path}")
 
 

@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 
 from lepton_ray import console
-from lepton_ray.errors import LeptonError
+from lepton_ray.errors import LeptonError, terminate_as_interrupt
 
 app = typer.Typer(
     add_completion=False,
@@ -93,7 +93,7 @@ def handle_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        _terminate_as_interrupt()
+        terminate_as_interrupt()
         try:
             return fn(*args, **kwargs)
         except LeptonError as err:
@@ -117,18 +117,6 @@ def handle_errors(fn):
             console.finish()
 
     return wrapper
-
-
-def _terminate_as_interrupt() -> None:
-    """SIGTERM (a job stop, ``kill``) ends a command like Ctrl-C: runs end KILLED, not RUNNING."""
-    import signal
-    import threading
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, interrupt)
 
 
 def _load(config: Path, overrides: list[str] | None):

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from lepton_ray.config import ClusterSection
-from lepton_ray.errors import LeptonError
+from lepton_ray.errors import LeptonError, terminate_as_interrupt
 
 LOCAL_HEAD_PORT = 6379
 LOCAL_DASHBOARD_PORT = 8265
@@ -109,6 +109,7 @@ def init_ray(cluster: ClusterSection, log=print) -> str:
                 f"cannot connect to the Ray cluster at cluster.address={address!r}: "
                 f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
             ) from None
+        terminate_as_interrupt()
         log(f"[ray] connected to cluster at {address}")
         _MODE = "external"
         return _MODE
@@ -124,6 +125,7 @@ def init_ray(cluster: ClusterSection, log=print) -> str:
         logging_level="WARNING",
         log_to_driver=True,
     )
+    terminate_as_interrupt()
     log(
         f"[ray] started an in-process Ray instance ({ray.cluster_resources().get('CPU', 0):.0f} CPUs)"
     )
@@ -218,14 +220,27 @@ def serve_applications() -> list[str]:
         return []
 
 
+RELEASE_GRACE_S = 20.0
+
+
 def check_resources(cluster: ClusterSection, cpus: float, gpus: float, what: str) -> None:
     """Fail fast, and say why, when ``what`` cannot get its workers' resources.
 
     Ray would otherwise wait for them forever, which on a fixed-size cluster is a hang.
     """
+    import time
+
     import ray
 
     total, free = ray.cluster_resources(), ray.available_resources()
+    # What a stage that just ended held (Ray Data's actors, a finished run's placement
+    # group) comes back within seconds: wait that long before calling the cluster busy.
+    deadline = time.monotonic() + RELEASE_GRACE_S
+    while time.monotonic() < deadline and (
+        free.get("CPU", 0.0) + 1e-9 < cpus or free.get("GPU", 0.0) + 1e-9 < gpus
+    ):
+        time.sleep(0.5)
+        free = ray.available_resources()
     for name, need in (("CPU", cpus), ("GPU", gpus)):
         if need <= 0:
             continue

@@ -139,9 +139,14 @@ def tracked_run(
             c.set_terminated(run_id, status="KILLED")
         raise
     except BaseException as err:
+        from lepton_ray.errors import INTERRUPTED
+
         if settle_errors:
-            c.set_tag(run_id, TAG_ERROR, redact_uri(f"{type(err).__name__}: {err}")[:5000])
-            c.set_terminated(run_id, status="FAILED")
+            # A signal may surface as another error (Ray wraps what it interrupts).
+            killed = INTERRUPTED.is_set()
+            message = "interrupted (signal)" if killed else f"{type(err).__name__}: {err}"
+            c.set_tag(run_id, TAG_ERROR, redact_uri(message)[:5000])
+            c.set_terminated(run_id, status="KILLED" if killed else "FAILED")
         raise
     else:
         c.set_terminated(run_id, status="FINISHED")

@@ -91,7 +91,10 @@ def test_ddp_reports_every_metric_and_logs_the_pictures(ddp_run):
     c = MlflowClient(cfg.tracking.tracking_uri)
     run = c.get_run(result["run_id"])
     assert run.info.status == "FINISHED"
-    assert [m.step for m in c.get_metric_history(run.info.run_id, "lr")][:2] == [10, 20]
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "train_loss_step")][:2] == [
+        10,
+        20,
+    ]
     steps = [m.step for m in c.get_metric_history(run.info.run_id, "val_loss")]
     assert steps == sorted(steps) and len(steps) >= 5  # every 6 steps and every epoch end
     pictures = {a.path for a in c.list_artifacts(run.info.run_id, "plots")}
@@ -163,17 +166,19 @@ def test_bad_training_input_is_refused_before_any_worker_starts(data, tmp_path):
     config = write_yaml(tmp_path / "bad.yaml", raw)
     assert runner.invoke(app, ["preprocess", str(config)]).exit_code == 0
     cases = {
-        "train.global_batch_size=33": "does not divide across 2 workers",
-        "scaling.use_gpu=true": "GPU",
-        "train.strategy=fsdp": "too small to shard",
-        f"train.resume_from={tmp_path / 'nothing'}": "does not exist",
-        "peft.lora.target_modules=[no_such_layer]": "no_such_layer",
+        ("train.global_batch_size=33",): "does not divide across 2 workers",
+        ("scaling.use_gpu=true",): "has no GPU",
+        # The smoke model has 2.1M weights: over 2 workers that is below 5M per worker.
+        ("train.strategy=fsdp", "train.fsdp_min_params_per_worker=5000000"): "too small to shard",
+        (f"train.resume_from={tmp_path / 'nothing'}",): "does not exist",
+        ("peft.lora.target_modules=[no_such_layer]",): "no_such_layer",
     }
-    for override, message in cases.items():
+    for overrides, message in cases.items():
         started = time.time()
-        result = runner.invoke(app, ["train", str(config), "--set", override])
-        assert result.exit_code == 2, (override, result.output)
-        assert message in result.output, (override, result.output)
+        args = [x for override in overrides for x in ("--set", override)]
+        result = runner.invoke(app, ["train", str(config), *args])
+        assert result.exit_code == 2, (overrides, result.output)
+        assert message in result.output, (overrides, result.output)
         assert time.time() - started < 60
 
 
