@@ -18,9 +18,10 @@ on the test Parquet with ``lepton_ray.evaluation.evaluate``.
 
 ``--max-minutes`` sets a time budget: a short probe of the bare loop measures samples/s and
 the per-epoch overhead, and only if the epochs would not fit is ``train.max_steps_per_epoch``
-capped (each epoch then trains on the first batches of its shuffled order). Reported: test
-accuracy and macro-F1, validation metrics per epoch, training wall time (model loading,
-evaluations and checkpoints included) and the loop's own train seconds. Results go to
+capped (each epoch then trains on the first batches of its shuffled order; Ray start-up
+is not budgeted). Reported: test accuracy and macro-F1, validation metrics per epoch,
+training wall time (model loading, evaluations and checkpoints included) and the loop's own
+train seconds. Results go to
 ``benchmarks/results/train_quality-<dataset>-<date>.json``.
 """
 
@@ -34,11 +35,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine  # noqa: E402
 from train_throughput import (  # noqa: E402
     SHARED,
     experiment,
     log,
+    machine_facts,
     need_data,
     private_ray,
     ray_history,
@@ -193,7 +194,7 @@ def main() -> None:
     train_s = sum(h.get("train_seconds", 0.0) for h in history) or None
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     result = {
-        "machine": machine(), "settings": settings, "method": how,
+        "machine": machine_facts(), "settings": settings, "method": how,
         "config_train": cfg.train.model_dump(mode="json"), "peft": cfg.peft.model_dump(),
         "manifest": {k: manifest.get(k) for k in ("rows_read", "kept", "dropped", "splits",
                                                   "labels", "contamination")},

@@ -71,7 +71,7 @@ def private_ray(num_cpus: int = 2, keep: bool = False, dashboard: bool = True):
     free loopback port, whose State API Ray Train's placement-group cleaner queries (without
     it, or with another Ray on the machine, the cleaner's thread dies with a traceback).
     """
-    scratch = Path(tempfile.mkdtemp(prefix="lrt-", dir="/tmp"))
+    scratch = Path(tempfile.mkdtemp(prefix="lrt-tb-", dir="/tmp"))
     for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "RAY_API_SERVER_ADDRESS"):
         os.environ.pop(key, None)
     os.environ.update(RAY_TMPDIR=str(scratch), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
@@ -261,6 +261,13 @@ def run_variant(name: str, args, tmp: Path, manifest: dict, frame, tokens_per_ro
     return {**rates(history, tokens_per_row), "wall_s": time.perf_counter() - started}
 
 
+def machine_facts() -> dict:
+    """``common.machine()`` plus the CPU's vector units and whether bf16 is native."""
+    from lepton_ray.train.precision import cpu_features
+
+    return {**machine(), "cpu_features": cpu_features().describe()}
+
+
 def save(result: dict, out: Path | None, stem: str) -> Path:
     """``--out`` if given, else ``benchmarks/results/STEM-<date>.json``."""
     if out is None:
@@ -330,10 +337,7 @@ def main() -> None:
         bare = med.get(re.sub(r"^ray\dx\d", "loop", v)) if v.startswith("ray") else None
         m["ray_slower_pct"] = 100 * (1 - m["samples_per_s"] / bare["samples_per_s"]) if bare else None
         m["ray_wall_slower_pct"] = 100 * (m["wall_s"] / bare["wall_s"] - 1) if bare else None
-    info = machine()
-    from lepton_ray.train.precision import cpu_features
-
-    info["cpu_features"] = cpu_features().describe()
+    info = machine_facts()
     result = {
         "machine": info,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

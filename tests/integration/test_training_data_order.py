@@ -1,13 +1,15 @@
 """Training batches mix the classes, even when the input file is sorted by class."""
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from lepton_ray.config import validate_experiment
 from lepton_ray.data.pipeline import run_preprocess
-from lepton_ray.train.driver import load_train_dataset
-from lepton_ray.train.standalone import standalone_batch_rows
-from lepton_ray.train.worker import iter_train_frames
+from lepton_ray.train.batching import epoch_batches
+from lepton_ray.train.driver import load_split_dataset
+from lepton_ray.train.recipe import read_split
+from lepton_ray.train.worker import shard_rows
 from tests.conftest import smoke_config
 
 pytestmark = pytest.mark.slow
@@ -44,27 +46,58 @@ def test_written_train_blocks_mix_the_classes(sorted_by_class):
             assert frame["label_id"].nunique() == 4, file.name
 
 
-def test_first_batches_of_every_epoch_mix_the_classes_on_one_worker(sorted_by_class):
+def _first_batches(rows, cfg, epoch: int, rank: int = 0, n: int = 4):
+    batches = epoch_batches(rows, cfg.train.batch_size, cfg.train.seed, epoch, rank)
+    return [rows.labels[b].tolist() for b in batches[:n]]
+
+
+def test_worker_batches_mix_the_classes_and_reshuffle_every_epoch(sorted_by_class):
+    """What a Ray Train worker trains on: its shard from Ray Data, in a seeded order."""
     cfg, _ = sorted_by_class
-    ds = load_train_dataset(cfg)
+    rows = shard_rows(load_split_dataset(cfg, "train").iterator())
     firsts = []
     for epoch in range(2):
-        frames = iter_train_frames(ds.iterator(), cfg, epoch=epoch, rank=0)
-        batches = [list(f["label_id"]) for f, _ in zip(frames, range(4))]
+        batches = _first_batches(rows, cfg, epoch)
         assert min(_classes_per_batch(batches)) >= 3, batches
         firsts.append(batches[0])
     assert firsts[0] != firsts[1]  # each epoch sees another order
 
 
-def test_standalone_batches_mix_the_classes_and_reshuffle(sorted_by_class):
+def test_ray_data_and_the_bare_loop_hand_over_the_same_rows(sorted_by_class):
+    """Through Ray Data or read from the folder, in any block order: the same rows, in
+    the same canonical order, so both paths train on identical batches."""
     cfg, _ = sorted_by_class
-    frame = pd.read_parquet(cfg.data_dir / "train")
-    epochs = []
-    for epoch in range(2):
-        batches = [
-            list(frame.iloc[rows]["label_id"])
-            for rows, _ in zip(standalone_batch_rows(len(frame), cfg, epoch, 0, 1), range(4))
-        ]
-        assert min(_classes_per_batch(batches)) >= 3, batches
-        epochs.append(batches[0])
-    assert epochs[0] != epochs[1]
+    via_ray = shard_rows(load_split_dataset(cfg, "train").iterator())
+    again = shard_rows(load_split_dataset(cfg, "train", block_rows=37).iterator())
+    bare = read_split(cfg, "train")
+    for other in (again, bare):
+        assert np.array_equal(via_ray.ids, other.ids)
+        assert np.array_equal(via_ray.labels, other.labels)
+
+
+def test_two_workers_get_equal_disjoint_shards_every_time(sorted_by_class):
+    cfg, manifest = sorted_by_class
+
+    import threading
+
+    def read(its):
+        out = [None, None]
+
+        def one(i):
+            out[i] = shard_rows(its[i])
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return out
+
+    runs = []
+    for _ in range(2):
+        ds = load_split_dataset(cfg, "train")
+        runs.append(read(ds.streaming_split(2, equal=True)))
+    a, b = runs[0]
+    assert len(a) == len(b) >= manifest["splits"]["train"] // 2 - 1
+    for first, second in zip(runs[0], runs[1]):  # the same split on a second execution
+        assert np.array_equal(first.ids, second.ids)
