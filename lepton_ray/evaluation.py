@@ -5,7 +5,9 @@ Pure torch: no Ray, so the same code runs under torchrun or on a GPU box without
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
@@ -66,33 +68,43 @@ def metrics_from_confusion(matrix: np.ndarray) -> dict[str, float]:
 def _average_ranks(values: np.ndarray) -> np.ndarray:
     """1-based ranks, ties sharing their average rank."""
     order = np.argsort(values, kind="mergesort")
-    ranks = np.empty(len(values), dtype=np.float64)
     sorted_values = values[order]
-    starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
+    new_group = np.r_[True, sorted_values[1:] != sorted_values[:-1]]
+    starts = np.flatnonzero(new_group)
     ends = np.r_[starts[1:], len(values)]
-    for lo, hi in zip(starts, ends):
-        ranks[order[lo:hi]] = (lo + hi + 1) / 2.0
+    ranks = np.empty(len(values), dtype=np.float64)
+    ranks[order] = ((starts + ends + 1) / 2.0)[np.cumsum(new_group) - 1]
     return ranks
 
 
 def binary_auc(scores: np.ndarray, positives: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U, ties counted half); nan if one class."""
+    """Area under the ROC curve (Mann-Whitney U, ties counted half).
+
+    nan when it is undefined: only one class among ``positives``, or a score that is not
+    finite (a diverged model).
+    """
     positives = np.asarray(positives, dtype=bool)
+    scores = np.asarray(scores, dtype=np.float64)
     n_pos, n_neg = int(positives.sum()), int((~positives).sum())
-    if not n_pos or not n_neg:
+    if not n_pos or not n_neg or not np.isfinite(scores).all():
         return float("nan")
-    ranks = _average_ranks(np.asarray(scores, dtype=np.float64))
+    ranks = _average_ranks(scores)
     return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def roc_auc(probs: np.ndarray, targets: np.ndarray) -> float:
-    """ROC-AUC: binary on the second class's probability; else macro one-vs-rest.
+    """ROC-AUC of N x C class probabilities against integer labels.
 
-    One-vs-rest averages over the classes that have both positives and negatives among
-    ``targets`` (a class absent from the split has no curve); nan when none has.
+    Two classes: the AUC of the second class's probability. More: the macro mean of the
+    one-vs-rest AUCs, as scikit-learn's ``roc_auc_score(targets, probs, multi_class="ovr",
+    average="macro")`` when every class occurs in ``targets``. A class absent from
+    ``targets`` (possible in a small validation split) has no ROC curve: scikit-learn then
+    raises (or, given ``labels=``, returns nan); here such a class is left out of the mean,
+    so the score stays defined from the classes that do occur. nan when no class has both
+    positives and negatives (a single class in ``targets``) or a probability is not finite.
     """
     probs, targets = np.asarray(probs), np.asarray(targets)
-    if len(targets) == 0 or probs.ndim != 2:
+    if len(targets) == 0 or probs.ndim != 2 or len(probs) != len(targets):
         return float("nan")
     if probs.shape[1] == 2:
         return binary_auc(probs[:, 1], targets == 1)
@@ -102,10 +114,17 @@ def roc_auc(probs: np.ndarray, targets: np.ndarray) -> float:
 
 
 def roc_points(scores: np.ndarray, positives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """False- and true-positive rates at every threshold (for plotting)."""
+    """False- and true-positive rates at every distinct threshold, from (0, 0) to (1, 1).
+
+    For plotting: the same points as ``sklearn.metrics.roc_curve(...,
+    drop_intermediate=False)``. A rate whose class is empty stays 0.
+    """
     positives = np.asarray(positives, dtype=bool)
-    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="mergesort")
-    scores_sorted = np.asarray(scores)[order]
+    scores = np.asarray(scores, dtype=np.float64)
+    if len(scores) == 0:
+        return np.zeros(1), np.zeros(1)
+    order = np.argsort(-scores, kind="mergesort")
+    scores_sorted = scores[order]
     hits = positives[order]
     last = np.r_[np.flatnonzero(scores_sorted[1:] != scores_sorted[:-1]), len(hits) - 1]
     tp = np.cumsum(hits)[last]
@@ -122,19 +141,28 @@ def evaluate(
     device=None,
     rank: int = 0,
     world_size: int = 1,
-    autocast=None,
+    autocast: Callable[[], AbstractContextManager] | None = None,
 ) -> dict[str, Any]:
     """Loss, accuracy, macro precision/recall/F1, ROC-AUC and the confusion matrix.
 
-    With ``world_size > 1`` each rank takes every ``world_size``-th batch and the results
-    are combined, so every example counts exactly once. Every rank runs the same number of
-    forward passes (a rank out of batches runs one on a one-row dummy and drops it): under
-    FSDP each forward is a collective. ``probs`` and ``targets`` come back whole, in batch
-    order, on every rank. ``autocast`` is a zero-argument callable returning a context
-    manager for the forward passes (bf16 on CPUs that have it).
-    """
-    import contextlib
+    Returns ``loss`` (mean cross-entropy, nan without examples), ``accuracy``,
+    ``macro_precision``, ``macro_recall``, ``macro_f1``, ``roc_auc`` (nan if undefined),
+    ``confusion`` (nested lists, rows true), ``examples``, and ``probs`` (N x C float32)
+    and ``targets`` (N int64) for the whole set, in batch order.
 
+    With ``world_size > 1`` each rank takes every ``world_size``-th batch (batch ``i`` on
+    rank ``i % world_size``) and the results are combined, so every example counts exactly
+    once; ``probs`` and ``targets`` come back whole on every rank. Every rank runs the same
+    number of forward passes, ``ceil(n / world_size)``: under FSDP each forward is a
+    collective, so a rank out of batches runs one on a one-row dummy (the first row of the
+    first batch) and drops its output. ``batches`` must be the same on every rank. Without
+    an initialized process group nothing is combined: the result covers this rank's batches
+    only (what a single-process test of one rank's share sees).
+
+    ``autocast`` is a zero-argument callable returning a context manager for each forward
+    pass (e.g. ``Precision.autocast``: bf16 on CPUs that have it); logits are scored in
+    float32.
+    """
     import torch
     import torch.nn.functional as F
 
@@ -142,51 +170,53 @@ def evaluate(
     multi = (
         world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
     )
-    rounds = -(-len(batches) // world_size)
+    rounds = -(-len(batches) // world_size) if batches else 0
     confusion = torch.zeros((num_labels, num_labels), dtype=torch.float64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     mine: list[tuple[int, np.ndarray, np.ndarray]] = []
     context = autocast or contextlib.nullcontext
     was_training = model.training
     model.eval()
-    with torch.inference_mode():
-        for r in range(rounds):
-            index = r * world_size + rank
-            dummy = index >= len(batches)
-            batch = batches[0] if dummy else batches[index]
-            if dummy:
-                batch = {k: v[:1] for k, v in batch.items()}
-            batch = (
-                {k: v.to(device) for k, v in batch.items()} if device is not None else dict(batch)
-            )
-            labels = batch.pop("labels")
-            with context():
-                logits = model(**batch).logits
-            if dummy:
-                continue
-            logits = logits.float()
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
-            flat = labels * num_labels + logits.argmax(dim=-1)
-            confusion += (
-                torch.bincount(flat, minlength=num_labels * num_labels)
-                .view(num_labels, num_labels)
-                .double()
-            )
-            probs = torch.softmax(logits, dim=-1).cpu().numpy().astype(np.float32)
-            mine.append((index, probs, labels.cpu().numpy().astype(np.int64)))
+    try:
+        with torch.inference_mode():
+            for r in range(rounds):
+                index = r * world_size + rank
+                dummy = index >= len(batches)
+                batch = {k: v[:1] for k, v in batches[0].items()} if dummy else batches[index]
+                if device is not None:
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                with context():
+                    logits = model(**inputs).logits
+                if dummy:
+                    continue
+                labels = batch["labels"]
+                logits = logits.float()
+                loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
+                flat = labels * num_labels + logits.argmax(dim=-1)
+                confusion += (
+                    torch.bincount(flat, minlength=num_labels * num_labels)
+                    .view(num_labels, num_labels)
+                    .double()
+                )
+                probs = torch.softmax(logits, dim=-1).cpu().numpy().astype(np.float32)
+                mine.append((index, probs, labels.cpu().numpy().astype(np.int64)))
+    finally:
+        if was_training:
+            model.train()
     if multi:
         torch.distributed.all_reduce(confusion)
         torch.distributed.all_reduce(loss_sum)
         gathered: list = [None] * world_size
         torch.distributed.all_gather_object(gathered, mine)
         mine = [item for part in gathered for item in part]
-    if was_training:
-        model.train()
     mine.sort(key=lambda item: item[0])
     probs = (
-        np.concatenate([p for _, p, _ in mine]) if mine else np.zeros((0, num_labels), np.float32)
+        np.concatenate([p for _, p, _ in mine])
+        if mine
+        else np.zeros((0, num_labels), dtype=np.float32)
     )
-    targets = np.concatenate([t for _, _, t in mine]) if mine else np.zeros(0, np.int64)
+    targets = np.concatenate([t for _, _, t in mine]) if mine else np.zeros(0, dtype=np.int64)
     matrix = confusion.cpu().numpy().astype(np.int64)
     total = int(matrix.sum())
     return {

@@ -15,27 +15,41 @@ def _pyplot():
 
 
 def learning_curves(history: list[dict[str, float]]):
-    """Loss and validation metrics per evaluation (x: optimizer step, else epoch)."""
+    """Loss and validation metrics per evaluation.
+
+    The x axis is the optimizer step when every entry has ``step`` (evaluations every N
+    steps), else the epoch. A metric is drawn from the entries that have it; one that no
+    entry has (an old history without ``val_macro_f1``, say) is left out.
+    """
     plt = _pyplot()
     x_key = "step" if history and all("step" in h for h in history) else "epoch"
-    xs = [h[x_key] for h in history]
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(9, 3.5))
+
+    def draw(ax, key: str, label: str) -> None:
+        points = [(h[x_key], h[key]) for h in history if key in h and x_key in h]
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="o", markersize=3, label=label)
+
     for key, label in (("train_loss", "train"), ("val_loss", "validation")):
-        if all(key in h for h in history):
-            ax_loss.plot(xs, [h[key] for h in history], marker="o", label=label)
-    ax_loss.set(xlabel=x_key, ylabel="cross-entropy", title="Loss")
-    ax_loss.legend()
+        draw(ax_loss, key, label)
     for key in ("val_accuracy", "val_macro_f1", "val_roc_auc"):
-        if all(key in h for h in history):
-            ax_metric.plot(xs, [h[key] for h in history], marker="o", label=key)
+        draw(ax_metric, key, key)
+    ax_loss.set(xlabel=x_key, ylabel="cross-entropy", title="Loss")
     ax_metric.set(xlabel=x_key, ylim=(0, 1.02), title="Validation")
-    ax_metric.legend()
+    for ax in (ax_loss, ax_metric):
+        if ax.get_lines():
+            ax.legend()
     fig.tight_layout()
     return fig
 
 
 def roc_curve(probs, targets, labels: Sequence[str], title: str):
-    """ROC curve(s): the second class for two labels, else one-vs-rest per class."""
+    """ROC curve(s) with their AUCs in the legend, and the chance diagonal.
+
+    Two labels: one curve, for the second label's probability. More: one one-vs-rest
+    curve per class; a class with no positives or no negatives in ``targets`` has no curve.
+    """
     import numpy as np
 
     from lepton_ray.evaluation import binary_auc, roc_points
@@ -52,7 +66,13 @@ def roc_curve(probs, targets, labels: Sequence[str], title: str):
         auc = binary_auc(probs[:, c], positives)
         ax.plot(fpr, tpr, label=f"{labels[c]} (AUC {auc:.3f})")
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="chance")
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
+    ax.set(
+        xlabel="false positive rate",
+        ylabel="true positive rate",
+        title=title,
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+    )
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     return fig

@@ -11,17 +11,29 @@ import contextlib
 import platform
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from lepton_ray.errors import ConfigError
 
+SETTINGS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 @dataclass(frozen=True)
 class CpuFeatures:
+    """A processor's name, vendor and ``/proc/cpuinfo`` flags.
+
+    ``torch_capability`` is the vector ISA torch dispatches to on this machine
+    (``torch.backends.cpu.get_cpu_capability()``); it is filled in only when the features
+    were read from this machine, and empty for a given cpuinfo text.
+    """
+
     model_name: str
     vendor: str
     flags: frozenset[str]
+    torch_capability: str = ""
 
     @property
     def bf16_native(self) -> bool:
@@ -32,94 +44,160 @@ class CpuFeatures:
         return {"amx_tile", "amx_bf16"} <= self.flags
 
     @property
-    def vnni(self) -> bool:
+    def avx512_vnni(self) -> bool:
         return bool({"avx512_vnni", "avx_vnni"} & self.flags)
 
     @property
     def avx512(self) -> bool:
         return "avx512f" in self.flags
 
-    def describe(self) -> str:
-        """``Intel Xeon ... (AVX512, AMX-BF16, VNNI; bf16 native)``, for logs and figures."""
-        units = ["AVX512" if self.avx512 else "AVX2" if "avx2" in self.flags else "no AVX2"]
+    @property
+    def vector_isa(self) -> str:
+        """The widest vector ISA: torch's own dispatch level if known, else the flags'."""
+        if self.torch_capability:
+            return self.torch_capability
+        if self.avx512:
+            return "AVX512"
+        if "avx2" in self.flags:
+            return "AVX2"
+        return "no AVX2" if self.flags else "unknown ISA"
+
+    def units(self) -> list[str]:
+        """``["AVX512", "AMX-BF16", "AMX-INT8", "VNNI"]``: what matters for training speed."""
+        units = [self.vector_isa]
         if self.amx:
-            units.append("AMX-BF16" + (", AMX-INT8" if "amx_int8" in self.flags else ""))
+            units.append("AMX-BF16")
+            if "amx_int8" in self.flags:
+                units.append("AMX-INT8")
         elif "avx512_bf16" in self.flags:
             units.append("AVX512-BF16")
-        if self.vnni:
+        if self.avx512_vnni:
             units.append("VNNI")
+        return units
+
+    def describe(self) -> str:
+        """``Intel Xeon ... (AVX512, AMX-BF16, AMX-INT8, VNNI; bf16: native)``, one line."""
         native = "native" if self.bf16_native else "emulated"
-        return f"{self.model_name} ({', '.join(units)}; bf16 {native})"
+        return f"{self.model_name} ({', '.join(self.units())}; bf16: {native})"
+
+
+def _torch_capability() -> str:
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except (AttributeError, RuntimeError):
+        return ""
 
 
 def cpu_features(cpuinfo_text: str | None = None) -> CpuFeatures:
-    """The processor's name and instruction-set flags (from ``/proc/cpuinfo`` on Linux)."""
-    if cpuinfo_text is None:
+    """The processor's name and instruction-set flags (from ``/proc/cpuinfo`` on Linux).
+
+    Without ``cpuinfo_text`` this machine's ``/proc/cpuinfo`` is read; where there is none
+    (macOS, Windows, a sandbox) the flags are empty and the name comes from ``platform``.
+    Only the first processor's entry counts (they are the same on one machine).
+    """
+    here = cpuinfo_text is None
+    if here:
         try:
-            cpuinfo_text = Path("/proc/cpuinfo").read_text()
+            cpuinfo_text = Path("/proc/cpuinfo").read_text(errors="replace")
         except OSError:
             cpuinfo_text = ""
     fields: dict[str, str] = {}
     for line in cpuinfo_text.splitlines():
         if ":" in line:
             key, value = line.split(":", 1)
-            fields.setdefault(key.strip(), value.strip())
+            fields.setdefault(key.strip().lower(), value.strip())
+    name = fields.get("model name") or (platform.processor() if here else "") or "unknown CPU"
     return CpuFeatures(
-        model_name=fields.get("model name") or platform.processor() or "unknown CPU",
+        model_name=" ".join(name.split()),
         vendor=fields.get("vendor_id", ""),
-        flags=frozenset(fields.get("flags", "").split()),
+        flags=frozenset(fields.get("flags", "").lower().split()),
+        torch_capability=_torch_capability() if here else "",
     )
 
 
 @dataclass(frozen=True)
 class Precision:
-    name: str  # fp32 | bf16 | fp16
+    """What the forward passes run in, on which device type, and why (for the log)."""
+
+    name: Literal["fp32", "bf16", "fp16"]
     device_type: str
     reason: str
 
     @property
     def dtype(self) -> torch.dtype | None:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.name)
+        return _DTYPES.get(self.name)
 
     @property
     def use_grad_scaler(self) -> bool:
         return self.name == "fp16" and self.device_type == "cuda"
 
     def autocast(self):
+        """A fresh context manager for one forward pass (nothing for fp32)."""
         if self.dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=self.dtype)
 
 
+def _cuda_bf16(device: torch.device) -> bool:
+    """Native bf16 on this GPU (Ampere or newer, or ROCm); not the slow emulated path."""
+    with torch.cuda.device(device):
+        try:
+            return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+        except TypeError:  # torch before 2.3 has no including_emulation
+            return bool(torch.cuda.is_bf16_supported())
+
+
 def resolve_precision(
-    setting: str, device: torch.device, features: CpuFeatures | None = None
+    setting: str, device: torch.device | str, features: CpuFeatures | None = None
 ) -> Precision:
-    """``auto``/``fp32``/``bf16``/``fp16`` -> what to run, with a sentence saying why."""
+    """``auto``/``fp32``/``bf16``/``fp16`` -> what to run, with a sentence saying why.
+
+    GPU: auto is bf16 where supported, else fp16 (with a gradient scaler); bf16 on a GPU
+    without it is refused. CPU: auto is bf16 only where the CPU computes it natively, else
+    fp32; bf16 asked for is honoured even where emulated (slow); fp16 is refused.
+    """
+    if setting not in SETTINGS:
+        raise ConfigError(f"train.precision {setting!r}: expected one of {', '.join(SETTINGS)}")
+    device = torch.device(device)
     kind = device.type
     if kind == "cuda":
         name = torch.cuda.get_device_name(device)
-        has_bf16 = torch.cuda.is_bf16_supported()
+        has_bf16 = _cuda_bf16(device)
         if setting == "auto":
-            pick = "bf16" if has_bf16 else "fp16"
+            if has_bf16:
+                return Precision("bf16", kind, f"bf16 autocast: {name} supports bf16")
             return Precision(
-                pick,
-                kind,
-                f"{pick} autocast: {name} "
-                + ("supports bf16" if has_bf16 else "has no bf16 (fp16 with a gradient scaler)"),
+                "fp16", kind, f"fp16 autocast with a gradient scaler: {name} has no bf16"
             )
         if setting == "bf16" and not has_bf16:
             raise ConfigError(
                 f"train.precision bf16: {name} does not support bf16; use fp16 or auto"
             )
+        if setting == "fp16":
+            return Precision("fp16", kind, f"fp16 autocast with a gradient scaler on {name}")
         return Precision(setting, kind, f"{setting} as configured on {name}")
-    features = features or cpu_features()
-    cpu = features.describe()
+    if kind != "cpu":
+        if setting in ("auto", "fp32"):
+            return Precision("fp32", kind, f"fp32 on {kind}")
+        return Precision(setting, kind, f"{setting} autocast as configured on {kind}")
     if setting == "fp16":
         raise ConfigError("train.precision fp16 needs a GPU; on CPUs use bf16 or auto")
+    features = features or cpu_features()
+    cpu = features.model_name
+    native = next((u for u in features.units() if "BF16" in u), "")
     if setting == "auto":
         if features.bf16_native:
-            return Precision("bf16", kind, f"bf16 autocast: {cpu}")
-        return Precision("fp32", kind, f"fp32: {cpu}")
-    if setting == "bf16" and not features.bf16_native:
-        return Precision("bf16", kind, f"bf16 as configured, emulated (slow): {cpu}")
-    return Precision(setting, kind, f"{setting} as configured: {cpu}")
+            return Precision("bf16", kind, f"bf16 autocast: {cpu} has {native}")
+        return Precision(
+            "fp32", kind, f"fp32: {cpu} has no native bf16 ({features.vector_isa} only)"
+        )
+    if setting == "bf16":
+        if features.bf16_native:
+            return Precision("bf16", kind, f"bf16 autocast as configured: {cpu} has {native}")
+        return Precision(
+            "bf16",
+            kind,
+            f"bf16 autocast as configured, but {cpu} has no native bf16 "
+            f"({features.vector_isa} only): emulated, likely slower than fp32",
+        )
+    return Precision("fp32", kind, f"fp32 as configured: {features.describe()}")

@@ -135,14 +135,25 @@ def test_a_new_uncompressed_champion_is_what_serve_deploys(setup):
     assert runner.invoke(app, ["serve", path, "--stop"]).exit_code == 0
 
 
-def test_training_crash_marks_run_failed_and_registers_nothing(setup):
+def test_training_crash_marks_run_failed_and_registers_nothing(setup, tmp_path):
+    """A worker that crashes (here: resuming from a checkpoint of another model, which
+    only the workers can find out) fails the run FAILED, with the worker's error."""
+    import torch
+    from safetensors.torch import save_file
+
     path, c = str(setup["path"]), setup["client"]
+    alien = tmp_path / "alien-checkpoint"
+    alien.mkdir()
+    save_file({"some.other.model.weight": torch.zeros(2)}, str(alien / "trainable.safetensors"))
+    torch.save({"optimizer": {}, "scheduler": {}, "epoch": 0}, alien / "trainer_state.pt")
     before = {v.version for v in c.search_model_versions("name='stages'")}
     result = runner.invoke(
-        app, ["train", path, "--set", "peft.lora.target_modules=[no_such_layer]"]
+        app,
+        ["train", path, "--set", f"train.resume_from={alien}", "--set", "train.max_failures=0"],
     )
-    assert result.exit_code == 1
-    assert "error: training failed" in result.output and "target_modules" in result.output
+    assert result.exit_code == 1, result.output
+    assert "error: training failed" in result.output
+    assert "does not match the model" in result.output
     exp = c.get_experiment_by_name("stages")
     latest = c.search_runs(
         [exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1
