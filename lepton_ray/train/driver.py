@@ -1,4 +1,4 @@
-"""``run_train``: one Ray Train (TorchTrainer, DDP) run tracked as an MLflow run."""
+"""``run_train``: one Ray Train run (TorchTrainer; DDP or FSDP) tracked as an MLflow run."""
 
 from __future__ import annotations
 
@@ -37,16 +37,14 @@ def load_split_dataset(cfg: ExperimentConfig, split: str, block_rows: int = 4096
             f"no {split} split at {folder}; run `lepton-ray preprocess` again "
             "(data.split.validation must be above 0)"
         )
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    ds = ray.data.read_parquet(str(folder), columns=["text", "label_id", "input_ids"])
-    blocks = max(1, min(MAX_BLOCKS, -(-ds.count() // block_rows)))
-    return ds.repartition(blocks).materialize()
-
-
-def load_train_dataset(cfg: ExperimentConfig):
-    """The train split for ``build_trainer`` (kept for callers that pass it in)."""
-    return load_split_dataset(cfg, "train")
+    options = ray.data.DataContext.get_current().execution_options
+    previous, options.preserve_order = options.preserve_order, True
+    try:
+        ds = ray.data.read_parquet(str(folder), columns=["text", "label_id", "input_ids"])
+        blocks = max(1, min(MAX_BLOCKS, -(-ds.count() // block_rows)))
+        return ds.repartition(blocks).materialize()
+    finally:
+        options.preserve_order = previous  # other stages of this process keep theirs
 
 
 MAX_BLOCKS = 256
@@ -200,10 +198,9 @@ def unfinished_run(cfg: ExperimentConfig, key: str) -> str | None:
         order_by=["attributes.start_time DESC"],
         max_results=5,
     )
-    for run in runs:
-        if run.info.status != "FINISHED":
-            return run.info.run_id
-        return None
+    # Only the latest counts: once a run with this key finished, the next one starts afresh.
+    if runs and runs[0].info.status != "FINISHED":
+        return runs[0].info.run_id
     return None
 
 
