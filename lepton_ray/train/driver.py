@@ -29,14 +29,9 @@ def load_split_dataset(cfg: ExperimentConfig, split: str, block_rows: int = 4096
     """
     import ray.data
 
-    folder = cfg.data_dir / split
-    if not folder.exists():
-        from lepton_ray.errors import StageError
+    from lepton_ray.train.recipe import split_folder
 
-        raise StageError(
-            f"no {split} split at {folder}; run `lepton-ray preprocess` again "
-            "(data.split.validation must be above 0)"
-        )
+    folder = split_folder(cfg, split)
     options = ray.data.DataContext.get_current().execution_options
     previous, options.preserve_order = options.preserve_order, True
     try:
@@ -80,15 +75,10 @@ def preflight(cfg: ExperimentConfig, manifest: dict[str, Any], what: str = "trai
     # The model is built once here: a typo in peft.lora.target_modules, a config override
     # the architecture refuses or a model too small for FSDP stops the run now, not in
     # every worker (and again in every retry).
-    from lepton_ray.models import build_model
-    from lepton_ray.train.peft import apply_peft
+    from lepton_ray.train.recipe import build_peft_model
 
     try:
-        model = apply_peft(
-            build_model(cfg.model, cfg.task, manifest["labels"], seed=cfg.train.seed),
-            cfg.peft,
-            cfg.task,
-        )
+        model = build_peft_model(cfg, manifest["labels"])
     except (ValueError, KeyError, TypeError) as err:
         raise StageError(f"model {cfg.model.name} with peft {cfg.peft.method}: {err}") from None
     if cfg.train.strategy == "fsdp":

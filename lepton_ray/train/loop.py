@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from lepton_ray.evaluation import evaluate
-from lepton_ray.train.batching import TokenRows, epoch_batches, padding_fraction
+from lepton_ray.train.batching import TokenRows, epoch_batches
 from lepton_ray.train.parallel import distributed, gradient_sync, unwrap
 from lepton_ray.train.precision import Precision
 
@@ -369,7 +369,6 @@ __all__ = [
     "build_scheduler",
     "is_better",
     "lr_factor",
-    "padding_fraction",
     "run_training",
     "step_seed",
 ]

@@ -44,11 +44,11 @@ class Recipe:
     settings: LoopSettings
     meta: ModelMeta
     base_dir: Path | None
-    steps_per_epoch: int
     counts: dict[str, int]
 
 
-def _fresh_model(cfg: ExperimentConfig, labels: list[str]) -> torch.nn.Module:
+def build_peft_model(cfg: ExperimentConfig, labels: list[str]) -> torch.nn.Module:
+    """The configured model with its adapter, as training starts from it."""
     return apply_peft(
         build_model(cfg.model, cfg.task, labels, seed=cfg.train.seed), cfg.peft, cfg.task
     )
@@ -81,7 +81,7 @@ def setup_recipe(
     if strategy == "fsdp":
         check_fsdp(model, world_size, cfg.train.fsdp_min_params_per_worker)
     # Under FSDP the live model is sharded; rank 0 keeps a plain copy to write artifacts.
-    export = _fresh_model(cfg, labels) if sharded and rank == 0 else None
+    export = build_peft_model(cfg, labels) if sharded and rank == 0 else None
     model = wrap_model(model, strategy, device, world_size)
     precision = resolve_precision(cfg.train.precision, device)
     settings = LoopSettings.from_config(cfg)
@@ -107,7 +107,6 @@ def setup_recipe(
         settings,
         artifact_meta(cfg, labels),
         base_dir,
-        steps,
         counts,
     )
 
@@ -121,10 +120,8 @@ def eval_batches_of(rows: TokenRows, batch_size: int, pad_id: int) -> Callable[[
     return lambda: batches
 
 
-def read_split(cfg: ExperimentConfig, split: str) -> TokenRows:
-    """A preprocessed split from the data folder (the standalone path; Ray passes datasets)."""
-    import pandas as pd
-
+def split_folder(cfg: ExperimentConfig, split: str):
+    """The folder of a preprocessed split, or one clear error if preprocessing did not write it."""
     folder = cfg.data_dir / split
     if not folder.exists():
         # Never an empty frame: every evaluation would score 0 and the first would win.
@@ -132,7 +129,14 @@ def read_split(cfg: ExperimentConfig, split: str) -> TokenRows:
             f"no {split} split at {folder}; run `lepton-ray preprocess` again "
             "(data.split.validation must be above 0)"
         )
-    return TokenRows.from_frames([pd.read_parquet(folder)])
+    return folder
+
+
+def read_split(cfg: ExperimentConfig, split: str) -> TokenRows:
+    """A preprocessed split from the data folder (the standalone path; Ray passes datasets)."""
+    import pandas as pd
+
+    return TokenRows.from_frames([pd.read_parquet(split_folder(cfg, split))])
 
 
 def train_recipe(
@@ -157,9 +161,7 @@ def train_recipe(
                 f"[train] resumed from {resume_from}: epoch {state.epoch + 1}, "
                 f"batch {state.batch}, step {state.step}"
             )
-    sharded = recipe.export is not None or (
-        cfg.train.strategy == "fsdp" and distributed(world_size)
-    )
+    sharded = cfg.train.strategy == "fsdp" and distributed(world_size)
 
     def on_evaluation(metrics: dict[str, Any], improved: bool, state: LoopState) -> None:
         metrics = {**metrics, "improved": improved}
