@@ -27,6 +27,11 @@ app = typer.Typer(
 )
 cluster_app = typer.Typer(no_args_is_help=True, help="Start, stop or inspect a local Ray cluster.")
 app.add_typer(cluster_app, name="cluster")
+models_app = typer.Typer(
+    no_args_is_help=True,
+    help="The model registry: list, show, promote and roll back versions (@champion is served).",
+)
+app.add_typer(models_app, name="models")
 
 ConfigArg = Annotated[
     Path, typer.Argument(help="Experiment YAML, e.g. experiments/quickstart.yaml.")
@@ -176,7 +181,8 @@ def preprocess(
 def train(
     config: ConfigArg, set_: SetOpt = None, verbose: VerboseOpt = False, new: NewOpt = False
 ) -> None:
-    """Ray Train: fine-tune with the config's values; register the model (@champion).
+    """Ray Train: fine-tune with the config's values; register the model (@challenger) and
+    promote it to @champion if the registry gate passes.
 
     Re-running the same command after a crash resumes from the latest checkpoint."""
     cfg = _load(config, set_)
@@ -185,20 +191,20 @@ def train(
 
     _quiet_libraries()
     best = run_train_stage(cfg, log=_say, new=new)
-    _say(f"done: run {best['run_id']}, registered version {best['version']}")
+    _say(f"done: run {best['run_id']}, registered version {best['version']}{_promoted(best)}")
 
 
 @app.command()
 @handle_errors
 def tune(config: ConfigArg, set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
-    """Ray Tune + Optuna + ASHA sweep; register the best trial's model (@champion)."""
+    """Ray Tune + Optuna + ASHA sweep; register the best trial's model, promote it if gated in."""
     cfg = _load(config, set_)
     _start_console("tune", cfg, verbose)
     from lepton_ray.pipeline import run_tune_stage
 
     _quiet_libraries()
     best = run_tune_stage(cfg, log=_say)
-    _say(f"done: best run {best['run_id']}, registered version {best['version']}")
+    _say(f"done: best run {best['run_id']}, registered version {best['version']}{_promoted(best)}")
 
 
 @app.command()
@@ -206,17 +212,24 @@ def tune(config: ConfigArg, set_: SetOpt = None, verbose: VerboseOpt = False) ->
 def compress(
     config: ConfigArg,
     set_: SetOpt = None,
-    model_uri: Annotated[str | None, typer.Option(help="Default: models:/NAME@champion.")] = None,
+    model_uri: Annotated[
+        str | None,
+        typer.Option(help="Default: the champion (its uncompressed source if it is compressed)."),
+    ] = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Merge LoRA, quantize to int8, evaluate before/after; register it (@serving)."""
+    """Merge adapters, quantize, evaluate before/after; register it if the accuracy gate
+    passes, and promote it to @champion per the registry policy."""
     cfg = _load(config, set_)
     _start_console("compress", cfg, verbose)
     from lepton_ray.pipeline import run_compress_stage
 
     _quiet_libraries()
     result = run_compress_stage(cfg, model_uri=model_uri, log=_say)
-    _say(f"done: registered version {result['version']}")
+    if result["compressed_version"] is None:
+        _say(f"done: compression refused ({result['reason']})")
+    else:
+        _say(f"done: registered version {result['version']}{_promoted(result)}")
 
 
 @app.command()
@@ -241,9 +254,7 @@ def run(
 def serve(
     config: ConfigArg,
     set_: SetOpt = None,
-    model_uri: Annotated[
-        str | None, typer.Option(help="Default: @serving, else @champion.")
-    ] = None,
+    model_uri: Annotated[str | None, typer.Option(help="Default: models:/NAME@champion.")] = None,
     stop: Annotated[bool, typer.Option("--stop", help="Stop this experiment's endpoint.")] = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -360,6 +371,154 @@ def cluster_status() -> None:
         raise typer.Exit(1)
 
 
+def _promoted(result: dict) -> str:
+    if "promoted" not in result:
+        return ""
+    return ", promoted to @champion" if result["promoted"] else ", not promoted (see above)"
+
+
+# ------------------------------------------------------------------------------- models
+ModelsConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="Experiment YAML: its tracking store, gate tolerance and validation split.",
+    ),
+]
+TrackingOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: --config's, else $MLFLOW_TRACKING_URI, else "
+        "sqlite:///mlruns/mlflow.db).",
+    ),
+]
+
+
+def _registry_target(config: Path | None, tracking_uri: str | None):
+    """(tracking URI, config or None) for a ``models`` command."""
+    cfg = _load(config, None) if config is not None else None
+    if tracking_uri:
+        from lepton_ray.config import TrackingSection
+
+        uri = TrackingSection(tracking_uri=tracking_uri).tracking_uri
+    elif cfg is not None:
+        uri = cfg.tracking.tracking_uri
+    elif os.environ.get("MLFLOW_TRACKING_URI"):
+        uri = os.environ["MLFLOW_TRACKING_URI"]
+    else:
+        from lepton_ray.config import TrackingSection
+
+        uri = TrackingSection().tracking_uri
+    return uri, cfg
+
+
+@models_app.command("list")
+@handle_errors
+def models_list(
+    name: Annotated[str | None, typer.Argument(help="A registered model; default: all.")] = None,
+    config: ModelsConfigOpt = None,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Every registered version, newest first, with aliases, quantization and metric."""
+    from lepton_ray import registry
+
+    uri, _ = _registry_target(config, tracking_uri)
+    rows = registry.list_versions(uri, name)
+    if not rows:
+        _say("no registered models")
+        return
+    _say(
+        f"{'model':<24} {'ver':>4}  {'aliases':<22} {'quantization':<14} {'peft':<6} {'metric':<22} run"
+    )
+    for r in rows:
+        metric_name = r["lineage"].get(registry.TAG_METRIC_NAME, "val_accuracy")
+        value = r["metrics"].get(metric_name)
+        metric = f"{metric_name}={value}" if value is not None else "-"
+        _say(
+            f"{r['name']:<24} {r['version']:>4}  {','.join('@' + a for a in r['aliases']) or '-':<22} "
+            f"{r['quantization']:<14} {r['peft_method'] or '-':<6} {metric:<22} {r['run_id'] or '-'}"
+        )
+
+
+@models_app.command("show")
+@handle_errors
+def models_show(
+    spec: Annotated[
+        str, typer.Argument(help="NAME (= NAME@champion), NAME@ALIAS or NAME/VERSION.")
+    ],
+    config: ModelsConfigOpt = None,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """One version: aliases, metrics and lineage tags, as JSON."""
+    from lepton_ray import registry
+
+    uri, _ = _registry_target(config, tracking_uri)
+    version = registry.resolve(uri, spec)
+    aliases = [
+        a
+        for a, v in (registry.registered_model(uri, version.name).aliases or {}).items()
+        if str(v) == str(version.version)
+    ]
+    info = registry.describe(version, sorted(aliases))
+    info["model_uri"] = f"models:/{version.name}/{version.version}"
+    _say(json.dumps(info, indent=2, default=str))
+
+
+@models_app.command("promote")
+@handle_errors
+def models_promote(
+    spec: Annotated[str, typer.Argument(help="NAME/VERSION or NAME@ALIAS (e.g. NAME@challenger).")],
+    config: ModelsConfigOpt = None,
+    tracking_uri: TrackingOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Skip the gate.")] = False,
+    tolerance: Annotated[
+        float | None,
+        typer.Option(help="Gate tolerance (default: --config's registry.tolerance, else 0)."),
+    ] = None,
+) -> None:
+    """Make a version the @champion if its validation metric passes the gate."""
+    from lepton_ray import registry
+
+    uri, cfg = _registry_target(config, tracking_uri)
+    if tolerance is not None and tolerance < 0:
+        raise LeptonError(f"--tolerance must be >= 0, got {tolerance}")
+    version = registry.resolve(uri, spec)
+    evaluate = None
+    if cfg is not None:
+        from lepton_ray.pipeline import validation_metric
+
+        evaluate = functools.partial(validation_metric, cfg)
+    if tolerance is None:
+        tolerance = cfg.registry.tolerance if cfg is not None else 0.0
+    result = registry.promote(
+        uri,
+        version.name,
+        str(version.version),
+        tolerance=tolerance,
+        force=force,
+        evaluate=evaluate,
+        log=_say,
+    )
+    if not result.passed:
+        _fail(f"not promoted: {result.reason}", 1)
+
+
+@models_app.command("rollback")
+@handle_errors
+def models_rollback(
+    name: Annotated[str, typer.Argument(help="A registered model.")],
+    config: ModelsConfigOpt = None,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Point @champion back at the previous champion."""
+    from lepton_ray import registry
+
+    uri, _ = _registry_target(config, tracking_uri)
+    registry.rollback(uri, name, log=_say)
+
+
 def _print_answers(texts: list[str], answers: list[dict]) -> None:
     for text, answer in zip(texts, answers):
         _say(f"  {text!r:<60} -> {answer['label']} {json.dumps(answer['probabilities'])}")
@@ -381,10 +540,18 @@ def _print_summary(cfg, summary: dict, config: Path) -> None:
     comp = summary.get("compress")
     if comp:
         m = comp["metrics"]
-        _say(
-            f"int8 model    v{comp['version']}: {m['size_mb_fp32']:.1f} MB -> {m['size_mb_int8']:.1f} MB, "
-            f"val accuracy {m.get('val_accuracy_fp32', float('nan')):.4f} -> {m.get('val_accuracy_int8', float('nan')):.4f}"
+        sizes = f"{m.get('size_mb_fp32', float('nan')):.1f} MB -> {m.get('size_mb_compressed', float('nan')):.1f} MB"
+        accs = (
+            f"val accuracy {m.get('val_accuracy_fp32', float('nan')):.4f} -> "
+            f"{m.get('val_accuracy_compressed', float('nan')):.4f}"
         )
+        if comp["compressed_version"] is not None:
+            _say(f"compressed    v{comp['compressed_version']} ({comp['method']}): {sizes}, {accs}")
+        else:
+            _say(f"compressed    refused: {comp['reason']}")
+    if "candidate_version" in summary:
+        state = "promoted to @champion" if summary.get("promoted") else "not promoted (gate)"
+        _say(f"candidate     v{summary['candidate_version']}: {state}")
     srv = summary.get("serve")
     if srv:
         _say(f"serving       {srv['model_uri']} at {srv['url']}/v1/predict")

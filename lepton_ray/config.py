@@ -596,6 +596,29 @@ class TrackingSection(Section):
         return value if "://" in value else str(Path(value).resolve())
 
 
+# ------------------------------------------------------------------------------------- registry
+class RegistrySection(Section):
+    """How a new model version reaches ``@champion`` (the version that is served).
+
+    Every trained (or compressed) candidate is registered and marked ``@challenger``. It is
+    promoted to ``@champion`` when there is no champion yet, or, with ``promotion: gated``,
+    when its ``tune.metric`` on the same validation split is at least the champion's minus
+    ``tolerance`` (at most, for a metric minimised). ``manual`` leaves promotion to
+    ``lepton-ray models promote``.
+    """
+
+    promotion: Literal["gated", "always", "manual"] = Field(
+        "gated", description="gated: only a challenger at least as good as the champion."
+    )
+    tolerance: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="How much worse than the champion (in tune.metric units, e.g. 0.005 = "
+        "half an accuracy point) a challenger may be and still be promoted.",
+    )
+
+
 # ------------------------------------------------------------------------------------- compress
 class CompressSection(Section):
     enabled: bool = True
@@ -667,6 +690,7 @@ class ExperimentConfig(Section):
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     tune: TuneSection = Field(default_factory=TuneSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
+    registry: RegistrySection = Field(default_factory=RegistrySection)
     compress: CompressSection = Field(default_factory=CompressSection)
     serve: ServeSection = Field(default_factory=ServeSection)
     cluster: ClusterSection = Field(default_factory=ClusterSection)

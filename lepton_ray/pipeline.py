@@ -11,9 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lepton_ray.config import ExperimentConfig
-
-ALIAS_TRAINED = "champion"
-ALIAS_SERVING = "serving"
+from lepton_ray.errors import StageError
 
 
 def _connect(cfg: ExperimentConfig, log) -> str:
@@ -28,36 +26,91 @@ def _data(cfg: ExperimentConfig) -> dict[str, Any]:
     return load_manifest(cfg)
 
 
-TAG_SOURCE_VERSION = "lepton.source_version"
-"""On a compressed version: the registered version it was made from."""
+def eval_split_id(manifest: dict[str, Any]) -> str:
+    """Names the validation split a metric was measured on (the gate compares like with like)."""
+    return f"{manifest.get('fingerprint', 'unknown')}:validation"
 
 
-def register_trained(cfg: ExperimentConfig, run_id: str, manifest: dict[str, Any], log=print):
-    """Register the best run's ``model`` artifact and point the 'champion' alias at it.
+def register_trained(
+    cfg: ExperimentConfig, best: dict[str, Any], manifest: dict[str, Any], log=print
+):
+    """Register the best run's ``model`` artifact as a new version, marked ``@challenger``."""
+    from lepton_ray import registry
+    from lepton_ray.tracking.mlflow import TAG_STAGE, TAG_TRIAL_ID, client, lineage_tags
 
-    An ``@serving`` alias left on a compression of an older champion is removed: it must
-    never stay in front of users once a new champion exists (``compress`` sets it again).
-    """
-    from lepton_ray.tracking.mlflow import TAG_STAGE, lineage_tags, register_version, remove_alias
-
-    tags = lineage_tags(
-        cfg, manifest.get("fingerprint"), **{TAG_STAGE: "trained", "lepton.run_id": run_id}
+    uri, name, run_id = cfg.tracking.tracking_uri, cfg.registered_model_name, best["run_id"]
+    run_tags = client(uri).get_run(run_id).data.tags
+    extra = {TAG_STAGE: "trained"}
+    if run_tags.get(TAG_TRIAL_ID):
+        extra[TAG_TRIAL_ID] = run_tags[TAG_TRIAL_ID]
+    lineage = lineage_tags(cfg, manifest.get("fingerprint"), **extra)
+    candidate = registry.Candidate(
+        metrics={k: v for k, v in (best.get("metrics") or {}).items() if k.startswith("val_")},
+        metric_name=cfg.tune.metric,
+        metric_mode=cfg.tune.mode,
+        eval_split=eval_split_id(manifest),
+        peft_method=cfg.peft.method,
     )
-    version = register_version(
-        cfg.tracking.tracking_uri,
-        cfg.registered_model_name,
-        run_id,
-        "model",
-        tags,
-        alias=ALIAS_TRAINED,
-        description=f"Best fine-tuned model of experiment {cfg.name}.",
-    )
-    if remove_alias(cfg.tracking.tracking_uri, cfg.registered_model_name, ALIAS_SERVING):
-        log(f"[registry] removed @{ALIAS_SERVING}: it compressed an older champion")
-    log(
-        f"[registry] {cfg.registered_model_name} version {version.version} (@{ALIAS_TRAINED}) from run {run_id}"
-    )
+    with tempfile.TemporaryDirectory(prefix="lepton-register-") as tmp:
+        artifact = registry.run_artifact(uri, run_id, "model", Path(tmp))
+        version = registry.register(
+            uri,
+            name,
+            run_id,
+            artifact,
+            lineage,
+            candidate,
+            description=f"Best fine-tuned model of experiment {cfg.name} (run {run_id}).",
+            log=log,
+        )
+    log(f"[registry] {name} v{version.version} (@{registry.CHALLENGER}) from run {run_id}")
     return version
+
+
+def settle(cfg: ExperimentConfig, version: str, log=print) -> bool:
+    """Apply ``registry.promotion`` to a new version; True when it became the champion."""
+    from lepton_ray import registry
+
+    uri, name = cfg.tracking.tracking_uri, cfg.registered_model_name
+    policy = cfg.registry.promotion
+    if policy == "manual" and registry.alias_of(uri, name, registry.CHAMPION) is not None:
+        log(
+            f"[registry] {name} v{version} stays @{registry.CHALLENGER} (registry.promotion: "
+            f"manual); promote it with: lepton-ray models promote {name}/{version}"
+        )
+        return False
+    result = registry.promote(
+        uri,
+        name,
+        version,
+        tolerance=cfg.registry.tolerance,
+        force=policy == "always",
+        evaluate=lambda v: validation_metric(cfg, v),
+        log=log,
+    )
+    return result.passed
+
+
+def validation_metric(cfg: ExperimentConfig, version) -> float | None:
+    """``tune.metric`` of a registered version on this experiment's validation split."""
+    import pandas as pd
+
+    from lepton_ray.evaluation import evaluate, frame_batches
+    from lepton_ray.models import load_model_artifact
+    from lepton_ray.tracking.mlflow import download_model
+
+    folder = cfg.data_dir / "validation"
+    if not folder.exists():
+        return None
+    frame = pd.read_parquet(folder)
+    with tempfile.TemporaryDirectory(prefix="lepton-gate-") as tmp:
+        model_uri = f"models:/{version.name}/{version.version}"
+        artifact = download_model(cfg.tracking.tracking_uri, model_uri, Path(tmp))
+        model, tokenizer, meta = load_model_artifact(artifact)
+        batches = frame_batches(frame, cfg.train.eval_batch_size, tokenizer.pad_token_id or 0)
+        result = evaluate(model, batches, len(meta.labels))
+    value = result.get(cfg.tune.metric.removeprefix("val_"))
+    return float(value) if value is not None else None
 
 
 def run_preprocess_stage(
@@ -85,20 +138,27 @@ def log_data_report(cfg: ExperimentConfig, run_id: str, manifest: dict[str, Any]
 
 
 def run_train_stage(
-    cfg: ExperimentConfig, parent_run_id: str | None = None, log=print, new: bool = False
+    cfg: ExperimentConfig,
+    parent_run_id: str | None = None,
+    log=print,
+    new: bool = False,
+    promote: bool = True,
 ) -> dict[str, Any]:
-    """One training run with the config's values, registered as the champion."""
+    """One training run with the config's values, registered (and promoted per the registry
+    policy unless ``promote`` is False: the pipeline promotes after compression)."""
     from lepton_ray.train.driver import run_train
 
     manifest = _data(cfg)
     _connect(cfg, log)
     best = run_train(cfg, manifest, parent_run_id=parent_run_id, log=log, new=new)
-    best["version"] = register_trained(cfg, best["run_id"], manifest, log).version
+    best["version"] = register_trained(cfg, best, manifest, log).version
+    if promote:
+        best["promoted"] = settle(cfg, best["version"], log)
     return best
 
 
 def run_tune_stage(
-    cfg: ExperimentConfig, parent_run_id: str | None = None, log=print
+    cfg: ExperimentConfig, parent_run_id: str | None = None, log=print, promote: bool = True
 ) -> dict[str, Any]:
     """A sweep under a parent run (made here if not given); the best trial is registered."""
     from lepton_ray.tracking.mlflow import TAG_STAGE, lineage_tags, log_config, tracked_run
@@ -113,73 +173,118 @@ def run_tune_stage(
             best = run_tune(cfg, manifest, run_id, log=log)
     else:
         best = run_tune(cfg, manifest, parent_run_id, log=log)
-    best["version"] = register_trained(cfg, best["run_id"], manifest, log).version
+    best["version"] = register_trained(cfg, best, manifest, log).version
+    if promote:
+        best["promoted"] = settle(cfg, best["version"], log)
     return best
 
 
+def _compressed_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """A compressed version's own metrics (``val_accuracy`` = after compression), plus the
+    uncompressed figures as ``*_uncompressed``."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        if key.endswith("_compressed"):
+            out[key.removesuffix("_compressed")] = value
+        elif key.endswith("_fp32"):
+            out[key.removesuffix("_fp32") + "_uncompressed"] = value
+        else:
+            out[key] = value
+    return out
+
+
 def run_compress_stage(
-    cfg: ExperimentConfig, model_uri: str | None = None, parent_run_id: str | None = None, log=print
+    cfg: ExperimentConfig,
+    model_uri: str | None = None,
+    parent_run_id: str | None = None,
+    log=print,
+    promote: bool = True,
 ) -> dict[str, Any]:
-    """Compress a registered model (default: @champion) and register it as @serving."""
+    """Compress a registered version (default: the champion's uncompressed source).
+
+    An accepted compression is registered as a new version (``@challenger``, naming its
+    source); a refused one (accuracy gate) leaves the registry as it was. The candidate
+    - the compressed version, else the source - then goes through the promotion policy.
+    """
+    from lepton_ray import registry
     from lepton_ray.compress.quantize import run_compress
-    from lepton_ray.tracking.mlflow import (
-        TAG_STAGE,
-        download_model,
-        get_model_version,
-        lineage_tags,
-        register_version,
-        tracked_run,
-    )
+    from lepton_ray.tracking.mlflow import TAG_STAGE, download_model, lineage_tags, tracked_run
 
     manifest = _data(cfg)
-    uri = cfg.tracking.tracking_uri
-    source = get_model_version(
-        uri, model_uri or f"models:/{cfg.registered_model_name}@{ALIAS_TRAINED}"
-    )
-    model_uri = f"models:/{source.name}/{source.version}"
-    tags = lineage_tags(
+    uri, name = cfg.tracking.tracking_uri, cfg.registered_model_name
+    source = registry.resolve(uri, model_uri or f"{name}@{registry.CHAMPION}")
+    tags = source.tags or {}
+    if tags.get(registry.TAG_QUANTIZATION, "none") != "none":
+        origin = tags.get(registry.TAG_SOURCE_VERSION)
+        if model_uri is not None or not origin:
+            raise StageError(
+                f"{name} v{source.version} is already compressed "
+                f"({tags[registry.TAG_QUANTIZATION]}); compress its source version instead"
+            )
+        source = registry.resolve(uri, f"{name}/{origin}")
+    source_uri = f"models:/{name}/{source.version}"
+    lineage = lineage_tags(
         cfg,
         manifest.get("fingerprint"),
-        **{
-            TAG_STAGE: "compress",
-            "lepton.source_model": model_uri,
-            TAG_SOURCE_VERSION: str(source.version),
-        },
+        **{TAG_STAGE: "compress", "lepton.source_model": source_uri},
     )
     with tempfile.TemporaryDirectory(prefix="lepton-compress-") as tmp:
-        folder = download_model(uri, model_uri, Path(tmp))
-        with tracked_run(cfg, "compress", tags=tags, parent_run_id=parent_run_id) as run_id:
-            _, metrics = run_compress(cfg, folder, Path(tmp) / "out", run_id, log=log)
-    version = register_version(
-        uri,
-        cfg.registered_model_name,
-        run_id,
-        "model",
-        {**tags, "lepton.quantization": cfg.compress.method},
-        alias=ALIAS_SERVING,
-        description=f"{cfg.compress.method} of {model_uri}.",
-    )
-    log(
-        f"[registry] {cfg.registered_model_name} version {version.version} (@{ALIAS_SERVING}) = {cfg.compress.method} of {model_uri}"
-    )
-    return {"run_id": run_id, "metrics": metrics, "version": version.version}
+        folder = download_model(uri, source_uri, Path(tmp) / "source")
+        with tracked_run(cfg, "compress", tags=lineage, parent_run_id=parent_run_id) as run_id:
+            result = run_compress(cfg, folder, Path(tmp) / "out", run_id, log=log)
+            version = None
+            if result.accepted and result.folder is not None:
+                candidate = registry.Candidate(
+                    metrics=_compressed_metrics(result.metrics),
+                    metric_name=cfg.tune.metric,
+                    metric_mode=cfg.tune.mode,
+                    eval_split=eval_split_id(manifest),
+                    peft_method=(source.tags or {}).get(registry.TAG_PEFT, cfg.peft.method),
+                    quantization=result.method,
+                    source_version=str(source.version),
+                    extra_tags={
+                        k: v for k, v in tags.items() if k in ("lepton.trial_id", "lepton.run_id")
+                    }
+                    | {"lepton.source_run_id": source.run_id or ""},
+                )
+                version = registry.register(
+                    uri,
+                    name,
+                    run_id,
+                    result.folder,
+                    lineage,
+                    candidate,
+                    description=f"{result.method} of {source_uri}.",
+                    log=log,
+                ).version
+    if version is not None:
+        log(
+            f"[registry] {name} v{version} (@{registry.CHALLENGER}) = {result.method} of v{source.version}"
+        )
+    else:
+        log(f"[compress] not registered: {result.reason}; v{source.version} stays uncompressed")
+    candidate_version = str(version or source.version)
+    promoted = settle(cfg, candidate_version, log) if promote else False
+    return {
+        "run_id": run_id,
+        "metrics": result.metrics,
+        "method": result.method,
+        "accepted": result.accepted,
+        "reason": result.reason,
+        "version": candidate_version,
+        "compressed_version": version,
+        "promoted": promoted,
+    }
 
 
 def serving_model_uri(cfg: ExperimentConfig) -> str:
-    """What to serve by default, as a pinned ``models:/NAME/VERSION``.
+    """What to serve by default: ``@champion``, pinned as ``models:/NAME/VERSION``."""
+    from lepton_ray import registry
 
-    ``@serving`` when it is a compression of the current ``@champion``, else ``@champion``:
-    a newer champion that was not compressed is never hidden behind an older @serving (a
-    registry written before that rule may still hold one).
-    """
-    from lepton_ray.tracking.mlflow import get_model_version, get_version_by_alias
-
-    uri, name = cfg.tracking.tracking_uri, cfg.registered_model_name
-    champion = get_model_version(uri, f"models:/{name}@{ALIAS_TRAINED}")
-    serving = get_version_by_alias(uri, name, ALIAS_SERVING)
-    if serving is not None and serving.tags.get(TAG_SOURCE_VERSION) == str(champion.version):
-        return f"models:/{name}/{serving.version}"
-    return f"models:/{name}/{champion.version}"
+    champion = registry.resolve(
+        cfg.tracking.tracking_uri, f"{cfg.registered_model_name}@{registry.CHAMPION}"
+    )
+    return f"models:/{champion.name}/{champion.version}"
 
 
 def run_serve_stage(
@@ -237,26 +342,39 @@ def run(cfg: ExperimentConfig, log=print, new: bool = False) -> dict[str, Any]:
         )
         log_config(uri, parent, cfg)
         log_data_report(cfg, parent, manifest)
+        # The trained version is promoted after compression (the served form is gated).
+        promote_now = not cfg.compress.enabled
         if cfg.tune.enabled:
-            summary["best"] = run_tune_stage(cfg, parent_run_id=parent, log=log)
+            summary["best"] = run_tune_stage(
+                cfg, parent_run_id=parent, log=log, promote=promote_now
+            )
         else:
-            summary["best"] = run_train_stage(cfg, parent_run_id=parent, log=log, new=new)
+            summary["best"] = run_train_stage(
+                cfg, parent_run_id=parent, log=log, new=new, promote=promote_now
+            )
         if cfg.compress.enabled:
-            summary["compress"] = run_compress_stage(cfg, parent_run_id=parent, log=log)
+            summary["compress"] = run_compress_stage(
+                cfg,
+                model_uri=f"models:/{cfg.registered_model_name}/{summary['best']['version']}",
+                parent_run_id=parent,
+                log=log,
+            )
+        candidate = summary.get("compress", summary["best"])
+        summary["candidate_version"] = candidate["version"]
+        summary["promoted"] = candidate.get("promoted", False)
         set_tags(
             uri,
             parent,
             {
                 "lepton.registered_model": cfg.registered_model_name,
                 "lepton.best_run_id": summary["best"]["run_id"],
+                "lepton.candidate_version": candidate["version"],
+                "lepton.promoted": summary["promoted"],
             },
         )
         summary["parent_run_id"] = parent
     if cfg.serve.enabled:
-        # Exactly the version this run registered last (compressed, else trained).
-        deployed = summary.get("compress", summary["best"])["version"]
-        summary["serve"] = run_serve_stage(
-            cfg, model_uri=f"models:/{cfg.registered_model_name}/{deployed}", log=log
-        )
+        # The champion, pinned: this run's candidate if the gate let it through.
+        summary["serve"] = run_serve_stage(cfg, log=log)
     summary["seconds"] = round(time.time() - started, 1)
     return summary

@@ -185,24 +185,9 @@ class TextClassifier:
             return out
 
     def _classify(self, texts: list[str]) -> list[dict[str, Any]]:
-        import torch
+        from lepton_ray.predict import classify
 
-        from lepton_ray.models import encode_texts
-
-        encoded, truncated = encode_texts(self.tokenizer, self.meta, texts)
-        with torch.inference_mode():
-            probs = torch.softmax(self.model(**encoded).logits.float(), dim=-1).tolist()
-        out = []
-        for row, cut in zip(probs, truncated):
-            best = max(range(len(row)), key=row.__getitem__)
-            out.append(
-                {
-                    "label": self.labels[best],
-                    "probabilities": {label: round(p, 6) for label, p in zip(self.labels, row)},
-                    "truncated": bool(cut),
-                }
-            )
-        return out
+        return classify(self.model, self.tokenizer, self.meta, texts)
 
 
 def build_app(args: ServeArgs, num_replicas: int = 1, num_cpus: float = 1.0):

@@ -266,15 +266,18 @@ def get_model_version(tracking_uri: str, model_uri: str):
 
 
 def download_model(tracking_uri: str, model_uri: str, dst: Path | None = None) -> Path:
-    """Download a registered version's artifact folder (to a new temporary folder by default)."""
+    """Download a registered version (to a new temporary folder by default) and return the
+    lepton-ray model artifact in it (inside the MLflow pyfunc package of the version)."""
     import mlflow.artifacts
+
+    from lepton_ray.registry import artifact_folder
 
     version = get_model_version(tracking_uri, model_uri)
     dst = dst or Path(tempfile.mkdtemp(prefix="lepton-model-"))
     path = mlflow.artifacts.download_artifacts(
         artifact_uri=version.source, dst_path=str(dst), tracking_uri=tracking_uri
     )
-    return Path(path)
+    return artifact_folder(Path(path))
 
 
 def _parse_model_uri(uri: str) -> tuple[str, str]:

@@ -59,7 +59,12 @@ def test_preprocess_train_compress_serve(setup):
 
     result = runner.invoke(app, ["compress", path])
     assert result.exit_code == 0, result.output
-    serving = c.get_model_version_by_alias("stages", "serving")
+    # The compression is registered naming its source, and (gated by compress.max_drop)
+    # becomes the champion: @champion is what is served, compressed or not.
+    compressed = c.get_model_version_by_alias("stages", "champion")
+    assert int(compressed.version) > int(champion.version)
+    assert compressed.tags["lepton.source_version"] == str(champion.version)
+    assert compressed.tags["lepton.quantization"] != "none"
 
     # Serve a chosen version, not the default alias.
     uri = f"models:/stages/{champion.version}"
@@ -67,8 +72,6 @@ def test_preprocess_train_compress_serve(setup):
     assert result.exit_code == 0, result.output
     meta = requests.get(f"{setup['url']}/v1/model", timeout=10).json()
     assert meta["model"] == uri and meta["weights"] == "adapter"
-    assert int(serving.version) > int(champion.version)
-    assert serving.tags["lepton.source_version"] == str(champion.version)
 
     # The replica holds a CPU that 2 training workers need on this 2-CPU cluster: training
     # must say so at once instead of waiting forever.
@@ -83,14 +86,14 @@ def test_preprocess_train_compress_serve(setup):
 
 
 def test_a_new_uncompressed_champion_is_what_serve_deploys(setup):
-    """Never the int8 copy of an older champion, and pinned by number in every replica."""
+    """Never the compression of an older champion, and pinned by number in every replica."""
     path, c = str(setup["path"]), setup["client"]
-    old_serving = c.get_model_version_by_alias("stages", "serving")
-    result = runner.invoke(app, ["train", path])
+    old_champion = c.get_model_version_by_alias("stages", "champion")
+    result = runner.invoke(app, ["train", path, "--set", "registry.promotion=always"])
     assert result.exit_code == 0, result.output
     champion = c.get_model_version_by_alias("stages", "champion")
-    assert int(champion.version) > int(old_serving.version)
-    assert "serving" not in c.get_registered_model("stages").aliases
+    assert int(champion.version) > int(old_champion.version)
+    assert champion.tags["lepton.quantization"] == "none"
 
     result = runner.invoke(app, ["serve", path])
     assert result.exit_code == 0, result.output
@@ -104,7 +107,7 @@ def test_a_new_uncompressed_champion_is_what_serve_deploys(setup):
     # version, not whatever @champion names now.
     import ray
 
-    c.set_registered_model_alias("stages", "champion", old_serving.version)
+    c.set_registered_model_alias("stages", "champion", old_champion.version)
     replicas = [
         a
         for a in ray.util.list_named_actors(all_namespaces=True)

@@ -1,0 +1,240 @@
+"""The model registry against a real MLflow store: versions with lineage, the promotion gate,
+rollback, legacy alias migration, the `models` CLI, and every version loadable as a standard
+MLflow pyfunc model (Python API and `mlflow models predict`) with no lepton-ray code."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from lepton_ray import registry
+from lepton_ray.cli import app
+from lepton_ray.errors import StageError
+from tests.conftest import TINY_BERT
+
+runner = CliRunner()
+LABELS = ["negative", "positive"]
+SPLIT = "fingerprint-a:validation"
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory) -> Path:
+    """A real (tiny, random) full-weights model artifact with MiniLM's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from lepton_ray.models import ModelMeta, resolve_model_path, save_model_artifact
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
+    config = BertConfig(vocab_size=tokenizer.vocab_size, num_labels=2, **TINY_BERT)
+    model = BertForSequenceClassification(config).eval()
+    folder = tmp_path_factory.mktemp("artifact") / "model"
+    meta = ModelMeta(
+        task="sequence_classification",
+        labels=LABELS,
+        base_model="./model",
+        max_length=16,
+        weights="full",
+        peft_method="none",
+    )
+    save_model_artifact(model, tokenizer, meta, folder)
+    return folder
+
+
+@pytest.fixture
+def store(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri, registry_uri=uri)
+    exp = client.create_experiment("reg", artifact_location=(tmp_path / "artifacts").as_uri())
+    return {"uri": uri, "client": client, "experiment": exp}
+
+
+def _register(store, artifact, accuracy: float, split: str = SPLIT, **extra) -> str:
+    c = store["client"]
+    run_id = c.create_run(store["experiment"]).info.run_id
+    candidate = registry.Candidate(
+        metrics={"val_accuracy": accuracy},
+        metric_name="val_accuracy",
+        metric_mode="max",
+        eval_split=split,
+        peft_method="none",
+        **extra,
+    )
+    lineage = {
+        "lepton.config_hash": "c0ffee",
+        "lepton.data_fingerprint": "fp",
+        "lepton.git_sha": "x",
+    }
+    return registry.register(
+        store["uri"], "reg", run_id, artifact, lineage, candidate, log=lambda _: None
+    ).version
+
+
+def _champion(store) -> str | None:
+    found = registry.alias_of(store["uri"], "reg", registry.CHAMPION)
+    return str(found.version) if found else None
+
+
+def test_gate_promote_and_rollback(store, artifact):
+    uri, quiet = store["uri"], (lambda _: None)
+    v1 = _register(store, artifact, 0.80)
+    version = store["client"].get_model_version("reg", v1)
+    assert version.tags["lepton.metric.val_accuracy"] == "0.8"
+    assert version.tags["lepton.config_hash"] == "c0ffee"
+    assert version.tags["lepton.run_id"] == version.run_id
+    assert store["client"].get_model_version_by_alias("reg", "challenger").version == v1
+
+    assert registry.promote(uri, "reg", v1, log=quiet).passed  # no champion yet
+    assert _champion(store) == v1
+    assert "challenger" not in store["client"].get_registered_model("reg").aliases
+
+    v2 = _register(store, artifact, 0.78)
+    refused = registry.promote(uri, "reg", v2, log=quiet)
+    assert not refused.passed and "0.7800" in refused.reason and "0.8000" in refused.reason
+    assert _champion(store) == v1  # unchanged
+    # Within the tolerance it passes.
+    assert registry.promote(uri, "reg", v2, tolerance=0.03, log=quiet).passed
+    assert _champion(store) == v2
+
+    # Rollback goes back one champion at a time, then refuses, leaving the alias alone.
+    assert registry.rollback(uri, "reg", log=quiet) == v1
+    assert _champion(store) == v1
+    with pytest.raises(StageError, match="no previous champion"):
+        registry.rollback(uri, "reg", log=quiet)
+    assert _champion(store) == v1
+
+
+def test_gate_needs_one_split(store, artifact):
+    uri, quiet = store["uri"], (lambda _: None)
+    v1 = _register(store, artifact, 0.70)
+    registry.promote(uri, "reg", v1, log=quiet)
+    v2 = _register(store, artifact, 0.99, split="fingerprint-b:validation")
+    result = registry.promote(uri, "reg", v2, log=quiet)
+    assert not result.passed and "different splits" in result.reason
+    assert _champion(store) == v1
+    # With an evaluator (the experiment's validation split), both are scored on it.
+    scores = {v1: 0.75, v2: 0.74}
+    result = registry.promote(uri, "reg", v2, evaluate=lambda v: scores[str(v.version)], log=quiet)
+    assert not result.passed and "evaluated now" in result.reason
+    scores[v2] = 0.76
+    assert registry.promote(
+        uri, "reg", v2, evaluate=lambda v: scores[str(v.version)], log=quiet
+    ).passed
+
+
+def test_a_compression_of_the_champion_is_gated_by_max_drop_not_by_tolerance(store, artifact):
+    uri, quiet = store["uri"], (lambda _: None)
+    v1 = _register(store, artifact, 0.90)
+    registry.promote(uri, "reg", v1, log=quiet)
+    v2 = _register(store, artifact, 0.895, quantization="dynamic_int8", source_version=v1)
+    result = registry.promote(uri, "reg", v2, log=quiet)
+    assert result.passed and "compression of champion" in result.reason
+    assert store["client"].get_model_version("reg", v2).tags["lepton.source_version"] == v1
+
+
+def test_legacy_serving_alias_is_folded_into_champion(store, artifact):
+    uri, c = store["uri"], store["client"]
+    v1 = _register(store, artifact, 0.9)
+    v2 = _register(store, artifact, 0.89, quantization="dynamic_int8", source_version=v1)
+    c.set_registered_model_alias("reg", "champion", v1)  # the old layout
+    c.set_registered_model_alias("reg", "serving", v2)
+    assert str(registry.resolve(uri, "reg").version) == v2  # NAME means NAME@champion
+    aliases = c.get_registered_model("reg").aliases
+    assert aliases.get("champion") == v2 and "serving" not in aliases
+    # and rollback knows the old champion
+    assert registry.rollback(uri, "reg", log=lambda _: None) == v1
+
+
+def test_models_cli(store, artifact):
+    uri = store["uri"]
+    v1 = _register(store, artifact, 0.8)
+    v2 = _register(store, artifact, 0.7)
+    base = ["--tracking-uri", uri]
+
+    result = runner.invoke(app, ["models", "promote", f"reg/{v1}", *base])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["models", "promote", "reg@challenger", *base])
+    assert result.exit_code == 1 and "not promoted" in result.output
+    assert _champion(store) == v1
+
+    listing = runner.invoke(app, ["models", "list", *base])
+    assert listing.exit_code == 0, listing.output
+    lines = [line for line in listing.output.splitlines() if line.startswith("reg ")]
+    assert len(lines) == 2 and "@champion" in lines[1] and "@challenger" in lines[0]
+
+    shown = runner.invoke(app, ["models", "show", "reg", *base])
+    assert shown.exit_code == 0, shown.output
+    info = json.loads(shown.output[shown.output.index("{") :])
+    assert info["version"] == v1 and info["aliases"] == ["champion"]
+    assert info["metrics"]["val_accuracy"] == "0.8"
+
+    # Bad input: one line, non-zero exit, registry unchanged.
+    for args, needle in (
+        (["models", "promote", "reg/99", *base], "has no version 99"),
+        (["models", "promote", "nope/1", *base], "no registered model 'nope'"),
+        (["models", "rollback", "reg", *base], "no previous champion"),
+        (["models", "show", "reg@@", *base], "must look like"),
+    ):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert needle in result.output and "Traceback" not in result.output
+    assert _champion(store) == v1 and v2
+
+
+def test_a_version_is_a_standard_mlflow_model(store, artifact, tmp_path):
+    """MLflow's own API and CLI load the champion and classify raw texts."""
+    import mlflow.pyfunc
+
+    v1 = _register(store, artifact, 0.8)
+    registry.promote(store["uri"], "reg", v1, log=lambda _: None)
+    mlflow.set_tracking_uri(store["uri"])
+    mlflow.set_registry_uri(store["uri"])
+    try:
+        model = mlflow.pyfunc.load_model("models:/reg@champion")
+        out = model.predict(["a fine lamp", "x " * 40])
+    finally:
+        mlflow.set_tracking_uri("")
+    assert list(out.columns) == ["label", "truncated", "prob_negative", "prob_positive"]
+    assert set(out["label"]) <= set(LABELS)
+    assert out["truncated"].tolist() == [False, True]  # max_length 16
+    assert (out[["prob_negative", "prob_positive"]].sum(axis=1).round(4) == 1.0).all()
+
+    # The CLI, in a clean process that imports nothing of lepton-ray itself.
+    inp = tmp_path / "in.json"
+    inp.write_text(json.dumps({"inputs": ["a fine lamp"]}))
+    dst = tmp_path / "out.json"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "MLFLOW_REGISTRY_URI": store["uri"]}
+    mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
+    done = subprocess.run(
+        [
+            mlflow_bin,
+            "models",
+            "predict",
+            "-m",
+            "models:/reg@champion",
+            "-i",
+            str(inp),
+            "-t",
+            "json",
+            "-o",
+            str(dst),
+            "--env-manager",
+            "local",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    predictions = json.loads(dst.read_text())["predictions"]
+    assert predictions[0]["label"] in LABELS
