@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -60,7 +61,7 @@ def parse_spec(spec: str) -> tuple[str, str | None, str | None]:
     rest = spec.removeprefix("models:/").strip()
     if "@" in rest:
         name, alias = rest.split("@", 1)
-        if name and alias:
+        if name and re.fullmatch(r"[A-Za-z0-9_-]+", alias):
             return name, alias, None
     elif "/" in rest:
         name, version = rest.rsplit("/", 1)

@@ -73,9 +73,10 @@ def _register(store, artifact, accuracy: float, split: str = SPLIT, **extra) -> 
         "lepton.data_fingerprint": "fp",
         "lepton.git_sha": "x",
     }
-    return registry.register(
+    version = registry.register(
         store["uri"], "reg", run_id, artifact, lineage, candidate, log=lambda _: None
-    ).version
+    )
+    return str(version.version)
 
 
 def _champion(store) -> str | None:
@@ -90,7 +91,7 @@ def test_gate_promote_and_rollback(store, artifact):
     assert version.tags["lepton.metric.val_accuracy"] == "0.8"
     assert version.tags["lepton.config_hash"] == "c0ffee"
     assert version.tags["lepton.run_id"] == version.run_id
-    assert store["client"].get_model_version_by_alias("reg", "challenger").version == v1
+    assert store["client"].get_model_version_by_alias("reg", "challenger").version == int(v1)
 
     assert registry.promote(uri, "reg", v1, log=quiet).passed  # no champion yet
     assert _champion(store) == v1
@@ -148,7 +149,7 @@ def test_legacy_serving_alias_is_folded_into_champion(store, artifact):
     c.set_registered_model_alias("reg", "serving", v2)
     assert str(registry.resolve(uri, "reg").version) == v2  # NAME means NAME@champion
     aliases = c.get_registered_model("reg").aliases
-    assert aliases.get("champion") == v2 and "serving" not in aliases
+    assert str(aliases.get("champion")) == v2 and "serving" not in aliases
     # and rollback knows the old champion
     assert registry.rollback(uri, "reg", log=lambda _: None) == v1
 
