@@ -32,7 +32,7 @@ def test_quickstart_defaults_and_absolute_paths(monkeypatch):
     monkeypatch.chdir(ROOT)
     cfg = load_experiment(QUICKSTART)
     assert cfg.task == "sequence_classification"
-    assert cfg.scaling.num_workers == 2
+    assert cfg.scaling.num_workers * cfg.scaling.resources_per_worker["CPU"] == 2  # one 2-core node
     assert cfg.tune.num_samples >= 4
     # Ray workers run elsewhere, so every path the workers read must be absolute.
     assert cfg.tracking.tracking_uri.startswith("sqlite:////")
