@@ -5,6 +5,7 @@ No Ray here: the caller supplies rank, world size, device, the rows and a ``repo
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -191,21 +192,25 @@ def train_recipe(
             report(metrics, folder)
 
     pad_id = recipe.tokenizer.pad_token_id or 0
-    return run_training(
-        recipe.model,
-        recipe.optimizer,
-        recipe.scheduler,
-        rows,
-        pad_id=pad_id,
-        eval_batches=eval_batches_of(validation, cfg.train.eval_batch_size, pad_id),
-        num_labels=len(recipe.labels),
-        settings=recipe.settings,
-        state=state,
-        device=device,
-        precision=recipe.precision,
-        rank=rank,
-        world_size=world_size,
-        on_evaluation=on_evaluation,
-        on_log=on_log,
-        log=log,
-    )
+    try:
+        return run_training(
+            recipe.model,
+            recipe.optimizer,
+            recipe.scheduler,
+            rows,
+            pad_id=pad_id,
+            eval_batches=eval_batches_of(validation, cfg.train.eval_batch_size, pad_id),
+            num_labels=len(recipe.labels),
+            settings=recipe.settings,
+            state=state,
+            device=device,
+            precision=recipe.precision,
+            rank=rank,
+            world_size=world_size,
+            on_evaluation=on_evaluation,
+            on_log=on_log,
+            log=log,
+        )
+    finally:
+        if recipe.base_dir is not None:  # the random base copied into every checkpoint
+            shutil.rmtree(recipe.base_dir, ignore_errors=True)
