@@ -625,6 +625,13 @@ class CompressSection(Section):
     method: Literal["dynamic_int8"] = Field(
         "dynamic_int8", description="torch dynamic int8 quantization of every nn.Linear."
     )
+    max_drop: float = Field(
+        1.0,
+        ge=0.0,
+        le=100.0,
+        description="Refuse a compression whose validation accuracy is more than this many "
+        "points (0.01 accuracy each) below the uncompressed model's; it is kept instead.",
+    )
 
 
 # ---------------------------------------------------------------------------------------- serve

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +41,22 @@ def evaluate_split(
     return result
 
 
+@dataclass
+class CompressResult:
+    method: str
+    folder: Path | None  # the compressed artifact; None when the accuracy gate refused it
+    accepted: bool
+    reason: str
+    metrics: dict[str, float]
+
+
 def run_compress(
     cfg: ExperimentConfig, model_dir: Path, out: Path, run_id: str, log=print
-) -> tuple[Path, dict[str, float]]:
+) -> CompressResult:
     """Compress the artifact in ``model_dir`` into ``out``; log before/after metrics to ``run_id``.
 
-    Returns the int8 artifact folder and the metrics.
+    A compression whose validation accuracy drops more than ``compress.max_drop`` points
+    is refused (``accepted`` False, no folder): the uncompressed model is kept.
     """
     from lepton_ray.tracking import plots
     from lepton_ray.tracking.mlflow import log_figure, log_folder, log_metrics
@@ -80,10 +91,10 @@ def run_compress(
         cleaning=dict(meta.cleaning),  # the text must be cleaned as it was for training
     )
     save_int8_artifact(qmodel, tokenizer, int8_meta, int8_dir)
-    metrics["size_mb_int8"] = folder_size_mb(int8_dir, INT8_WEIGHTS)
-    metrics["size_ratio"] = metrics["size_mb_fp32"] / metrics["size_mb_int8"]
+    metrics["size_mb_compressed"] = folder_size_mb(int8_dir, INT8_WEIGHTS)
+    metrics["size_ratio"] = metrics["size_mb_fp32"] / metrics["size_mb_compressed"]
     for split, short in (("validation", "val"), ("test", "test")):
-        for tag, res in (("fp32", before[split]), ("int8", after[split])):
+        for tag, res in (("fp32", before[split]), ("compressed", after[split])):
             if res is None:
                 continue
             metrics[f"{short}_accuracy_{tag}"] = res["accuracy"]
@@ -91,20 +102,37 @@ def run_compress(
             metrics[f"{short}_loss_{tag}"] = res["loss"]
             metrics[f"{short}_samples_per_s_{tag}"] = res["samples_per_s"]
     if "val_accuracy_fp32" in metrics:
-        metrics["val_accuracy_drop"] = metrics["val_accuracy_fp32"] - metrics["val_accuracy_int8"]
+        metrics["val_accuracy_drop"] = (
+            metrics["val_accuracy_fp32"] - metrics["val_accuracy_compressed"]
+        )
+    drop_points = 100.0 * metrics.get("val_accuracy_drop", 0.0)
+    accepted = drop_points <= cfg.compress.max_drop + 1e-9
+    reason = (
+        f"validation accuracy drop {drop_points:.2f} points <= max_drop {cfg.compress.max_drop:g}"
+        if accepted
+        else f"validation accuracy dropped {drop_points:.2f} points, more than "
+        f"compress.max_drop {cfg.compress.max_drop:g}"
+    )
+    metrics["accepted"] = float(accepted)
     log_metrics(uri, run_id, metrics, step=0)
     for split in ("validation", "test"):
         if after[split] is not None:
             fig = plots.confusion_matrix(after[split]["confusion"], labels, f"{split} (int8)")
             log_figure(uri, run_id, fig, f"plots/confusion_matrix_{split}_int8.png")
-    log_folder(uri, run_id, int8_dir, "model")
+    if accepted:
+        log_folder(uri, run_id, int8_dir, "model")
     log(
         "[compress] int8: "
-        f"{metrics['size_mb_fp32']:.1f} MB -> {metrics['size_mb_int8']:.1f} MB; "
+        f"{metrics['size_mb_fp32']:.1f} MB -> {metrics['size_mb_compressed']:.1f} MB; "
         + (
-            f"val accuracy {metrics['val_accuracy_fp32']:.4f} -> {metrics['val_accuracy_int8']:.4f}"
+            f"val accuracy {metrics['val_accuracy_fp32']:.4f} -> "
+            f"{metrics['val_accuracy_compressed']:.4f}"
             if "val_accuracy_fp32" in metrics
             else "no validation split"
         )
     )
-    return int8_dir, metrics
+    if not accepted:
+        log(f"[compress] refused: {reason}; the uncompressed model is kept")
+    return CompressResult(
+        cfg.compress.method, int8_dir if accepted else None, accepted, reason, metrics
+    )

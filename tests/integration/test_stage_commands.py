@@ -26,6 +26,7 @@ def setup(tmp_path_factory, ray_session, serve_port):
         name="stages",
         serve={"enabled": True, "port": port, "app_name": "stages"},
         train={"epochs": 1},
+        compress={"max_drop": 100.0},  # a random tiny model: gate plumbing, not its accuracy
     )
     path = write_yaml(tmp / "stages.yaml", raw)
     return {
