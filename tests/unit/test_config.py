@@ -159,3 +159,13 @@ def test_tune_space_accepts_train_and_peft_keys(tmp_path):
     assert set(validate_experiment(minimal(tmp_path, tune={"space": space})).tune.space) == set(
         space
     )
+
+
+def test_negative_compress_max_drop_and_registry_tolerance_are_refused(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ConfigError, match=r"compress.max_drop: .*greater than or equal to 0"):
+        load_experiment(QUICKSTART, ["compress.max_drop=-0.5"])
+    with pytest.raises(ConfigError, match=r"registry.tolerance: .*greater than or equal to 0"):
+        load_experiment(QUICKSTART, ["registry.tolerance=-0.01"])
+    with pytest.raises(ConfigError, match=r"registry.promotion: "):
+        load_experiment(QUICKSTART, ["registry.promotion=sometimes"])
