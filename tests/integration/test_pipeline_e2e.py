@@ -52,7 +52,9 @@ def pipeline(tmp_path_factory, ray_session, serve_port):
         "raw": raw,
         "output": result.output,
         "url": f"http://127.0.0.1:{port}",
-        "client": MlflowClient(raw["tracking"]["tracking_uri"]),
+        "client": MlflowClient(
+            raw["tracking"]["tracking_uri"], registry_uri=raw["tracking"]["tracking_uri"]
+        ),
     }
     # The replica holds a CPU; later tests in this Ray session need both for training.
     assert runner.invoke(app, ["serve", str(path), "--stop"]).exit_code == 0

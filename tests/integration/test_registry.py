@@ -190,19 +190,22 @@ def test_models_cli(store, artifact):
     assert _champion(store) == v1 and v2
 
 
-def test_a_version_is_a_standard_mlflow_model(store, artifact, tmp_path):
+def test_a_version_is_a_standard_mlflow_model(store, artifact, tmp_path, monkeypatch):
     """MLflow's own API and CLI load the champion and classify raw texts."""
     import mlflow.pyfunc
+    import mlflow.tracking._model_registry.utils as registry_utils
+    import mlflow.tracking._tracking_service.utils as tracking_utils
 
     v1 = _register(store, artifact, 0.8)
     registry.promote(store["uri"], "reg", v1, log=lambda _: None)
-    mlflow.set_tracking_uri(store["uri"])
-    mlflow.set_registry_uri(store["uri"])
-    try:
-        model = mlflow.pyfunc.load_model("models:/reg@champion")
-        out = model.predict(["a fine lamp", "x " * 40])
-    finally:
-        mlflow.set_tracking_uri("")
+    # As a reader would point MLflow at the store; undone after the test (MLflow keeps the
+    # URIs in module globals, which every later MlflowClient without URIs would inherit).
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", None)
+    monkeypatch.setattr(registry_utils, "_registry_uri", None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store["uri"])
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", store["uri"])
+    model = mlflow.pyfunc.load_model("models:/reg@champion")
+    out = model.predict(["a fine lamp", "x " * 40])
     assert list(out.columns) == ["label", "truncated", "prob_negative", "prob_positive"]
     assert set(out["label"]) <= set(LABELS)
     assert out["truncated"].tolist() == [False, True]  # max_length 16
@@ -212,7 +215,7 @@ def test_a_version_is_a_standard_mlflow_model(store, artifact, tmp_path):
     inp = tmp_path / "in.json"
     inp.write_text(json.dumps({"inputs": ["a fine lamp"]}))
     dst = tmp_path / "out.json"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "MLFLOW_REGISTRY_URI": store["uri"]}
+    env = dict(os.environ)
     mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
     done = subprocess.run(
         [

@@ -33,7 +33,9 @@ def setup(tmp_path_factory, ray_session, serve_port):
         "path": path,
         "raw": raw,
         "url": f"http://127.0.0.1:{port}",
-        "client": MlflowClient(raw["tracking"]["tracking_uri"]),
+        "client": MlflowClient(
+            raw["tracking"]["tracking_uri"], registry_uri=raw["tracking"]["tracking_uri"]
+        ),
     }
 
 
