@@ -12,15 +12,25 @@ A model *artifact* is a folder that any stage can load without the config that m
     model/                     full weights (config.json + model.safetensors)
     config/config.json         int8 only: the transformers config that rebuilds the structure
     model_int8.safetensors     int8 only: every dynamically quantized Linear as int8 weight,
-                               scale(s), zero point(s) and float bias; every other tensor of
-                               the state dict as is
+                               scale(s), zero point(s) and float bias, every int8 embedding
+                               table as int8 rows and per-row scales; every other tensor of
+                               the state dict (LayerNorm, layers kept in float) as is
+    model.onnx                 onnx_int8 only: an ONNX Runtime graph with int8 weights
 
-Weights are only ever read from safetensors: loading an artifact never unpickles anything,
-so whoever can write an artifact cannot run code where it is loaded.
+``weights`` in ``lepton_model.json`` says which: ``adapter``, ``full`` (float32),
+``int8`` (torch dynamic int8), ``bf16`` (``model/`` in bfloat16), ``onnx_int8`` (ONNX
+Runtime) or ``gpu_weight_only`` (``model/`` in bfloat16, quantized to int8 or int4
+weight-only on the GPU when loaded there). A compressed artifact also names its method in
+``extra["quantization"]``.
+
+Weights are only ever read from safetensors (or an ONNX protobuf, which holds data, not
+code): loading an artifact never unpickles anything, so whoever can write an artifact
+cannot run code where it is loaded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 from collections import OrderedDict
@@ -40,13 +50,17 @@ if TYPE_CHECKING:
 META_FILE = "lepton_model.json"
 INT8_WEIGHTS = "model_int8.safetensors"
 INT8_CONFIG_DIR = "config"
-INT8_FORMAT = "lepton-int8-dynamic-v1"
+INT8_FORMAT = "lepton-int8-dynamic-v2"
+# v1 (every Linear quantized, nothing else) is read as well; it is a special case of v2.
+INT8_FORMATS = ("lepton-int8-dynamic-v1", INT8_FORMAT)
 LEGACY_INT8_WEIGHTS = "model_int8.pt"
+ONNX_FILE = "model.onnx"
 ADAPTER_DIR = "adapter"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 FULL_DIR = "model"
 
-WEIGHT_KINDS = ("adapter", "full", "int8")
+WEIGHT_KINDS = ("adapter", "full", "int8", "bf16", "onnx_int8", "gpu_weight_only")
+GPU_WEIGHT_ONLY = ("int8_weight_only", "int4_weight_only")
 UNICODE_FORMS = ("NFC", "NFKC", "NFD", "NFKD", "none")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
@@ -92,7 +106,7 @@ class ModelMeta:
     labels: list[str]
     base_model: str
     max_length: int
-    weights: str = "adapter"  # "adapter" | "full" | "int8"
+    weights: str = "adapter"  # one of WEIGHT_KINDS
     peft_method: str = "none"
     config_overrides: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -231,6 +245,15 @@ def save_model_artifact(model, tokenizer, meta: ModelMeta, folder: Path) -> None
     meta.save(folder)
 
 
+def _first_line(err: BaseException, limit: int = 300) -> str:
+    """The gist of a library error: its first non-empty line, cut at ``limit`` characters."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = lines[0] if lines else type(err).__name__
+    if text.endswith(":") and len(lines) > 1:  # "Error(s) in loading state_dict for X:"
+        text = f"{text} {lines[1]}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _pickle_refusal(path: Path, hint: str) -> StageError:
     return StageError(
         f"{path} is a pickle file; lepton-ray loads only safetensors weights ({hint})"
@@ -270,8 +293,11 @@ def load_model_artifact(folder: str | Path, merge: bool = True):
     """Load ``(model, tokenizer, meta)`` from an artifact folder, in eval mode on the CPU.
 
     PEFT adapters are merged into the base so the result is a plain transformers model;
-    an int8 artifact comes back quantized. Only safetensors weights are read: an artifact
-    that holds pickled weights (``*.bin``, ``*.pt``) is refused with a ``StageError``.
+    a compressed artifact comes back compressed (int8, bf16, or an ONNX Runtime session
+    wrapped to answer like one). Every kind is called the same way: ``model(**encoded)``
+    returns an object with ``.logits`` (a torch tensor; bfloat16 for a bf16 artifact).
+    Only safetensors weights are read: an artifact that holds pickled weights (``*.bin``,
+    ``*.pt``) is refused with a ``StageError``.
     """
     import transformers
     from transformers import AutoTokenizer
@@ -285,6 +311,12 @@ def load_model_artifact(folder: str | Path, merge: bool = True):
     elif meta.weights == "full":
         _require_safetensors(folder / FULL_DIR, "re-run train")
         model = auto_cls.from_pretrained(folder / FULL_DIR, use_safetensors=True)
+    elif meta.weights == "bf16":
+        model = _load_bf16(folder, auto_cls)
+    elif meta.weights == "onnx_int8":
+        model = _load_onnx(folder, meta)
+    elif meta.weights == "gpu_weight_only":
+        model = _load_gpu_weight_only(folder, auto_cls, meta)
     else:
         from peft import PeftModel
 
@@ -293,19 +325,73 @@ def load_model_artifact(folder: str | Path, merge: bool = True):
         _require_safetensors(folder / ADAPTER_DIR, "re-run train", ADAPTER_WEIGHTS)
         hf_config = _classifier_config(base_path, meta.labels, meta.config_overrides)
         base = auto_cls.from_pretrained(base_path, config=hf_config, use_safetensors=True)
-        model = PeftModel.from_pretrained(base, folder / ADAPTER_DIR)
-        if merge:
-            model = model.merge_and_unload()
+        try:
+            model = PeftModel.from_pretrained(base, folder / ADAPTER_DIR)
+            if merge:
+                model = model.merge_and_unload()
+        except (RuntimeError, ValueError, KeyError, TypeError) as err:
+            raise StageError(
+                f"{folder / ADAPTER_DIR}: the adapter does not match its base "
+                f"{meta.base_model!r}: {_first_line(err)}"
+            ) from None
     model.eval()
     return model, tokenizer, meta
 
 
-def quantize_dynamic_int8(model: torch.nn.Module) -> torch.nn.Module:
-    """int8 weights, fp32 activations quantized on the fly, for every ``nn.Linear``."""
-    import torch
-    from torch.ao.quantization import quantize_dynamic
+@contextlib.contextmanager
+def _quiet_quantization_warnings():
+    """``torch.ao.quantization`` warns on every call that it is deprecated (eager-mode
+    quantization moves to torchao, whose CPU int8 path is slower on these CPUs; see
+    ``lepton_ray.compress``): said once in the docs, not once per layer in the log."""
+    import warnings
 
-    return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"(?s).*torch\.ao\.quantization is deprecated")
+        warnings.filterwarnings("ignore", message=r"(?s).*quantized tensor creation functions")
+        yield
+
+
+def quantize_dynamic_int8(
+    model: torch.nn.Module,
+    per_channel: bool = False,
+    keep_float: Sequence[str] = (),
+    embeddings: bool = False,
+) -> torch.nn.Module:
+    """int8 weights, fp32 activations quantized on the fly, for ``nn.Linear`` layers.
+
+    ``per_channel``: one weight scale per output row instead of one per matrix.
+    ``keep_float``: names of Linear (or embedding) modules left in float32, exactly or as a
+    prefix (``classifier`` keeps the head). ``embeddings``: every ``nn.Embedding`` not kept
+    becomes an int8 table with per-row scales (``Int8Embedding``). The model is copied,
+    not changed. Defaults: every Linear, per-tensor scales, float embeddings.
+    """
+    import copy
+
+    import torch
+    from torch.ao.quantization import (
+        default_dynamic_qconfig,
+        per_channel_dynamic_qconfig,
+        quantize_dynamic,
+    )
+
+    def kept(name: str) -> bool:
+        return any(name == k or name.startswith(f"{k}.") for k in keep_float)
+
+    qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
+    names = {
+        n: qconfig
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and not kept(n)
+    }
+    with _quiet_quantization_warnings():
+        qmodel = quantize_dynamic(copy.deepcopy(model), names, dtype=torch.qint8)
+    if embeddings:
+        from lepton_ray.compress.modules import Int8Embedding, replace_module
+
+        for name, module in list(qmodel.named_modules()):
+            if isinstance(module, torch.nn.Embedding) and not kept(name):
+                replace_module(qmodel, name, Int8Embedding.from_float(module))
+    return qmodel.eval()
 
 
 def _quantized_linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -314,13 +400,21 @@ def _quantized_linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, DynamicLinear)}
 
 
+def _int8_embeddings(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    from lepton_ray.compress.modules import Int8Embedding
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, Int8Embedding)}
+
+
 def save_int8_artifact(model, tokenizer, meta: ModelMeta, folder: Path) -> None:
     """Save a quantized model: its config (to rebuild the structure) and int8 safetensors.
 
     Each dynamically quantized Linear ``name`` is stored as ``name.int8_weight`` (int8),
     ``name.int8_scale`` (float64) and ``name.int8_zero_point`` (int64) - scalars for a
     per-tensor qscheme, one per channel for a per-channel one - and ``name.bias``; its qscheme
-    and axis go into the file's metadata. Every other state-dict tensor is stored as is.
+    and axis go into the file's metadata. An int8 embedding table is its state as is
+    (``name.weight_int8``, ``name.scale``), marked ``kind: embedding_int8`` in the metadata.
+    Every other state-dict tensor (Linear layers kept in float among them) is stored as is.
     """
     import torch
     from safetensors.torch import save_file
@@ -336,12 +430,12 @@ def save_int8_artifact(model, tokenizer, meta: ModelMeta, folder: Path) -> None:
         if not weight.is_quantized or weight.dtype != torch.qint8:
             raise StageError(f"{name}: expected a qint8 weight, got {weight.dtype}")
         scheme = weight.qscheme()
-        entry: dict[str, Any] = {"bias": module.bias() is not None}
-        if scheme == torch.per_tensor_affine:
+        entry: dict[str, Any] = {"kind": "linear_dynamic_int8", "bias": module.bias() is not None}
+        if scheme in (torch.per_tensor_affine, torch.per_tensor_symmetric):
             entry["qscheme"] = "per_tensor_affine"
             scale = torch.tensor(weight.q_scale(), dtype=torch.float64)
             zero_point = torch.tensor(weight.q_zero_point(), dtype=torch.int64)
-        elif scheme == torch.per_channel_affine:
+        elif scheme in (torch.per_channel_affine, torch.per_channel_symmetric):
             entry["qscheme"] = "per_channel_affine"
             entry["axis"] = int(weight.q_per_channel_axis())
             scale = weight.q_per_channel_scales().to(torch.float64)
@@ -354,6 +448,11 @@ def save_int8_artifact(model, tokenizer, meta: ModelMeta, folder: Path) -> None:
         if entry["bias"]:
             tensors[f"{name}.bias"] = module.bias().detach().float().contiguous()
         layout[name] = entry
+    for name, module in _int8_embeddings(model).items():
+        layout[name] = {
+            "kind": "embedding_int8",
+            "shape": [module.num_embeddings, module.embedding_dim],
+        }
     prefixes = tuple(f"{name}." for name in quantized)
     for key, value in model.state_dict().items():
         if key.startswith(prefixes):
@@ -375,6 +474,8 @@ def _load_int8(folder: Path, auto_cls) -> torch.nn.Module:
     from safetensors import SafetensorError, safe_open
     from transformers import AutoConfig
 
+    from lepton_ray.compress.modules import Int8Embedding, replace_module
+
     path = folder / INT8_WEIGHTS
     if not path.is_file():
         legacy = folder / LEGACY_INT8_WEIGHTS
@@ -390,21 +491,43 @@ def _load_int8(folder: Path, auto_cls) -> torch.nn.Module:
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as err:
         raise StageError(f"{path}: not a valid safetensors file ({err})") from None
-    if header.get("format") != INT8_FORMAT:
+    if header.get("format") not in INT8_FORMATS:
         raise StageError(f"{path}: not a lepton-ray int8 file (format {header.get('format')!r})")
     try:
         layout = json.loads(header["quantized"])
     except (KeyError, json.JSONDecodeError):
         raise StageError(f"{path}: metadata 'quantized' is missing or not JSON") from None
+    if not isinstance(layout, dict) or not all(isinstance(v, dict) for v in layout.values()):
+        raise StageError(f"{path}: metadata 'quantized' must map module names to objects")
+    kinds = {name: entry.get("kind", "linear_dynamic_int8") for name, entry in layout.items()}
+    unknown = sorted(set(kinds.values()) - {"linear_dynamic_int8", "embedding_int8"})
+    if unknown:
+        raise StageError(f"{path}: unknown quantized module kind(s) {unknown}")
 
-    model = quantize_dynamic_int8(auto_cls.from_config(AutoConfig.from_pretrained(config_dir)))
-    quantized = _quantized_linears(model)
-    if set(layout) != set(quantized):
-        extra = sorted(set(layout) - set(quantized))[:3]
-        absent = sorted(set(quantized) - set(layout))[:3]
+    try:
+        float_model = auto_cls.from_config(AutoConfig.from_pretrained(config_dir))
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise StageError(f"{config_dir / 'config.json'}: cannot build the model ({err})") from None
+    float_modules = dict(float_model.named_modules())
+    linears = sorted(n for n, k in kinds.items() if k == "linear_dynamic_int8")
+    embeddings = sorted(n for n, k in kinds.items() if k == "embedding_int8")
+    all_linears = {n for n, m in float_modules.items() if isinstance(m, torch.nn.Linear)}
+    wrong = [n for n in linears if n not in all_linears]
+    wrong += [n for n in embeddings if not isinstance(float_modules.get(n), torch.nn.Embedding)]
+    if wrong:
         raise StageError(
-            f"{path} does not match its config: unknown quantized modules {extra}, missing {absent}"
+            f"{path} does not match its config: unknown quantized modules {sorted(wrong)[:3]}"
         )
+    if header["format"] == INT8_FORMATS[0] and set(linears) != all_linears:
+        absent = sorted(all_linears - set(linears))[:3]
+        raise StageError(f"{path} does not match its config: missing quantized modules {absent}")
+    model = quantize_dynamic_int8(float_model, keep_float=sorted(all_linears - set(linears)))
+    for name in embeddings:
+        old = float_modules[name]
+        replace_module(
+            model, name, Int8Embedding(old.num_embeddings, old.embedding_dim, old.padding_idx)
+        )
+    quantized = _quantized_linears(model)
 
     def take(key: str, dtype: torch.dtype) -> torch.Tensor:
         value = tensors.pop(key, None)
@@ -423,28 +546,24 @@ def _load_int8(folder: Path, auto_cls) -> torch.nn.Module:
         shape = tuple(module.weight().shape)
         if tuple(int_weight.shape) != shape or (bias is not None and bias.shape != shape[:1]):
             raise StageError(f"{path}: {name} has shape {tuple(int_weight.shape)}, not {shape}")
-        if entry.get("qscheme") == "per_tensor_affine":
-            if scale.numel() != 1 or zero_point.numel() != 1:
-                raise StageError(f"{path}: {name} per-tensor scale/zero point must be scalars")
-            qweight = torch._make_per_tensor_quantized_tensor(
-                int_weight, float(scale.item()), int(zero_point.item())
-            )
-        elif entry.get("qscheme") == "per_channel_affine":
-            axis = entry.get("axis")
-            if not isinstance(axis, int) or not 0 <= axis < int_weight.dim():
-                raise StageError(f"{path}: {name} has an invalid channel axis {axis!r}")
-            channels = int_weight.shape[axis]
-            if scale.shape != (channels,) or zero_point.shape != (channels,):
-                raise StageError(f"{path}: {name} needs {channels} scales and zero points")
-            qweight = torch._make_per_channel_quantized_tensor(int_weight, scale, zero_point, axis)
-        else:
-            raise StageError(f"{path}: {name} has unsupported qscheme {entry.get('qscheme')!r}")
-        module.set_weight_bias(qweight, bias)
+        with _quiet_quantization_warnings():
+            qweight = _qint8_weight(path, name, entry, int_weight, scale, zero_point)
+            module.set_weight_bias(qweight, bias)
+    for name in embeddings:
+        module = model.get_submodule(name)
+        for key, dtype in (("weight_int8", torch.int8), ("scale", torch.float32)):
+            value = tensors.get(f"{name}.{key}")
+            if value is not None and value.dtype != dtype:
+                raise StageError(f"{path}: tensor {name}.{key} is {value.dtype}, expected {dtype}")
+        expected = tuple(module.weight_int8.shape)
+        got = tensors.get(f"{name}.weight_int8")
+        if got is not None and tuple(got.shape) != expected:
+            raise StageError(f"{path}: {name} has shape {tuple(got.shape)}, not {expected}")
 
-    # What is left are the plain float tensors (embeddings, LayerNorm, ...). A quantized
-    # Linear's _load_from_state_dict insists on its own keys, so hand it back the state it
-    # now has (from set_weight_bias), with this model's own module versions; the file may
-    # not supply any of those keys itself.
+    # What is left are the plain tensors (embeddings, LayerNorm, float layers, ...). A
+    # quantized Linear's _load_from_state_dict insists on its own keys, so hand it back the
+    # state it now has (from set_weight_bias), with this model's own module versions; the
+    # file may not supply any of those keys itself.
     own = tuple(f"{name}." for name in quantized)
     stray = [k for k in tensors if k.startswith(own)]
     if stray:
@@ -464,6 +583,110 @@ def _load_int8(folder: Path, auto_cls) -> torch.nn.Module:
             f"{path} does not match its config: missing {missing[:3]}, "
             f"unexpected {result.unexpected_keys[:3]}"
         )
+    return model.eval()
+
+
+def _qint8_weight(path: Path, name: str, entry: dict[str, Any], int_weight, scale, zero_point):
+    import torch
+
+    if entry.get("qscheme") == "per_tensor_affine":
+        if scale.numel() != 1 or zero_point.numel() != 1:
+            raise StageError(f"{path}: {name} per-tensor scale/zero point must be scalars")
+        return torch._make_per_tensor_quantized_tensor(
+            int_weight, float(scale.item()), int(zero_point.item())
+        )
+    if entry.get("qscheme") == "per_channel_affine":
+        axis = entry.get("axis")
+        if not isinstance(axis, int) or not 0 <= axis < int_weight.dim():
+            raise StageError(f"{path}: {name} has an invalid channel axis {axis!r}")
+        channels = int_weight.shape[axis]
+        if scale.shape != (channels,) or zero_point.shape != (channels,):
+            raise StageError(f"{path}: {name} needs {channels} scales and zero points")
+        return torch._make_per_channel_quantized_tensor(int_weight, scale, zero_point, axis)
+    raise StageError(f"{path}: {name} has unsupported qscheme {entry.get('qscheme')!r}")
+
+
+def save_float_artifact(model, tokenizer, meta: ModelMeta, folder: Path) -> None:
+    """Write ``model/`` (config + safetensors, in the model's own dtype), tokenizer, meta:
+    the layout of ``full``, ``bf16`` and ``gpu_weight_only`` artifacts."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(folder)
+    model.save_pretrained(folder / FULL_DIR, safe_serialization=True)
+    meta.save(folder)
+
+
+def _load_bf16(folder: Path, auto_cls) -> torch.nn.Module:
+    import torch
+
+    _require_safetensors(folder / FULL_DIR, "re-run compress")
+    return auto_cls.from_pretrained(folder / FULL_DIR, use_safetensors=True, dtype=torch.bfloat16)
+
+
+def _load_gpu_weight_only(folder: Path, auto_cls, meta: ModelMeta) -> torch.nn.Module:
+    """bf16 weights, quantized weight-only (int8 or int4) with torchao on the GPU at load:
+    round-to-nearest, so the same weights that compress measured."""
+    import torch
+
+    method = meta.extra.get("quantization")
+    if method not in GPU_WEIGHT_ONLY:
+        raise StageError(
+            f"{folder / META_FILE}: extra.quantization {method!r} is not one of "
+            f"{', '.join(GPU_WEIGHT_ONLY)}"
+        )
+    if not torch.cuda.is_available():
+        raise StageError(
+            f"{folder}: a {method} model runs on a CUDA GPU and there is none here; "
+            f"compress its source with a CPU method (compress.target: cpu)"
+        )
+    _require_safetensors(folder / FULL_DIR, "re-run compress")
+    from lepton_ray.compress.modules import CudaModel, quantize_weight_only
+
+    model = auto_cls.from_pretrained(folder / FULL_DIR, use_safetensors=True, dtype=torch.bfloat16)
+    return CudaModel(quantize_weight_only(model.to("cuda"), method))
+
+
+def _check_onnx_graph(graph, path: Path) -> None:
+    """Refuse tensors stored outside the file (a path that could point anywhere) and
+    operators from any domain but ONNX's own and ONNX Runtime's contrib ops."""
+    import onnx
+
+    for tensor in graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            raise StageError(f"{path}: tensor {tensor.name} refers to external data")
+    for node in graph.node:
+        if node.domain not in ("", "ai.onnx", "com.microsoft"):
+            raise StageError(f"{path}: operator {node.op_type} of domain {node.domain!r}")
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                _check_onnx_graph(sub, path)
+
+
+def _load_onnx(folder: Path, meta: ModelMeta) -> torch.nn.Module:
+    path = folder / ONNX_FILE
+    if not path.is_file():
+        raise StageError(f"{path}: ONNX model not found (re-run compress)")
+    try:
+        import onnx
+        from google.protobuf.message import DecodeError
+
+        from lepton_ray.compress.modules import OnnxClassifier
+    except ImportError as err:
+        raise StageError(
+            f"{folder}: an onnx_int8 model needs onnx and onnxruntime ({err}); "
+            f"pip install onnx onnxruntime"
+        ) from None
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, OSError, ValueError) as err:
+        raise StageError(f"{path}: not a valid ONNX file ({err})") from None
+    _check_onnx_graph(proto.graph, path)
+    try:
+        model = OnnxClassifier(path)
+    except Exception as err:  # noqa: BLE001 - onnxruntime raises its own types
+        raise StageError(f"{path}: ONNX Runtime cannot load it ({err})") from None
+    outputs = model.session.get_outputs()[0].shape
+    if len(outputs) != 2 or (isinstance(outputs[1], int) and outputs[1] != len(meta.labels)):
+        raise StageError(f"{path}: output shape {outputs} does not match {len(meta.labels)} labels")
     return model
 
 

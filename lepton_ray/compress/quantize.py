@@ -1,8 +1,18 @@
-"""``run_compress``: merge LoRA into the base, quantize to int8, measure what it cost."""
+"""``run_compress``: merge adapters into the base, compress, measure what it cost, gate it.
+
+The method comes from ``compress.method``/``compress.target`` and the hardware
+(``lepton_ray.compress.select``). The compressed artifact is written, loaded back the way a
+Serve replica loads it, and that loaded model is what is measured: validation (and test)
+accuracy, macro-F1, size, and speed at batch 32 and batch 1, against the float model. A
+compression whose validation accuracy drops more than ``compress.max_drop`` points is
+refused: no folder, and the caller keeps the uncompressed model.
+"""
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,44 +20,211 @@ from typing import Any
 from lepton_ray.config import ExperimentConfig
 from lepton_ray.evaluation import evaluate, frame_batches
 from lepton_ray.models import (
-    INT8_WEIGHTS,
     ModelMeta,
     folder_size_mb,
     load_model_artifact,
     quantize_dynamic_int8,
+    save_float_artifact,
     save_int8_artifact,
 )
+
+SPEED_BATCH = 32
+"""Batch size of the evaluation passes whose throughput is logged (``samples_per_s_*``)."""
+LATENCY_ROWS = 32
+"""Single-row forward passes timed for ``latency_ms_batch1_*``."""
+WEIGHT_KINDS = {
+    "dynamic_int8": "int8",
+    "onnx_int8": "onnx_int8",
+    "bf16": "bf16",
+    "int8_weight_only": "gpu_weight_only",
+    "int4_weight_only": "gpu_weight_only",
+}
+
+
+def _split_frame(cfg: ExperimentConfig, split: str):
+    import pandas as pd
+
+    folder = cfg.data_dir / split
+    if not folder.exists():
+        return None
+    frame = pd.read_parquet(folder)
+    return frame if len(frame) else None
 
 
 def evaluate_split(
     model, tokenizer, cfg: ExperimentConfig, split: str, num_labels: int
 ) -> dict[str, Any] | None:
     """Metrics and throughput on one preprocessed split (None when the split is empty)."""
-    import pandas as pd
+    frame = _split_frame(cfg, split)
+    if frame is None:
+        return None
+    return _evaluate(model, list(frame_batches(frame, SPEED_BATCH, _pad_id(tokenizer))), num_labels)
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id or 0
+
+
+def _evaluate(model, batches: list[dict[str, Any]], num_labels: int) -> dict[str, Any]:
+    started = time.perf_counter()
+    result = evaluate(model, batches, num_labels)
+    result["samples_per_s"] = result["examples"] / (time.perf_counter() - started)
+    return result
+
+
+def _latency_ms(model, batches: list[dict[str, Any]]) -> float:
+    """Median milliseconds of a one-row forward pass over up to LATENCY_ROWS rows."""
     import torch
 
-    folder = cfg.data_dir / split
-    if not folder.exists():
-        return None
-    frame = pd.read_parquet(folder)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    started = time.perf_counter()
-    result = evaluate(
-        model,
-        frame_batches(frame, cfg.train.eval_batch_size, tokenizer.pad_token_id or 0),
-        num_labels,
-    )
-    result["samples_per_s"] = len(frame) / (time.perf_counter() - started)
-    return result
+    rows = []
+    for batch in batches:
+        for i in range(len(batch["input_ids"])):
+            length = int(batch["attention_mask"][i].sum())
+            rows.append({k: v[i : i + 1, :length] for k, v in batch.items() if k != "labels"})
+            if len(rows) >= LATENCY_ROWS:
+                break
+        if len(rows) >= LATENCY_ROWS:
+            break
+    if not rows:
+        return float("nan")
+    times = []
+    with torch.inference_mode():
+        model(**rows[0])  # warm-up
+        for row in rows:
+            started = time.perf_counter()
+            model(**row)
+            times.append(time.perf_counter() - started)
+    return 1000.0 * statistics.median(times)
 
 
 @dataclass
 class CompressResult:
-    method: str
-    folder: Path | None  # the compressed artifact; None when the accuracy gate refused it
-    accepted: bool
-    reason: str
-    metrics: dict[str, float]
+    method: str  # the format made: dynamic_int8, onnx_int8, bf16, ...; "none" if disabled
+    folder: Path | None  # the compressed artifact; None when refused or disabled
+    accepted: bool  # False when the accuracy gate refused it (then folder is None)
+    reason: str  # one line for the log: why this method / why refused
+    metrics: dict[str, float]  # already logged to MLflow by run_compress
+
+
+def _cuda_name() -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def _calibration_batches(cfg: ExperimentConfig, tokenizer) -> list[dict[str, Any]]:
+    """``compress.calibration_rows`` seeded rows of the training split (never validation:
+    that split judges the result)."""
+    frame = _split_frame(cfg, "train")
+    if frame is None:
+        return []
+    rows = min(cfg.compress.calibration_rows, len(frame))
+    frame = frame.sample(n=rows, random_state=cfg.train.seed) if rows < len(frame) else frame
+    return list(frame_batches(frame, SPEED_BATCH, _pad_id(tokenizer)))
+
+
+def compressed_meta(meta: ModelMeta, method: str, details: dict[str, Any]) -> ModelMeta:
+    return ModelMeta(
+        task=meta.task,
+        labels=list(meta.labels),
+        base_model=meta.base_model,
+        max_length=meta.max_length,
+        weights=WEIGHT_KINDS[method],
+        peft_method=meta.peft_method,
+        config_overrides=dict(meta.config_overrides),
+        extra={**meta.extra, "quantization": method, "compression": details},
+        cleaning=dict(meta.cleaning),  # the text must be cleaned as it was for training
+    )
+
+
+def build_compressed(
+    method: str,
+    model,
+    tokenizer,
+    meta: ModelMeta,
+    cfg: ExperimentConfig,
+    folder: Path,
+    calibration: Sequence[dict[str, Any]],
+    validation: Sequence[dict[str, Any]],
+    log: Callable[[str], Any] = print,
+) -> dict[str, Any]:
+    """Write the ``method`` artifact of the float ``model`` into ``folder``.
+
+    Returns what the recipe did (recorded in the artifact's ``extra["compression"]``).
+    ``validation`` batches check an ONNX export against torch; they choose nothing.
+    """
+    import torch
+
+    comp = cfg.compress
+    details: dict[str, Any] = {}
+    if method in ("dynamic_int8", "onnx_int8"):
+        keep = list(comp.keep_float)
+        if comp.sensitive_layers:
+            from lepton_ray.compress.sensitivity import rank_linears
+
+            if not calibration:
+                log("[compress] no training split to rank layers on: sensitive_layers ignored")
+            else:
+                ranked = rank_linears(model, calibration, keep, per_channel=comp.per_channel)
+                chosen = [name for name, _ in ranked[: comp.sensitive_layers]]
+                log(
+                    f"[compress] kept in float32 (most sensitive on {sum(len(b['input_ids']) for b in calibration)} "
+                    f"training rows): {', '.join(chosen)}"
+                )
+                keep += chosen
+        details.update(
+            per_channel=comp.per_channel,
+            keep_float=keep,
+            quantize_embeddings=comp.quantize_embeddings,
+        )
+    if method == "dynamic_int8":
+        qmodel = quantize_dynamic_int8(
+            model,
+            per_channel=comp.per_channel,
+            keep_float=keep,
+            embeddings=comp.quantize_embeddings,
+        )
+        save_int8_artifact(qmodel, tokenizer, compressed_meta(meta, method, details), folder)
+    elif method == "onnx_int8":
+        from lepton_ray.compress.onnx_int8 import check_export, export_onnx, quantize_onnx_int8
+        from lepton_ray.models import ONNX_FILE
+
+        fp32_onnx = folder.parent / f"{folder.name}-fp32" / ONNX_FILE
+        export_onnx(model, validation[0] if validation else calibration[0], fp32_onnx)
+        check = check_export(model, fp32_onnx, validation or calibration)
+        log(
+            f"[compress] ONNX export checked on {'validation' if validation else 'training'} "
+            f"rows: logits within {check['max_abs_logit_diff']:.1e} of torch, "
+            f"{100 * check['prediction_agreement']:.2f}% same predictions"
+        )
+        details["export_max_abs_logit_diff"] = check["max_abs_logit_diff"]
+        folder.mkdir(parents=True, exist_ok=True)
+        quantize_onnx_int8(
+            fp32_onnx,
+            folder / ONNX_FILE,
+            per_channel=comp.per_channel,
+            keep_float=keep,
+            embeddings=comp.quantize_embeddings,
+        )
+        tokenizer.save_pretrained(folder)
+        compressed_meta(meta, method, details).save(folder)
+    elif method in ("bf16", "int8_weight_only", "int4_weight_only"):
+        # bf16 is the format; the GPU methods quantize these bf16 weights when loaded there.
+        import copy
+
+        save_float_artifact(
+            copy.deepcopy(model).to(torch.bfloat16),
+            tokenizer,
+            compressed_meta(meta, method, details),
+            folder,
+        )
+    else:
+        raise ValueError(f"unknown compression method {method!r}")
+    return details
+
+
+def _weights_mb(folder: Path) -> float:
+    return folder_size_mb(folder, "*.safetensors") + folder_size_mb(folder, "*.onnx")
 
 
 def run_compress(
@@ -58,41 +235,61 @@ def run_compress(
     A compression whose validation accuracy drops more than ``compress.max_drop`` points
     is refused (``accepted`` False, no folder): the uncompressed model is kept.
     """
+    from lepton_ray.compress.modules import ort_available
+    from lepton_ray.compress.select import choose_method
     from lepton_ray.tracking import plots
     from lepton_ray.tracking.mlflow import log_figure, log_folder, log_metrics
+    from lepton_ray.train.precision import cpu_features
 
+    comp = cfg.compress
     uri = cfg.tracking.tracking_uri
+    if not comp.enabled:
+        log("[compress] skipped: compress.enabled is false")
+        return CompressResult("none", None, False, "compress.enabled is false", {})
+    choice = choose_method(
+        comp.method, comp.target, cpu_features(), _cuda_name(), onnxruntime=ort_available()
+    )
+    if choice.method == "none":
+        log(f"[compress] skipped: {choice.reason}")
+        return CompressResult("none", None, False, choice.reason, {})
+    method = choice.method
+    log(f"[compress] {method}: {choice.reason}")
+
     model, tokenizer, meta = load_model_artifact(model_dir, merge=True)
+    model = model.float()
     labels = meta.labels
     fp32_dir = out / "fp32"
     model.save_pretrained(fp32_dir, safe_serialization=True)
     metrics: dict[str, float] = {"size_mb_fp32": folder_size_mb(fp32_dir, "*.safetensors")}
-    log(
-        f"[compress] merged {meta.peft_method} adapter into the base: {metrics['size_mb_fp32']:.1f} MB fp32"
-    )
+    if meta.peft_method != "none":
+        log(
+            f"[compress] merged the {meta.peft_method} adapter into the base: "
+            f"{metrics['size_mb_fp32']:.1f} MB fp32"
+        )
 
-    before = {
-        s: evaluate_split(model, tokenizer, cfg, s, len(labels)) for s in ("validation", "test")
-    }
-    qmodel = quantize_dynamic_int8(model)
-    after = {
-        s: evaluate_split(qmodel, tokenizer, cfg, s, len(labels)) for s in ("validation", "test")
-    }
-
-    int8_dir = out / "int8"
-    int8_meta = ModelMeta(
-        task=meta.task,
-        labels=labels,
-        base_model=meta.base_model,
-        max_length=meta.max_length,
-        weights="int8",
-        peft_method=meta.peft_method,
-        extra={"quantization": cfg.compress.method},
-        cleaning=dict(meta.cleaning),  # the text must be cleaned as it was for training
+    pad = _pad_id(tokenizer)
+    splits = {}
+    for split in ("validation", "test"):
+        frame = _split_frame(cfg, split)
+        splits[split] = None if frame is None else list(frame_batches(frame, SPEED_BATCH, pad))
+    before = {s: None if b is None else _evaluate(model, b, len(labels)) for s, b in splits.items()}
+    folder = out / method
+    build_compressed(
+        method,
+        model,
+        tokenizer,
+        meta,
+        cfg,
+        folder,
+        _calibration_batches(cfg, tokenizer),
+        splits["validation"] or [],
+        log,
     )
-    save_int8_artifact(qmodel, tokenizer, int8_meta, int8_dir)
-    metrics["size_mb_compressed"] = folder_size_mb(int8_dir, INT8_WEIGHTS)
-    metrics["size_ratio"] = metrics["size_mb_fp32"] / metrics["size_mb_compressed"]
+    # Measure what was written, loaded as a Serve replica loads it.
+    cmodel, _, _ = load_model_artifact(folder)
+    after = {s: None if b is None else _evaluate(cmodel, b, len(labels)) for s, b in splits.items()}
+    metrics["size_mb_compressed"] = _weights_mb(folder)
+    metrics["size_ratio"] = metrics["size_mb_fp32"] / max(metrics["size_mb_compressed"], 1e-9)
     for split, short in (("validation", "val"), ("test", "test")):
         for tag, res in (("fp32", before[split]), ("compressed", after[split])):
             if res is None:
@@ -101,38 +298,60 @@ def run_compress(
             metrics[f"{short}_macro_f1_{tag}"] = res["macro_f1"]
             metrics[f"{short}_loss_{tag}"] = res["loss"]
             metrics[f"{short}_samples_per_s_{tag}"] = res["samples_per_s"]
-    if "val_accuracy_fp32" in metrics:
-        metrics["val_accuracy_drop"] = (
-            metrics["val_accuracy_fp32"] - metrics["val_accuracy_compressed"]
+        if before[split] is not None:
+            metrics[f"{short}_accuracy_drop"] = before[split]["accuracy"] - after[split]["accuracy"]
+            metrics[f"{short}_macro_f1_drop"] = before[split]["macro_f1"] - after[split]["macro_f1"]
+            agree = (before[split]["probs"].argmax(1) == after[split]["probs"].argmax(1)).mean()
+            metrics[f"{short}_prediction_agreement"] = float(agree)
+    timing = splits["validation"] or splits["test"]
+    if timing is not None:
+        short = "val" if splits["validation"] is not None else "test"
+        for tag, m in (("fp32", model), ("compressed", cmodel)):
+            metrics[f"samples_per_s_{tag}"] = metrics[f"{short}_samples_per_s_{tag}"]
+            metrics[f"latency_ms_batch{SPEED_BATCH}_{tag}"] = (
+                1000.0 * SPEED_BATCH / metrics[f"samples_per_s_{tag}"]
+            )
+            metrics[f"latency_ms_batch1_{tag}"] = _latency_ms(m, timing)
+        metrics["speedup"] = metrics["samples_per_s_compressed"] / metrics["samples_per_s_fp32"]
+
+    if "val_accuracy_drop" in metrics:
+        drop_points = 100.0 * metrics["val_accuracy_drop"]
+        accepted = drop_points <= comp.max_drop + 1e-9
+        reason = (
+            f"{method}: validation accuracy drop {drop_points:.2f} points <= "
+            f"compress.max_drop {comp.max_drop:g}"
+            if accepted
+            else f"{method}: validation accuracy dropped {drop_points:.2f} points, more than "
+            f"compress.max_drop {comp.max_drop:g}"
         )
-    drop_points = 100.0 * metrics.get("val_accuracy_drop", 0.0)
-    accepted = drop_points <= cfg.compress.max_drop + 1e-9
-    reason = (
-        f"validation accuracy drop {drop_points:.2f} points <= max_drop {cfg.compress.max_drop:g}"
-        if accepted
-        else f"validation accuracy dropped {drop_points:.2f} points, more than "
-        f"compress.max_drop {cfg.compress.max_drop:g}"
-    )
+    else:
+        accepted = True
+        reason = f"{method}: no validation split to check the accuracy on; accepted unchecked"
     metrics["accepted"] = float(accepted)
     log_metrics(uri, run_id, metrics, step=0)
     for split in ("validation", "test"):
         if after[split] is not None:
-            fig = plots.confusion_matrix(after[split]["confusion"], labels, f"{split} (int8)")
-            log_figure(uri, run_id, fig, f"plots/confusion_matrix_{split}_int8.png")
+            fig = plots.confusion_matrix(after[split]["confusion"], labels, f"{split} ({method})")
+            log_figure(uri, run_id, fig, f"plots/confusion_matrix_{split}_{method}.png")
     if accepted:
-        log_folder(uri, run_id, int8_dir, "model")
-    log(
-        "[compress] int8: "
-        f"{metrics['size_mb_fp32']:.1f} MB -> {metrics['size_mb_compressed']:.1f} MB; "
-        + (
-            f"val accuracy {metrics['val_accuracy_fp32']:.4f} -> "
-            f"{metrics['val_accuracy_compressed']:.4f}"
-            if "val_accuracy_fp32" in metrics
-            else "no validation split"
-        )
-    )
+        log_folder(uri, run_id, folder, "model")
+    log(_summary(method, metrics))
     if not accepted:
         log(f"[compress] refused: {reason}; the uncompressed model is kept")
-    return CompressResult(
-        cfg.compress.method, int8_dir if accepted else None, accepted, reason, metrics
-    )
+    return CompressResult(method, folder if accepted else None, accepted, reason, metrics)
+
+
+def _summary(method: str, m: dict[str, float]) -> str:
+    parts = [f"{m['size_mb_fp32']:.1f} MB -> {m['size_mb_compressed']:.1f} MB"]
+    if "samples_per_s_fp32" in m:
+        parts.append(
+            f"{m['samples_per_s_fp32']:.0f} -> {m['samples_per_s_compressed']:.0f} samples/s "
+            f"at batch {SPEED_BATCH} ({m['speedup']:.2f}x)"
+        )
+    if "val_accuracy_fp32" in m:
+        parts.append(
+            f"val accuracy {m['val_accuracy_fp32']:.4f} -> {m['val_accuracy_compressed']:.4f}"
+        )
+    else:
+        parts.append("no validation split")
+    return f"[compress] {method}: " + "; ".join(parts)

@@ -1,0 +1,208 @@
+"""``run_compress`` end to end on a tiny random BERT: metrics, artifact, gate, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from lepton_ray.compress import quantize
+from lepton_ray.config import validate_experiment
+from lepton_ray.errors import StageError
+from lepton_ray.models import (
+    META_FILE,
+    ModelMeta,
+    load_model_artifact,
+    load_tokenizer,
+    save_model_artifact,
+)
+from tests.conftest import smoke_config
+from tests.unit.test_compress_formats import LABELS, TASK, tiny_bert
+
+TEXTS = [
+    "a gorgeous , witty , seductive movie .",
+    "the plot is nothing but boilerplate clichés",
+    "an utterly charming and hilarious film",
+    "it 's a bad sign when you 're rooting for the villain",
+    "a masterpiece of quiet intensity",
+    "dull , lifeless and far too long",
+] * 6
+
+REQUIRED = {
+    "size_mb_fp32",
+    "size_mb_compressed",
+    "size_ratio",
+    "val_accuracy_fp32",
+    "val_accuracy_compressed",
+    "val_accuracy_drop",
+    "val_macro_f1_fp32",
+    "val_macro_f1_compressed",
+    "test_accuracy_fp32",
+    "test_accuracy_compressed",
+    "samples_per_s_fp32",
+    "samples_per_s_compressed",
+    "latency_ms_batch1_fp32",
+    "latency_ms_batch1_compressed",
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("minilm")
+
+
+@pytest.fixture
+def logged(monkeypatch):
+    """MLflow calls recorded instead of made (no tracking server in unit tests)."""
+    from lepton_ray.tracking import mlflow as tracking
+
+    calls: dict[str, list] = {"metrics": [], "figures": [], "folders": []}
+    monkeypatch.setattr(
+        tracking, "log_metrics", lambda uri, run, m, step: calls["metrics"].append(m)
+    )
+    monkeypatch.setattr(
+        tracking, "log_figure", lambda uri, run, fig, path: calls["figures"].append(path)
+    )
+    monkeypatch.setattr(
+        tracking,
+        "log_folder",
+        lambda uri, run, folder, path: calls["folders"].append((folder, path)),
+    )
+    return calls
+
+
+def _config(tmp_path: Path, tokenizer, **compress):
+    source = tmp_path / "reviews.csv"  # the config names a data file; the stage reads Parquet
+    pd.DataFrame({"review": TEXTS, "sentiment": LABELS * (len(TEXTS) // 2)}).to_csv(source)
+    cfg = validate_experiment(smoke_config(tmp_path, source, compress=compress))
+    ids = tokenizer(TEXTS, truncation=True, max_length=32)["input_ids"]
+    # Labels = the float model's own answers: fp32 accuracy 1.0, so a flip shows as a drop.
+    with torch.inference_mode():
+        encoded = tokenizer(
+            TEXTS, truncation=True, max_length=32, padding=True, return_tensors="pt"
+        )
+        answers = tiny_bert()(**encoded).logits.argmax(-1).tolist()
+    frame = pd.DataFrame({"input_ids": ids, "label_id": answers})
+    for split in ("train", "validation", "test"):
+        (cfg.data_dir / split).mkdir(parents=True)
+        frame.to_parquet(cfg.data_dir / split / "part-0.parquet")
+    return cfg
+
+
+def _source(tmp_path: Path, tokenizer) -> Path:
+    folder = tmp_path / "source"
+    meta = ModelMeta(TASK, LABELS, "minilm", 32, weights="full")
+    save_model_artifact(tiny_bert(), tokenizer, meta, folder)
+    return folder
+
+
+@pytest.mark.parametrize("method", ["dynamic_int8", "bf16"])
+def test_run_compress_writes_a_loadable_artifact_and_logs_the_contract_metrics(
+    tmp_path, tokenizer, logged, method
+):
+    cfg = _config(tmp_path, tokenizer, method=method, max_drop=100.0)
+    lines: list[str] = []
+    result = quantize.run_compress(
+        cfg, _source(tmp_path, tokenizer), tmp_path / "out", "run-1", log=lines.append
+    )
+    assert result.accepted and result.method == method and result.folder is not None
+    assert set(result.metrics) >= REQUIRED, REQUIRED - set(result.metrics)
+    m = result.metrics
+    assert m["val_accuracy_drop"] == pytest.approx(
+        m["val_accuracy_fp32"] - m["val_accuracy_compressed"]
+    )
+    assert m["size_mb_compressed"] < m["size_mb_fp32"]
+    assert logged["metrics"] == [m]
+    assert logged["folders"] == [(result.folder, "model")]
+    assert any(p.endswith(f"validation_{method}.png") for p in logged["figures"])
+    meta = json.loads((result.folder / META_FILE).read_text())
+    assert meta["weights"] == {"dynamic_int8": "int8", "bf16": "bf16"}[method]
+    assert meta["extra"]["quantization"] == method
+    model, tok, loaded_meta = load_model_artifact(result.folder)
+    model.eval()
+    encoded = tok(["a fine film"], return_tensors="pt")
+    with torch.inference_mode():
+        assert model(**encoded).logits.float().shape == (1, 2)
+    summary = [line for line in lines if "MB ->" in line]
+    assert len(summary) == 1 and "val accuracy" in summary[0] and "samples/s" in summary[0]
+
+
+def test_an_int8_model_that_loses_accuracy_is_refused_and_not_logged(
+    tmp_path, tokenizer, logged, monkeypatch
+):
+    """The gate: a drop over compress.max_drop leaves no folder and no model artifact."""
+    real = quantize.quantize_dynamic_int8
+
+    def broken(model, **kwargs):
+        qmodel = real(model, **kwargs)
+        with torch.no_grad():  # swap the two classes: every prediction flips
+            qmodel.classifier.weight.copy_(qmodel.classifier.weight.flip(0))
+            qmodel.classifier.bias.copy_(qmodel.classifier.bias.flip(0))
+        return qmodel
+
+    monkeypatch.setattr(quantize, "quantize_dynamic_int8", broken)
+    cfg = _config(tmp_path, tokenizer, method="dynamic_int8", max_drop=1.0)
+    lines: list[str] = []
+    result = quantize.run_compress(
+        cfg, _source(tmp_path, tokenizer), tmp_path / "out", "run-1", log=lines.append
+    )
+    assert not result.accepted and result.folder is None
+    assert result.metrics["val_prediction_agreement"] == 0.0
+    assert "more than compress.max_drop 1" in result.reason
+    assert logged["folders"] == [] and logged["metrics"][0]["accepted"] == 0.0
+    assert any(line.startswith("[compress] refused:") for line in lines)
+
+
+def test_sensitive_layers_are_ranked_on_training_rows_and_kept_float(tmp_path, tokenizer, logged):
+    cfg = _config(tmp_path, tokenizer, method="dynamic_int8", max_drop=100.0, sensitive_layers=2)
+    lines: list[str] = []
+    result = quantize.run_compress(
+        cfg, _source(tmp_path, tokenizer), tmp_path / "out", "run-1", log=lines.append
+    )
+    kept = json.loads((result.folder / META_FILE).read_text())["extra"]["compression"]
+    assert kept["keep_float"][0] == "classifier" and len(kept["keep_float"]) == 3
+    model, _, _ = load_model_artifact(result.folder)
+    for name in kept["keep_float"]:
+        assert type(model.get_submodule(name)) is torch.nn.Linear
+    assert any("most sensitive" in line for line in lines)
+
+
+def test_disabled_compression_does_nothing(tmp_path, tokenizer, logged):
+    cfg = _config(tmp_path, tokenizer, enabled=False)
+    result = quantize.run_compress(cfg, tmp_path / "nowhere", tmp_path / "out", "r", log=print)
+    assert (result.method, result.folder, result.accepted) == ("none", None, False)
+    assert logged["metrics"] == []
+
+
+def test_an_adapter_that_does_not_match_its_base_is_one_stage_error(tmp_path, tokenizer, logged):
+    """A LoRA adapter trained on another base (other hidden size): one line, no traceback."""
+    from peft import LoraConfig, get_peft_model
+
+    from lepton_ray.config import ModelConfig
+    from lepton_ray.models import build_model
+
+    other = build_model(
+        ModelConfig(
+            name="minilm",
+            random_init=True,
+            config_overrides={"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2},
+        ),
+        TASK,
+        LABELS,
+    )
+    peft_model = get_peft_model(
+        other, LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS")
+    )
+    folder = tmp_path / "lora"
+    base = tmp_path / "lora" / "base"
+    tiny_bert().save_pretrained(base)  # the base the artifact names: hidden size 64
+    meta = ModelMeta(TASK, LABELS, "./base", 32, weights="adapter", peft_method="lora")
+    save_model_artifact(peft_model, tokenizer, meta, folder)
+    cfg = _config(tmp_path, tokenizer, method="dynamic_int8")
+    with pytest.raises(StageError) as err:
+        quantize.run_compress(cfg, folder, tmp_path / "out", "r", log=print)
+    message = str(err.value)
+    assert "\n" not in message and "adapter" in message and "does not match" in message
