@@ -234,6 +234,49 @@ def compress(
 
 @app.command()
 @handle_errors
+def retrain(
+    config: ConfigArg,
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data", help="New data: a file or glob in the experiment's format and columns."
+        ),
+    ],
+    from_: Annotated[
+        str | None,
+        typer.Option("--from", help="NAME@ALIAS or NAME/VERSION to continue. Default: @champion."),
+    ] = None,
+    replay: Annotated[
+        float,
+        typer.Option(help="Fraction (0-1) of the old training split mixed into the new rows."),
+    ] = 0.0,
+    no_swap: Annotated[
+        bool, typer.Option("--no-swap", help="Leave a running endpoint on its model.")
+    ] = False,
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Continue fine-tuning the champion on new data; register it as @challenger, gate it
+    against the champion on the new data's held-out split, and swap a running endpoint."""
+    cfg = _load(config, set_)
+    _start_console("retrain", cfg, verbose)
+    from lepton_ray.retrain import run_retrain
+
+    _quiet_libraries()
+    summary = run_retrain(cfg, data, source_spec=from_, replay=replay, log=_say, swap=not no_swap)
+    served = summary.get("serve")
+    tail = f"; the endpoint now serves {served['model_uri']}" if served else ""
+    verdict = "promoted to @champion" if summary["promoted"] else "not promoted (stays @challenger)"
+    _say(
+        f"done: v{summary['candidate_version']} (continued from v{summary['source_version']}, "
+        f"{summary['replay_rows']} replayed rows) {verdict}{tail}"
+    )
+    if not summary["promoted"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+@handle_errors
 def run(
     config: ConfigArg, set_: SetOpt = None, verbose: VerboseOpt = False, new: NewOpt = False
 ) -> None:

@@ -397,6 +397,18 @@ class ModelConfig(Section):
         default_factory=dict,
         description="Fields of the transformers config to override, e.g. num_hidden_layers: 2.",
     )
+    init_from: str | None = Field(
+        None,
+        description="A lepton-ray model artifact folder whose (merged) weights training starts "
+        "from instead of model.name's, as `lepton-ray retrain` does with the champion; its "
+        "labels must be the data's. model.name still names the tokenizer.",
+    )
+
+    @model_validator(mode="after")
+    def _one_start(self) -> ModelConfig:
+        if self.init_from and self.random_init:
+            raise ValueError("model.init_from and model.random_init exclude each other")
+        return self
 
 
 class LoraSection(Section):

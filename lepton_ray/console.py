@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import TextIO
 
 STAGE_TAGS = frozenset(
-    {"data", "train", "tune", "mlflow", "registry", "compress", "serve", "ray", "eval"}
+    {"data", "train", "tune", "mlflow", "registry", "compress", "serve", "ray", "eval", "retrain"}
 )
 """Lines starting with ``[tag] `` for one of these tags are shown on the terminal."""
 

@@ -225,6 +225,8 @@ def build_model(cfg: ModelConfig, task: str, labels: list[str], seed: int = 0):
     import torch
     import transformers
 
+    if cfg.init_from:
+        return _model_from_artifact(Path(cfg.init_from), labels)
     path = resolve_model_path(cfg.name)
     auto_cls = getattr(transformers, AUTO_CLASSES[task])
     hf_config = _classifier_config(path, labels, cfg.config_overrides)
@@ -232,6 +234,25 @@ def build_model(cfg: ModelConfig, task: str, labels: list[str], seed: int = 0):
         torch.manual_seed(seed)
         return auto_cls.from_config(hf_config)
     return auto_cls.from_pretrained(path, config=hf_config)
+
+
+def _model_from_artifact(folder: Path, labels: list[str]):
+    """The float model of an artifact, to train further (``model.init_from``)."""
+    if not (folder / META_FILE).is_file():
+        raise ConfigError(f"model.init_from: {folder} is not a lepton-ray model artifact")
+    meta = ModelMeta.load(folder)
+    if meta.weights not in ("adapter", "full", "bf16"):
+        raise ConfigError(
+            f"model.init_from: {folder} holds {meta.weights} weights, which cannot be trained; "
+            f"start from the uncompressed version it was made from"
+        )
+    if list(meta.labels) != list(labels):
+        raise ConfigError(
+            f"model.init_from: the model's labels {list(meta.labels)} differ from the data's "
+            f"{list(labels)}"
+        )
+    model, _, _ = load_model_artifact(folder, merge=True)
+    return model.float().train()
 
 
 def save_model_artifact(model, tokenizer, meta: ModelMeta, folder: Path) -> None:

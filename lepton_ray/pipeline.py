@@ -32,15 +32,21 @@ def eval_split_id(manifest: dict[str, Any]) -> str:
 
 
 def register_trained(
-    cfg: ExperimentConfig, best: dict[str, Any], manifest: dict[str, Any], log=print
+    cfg: ExperimentConfig,
+    best: dict[str, Any],
+    manifest: dict[str, Any],
+    log=print,
+    extra: dict[str, str] | None = None,
 ):
-    """Register the best run's ``model`` artifact as a new version, marked ``@challenger``."""
+    """Register the best run's ``model`` artifact as a new version, marked ``@challenger``.
+
+    ``extra``: more lineage tags for the version (a retrain names what it continued)."""
     from lepton_ray import registry
     from lepton_ray.tracking.mlflow import TAG_STAGE, TAG_TRIAL_ID, client, lineage_tags
 
     uri, name, run_id = cfg.tracking.tracking_uri, cfg.registered_model_name, best["run_id"]
     run_tags = client(uri).get_run(run_id).data.tags
-    extra = {TAG_STAGE: "trained"}
+    extra = {**(extra or {}), TAG_STAGE: "trained"}
     if run_tags.get(TAG_TRIAL_ID):
         extra[TAG_TRIAL_ID] = run_tags[TAG_TRIAL_ID]
     lineage = lineage_tags(cfg, manifest.get("fingerprint"), **extra)

@@ -6,6 +6,13 @@ resolved once when it is deployed, so a restarted replica loads the same model. 
 is validated before it joins a batch, texts are cleaned exactly as in training, and texts
 from concurrent requests share one forward pass; a text that fails inside a batch fails
 only its own request. Every error is JSON ``{"error": ...}``.
+
+Which model a replica serves is its ``user_config`` (``ModelChoice``), not its constructor
+arguments: a promotion redeploys with a new ``user_config`` only, which Ray Serve applies in
+place (``reconfigure``) instead of replacing the replica. The new version is loaded beside
+the old one, off the event loop, while the old one keeps answering; then one reference is
+switched. A batch runs on the model it started with, so every answer comes from exactly
+one whole model, and no request fails or waits for a gap during the swap.
 """
 
 import asyncio
@@ -29,14 +36,42 @@ class ServeArgs(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     tracking_uri: str
-    model_uri: str = Field(description="The pinned version: models:/NAME/VERSION.")
-    model_name: str
-    model_version: str
+    model_uri: str | None = Field(None, description="The pinned version: models:/NAME/VERSION.")
+    model_name: str | None = None
+    model_version: str | None = None
     max_batch_size: int = 32
     batch_wait_timeout_s: float = 0.005
     max_texts_per_request: int = 256
     max_chars_per_text: int = 20_000
     torch_threads: int | None = None
+
+
+MODEL_FIELDS = ("model_uri", "model_name", "model_version")
+
+
+class ModelChoice(BaseModel):
+    """The replica's ``user_config``: which registered version it serves."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model_uri: str
+    model_name: str
+    model_version: str
+
+
+class _Loaded:
+    """One whole loaded model; a replica switches between these, never edits one."""
+
+    def __init__(self, tracking_uri: str, choice: ModelChoice):
+        from lepton_ray.models import load_model_artifact
+        from lepton_ray.tracking.mlflow import download_model, get_model_version
+
+        self.choice = choice
+        folder = download_model(tracking_uri, choice.model_uri)
+        self.model, self.tokenizer, self.meta = load_model_artifact(folder)
+        self.version = get_model_version(tracking_uri, choice.model_uri)
+        self.labels = list(self.meta.labels)
+        self.loaded_at = time.time()
 
 
 class PredictRequest(BaseModel):
@@ -111,44 +146,77 @@ class _TextFailed(Exception):
     """One text failed inside a batch; only its request fails."""
 
 
+def _classify_isolated(loaded: _Loaded, texts: list[str]) -> list[dict[str, Any] | _TextFailed]:
+    """The batch in one pass; if that fails, text by text, so only the culprit fails."""
+    from lepton_ray.predict import classify
+
+    try:
+        return classify(loaded.model, loaded.tokenizer, loaded.meta, texts)
+    except Exception:  # noqa: BLE001 - find the culprit; its batch-mates still get answers
+        out: list[dict[str, Any] | _TextFailed] = []
+        for text in texts:
+            try:
+                out.extend(classify(loaded.model, loaded.tokenizer, loaded.meta, [text]))
+            except Exception as err:  # noqa: BLE001
+                out.append(_TextFailed(type(err).__name__))
+        return out
+
+
+# (Above the class: Serve serializes the class when it is decorated.)
+
+
 @serve.deployment(name="TextClassifier", ray_actor_options={"num_cpus": 1})
 @serve.ingress(api)
 class TextClassifier:
     def __init__(self, args: dict[str, Any]):
         import torch
 
-        from lepton_ray.models import load_model_artifact
-        from lepton_ray.tracking.mlflow import download_model, get_model_version
-
         self.args = ServeArgs.model_validate(args)
         torch.set_num_threads(self.args.torch_threads or max(1, os.cpu_count() or 1))
-        folder = download_model(self.args.tracking_uri, self.args.model_uri)
-        self.model, self.tokenizer, self.meta = load_model_artifact(folder)
-        self.version = get_model_version(self.args.tracking_uri, self.args.model_uri)
-        self.labels = list(self.meta.labels)
+        self.loaded: _Loaded | None = None
+        if self.args.model_uri:  # built without a user_config (a Serve config file)
+            choice = ModelChoice.model_validate({k: getattr(self.args, k) for k in MODEL_FIELDS})
+            self.loaded = _Loaded(self.args.tracking_uri, choice)
+        self._swap = asyncio.Lock()
         self._predict_batch.set_max_batch_size(self.args.max_batch_size)
         self._predict_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
-        self.loaded_at = time.time()
+
+    async def reconfigure(self, config: dict[str, Any]) -> None:
+        """Serve the version in ``config``: load it beside the current one, then switch."""
+        choice = ModelChoice.model_validate(config)
+        async with self._swap:
+            if self.loaded is not None and self.loaded.choice == choice:
+                return
+            # In a thread: the event loop keeps answering with the current model meanwhile.
+            self.loaded = await asyncio.to_thread(_Loaded, self.args.tracking_uri, choice)
+
+    def _current(self) -> _Loaded:
+        if self.loaded is None:
+            raise HTTPException(503, "no model loaded yet", headers={"Retry-After": "1"})
+        return self.loaded
 
     @api.get("/healthz")
     @api.get("/health", include_in_schema=False)
-    async def health(self) -> dict[str, str]:
-        return {"status": "ok", "model_version": self.args.model_version}
+    async def health(self) -> dict[str, str | None]:
+        loaded = self.loaded
+        return {"status": "ok", "model_version": loaded.choice.model_version if loaded else None}
 
     @api.get("/v1/model")
     @api.get("/metadata", include_in_schema=False)
     async def metadata(self) -> dict[str, Any]:
-        tags = dict(self.version.tags or {})
+        loaded = self._current()
+        tags = dict(loaded.version.tags or {})
         return {
-            "model": self.args.model_uri,
-            "name": self.args.model_name,
-            "version": self.args.model_version,
-            "task": self.meta.task,
-            "labels": self.labels,
-            "weights": self.meta.weights,
+            "model": loaded.choice.model_uri,
+            "name": loaded.choice.model_name,
+            "version": loaded.choice.model_version,
+            "task": loaded.meta.task,
+            "labels": loaded.labels,
+            "weights": loaded.meta.weights,
             "quantization": tags.get("lepton.quantization", "none"),
-            "max_length": self.meta.max_length,
-            "cleaning": self.meta.cleaning,
+            "max_length": loaded.meta.max_length,
+            "cleaning": loaded.meta.cleaning,
+            "loaded_at": loaded.loaded_at,
             "lineage": {k: v for k, v in tags.items() if k.startswith("lepton.")},
             "max_texts_per_request": self.args.max_texts_per_request,
             "max_chars_per_text": self.args.max_chars_per_text,
@@ -159,42 +227,40 @@ class TextClassifier:
     async def predict(self, request: PredictRequest) -> PredictResponse:
         texts = request.texts
         check_texts(texts, self.args.max_texts_per_request, self.args.max_chars_per_text)
+        self._current()
         results = await asyncio.gather(*(self._predict_batch(t) for t in texts))
-        for i, result in enumerate(results):
+        for i, (result, _) in enumerate(results):
             if isinstance(result, _TextFailed):
                 raise HTTPException(500, f"texts.{i}: the model failed on this text ({result})")
+        # The texts of one request may fall into batches on either side of a swap.
+        choices = {choice.model_uri: choice for _, choice in results}
+        choice = results[-1][1]
+        if len(choices) > 1:
+            return await self.predict(request)  # answer from one model only
         return PredictResponse(
-            predictions=results, model=self.args.model_uri, model_version=self.args.model_version
+            predictions=[r for r, _ in results],
+            model=choice.model_uri,
+            model_version=choice.model_version,
         )
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _predict_batch(self, texts: list[str]) -> list[dict[str, Any] | _TextFailed]:
-        return self._classify_isolated(texts)
-
-    def _classify_isolated(self, texts: list[str]) -> list[dict[str, Any] | _TextFailed]:
-        """The batch in one pass; if that fails, text by text, so only the culprit fails."""
-        try:
-            return self._classify(texts)
-        except Exception:  # noqa: BLE001 - find the culprit; its batch-mates still get answers
-            out: list[dict[str, Any] | _TextFailed] = []
-            for text in texts:
-                try:
-                    out.extend(self._classify([text]))
-                except Exception as err:  # noqa: BLE001
-                    out.append(_TextFailed(type(err).__name__))
-            return out
-
-    def _classify(self, texts: list[str]) -> list[dict[str, Any]]:
-        from lepton_ray.predict import classify
-
-        return classify(self.model, self.tokenizer, self.meta, texts)
+    async def _predict_batch(self, texts: list[str]) -> list[tuple[Any, ModelChoice]]:
+        loaded = self._current()  # the whole batch runs on this one model
+        return [(r, loaded.choice) for r in _classify_isolated(loaded, texts)]
 
 
 def build_app(args: ServeArgs, num_replicas: int = 1, num_cpus: float = 1.0):
-    """The Serve application for ``args`` (typed app builder)."""
+    """The Serve application for ``args`` (typed app builder).
+
+    The model goes into ``user_config`` and the rest into the constructor, so that
+    deploying another version of the same model later swaps it in place.
+    """
+    choice = ModelChoice.model_validate({k: getattr(args, k) for k in MODEL_FIELDS})
     return TextClassifier.options(
-        num_replicas=num_replicas, ray_actor_options={"num_cpus": num_cpus}
-    ).bind(args.model_dump())
+        num_replicas=num_replicas,
+        ray_actor_options={"num_cpus": num_cpus},
+        user_config=choice.model_dump(),
+    ).bind(args.model_dump(exclude=set(MODEL_FIELDS)))
 
 
 def app_builder(args: ServeArgs):

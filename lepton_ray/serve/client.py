@@ -34,20 +34,23 @@ def predict(base_url: str, texts: list[str], timeout: float = 60.0) -> list[dict
     return resp.json()["predictions"]
 
 
-def wait_healthy(base_url: str, timeout_s: float = 120.0) -> None:
+def wait_healthy(base_url: str, timeout_s: float = 120.0, version: str | None = None) -> None:
+    """Wait until ``/healthz`` answers (and, given ``version``, reports that model version)."""
     import requests
 
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         try:
-            if requests.get(f"{base_url}/healthz", timeout=5).status_code == 200:
+            resp = requests.get(f"{base_url}/healthz", timeout=5)
+            if resp.status_code == 200 and (
+                version is None or str(resp.json().get("model_version")) == str(version)
+            ):
                 return
-        except requests.RequestException:
+        except (requests.RequestException, ValueError):
             pass
-        time.sleep(1)
-    raise LeptonError(
-        f"the Serve endpoint at {base_url} did not become healthy in {timeout_s:.0f} s"
-    )
+        time.sleep(0.5)
+    what = f"serving version {version}" if version else "healthy"
+    raise LeptonError(f"the Serve endpoint at {base_url} was not {what} in {timeout_s:.0f} s")
 
 
 def _check_proxy_address(host: str, port: int) -> None:
@@ -101,7 +104,8 @@ def deploy(cfg: ExperimentConfig, model_uri: str, log=print) -> tuple[str, str]:
         blocking=False,
     )
     url = endpoint_url(cfg)
-    wait_healthy(url)
+    # A running application of the same model swaps in place (user_config): no gap.
+    wait_healthy(url, version=str(version.version))
     log(f"[serve] ready at {url}/v1/predict")
     return url, pinned
 

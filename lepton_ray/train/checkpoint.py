@@ -32,6 +32,8 @@ BASE_DIR = "base"
 
 def artifact_meta(cfg: ExperimentConfig, labels: list[str]) -> ModelMeta:
     adapter = cfg.peft.method != "none"
+    # A base that no model id rebuilds travels inside the artifact (see recipe.setup_recipe).
+    own_base = cfg.model.random_init or (adapter and bool(cfg.model.init_from))
     name = cfg.model.name
     if not cfg.model.random_init and name.lower() not in MODEL_ALIASES and name.startswith("."):
         # "./x" in an artifact means "inside the artifact"; a local base is recorded absolute.
@@ -40,11 +42,11 @@ def artifact_meta(cfg: ExperimentConfig, labels: list[str]) -> ModelMeta:
         task=cfg.task,
         labels=labels,
         # A random base cannot be rebuilt from its id, so it travels with the adapter.
-        base_model=f"./{BASE_DIR}" if cfg.model.random_init else name,
+        base_model=f"./{BASE_DIR}" if own_base else name,
         max_length=cfg.data.max_length,
         weights="adapter" if adapter else "full",
         peft_method=cfg.peft.method,
-        config_overrides={} if cfg.model.random_init else dict(cfg.model.config_overrides),
+        config_overrides={} if own_base else dict(cfg.model.config_overrides),
         cleaning={
             "unicode_form": cfg.data.clean.unicode_form,
             "lowercase": bool(cfg.data.clean.lowercase),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 from lepton_ray.config import ExperimentConfig
@@ -16,7 +17,9 @@ class TrainingFailed(LeptonError):
     exit_code = 1
 
 
-def load_split_dataset(cfg: ExperimentConfig, split: str, block_rows: int = 4096):
+def load_split_dataset(
+    cfg: ExperimentConfig, split: str, block_rows: int = 4096, extra: Path | None = None
+):
     """A tokenized split, materialized in the object store in a fixed block order.
 
     Workers receive their rows from here (no shared filesystem needed) and shuffle them
@@ -32,10 +35,11 @@ def load_split_dataset(cfg: ExperimentConfig, split: str, block_rows: int = 4096
     from lepton_ray.train.recipe import split_folder
 
     folder = split_folder(cfg, split)
+    paths = [str(folder)] + ([str(extra)] if extra is not None else [])
     options = ray.data.DataContext.get_current().execution_options
     previous, options.preserve_order = options.preserve_order, True
     try:
-        ds = ray.data.read_parquet(str(folder), columns=["text", "label_id", "input_ids"])
+        ds = ray.data.read_parquet(paths, columns=["text", "label_id", "input_ids"])
         blocks = max(1, min(MAX_BLOCKS, -(-ds.count() // block_rows)))
         return ds.repartition(blocks).materialize()
     finally:
@@ -200,8 +204,12 @@ def run_train(
     parent_run_id: str | None = None,
     log=print,
     new: bool = False,
+    replay: Path | None = None,
 ) -> dict[str, Any]:
     """Train once with the config's hyperparameters; returns the MLflow run id and metrics.
+
+    ``replay``: a folder of tokenized rows (``text``, ``label_id``, ``input_ids``) trained on
+    beside the train split (``lepton-ray retrain`` mixes in old training rows this way).
 
     Re-running the same command after a crash (or a killed driver) resumes: the MLflow run
     that did not finish is reopened, and its Ray Train run name (stable: training key +
@@ -211,8 +219,15 @@ def run_train(
     from lepton_ray.tracking.mlflow import TAG_STAGE, lineage_tags, log_config, tracked_run
 
     preflight(cfg, manifest)
-    datasets = {split: load_split_dataset(cfg, split) for split in ("train", "validation")}
+    datasets = {
+        "train": load_split_dataset(cfg, "train", extra=replay),
+        "validation": load_split_dataset(cfg, "validation"),
+    }
     key = training_key(cfg, manifest)
+    if replay is not None:
+        key = training_key(
+            cfg, {**manifest, "fingerprint": f"{manifest.get('fingerprint')}+{replay}"}
+        )
     resume = None if new else unfinished_run(cfg, key)
     tags = lineage_tags(
         cfg, manifest.get("fingerprint"), **{TAG_STAGE: "train", TAG_TRAINING_KEY: key}
@@ -232,7 +247,7 @@ def run_train(
         set_tags(cfg.tracking.tracking_uri, run_id, {TAG_RAY_RUN: name})
         log(
             f"[train] {cfg.scaling.num_workers} workers ({cfg.train.strategy}) x "
-            f"{cfg.train.epochs} epochs, {manifest['splits']['train']} training rows, "
+            f"{cfg.train.epochs} epochs, {datasets['train'].count()} training rows, "
             f"peft={cfg.peft.method}"
         )
         result = fit(build_trainer(cfg, manifest, run_id, name=name, datasets=datasets))

@@ -72,7 +72,10 @@ def setup_recipe(
     labels = manifest["labels"]
     model = build_model(cfg.model, cfg.task, labels, seed=cfg.train.seed)
     base_dir = None
-    if cfg.model.random_init and rank == 0:
+    # A base that no model id rebuilds (random, or another artifact's weights) travels
+    # with the adapter.
+    own_base = cfg.model.random_init or (cfg.model.init_from and cfg.peft.method != "none")
+    if own_base and rank == 0:
         base_dir = Path(tempfile.mkdtemp(prefix="lepton-base-"))
         model.save_pretrained(base_dir, safe_serialization=True)
     model = apply_peft(model, cfg.peft, cfg.task)

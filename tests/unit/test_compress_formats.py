@@ -156,3 +156,31 @@ def test_a_gpu_weight_only_artifact_is_refused_clearly_without_a_gpu(tmp_path, t
     save_float_artifact(tiny_bert().to(torch.bfloat16), tokenizer, meta, tmp_path)
     with pytest.raises(StageError, match="int8_weight_only model runs on a CUDA GPU"):
         load_model_artifact(tmp_path)
+
+
+def test_init_from_continues_from_an_artifact_and_refuses_what_cannot_train(tmp_path, tokenizer):
+    """model.init_from (retrain): the artifact's weights come back trainable; an int8
+    artifact, or one whose labels differ from the data's, is one ConfigError."""
+    from lepton_ray.errors import ConfigError
+
+    model = tiny_bert(seed=3)
+    save_float_artifact(model, tokenizer, _meta("full", "none"), tmp_path / "full")
+    again = build_model(
+        ModelConfig(name="minilm", init_from=str(tmp_path / "full")), TASK, LABELS, seed=0
+    )
+    assert again.training
+    assert all(p.requires_grad for p in again.parameters())
+    assert torch.allclose(
+        _logits(again.eval(), tokenizer, _meta("full")), _logits(model, tokenizer, _meta("full"))
+    )
+
+    with pytest.raises(ConfigError, match="labels"):
+        build_model(ModelConfig(init_from=str(tmp_path / "full")), TASK, ["a", "b", "c"])
+    q = quantize_dynamic_int8(model)
+    save_int8_artifact(q, tokenizer, _meta("int8"), tmp_path / "int8")
+    with pytest.raises(ConfigError, match="cannot be trained"):
+        build_model(ModelConfig(init_from=str(tmp_path / "int8")), TASK, LABELS)
+    with pytest.raises(ConfigError, match="not a lepton-ray model artifact"):
+        build_model(ModelConfig(init_from=str(tmp_path)), TASK, LABELS)
+    with pytest.raises(ValueError, match="exclude each other"):
+        ModelConfig(init_from=str(tmp_path / "full"), random_init=True)

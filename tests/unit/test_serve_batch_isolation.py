@@ -3,28 +3,32 @@
 import pytest
 from fastapi import HTTPException
 
-from lepton_ray.serve.app import TextClassifier, _TextFailed, check_texts
+from lepton_ray.serve import app
+from lepton_ray.serve.app import _classify_isolated, _TextFailed, check_texts
 
 
-def _replica(fail_on: str):
-    cls = TextClassifier.func_or_class  # the plain class under the Serve decorator
-    replica = object.__new__(cls)
+def _loaded(monkeypatch, fail_on: str):
+    """A loaded model whose classify fails on one text (the real batching code around it)."""
+    import lepton_ray.predict
+
     calls = []
 
-    def classify(texts):
+    def classify(model, tokenizer, meta, texts):
         calls.append(list(texts))
         if fail_on in texts:
             raise RuntimeError("tokenizer exploded")
         return [{"label": "ok", "probabilities": {"ok": 1.0}, "truncated": False} for _ in texts]
 
-    replica._classify = classify
-    return replica, calls
+    monkeypatch.setattr(lepton_ray.predict, "classify", classify)
+    loaded = object.__new__(app._Loaded)
+    loaded.model = loaded.tokenizer = loaded.meta = None
+    return loaded, calls
 
 
-def test_a_failing_text_fails_alone_and_its_batch_mates_are_answered():
-    replica, calls = _replica(fail_on="boom")
+def test_a_failing_text_fails_alone_and_its_batch_mates_are_answered(monkeypatch):
+    loaded, calls = _loaded(monkeypatch, fail_on="boom")
 
-    results = replica._classify_isolated(["a", "boom", "b", "c"])
+    results = _classify_isolated(loaded, ["a", "boom", "b", "c"])
     assert isinstance(results[1], _TextFailed)
     assert [r["label"] for i, r in enumerate(results) if i != 1] == ["ok", "ok", "ok"]
     assert calls[0] == ["a", "boom", "b", "c"]  # one batch first, then one by one

@@ -1,0 +1,216 @@
+"""``run_retrain``: continue fine-tuning a registered version on new data, then gate it.
+
+The steps, each logged under one MLflow parent run ``retrain`` with lineage tags:
+
+1. resolve ``--from`` (``NAME@champion`` by default; a compressed version is traced back to
+   the float version it was made from, since int8 weights cannot be trained further);
+2. preprocess the new data with the experiment's own data settings, into a folder of its
+   own (the experiment's preprocessed data is left as it is);
+3. optionally mix in a seeded replay sample of the experiment's old training split;
+4. train, starting from that version's weights (``model.init_from``), register the result
+   as ``@challenger`` (tagged with the version it continues), compress it if the config
+   compresses;
+5. score the challenger and the champion on the same held-out split - the new data's
+   validation split - and promote only if the gate passes;
+6. if the experiment's endpoint is running, swap it to the new champion in place (no
+   failed request: see ``lepton_ray.serve.app``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+from lepton_ray.config import ExperimentConfig, validate_experiment
+from lepton_ray.errors import ConfigError, StageError
+
+TAG_RETRAINED_FROM = "lepton.retrained_from"
+TAG_RETRAIN_DATA = "lepton.retrain_data"
+TAG_REPLAY_ROWS = "lepton.replay_rows"
+REPLAY_COLUMNS = ["text", "label_id", "input_ids"]
+
+
+def _trainable_source(uri: str, spec: str, name: str):
+    """The registered version to continue from (a compression's float source)."""
+    from lepton_ray import registry
+
+    version = registry.resolve(uri, spec)
+    if version.name != name:
+        raise ConfigError(
+            f"--from {spec} names registered model '{version.name}', but this experiment "
+            f"registers '{name}'"
+        )
+    tags = version.tags or {}
+    if tags.get(registry.TAG_QUANTIZATION, "none") != "none":
+        origin = tags.get(registry.TAG_SOURCE_VERSION)
+        if not origin:
+            raise StageError(
+                f"{name} v{version.version} is compressed ({tags[registry.TAG_QUANTIZATION]}) "
+                "and names no float source version to continue from"
+            )
+        version = registry.resolve(uri, f"{name}/{origin}")
+    return version
+
+
+def retrain_config(
+    cfg: ExperimentConfig, data: str, init_from: Path, workdir: Path
+) -> ExperimentConfig:
+    """The experiment with the new data, its own output folder and the old weights."""
+    raw = cfg.model_dump(mode="json")
+    raw["data"]["path"] = data
+    raw["data"]["hf"] = None
+    raw["data"]["split"]["files"] = {}  # the old experiment's own held-out files do not apply
+    raw["model"]["init_from"] = str(init_from)
+    raw["model"]["random_init"] = False
+    raw["output_dir"] = str(workdir)
+    raw["tune"]["enabled"] = False  # one continued run with the experiment's values
+    # The registry and MLflow experiment stay the experiment's own.
+    raw["tracking"]["experiment_name"] = cfg.experiment_name
+    raw["tracking"]["registered_model_name"] = cfg.registered_model_name
+    return validate_experiment(raw, source=f"{cfg.name} retrain")
+
+
+def write_replay(
+    old_cfg: ExperimentConfig, labels: list[str], fraction: float, folder: Path, seed: int
+) -> int:
+    """A seeded ``fraction`` of the experiment's old training split, as tokenized rows."""
+    import json
+
+    import pandas as pd
+
+    from lepton_ray.data.pipeline import load_manifest
+
+    train = old_cfg.data_dir / "train"
+    if not train.exists():
+        raise StageError(
+            f"--replay needs the experiment's old training split at {train}; run "
+            f"`lepton-ray preprocess` on the experiment first"
+        )
+    old_labels = list(load_manifest(old_cfg)["labels"])
+    if old_labels != list(labels):
+        raise StageError(
+            f"--replay: the old training split's labels {old_labels} differ from the new "
+            f"data's {list(labels)}"
+        )
+    frame = pd.read_parquet(train, columns=REPLAY_COLUMNS)
+    rows = int(round(fraction * len(frame)))
+    sample = frame.sample(n=rows, random_state=seed) if rows < len(frame) else frame
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.parquet"):
+        old.unlink()
+    sample.to_parquet(folder / "replay.parquet", index=False)
+    (folder / "replay.json").write_text(json.dumps({"rows": rows, "fraction": fraction}))
+    return rows
+
+
+def run_retrain(
+    cfg: ExperimentConfig,
+    data: str,
+    source_spec: str | None = None,
+    replay: float = 0.0,
+    log=print,
+    swap: bool = True,
+) -> dict[str, Any]:
+    """Continue fine-tuning ``source_spec`` (default ``NAME@champion``) on ``data``."""
+    from lepton_ray import registry
+    from lepton_ray.pipeline import (
+        _connect,
+        register_trained,
+        run_compress_stage,
+        run_preprocess_stage,
+        settle,
+    )
+    from lepton_ray.tracking.mlflow import (
+        TAG_STAGE,
+        download_model,
+        lineage_tags,
+        log_config,
+        set_tags,
+        tracked_run,
+    )
+    from lepton_ray.train.driver import run_train
+
+    if not 0.0 <= replay <= 1.0:
+        raise ConfigError(f"--replay {replay:g}: give a fraction of the old training rows, 0 to 1")
+    import glob
+
+    if not Path(data).exists() and not glob.glob(data):
+        raise ConfigError(f"--data {data}: no such file")
+    started = time.time()
+    uri, name = cfg.tracking.tracking_uri, cfg.registered_model_name
+    spec = source_spec or f"{name}@{registry.CHAMPION}"
+    source = _trainable_source(uri, spec, name)
+    key = hashlib.sha256(f"{data}:{replay}:{source.version}".encode()).hexdigest()[:10]
+    workdir = cfg.run_dir / "retrain" / f"v{source.version}-{key}"
+    init_from = download_model(uri, f"models:/{name}/{source.version}", workdir / "from")
+    new_cfg = retrain_config(cfg, data, init_from, workdir)
+    log(f"[retrain] continuing {name} v{source.version} ({spec}) on {data}")
+
+    _connect(new_cfg, log)
+    manifest = run_preprocess_stage(new_cfg, log=log, track=False)
+    replay_dir, replay_rows = None, 0
+    if replay > 0:
+        if not cfg.data_dir.joinpath("train").exists():
+            run_preprocess_stage(cfg, log=log, track=False)
+        replay_dir = workdir / "replay"
+        replay_rows = write_replay(cfg, manifest["labels"], replay, replay_dir, cfg.train.seed)
+        log(f"[retrain] replaying {replay_rows} rows of the old training split")
+    lineage = {
+        TAG_RETRAINED_FROM: f"models:/{name}/{source.version}",
+        TAG_RETRAIN_DATA: str(data),
+        TAG_REPLAY_ROWS: str(replay_rows),
+    }
+    tags = lineage_tags(new_cfg, manifest["fingerprint"], **{TAG_STAGE: "retrain"}, **lineage)
+    summary: dict[str, Any] = {"source_version": str(source.version), "replay_rows": replay_rows}
+    with tracked_run(new_cfg, "retrain", tags=tags) as parent:
+        log_config(uri, parent, new_cfg)
+        from lepton_ray.pipeline import log_data_report
+
+        log_data_report(new_cfg, parent, manifest)
+        best = run_train(
+            new_cfg, manifest, parent_run_id=parent, log=log, new=True, replay=replay_dir
+        )
+        trained = register_trained(new_cfg, best, manifest, log, extra=lineage)
+        summary["best"] = {**best, "version": trained.version}
+        candidate = str(trained.version)
+        if new_cfg.compress.enabled:
+            compressed = run_compress_stage(
+                new_cfg,
+                model_uri=f"models:/{name}/{trained.version}",
+                parent_run_id=parent,
+                log=log,
+                promote=False,
+            )
+            summary["compress"] = compressed
+            candidate = compressed["version"]
+        # Champion and challenger on one held-out split: the new data's validation split.
+        summary["promoted"] = settle(new_cfg, candidate, log)
+        summary["candidate_version"] = candidate
+        summary["parent_run_id"] = parent
+        set_tags(
+            uri,
+            parent,
+            {"lepton.candidate_version": candidate, "lepton.promoted": summary["promoted"]},
+        )
+    if swap and summary["promoted"]:
+        summary["serve"] = _swap_endpoint(cfg, log)
+    summary["seconds"] = round(time.time() - started, 1)
+    return summary
+
+
+def _swap_endpoint(cfg: ExperimentConfig, log) -> dict[str, Any] | None:
+    """Point the experiment's running endpoint at the new champion (in place)."""
+    from lepton_ray.pipeline import serving_model_uri
+    from lepton_ray.runtime import serve_applications
+    from lepton_ray.serve.client import deploy
+
+    app_name = cfg.serve.app_name or cfg.name
+    if app_name not in serve_applications():
+        log(
+            f"[serve] no application '{app_name}' running; serve the champion with lepton-ray serve"
+        )
+        return None
+    url, pinned = deploy(cfg, serving_model_uri(cfg), log=log)
+    return {"url": url, "model_uri": pinned}
