@@ -29,7 +29,6 @@ from lepton_ray.errors import ConfigError, StageError
 TAG_RETRAINED_FROM = "lepton.retrained_from"
 TAG_RETRAIN_DATA = "lepton.retrain_data"
 TAG_REPLAY_ROWS = "lepton.replay_rows"
-REPLAY_COLUMNS = ["text", "label_id", "input_ids"]
 
 
 def _trainable_source(uri: str, spec: str, name: str):
@@ -81,20 +80,17 @@ def write_replay(
     import pandas as pd
 
     from lepton_ray.data.pipeline import load_manifest
+    from lepton_ray.train.driver import TOKEN_COLUMNS
+    from lepton_ray.train.recipe import split_folder
 
-    train = old_cfg.data_dir / "train"
-    if not train.exists():
-        raise StageError(
-            f"--replay needs the experiment's old training split at {train}; run "
-            f"`lepton-ray preprocess` on the experiment first"
-        )
+    train = split_folder(old_cfg, "train")
     old_labels = list(load_manifest(old_cfg)["labels"])
     if old_labels != list(labels):
         raise StageError(
             f"--replay: the old training split's labels {old_labels} differ from the new "
             f"data's {list(labels)}"
         )
-    frame = pd.read_parquet(train, columns=REPLAY_COLUMNS)
+    frame = pd.read_parquet(train, columns=TOKEN_COLUMNS)
     rows = int(round(fraction * len(frame)))
     sample = frame.sample(n=rows, random_state=seed) if rows < len(frame) else frame
     folder.mkdir(parents=True, exist_ok=True)

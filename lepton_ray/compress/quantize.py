@@ -51,16 +51,6 @@ def _split_frame(cfg: ExperimentConfig, split: str):
     return frame if len(frame) else None
 
 
-def evaluate_split(
-    model, tokenizer, cfg: ExperimentConfig, split: str, num_labels: int
-) -> dict[str, Any] | None:
-    """Metrics and throughput on one preprocessed split (None when the split is empty)."""
-    frame = _split_frame(cfg, split)
-    if frame is None:
-        return None
-    return _evaluate(model, list(frame_batches(frame, SPEED_BATCH, _pad_id(tokenizer))), num_labels)
-
-
 def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id or 0
 

@@ -173,10 +173,7 @@ class TextClassifier:
 
         self.args = ServeArgs.model_validate(args)
         torch.set_num_threads(self.args.torch_threads or max(1, os.cpu_count() or 1))
-        self.loaded: _Loaded | None = None
-        if self.args.model_uri:  # built without a user_config (a Serve config file)
-            choice = ModelChoice.model_validate({k: getattr(self.args, k) for k in MODEL_FIELDS})
-            self.loaded = _Loaded(self.args.tracking_uri, choice)
+        self.loaded: _Loaded | None = None  # set by reconfigure (build_app's user_config)
         self._swap = asyncio.Lock()
         self._predict_batch.set_max_batch_size(self.args.max_batch_size)
         self._predict_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)

@@ -30,10 +30,15 @@ TRAINABLE_FILE = "trainable.safetensors"
 BASE_DIR = "base"
 
 
+def base_travels(cfg: ExperimentConfig) -> bool:
+    """Whether the base model is copied into every artifact: one that no model id rebuilds
+    (random weights, or another artifact's under a new adapter)."""
+    return cfg.model.random_init or (cfg.peft.method != "none" and bool(cfg.model.init_from))
+
+
 def artifact_meta(cfg: ExperimentConfig, labels: list[str]) -> ModelMeta:
     adapter = cfg.peft.method != "none"
-    # A base that no model id rebuilds travels inside the artifact (see recipe.setup_recipe).
-    own_base = cfg.model.random_init or (adapter and bool(cfg.model.init_from))
+    own_base = base_travels(cfg)
     name = cfg.model.name
     if not cfg.model.random_init and name.lower() not in MODEL_ALIASES and name.startswith("."):
         # "./x" in an artifact means "inside the artifact"; a local base is recorded absolute.

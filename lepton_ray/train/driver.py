@@ -17,6 +17,10 @@ class TrainingFailed(LeptonError):
     exit_code = 1
 
 
+TOKEN_COLUMNS = ["text", "label_id", "input_ids"]
+"""The columns of a preprocessed split that training reads (and a replay folder holds)."""
+
+
 def load_split_dataset(
     cfg: ExperimentConfig, split: str, block_rows: int = 4096, extra: Path | None = None
 ):
@@ -39,7 +43,7 @@ def load_split_dataset(
     options = ray.data.DataContext.get_current().execution_options
     previous, options.preserve_order = options.preserve_order, True
     try:
-        ds = ray.data.read_parquet(paths, columns=["text", "label_id", "input_ids"])
+        ds = ray.data.read_parquet(paths, columns=TOKEN_COLUMNS)
         blocks = max(1, min(MAX_BLOCKS, -(-ds.count() // block_rows)))
         return ds.repartition(blocks).materialize()
     finally:
@@ -223,11 +227,13 @@ def run_train(
         "train": load_split_dataset(cfg, "train", extra=replay),
         "validation": load_split_dataset(cfg, "validation"),
     }
-    key = training_key(cfg, manifest)
-    if replay is not None:
-        key = training_key(
-            cfg, {**manifest, "fingerprint": f"{manifest.get('fingerprint')}+{replay}"}
-        )
+    # Replayed rows are training data too: they make another key.
+    keyed = (
+        manifest
+        if replay is None
+        else {**manifest, "fingerprint": f"{manifest.get('fingerprint')}+{replay}"}
+    )
+    key = training_key(cfg, keyed)
     resume = None if new else unfinished_run(cfg, key)
     tags = lineage_tags(
         cfg, manifest.get("fingerprint"), **{TAG_STAGE: "train", TAG_TRAINING_KEY: key}

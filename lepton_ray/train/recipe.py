@@ -19,7 +19,12 @@ from lepton_ray.config import ExperimentConfig
 from lepton_ray.errors import StageError
 from lepton_ray.models import ModelMeta, build_model, load_tokenizer
 from lepton_ray.train.batching import TokenRows
-from lepton_ray.train.checkpoint import artifact_meta, restore_checkpoint, write_checkpoint_files
+from lepton_ray.train.checkpoint import (
+    artifact_meta,
+    base_travels,
+    restore_checkpoint,
+    write_checkpoint_files,
+)
 from lepton_ray.train.loop import (
     LoopSettings,
     LoopState,
@@ -72,10 +77,7 @@ def setup_recipe(
     labels = manifest["labels"]
     model = build_model(cfg.model, cfg.task, labels, seed=cfg.train.seed)
     base_dir = None
-    # A base that no model id rebuilds (random, or another artifact's weights) travels
-    # with the adapter.
-    own_base = cfg.model.random_init or (cfg.model.init_from and cfg.peft.method != "none")
-    if own_base and rank == 0:
+    if base_travels(cfg) and rank == 0:
         base_dir = Path(tempfile.mkdtemp(prefix="lepton-base-"))
         model.save_pretrained(base_dir, safe_serialization=True)
     model = apply_peft(model, cfg.peft, cfg.task)
