@@ -300,14 +300,15 @@ def run_serve_stage(
 
     ``model_uri`` (an alias or a version) is pinned to its version number at deploy time.
     """
-    from lepton_ray.serve.client import deploy, predict
+    from lepton_ray.serve.client import api_key, deploy, predict
     from lepton_ray.tracking.mlflow import get_model_version
 
+    key = api_key(cfg)  # fail here, clearly, if the variable it names is not set
     model_uri = model_uri or serving_model_uri(cfg)
     get_model_version(cfg.tracking.tracking_uri, model_uri)  # fail here, clearly, if it is missing
     mode = _connect(cfg, log)
     url, pinned = deploy(cfg, model_uri, log=log)
-    answers = predict(url, cfg.serve.example_texts) if cfg.serve.example_texts else []
+    answers = predict(url, cfg.serve.example_texts, key=key) if cfg.serve.example_texts else []
     return {"url": url, "model_uri": pinned, "answers": answers, "ray": mode}
 
 

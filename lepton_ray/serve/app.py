@@ -13,16 +13,37 @@ place (``reconfigure``) instead of replacing the replica. The new version is loa
 the old one, off the event loop, while the old one keeps answering; then one reference is
 switched. A batch runs on the model it started with, so every answer comes from exactly
 one whole model, and no request fails or waits for a gap during the swap.
+
+Load is bounded in three places, so that the endpoint sheds instead of collapsing:
+
+- a request body must arrive within ``body_timeout_s`` (408 otherwise), so a stalled upload
+  holds nothing for long, and the body is read before the request counts toward the model;
+- a replica holds at most ``max_queued_texts`` texts for its model (running or waiting); one
+  more request gets 503 with ``Retry-After`` at once (``/healthz`` never counts);
+- Ray Serve's router holds at most ``max_queued_requests`` when every replica slot is taken
+  (503 with ``Retry-After`` beyond; ``BackpressureConfig``), and the proxy ends any request
+  after ``request_timeout_s`` (408).
+
+The forward pass runs in a worker thread, so the event loop keeps reading requests, filling
+the next batch and answering ``/healthz`` while the model computes. ``/metrics`` is the
+replica's own Prometheus text (requests by route and status, latency and batch-size
+histograms, shed requests, queued texts).
 """
 
 import asyncio
+import hashlib
+import hmac
+import json
 import os
+import random
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -40,7 +61,14 @@ class ServeArgs(BaseModel):
     model_name: str | None = None
     model_version: str | None = None
     max_batch_size: int = 32
-    batch_wait_timeout_s: float = 0.005
+    max_concurrent_batches: int = 1
+    batch_wait_timeout_s: float = 0.002
+    max_queued_texts: int = 128
+    retry_after_s: int = 1
+    body_timeout_s: float = 5.0
+    api_key_sha256: str | None = Field(None, description="SHA-256 (hex) of the API key.")
+    log_sample_rate: float = 0.0
+    log_sample_path: str | None = None
     max_texts_per_request: int = 256
     max_chars_per_text: int = 20_000
     torch_threads: int | None = None
@@ -121,6 +149,235 @@ async def _crash(_: Request, exc: Exception) -> JSONResponse:
     return _error(500, f"internal error: {type(exc).__name__}")
 
 
+def key_digest(key: str) -> str:
+    """What a replica keeps of the API key: its SHA-256, never the key itself."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+class _Metrics:
+    """The replica's Prometheus series, in a registry of its own."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "lepton_serve_requests",
+            "HTTP requests answered by this replica.",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "lepton_serve_request_seconds",
+            "Seconds from request to response, by route.",
+            ["route"],
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.batch = Histogram(
+            "lepton_serve_batch_texts",
+            "Texts per forward pass.",
+            registry=self.registry,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+        )
+        self.texts = Counter("lepton_serve_texts", "Texts classified.", registry=self.registry)
+        self.shed = Counter(
+            "lepton_serve_shed_requests",
+            "Requests refused with 503 because max_queued_texts were already waiting.",
+            registry=self.registry,
+        )
+        self.queued = Gauge(
+            "lepton_serve_queued_texts",
+            "Texts held for the model now (running or waiting).",
+            registry=self.registry,
+        )
+        self.model = Gauge(
+            "lepton_serve_model_info",
+            "1 for the registered version being served.",
+            ["model", "version"],
+            registry=self.registry,
+        )
+
+    def exposition(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+class _ReplicaState:
+    """What the middleware needs of its replica (one replica per process)."""
+
+    settings: ServeArgs | None = None
+    metrics: _Metrics | None = None
+
+
+_replica = _ReplicaState()
+
+
+class _Guard:
+    """Pure ASGI middleware in front of every route: API key, bounded body, metrics.
+
+    The body is read here, whole and within ``body_timeout_s``, before any route runs; a
+    client that stalls mid-upload gets 408 and holds nothing afterwards.
+    """
+
+    OPEN = ("/healthz", "/health")
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        settings, metrics = _replica.settings, _replica.metrics
+        if scope["type"] != "http" or settings is None or metrics is None:
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        route = _route_label(scope)
+        status = {"code": 500}
+
+        async def send_counted(message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            refusal = self._refusal(scope, settings)
+            if refusal is None and scope["method"] in ("POST", "PUT", "PATCH"):
+                body, refusal = await _read_body(receive, settings)
+                if refusal is None:
+                    receive = _replay(body, receive)
+            if refusal is not None:
+                await _send_json(send_counted, *refusal)
+            else:
+                await self.app(scope, receive, send_counted)
+        finally:
+            metrics.requests.labels(route, str(status["code"])).inc()
+            metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+    def _refusal(self, scope, settings: ServeArgs) -> tuple[int, str, dict] | None:
+        if settings.api_key_sha256 is None or scope["path"].rstrip("/") in self.OPEN:
+            return None
+        header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            key_digest(key.strip()), settings.api_key_sha256
+        ):
+            return (
+                401,
+                "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                {"WWW-Authenticate": "Bearer"},
+            )
+        return None
+
+
+_ROUTES = {
+    "/v1/predict",
+    "/predict",
+    "/healthz",
+    "/health",
+    "/v1/model",
+    "/metadata",
+    "/metrics",
+    "/docs",
+    "/openapi.json",
+}
+
+
+def _route_label(scope) -> str:
+    """The route for the metrics' labels; anything else is 'other' (bounded cardinality)."""
+    path = scope["path"]
+    root = scope.get("root_path") or ""
+    if root and path.startswith(root):
+        path = path[len(root) :] or "/"
+    return path if path in _ROUTES else "other"
+
+
+async def _read_body(receive, settings: ServeArgs) -> tuple[bytes, tuple | None]:
+    limit = 6 * settings.max_texts_per_request * settings.max_chars_per_text + 65_536
+    deadline = time.monotonic() + settings.body_timeout_s
+    chunks, size = [], 0
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            message = await asyncio.wait_for(receive(), timeout=max(left, 0.0))
+        except TimeoutError:
+            return b"", (
+                408,
+                f"the request body did not arrive within {settings.body_timeout_s:g} s",
+                {"Connection": "close"},
+            )
+        if message["type"] == "http.disconnect":
+            return b"", (400, "the client disconnected before sending the whole body", {})
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return b"", (413, f"request body over {limit} bytes", {"Connection": "close"})
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks), None
+
+
+def _replay(body: bytes, receive):
+    sent = False
+
+    async def replayed():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # then the real stream: a disconnect, if one comes
+
+    return replayed
+
+
+async def _send_json(send, status: int, message: str, headers: dict) -> None:
+    body = json.dumps({"error": message}).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), str(v).encode()) for k, v in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+api.add_middleware(_Guard)
+
+
+class _SampleLog:
+    """A JSONL sample of predictions for drift checks: text hash, label, probability, version."""
+
+    def __init__(self, path: str | None, rate: float) -> None:
+        self.rate = rate if path else 0.0
+        self._lock = threading.Lock()
+        self._file = None
+        if self.rate > 0:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+
+    def record(self, texts: list[str], answers: list[dict[str, Any]], version: str) -> None:
+        if self._file is None:
+            return
+        lines = []
+        for text, answer in zip(texts, answers, strict=True):
+            if random.random() >= self.rate:
+                continue
+            lines.append(
+                json.dumps(
+                    {
+                        "time": round(time.time(), 3),
+                        "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+                        "chars": len(text),
+                        "label": answer["label"],
+                        "probability": answer["probabilities"][answer["label"]],
+                        "truncated": answer["truncated"],
+                        "model_version": version,
+                    }
+                )
+                + "\n"
+            )
+        if lines:
+            with self._lock:
+                self._file.write("".join(lines))
+
+
 def check_texts(texts: list[str], max_texts: int, max_chars: int) -> None:
     """Refuse a request before any of its texts joins a batch (4xx, naming the text)."""
     if not texts:
@@ -175,8 +432,24 @@ class TextClassifier:
         torch.set_num_threads(self.args.torch_threads or max(1, os.cpu_count() or 1))
         self.loaded: _Loaded | None = None  # set by reconfigure (build_app's user_config)
         self._swap = asyncio.Lock()
-        self._predict_batch.set_max_batch_size(self.args.max_batch_size)
-        self._predict_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+        self.metrics = _Metrics()
+        # Through the imported module: Serve ships this class by value, with copies of the
+        # module globals its methods name; the middleware reads the module's own.
+        from lepton_ray.serve import app as this_module
+
+        this_module._replica.settings = self.args
+        this_module._replica.metrics = self.metrics
+        self.samples = _SampleLog(self.args.log_sample_path, self.args.log_sample_rate)
+        self.queued = 0  # texts admitted and not yet answered
+
+        async def run_batch(texts: list[str]) -> list[tuple[Any, ModelChoice]]:
+            return await self._run_batch(texts)
+
+        self._batch = serve.batch(
+            max_batch_size=self.args.max_batch_size,
+            batch_wait_timeout_s=self.args.batch_wait_timeout_s,
+            max_concurrent_batches=self.args.max_concurrent_batches,
+        )(run_batch)
 
     async def reconfigure(self, config: dict[str, Any]) -> None:
         """Serve the version in ``config``: load it beside the current one, then switch."""
@@ -185,7 +458,10 @@ class TextClassifier:
             if self.loaded is not None and self.loaded.choice == choice:
                 return
             # In a thread: the event loop keeps answering with the current model meanwhile.
-            self.loaded = await asyncio.to_thread(_Loaded, self.args.tracking_uri, choice)
+            loaded = await asyncio.to_thread(_Loaded, self.args.tracking_uri, choice)
+            self.metrics.model.clear()
+            self.metrics.model.labels(choice.model_uri, choice.model_version).set(1)
+            self.loaded = loaded
 
     def _current(self) -> _Loaded:
         if self.loaded is None:
@@ -194,9 +470,18 @@ class TextClassifier:
 
     @api.get("/healthz")
     @api.get("/health", include_in_schema=False)
-    async def health(self) -> dict[str, str | None]:
+    async def health(self) -> dict[str, Any]:
         loaded = self.loaded
-        return {"status": "ok", "model_version": loaded.choice.model_version if loaded else None}
+        return {
+            "status": "ok",
+            "model_version": loaded.choice.model_version if loaded else None,
+            "queued_texts": self.queued,
+        }
+
+    @api.get("/metrics", include_in_schema=False)
+    async def prometheus(self) -> Response:
+        self.metrics.queued.set(self.queued)
+        return Response(self.metrics.exposition(), media_type="text/plain; version=0.0.4")
 
     @api.get("/v1/model")
     @api.get("/metadata", include_in_schema=False)
@@ -217,6 +502,8 @@ class TextClassifier:
             "lineage": {k: v for k, v in tags.items() if k.startswith("lepton.")},
             "max_texts_per_request": self.args.max_texts_per_request,
             "max_chars_per_text": self.args.max_chars_per_text,
+            "max_batch_size": self.args.max_batch_size,
+            "max_queued_texts": self.args.max_queued_texts,
         }
 
     @api.post("/v1/predict", response_model=PredictResponse)
@@ -225,38 +512,71 @@ class TextClassifier:
         texts = request.texts
         check_texts(texts, self.args.max_texts_per_request, self.args.max_chars_per_text)
         self._current()
-        results = await asyncio.gather(*(self._predict_batch(t) for t in texts))
+        if self.queued and self.queued + len(texts) > self.args.max_queued_texts:
+            self.metrics.shed.inc()
+            raise HTTPException(
+                503,
+                f"overloaded: {self.queued} texts already wait for the model "
+                f"(max_queued_texts {self.args.max_queued_texts}); retry later",
+                headers={"Retry-After": str(self.args.retry_after_s)},
+            )
+        self.queued += len(texts)
+        try:
+            return await self._answer(texts)
+        finally:
+            self.queued -= len(texts)
+
+    async def _answer(self, texts: list[str]) -> PredictResponse:
+        while True:
+            results = await asyncio.gather(*(self._batch(t) for t in texts))
+            # The texts of one request may fall into batches on either side of a swap:
+            # then ask again, so that every answer comes from one model.
+            if len({choice.model_uri for _, choice in results}) == 1:
+                break
         for i, (result, _) in enumerate(results):
             if isinstance(result, _TextFailed):
                 raise HTTPException(500, f"texts.{i}: the model failed on this text ({result})")
-        # The texts of one request may fall into batches on either side of a swap.
-        choices = {choice.model_uri: choice for _, choice in results}
-        choice = results[-1][1]
-        if len(choices) > 1:
-            return await self.predict(request)  # answer from one model only
+        choice = results[0][1]
+        answers = [r for r, _ in results]
+        self.samples.record(texts, answers, choice.model_version)
         return PredictResponse(
-            predictions=[r for r, _ in results],
-            model=choice.model_uri,
-            model_version=choice.model_version,
+            predictions=answers, model=choice.model_uri, model_version=choice.model_version
         )
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _predict_batch(self, texts: list[str]) -> list[tuple[Any, ModelChoice]]:
+    async def _run_batch(self, texts: list[str]) -> list[tuple[Any, ModelChoice]]:
         loaded = self._current()  # the whole batch runs on this one model
-        return [(r, loaded.choice) for r in _classify_isolated(loaded, texts)]
+        self.metrics.batch.observe(len(texts))
+        self.metrics.texts.inc(len(texts))
+        # Off the event loop: requests keep arriving (and /healthz answers) meanwhile.
+        answers = await asyncio.to_thread(_classify_isolated, loaded, texts)
+        return [(r, loaded.choice) for r in answers]
 
 
-def build_app(args: ServeArgs, num_replicas: int = 1, num_cpus: float = 1.0):
+def build_app(
+    args: ServeArgs,
+    num_replicas: int = 1,
+    num_cpus: float = 1.0,
+    max_ongoing_requests: int | None = None,
+    max_queued_requests: int | None = None,
+):
     """The Serve application for ``args`` (typed app builder).
 
     The model goes into ``user_config`` and the rest into the constructor, so that
-    deploying another version of the same model later swaps it in place.
+    deploying another version of the same model later swaps it in place. Ray Serve's
+    per-replica slots default to enough for every queued text plus room for ``/healthz``
+    and uploads in flight; its router queue beyond them answers 503 with ``Retry-After``.
     """
+    from ray.serve.config import BackpressureConfig
+
     choice = ModelChoice.model_validate({k: getattr(args, k) for k in MODEL_FIELDS})
+    ongoing = max_ongoing_requests or args.max_queued_texts + 64
     return TextClassifier.options(
         num_replicas=num_replicas,
         ray_actor_options={"num_cpus": num_cpus},
         user_config=choice.model_dump(),
+        max_ongoing_requests=ongoing,
+        max_queued_requests=max_queued_requests or ongoing,
+        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=args.retry_after_s),
     ).bind(args.model_dump(exclude=set(MODEL_FIELDS)))
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 from lepton_ray.config import ExperimentConfig
@@ -14,13 +16,33 @@ def endpoint_url(cfg: ExperimentConfig) -> str:
     return f"http://{cfg.serve.host}:{cfg.serve.port}{prefix}"
 
 
-def predict(base_url: str, texts: list[str], timeout: float = 60.0) -> list[dict[str, Any]]:
+def api_key(cfg: ExperimentConfig) -> str | None:
+    """The endpoint's API key, from the variable ``serve.api_key_env`` names (None: no key)."""
+    name = cfg.serve.api_key_env
+    if not name:
+        return None
+    key = os.environ.get(name, "").strip()
+    if not key:
+        raise LeptonError(
+            f"serve.api_key_env is {name}, but the environment variable {name} is not set "
+            "(or empty): export it with the endpoint's API key"
+        )
+    return key
+
+
+def auth_headers(key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def predict(
+    base_url: str, texts: list[str], timeout: float = 60.0, key: str | None = None
+) -> list[dict[str, Any]]:
     """POST texts to ``/v1/predict``; a clear error when the endpoint is down or refuses."""
     import requests
 
     url = f"{base_url}/v1/predict"
     try:
-        resp = requests.post(url, json={"texts": texts}, timeout=timeout)
+        resp = requests.post(url, json={"texts": texts}, timeout=timeout, headers=auth_headers(key))
     except requests.ConnectionError:
         raise LeptonError(
             f"no Serve endpoint answers at {url}; deploy one with `lepton-ray serve CONFIG`"
@@ -75,21 +97,37 @@ def deploy(cfg: ExperimentConfig, model_uri: str, log=print) -> tuple[str, str]:
     """
     from ray import serve
 
-    from lepton_ray.serve.app import ServeArgs, build_app
+    from lepton_ray.serve.app import ServeArgs, build_app, key_digest
     from lepton_ray.tracking.mlflow import get_model_version
 
     s = cfg.serve
+    key = api_key(cfg)
     version = get_model_version(cfg.tracking.tracking_uri, model_uri)
     pinned = f"models:/{version.name}/{version.version}"
-    serve.start(http_options={"host": s.host, "port": s.port})
+    serve.start(
+        http_options={
+            "host": s.host,
+            "port": s.port,
+            "request_timeout_s": s.request_timeout_s,
+            "keep_alive_timeout_s": s.keep_alive_timeout_s,
+        }
+    )
     _check_proxy_address(s.host, s.port)
+    samples = s.log_sample_path or cfg.output_dir / cfg.name / "serve" / "predictions.jsonl"
     args = ServeArgs(
         tracking_uri=cfg.tracking.tracking_uri,
         model_uri=pinned,
         model_name=version.name,
         model_version=str(version.version),
         max_batch_size=s.max_batch_size,
+        max_concurrent_batches=s.max_concurrent_batches,
         batch_wait_timeout_s=s.batch_wait_timeout_s,
+        max_queued_texts=s.queued_texts,
+        retry_after_s=s.retry_after_s,
+        body_timeout_s=s.body_timeout_s,
+        api_key_sha256=key_digest(key) if key else None,
+        log_sample_rate=s.log_sample_rate,
+        log_sample_path=str(Path(samples)) if s.log_sample_rate > 0 else None,
         max_texts_per_request=s.max_texts_per_request,
         max_chars_per_text=s.max_chars_per_text,
         torch_threads=s.torch_threads,
@@ -98,7 +136,13 @@ def deploy(cfg: ExperimentConfig, model_uri: str, log=print) -> tuple[str, str]:
     shown = pinned if pinned == model_uri else f"{model_uri} = {pinned}"
     log(f"[serve] deploying {shown} as application '{app_name}' on http://{s.host}:{s.port}")
     serve.run(
-        build_app(args, num_replicas=s.num_replicas, num_cpus=s.num_cpus),
+        build_app(
+            args,
+            num_replicas=s.num_replicas,
+            num_cpus=s.num_cpus,
+            max_ongoing_requests=s.ongoing_requests,
+            max_queued_requests=s.queued_requests,
+        ),
         name=app_name,
         route_prefix=s.route_prefix,
         blocking=False,
