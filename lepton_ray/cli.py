@@ -322,19 +322,81 @@ def serve(
 @handle_errors
 def predict(
     config: ConfigArg,
-    texts: Annotated[list[str], typer.Argument(help="Texts to classify.")],
+    texts: Annotated[
+        list[str] | None, typer.Argument(help="Texts to send to the running Serve endpoint.")
+    ] = None,
     set_: SetOpt = None,
     url: Annotated[
         str | None, typer.Option(help="Default: from the config's serve section.")
     ] = None,
+    json_lines: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="JSON lines (text, label, probabilities, truncated), not a table."
+        ),
+    ] = False,
+    input_: Annotated[
+        str | None,
+        typer.Option(
+            "--input",
+            help="Offline, no endpoint: classify every row of this file, folder or glob (in "
+            "the format and columns of the config's data section) with Ray Data.",
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(help="With --input: where the predictions go (.parquet, .csv or .jsonl)."),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="With --input: NAME@ALIAS, NAME/VERSION or models:/...; default: what serve "
+            "deploys (@champion)."
+        ),
+    ] = None,
+    id_column: Annotated[
+        str | None,
+        typer.Option(
+            help="With --input: an input column to use as the row id (default: file:row)."
+        ),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="With --input: texts per forward pass.")] = 64,
+    verbose: VerboseOpt = False,
 ) -> None:
-    """Send texts to the running Serve endpoint and print labels and probabilities."""
-    from lepton_ray.serve.client import endpoint_url
-    from lepton_ray.serve.client import predict as http_predict
+    """Classify texts on the running Serve endpoint (a table, or --json lines), or, with
+    --input and --output, a whole dataset offline with the registered model."""
+    from lepton_ray.batch_predict import format_json_lines, format_table, run_batch_predict
 
     cfg = _load(config, set_)
-    for text, answer in zip(texts, http_predict(url or endpoint_url(cfg), texts)):
-        _say(json.dumps({"text": text, **answer}))
+    if input_ is None:
+        _check_usage(
+            texts, "give texts to classify, or --input FILE --output FILE", output, model, id_column
+        )
+        from lepton_ray.serve.client import api_key, endpoint_url
+        from lepton_ray.serve.client import predict as http_predict
+
+        answers = http_predict(url or endpoint_url(cfg), texts, key=api_key(cfg))
+        _say((format_json_lines if json_lines else format_table)(texts, answers))
+        return
+    _check_usage(
+        output, "--input needs --output FILE (.parquet, .csv or .jsonl)", texts, url, json_lines
+    )
+    _start_console("predict", cfg, verbose)
+    _quiet_libraries()
+    run_batch_predict(
+        cfg, input_, output, model_spec=model, log=_say, id_column=id_column, batch_size=batch_size
+    )
+
+
+def _check_usage(needed, missing: str, *unwanted) -> None:
+    """``predict``'s two modes: texts (the endpoint) or --input (offline), not a mix."""
+    if any(value for value in unwanted):
+        raise LeptonError(
+            "predict takes either texts (sent to the endpoint; --url, --json) or --input "
+            "(offline; --output, --model, --id-column), not both"
+        )
+    if not needed:
+        raise LeptonError(missing)
 
 
 @app.command()
@@ -381,15 +443,22 @@ def sample_data(
 def cluster_up(
     num_cpus: Annotated[int | None, typer.Option(help="Default: every core.")] = None,
     auth: Annotated[str, typer.Option(help="RAY_AUTH_MODE: disabled or token.")] = "disabled",
+    serve_ingress: Annotated[
+        str, typer.Option(help="Ray Serve's HTTP ingress: auto, haproxy or proxy.")
+    ] = "auto",
     verbose: VerboseOpt = False,
 ) -> None:
     """`ray start --head` on 127.0.0.1 (dashboard on 127.0.0.1:8265)."""
     if auth not in ("disabled", "token"):
         raise LeptonError(f"--auth must be 'disabled' or 'token', got {auth!r}")
+    if serve_ingress not in ("auto", "haproxy", "proxy"):
+        raise LeptonError(
+            f"--serve-ingress must be 'auto', 'haproxy' or 'proxy', got {serve_ingress!r}"
+        )
     _start_console("cluster-up", None, verbose)
     from lepton_ray.runtime import cluster_up as start
 
-    address = start(num_cpus, auth, log=_say)
+    address = start(num_cpus, auth, serve_ingress=serve_ingress, log=_say)
     _say(f"stop it with: lepton-ray cluster down   (address {address})")
 
 

@@ -709,6 +709,11 @@ class ServeSection(Section):
     batch_wait_timeout_s: float = Field(
         0.002, ge=0.0, description="Seconds a batch waits to fill once its first text arrives."
     )
+    adaptive_batch_wait: bool = Field(
+        True,
+        description="Skip the batch wait when a request is the only one in the replica "
+        "(nothing could join its batch).",
+    )
     max_queued_texts: int | None = Field(
         None,
         ge=1,
@@ -743,6 +748,11 @@ class ServeSection(Section):
         None,
         description="Environment variable holding the API key; then every route but /healthz "
         "needs 'Authorization: Bearer KEY' (401 otherwise).",
+    )
+    access_log: bool = Field(
+        False,
+        description="Ray Serve's per-request access log lines (off: they cost CPU per request; "
+        "/metrics counts requests by route and status).",
     )
     log_sample_rate: float = Field(
         0.0,
@@ -812,6 +822,13 @@ class ClusterSection(Section):
         "disabled", description="RAY_AUTH_MODE for this process (and the clusters it starts)."
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of an in-process cluster.")
+    serve_ingress: Literal["auto", "haproxy", "proxy"] = Field(
+        "auto",
+        description="HTTP ingress of clusters lepton-ray starts: 'haproxy' (Ray Serve's HAProxy "
+        "ingress, requests go straight to the replicas; several times less overhead per "
+        "request), 'proxy' (Ray Serve's Python proxy), 'auto' (haproxy where its binary is "
+        "installed). A cluster started elsewhere keeps the ingress it was started with.",
+    )
     storage_path: Path = Field(Path("outputs/ray_results"), description="Ray Train/Tune storage.")
     wait_for_resources: bool = Field(
         False,

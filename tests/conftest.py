@@ -55,6 +55,71 @@ TINY_BERT = {
 }
 
 
+TINY_LABELS = ["negative", "positive"]
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory) -> Path:
+    """A real (tiny, random) full-weights model artifact with MiniLM's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from lepton_ray.models import ModelMeta, resolve_model_path, save_model_artifact
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
+    config = BertConfig(vocab_size=tokenizer.vocab_size, num_labels=2, **TINY_BERT)
+    model = BertForSequenceClassification(config).eval()
+    folder = tmp_path_factory.mktemp("artifact") / "model"
+    meta = ModelMeta(
+        task="sequence_classification",
+        labels=TINY_LABELS,
+        base_model="./model",
+        max_length=16,
+        weights="full",
+        peft_method="none",
+    )
+    save_model_artifact(model, tokenizer, meta, folder)
+    return folder
+
+
+def mlflow_store(folder: Path) -> dict:
+    """A SQLite MLflow store in ``folder`` with an experiment 'reg': uri, client, experiment."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{folder}/mlflow.db"
+    client = MlflowClient(uri, registry_uri=uri)
+    exp = client.create_experiment("reg", artifact_location=(folder / "artifacts").as_uri())
+    return {"uri": uri, "client": client, "experiment": exp}
+
+
+def register_tiny(
+    store: dict, artifact: Path, accuracy: float, split: str = "fingerprint-a:validation", **extra
+) -> str:
+    """Register ``artifact`` as a new version of 'reg' (@challenger) with ``val_accuracy``."""
+    from lepton_ray import registry
+
+    c = store["client"]
+    run_id = c.create_run(store["experiment"]).info.run_id
+    candidate = registry.Candidate(
+        metrics={"val_accuracy": accuracy},
+        metric_name="val_accuracy",
+        metric_mode="max",
+        eval_split=split,
+        peft_method="none",
+        **extra,
+    )
+    lineage = {
+        "lepton.config_hash": "c0ffee",
+        "lepton.data_fingerprint": "fp",
+        "lepton.git_sha": "x",
+    }
+    version = registry.register(
+        store["uri"], "reg", run_id, artifact, lineage, candidate, log=lambda _: None
+    )
+    return str(version.version)
+
+
 def smoke_config(tmp: Path, data_path: Path, **sections) -> dict:
     """A tiny, fast experiment: 2-layer random BERT with MiniLM's tokenizer, LoRA, 2 workers."""
     cfg = {
@@ -104,6 +169,11 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
+        from lepton_ray.runtime import set_serve_ingress
+
+        # Serve's ingress as users get it by default (HAProxy where it is installed), with
+        # HAProxy's files and ports private to this session.
+        set_serve_ingress("auto")
         # address="local": a new instance of our own even when another cluster runs here.
         # The dashboard backs Ray's State API, which Ray Train's placement-group cleaner
         # needs to notice a finished Tune trial; without it placement groups leak.

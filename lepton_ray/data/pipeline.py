@@ -247,7 +247,7 @@ def input_fingerprints(cfg: ExperimentConfig) -> dict[str, str]:
 
     prints = {"all": fingerprint(cfg.data)}
     for split, path in cfg.data.split.files.items():
-        prints[split] = fingerprint(_split_file_config(cfg, path))
+        prints[split] = fingerprint(source_config(cfg, path))
     return prints
 
 
@@ -276,8 +276,9 @@ def _cached_manifest(cfg: ExperimentConfig, fingerprint: str) -> dict[str, Any] 
 
 
 # ------------------------------------------------------------------------------------ reading
-def _split_file_config(cfg: ExperimentConfig, path):
-    """The data config of one split file: same columns and format, no split of its own."""
+def source_config(cfg: ExperimentConfig, path):
+    """The data config of other files (a split file, data to predict): same columns and
+    format, no split or row limit of its own. ``path``: absolute, or a URI."""
     return cfg.data.model_copy(
         update={
             "path": path,
@@ -292,7 +293,7 @@ def _read_sources(cfg: ExperimentConfig) -> list[tuple[str | None, Source]]:
     """(preset split or None, source) for data.path/hf and every data.split.files entry."""
     sources = [(None, read_source(cfg.data))]
     for split, path in cfg.data.split.files.items():
-        sources.append((split, read_source(_split_file_config(cfg, path))))
+        sources.append((split, read_source(source_config(cfg, path))))
     return sources
 
 

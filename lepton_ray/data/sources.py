@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,9 @@ class Source:
         n_rows: Rows the dataset yields before ``data.max_rows``; rows in the files =
             ``n_rows + n_bad``.
         fingerprint: Same as ``fingerprint(cfg)``, computed during the scan.
+        files: The files ``read_files`` read, as ``source_files`` lists them.
+        columns: The columns ``read_files`` read (the required ones and the optional ones
+            every file has).
     """
 
     ds: ray.data.Dataset
@@ -51,6 +55,8 @@ class Source:
     n_bad: int = 0
     n_rows: int = 0
     fingerprint: str = ""
+    files: list[str] = field(default_factory=list)
+    columns: list[str] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------ locating files
@@ -488,7 +494,7 @@ def read_source(cfg: DataConfig) -> Source:
     Raises:
         DataError: one line naming the file (and line) at fault, or the missing column.
     """
-    source = _read_hf(cfg) if cfg.hf is not None else _read_files(cfg)
+    source = _read_hf(cfg) if cfg.hf is not None else read_files(cfg)
     source.ds = source.ds.map_batches(
         to_text_label,
         num_cpus=TASK_CPUS,
@@ -506,7 +512,23 @@ def read_source(cfg: DataConfig) -> Source:
     return source
 
 
-def _read_files(cfg: DataConfig) -> Source:
+def read_files(
+    cfg: DataConfig,
+    required: list[tuple[str, list[str]]] | None = None,
+    optional: Sequence[str] = (),
+    include_paths: bool = False,
+) -> Source:
+    """Scan data.path's files, then read them lazily with Ray Data, as they are.
+
+    Args:
+        required: (the key that names them, columns) that every file must have; default:
+            data.text_column, data.label_column and data.split.column.
+        optional: more columns, read when every file has them.
+        include_paths: add Ray's ``path`` column, the file each row comes from.
+
+    Raises:
+        DataError: one line naming the file (and line) at fault, or the missing column.
+    """
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import ray.data
@@ -516,9 +538,11 @@ def _read_files(cfg: DataConfig) -> Source:
     if not cfg.header and fmt not in ("csv", "tsv"):
         raise DataError(f"data.header and data.column_names apply to CSV and TSV, not {fmt}")
     scans = _scan_all(cfg, files, fmt)
-    needed = list(dict.fromkeys([*cfg.text_columns, cfg.label_column, *_split_column(cfg)]))
+    required = _required_columns(cfg) if required is None else required
     for scan in scans:
-        _check_columns(cfg, scan.columns, scan.file)
+        _check_columns(required, scan.columns, scan.file)
+    found = [c for c in optional if all(c in scan.columns for scan in scans)]
+    needed = list(dict.fromkeys([c for _, names in required for c in names] + found))
     n_rows, n_bad = sum(s.rows for s in scans), sum(s.n_bad for s in scans)
     if not n_rows and not n_bad:
         raise DataError(f"data.path {cfg.path}: the files hold no rows")
@@ -535,12 +559,16 @@ def _read_files(cfg: DataConfig) -> Source:
                 strings_can_be_null=True,
             ),
             file_extensions=None,
+            include_paths=include_paths,
             ray_remote_args={"num_cpus": TASK_CPUS},
         )
     elif fmt == "jsonl" and n_bad:
         # pyarrow's JSON reader cannot skip a line: parse lines ourselves, as the scan did.
         ds = ray.data.read_binary_files(
-            paths, file_extensions=None, ray_remote_args={"num_cpus": TASK_CPUS}
+            paths,
+            file_extensions=None,
+            include_paths=include_paths,
+            ray_remote_args={"num_cpus": TASK_CPUS},
         ).map_batches(
             parse_jsonl_files,
             batch_size=1,
@@ -550,40 +578,58 @@ def _read_files(cfg: DataConfig) -> Source:
         )
     elif fmt == "jsonl":
         ds = ray.data.read_json(
-            paths, lines=True, file_extensions=None, ray_remote_args={"num_cpus": TASK_CPUS}
+            paths,
+            lines=True,
+            file_extensions=None,
+            include_paths=include_paths,
+            ray_remote_args={"num_cpus": TASK_CPUS},
         )
     else:
         ds = ray.data.read_parquet(
             paths,
             columns=needed,
             file_extensions=None,
+            include_paths=include_paths,
             ray_remote_args={"num_cpus": TASK_CPUS},
         )
     bad_rows = [row for scan in scans for row in scan.bad_rows][:MAX_BAD_ROWS_KEPT]
     digest = _combine([(s.file, s.digest) for s in scans])
-    return Source(ds=ds, bad_rows=bad_rows, n_bad=n_bad, n_rows=n_rows, fingerprint=digest)
+    return Source(
+        ds=ds,
+        bad_rows=bad_rows,
+        n_bad=n_bad,
+        n_rows=n_rows,
+        fingerprint=digest,
+        files=files,
+        columns=needed,
+    )
 
 
 def _split_column(cfg: DataConfig) -> list[str]:
     return [cfg.split.column] if cfg.split.column else []
 
 
-def _check_columns(cfg: DataConfig, columns: list[str], where: str) -> None:
-    for key, names in (
-        ("text_column", cfg.text_columns),
-        ("label_column", [cfg.label_column]),
-        ("split.column", _split_column(cfg)),
-    ):
+def _required_columns(cfg: DataConfig) -> list[tuple[str, list[str]]]:
+    return [
+        ("data.text_column", cfg.text_columns),
+        ("data.label_column", [cfg.label_column]),
+        ("data.split.column", _split_column(cfg)),
+    ]
+
+
+def _check_columns(required: list[tuple[str, list[str]]], columns: list[str], where: str) -> None:
+    for key, names in required:
         for column in names:
             if column not in columns:
                 raise DataError(
-                    f"data.{key} '{column}' is not a column of {where}; its columns are: "
+                    f"{key} '{column}' is not a column of {where}; its columns are: "
                     f"{', '.join(columns)}"
                 )
 
 
 def parse_jsonl_files(batch, columns: list[str]):
-    """Whole JSONL files -> one string column per wanted key, lines that are no object dropped.
+    """Whole JSONL files -> one string column per wanted key, lines that are no object dropped
+    (and each row's file in ``path``, when the batch has Ray's ``path`` column).
 
     The scan's split (on ``\\n`` only): ``read_text`` would also split inside a JSON string
     at U+2028 or U+0085, which JSON allows unescaped.
@@ -591,7 +637,10 @@ def parse_jsonl_files(batch, columns: list[str]):
     import pyarrow as pa
 
     values: dict[str, list] = {c: [] for c in columns}
-    for data in batch.column("bytes").to_pylist():
+    has_paths = "path" in batch.column_names
+    paths = batch.column("path").to_pylist() if has_paths else [None] * batch.num_rows
+    row_paths: list[str] = []
+    for data, path in zip(batch.column("bytes").to_pylist(), paths):
         for line in data.removeprefix(_BOM).decode("utf-8").split("\n"):
             if not line.strip():
                 continue
@@ -600,6 +649,9 @@ def parse_jsonl_files(batch, columns: list[str]):
                 continue
             for column in columns:
                 values[column].append(_json_to_str(row.get(column)))
+            row_paths.append(path)
+    if has_paths:
+        values["path"] = row_paths
     return pa.table({c: pa.array(v, pa.string()) for c, v in values.items()})
 
 
@@ -617,14 +669,19 @@ def _json_to_str(value: Any) -> str | None:
 
 
 def to_text_label(
-    batch, text_columns: list[str], label_column: str, sep: str, split_column: str | None = None
+    batch,
+    text_columns: list[str],
+    label_column: str | None,
+    sep: str,
+    split_column: str | None = None,
 ):
-    """Any batch -> ``text`` (the text columns joined, blanks skipped) and ``label`` strings,
-    plus ``split`` (the split column's values, as written) when ``split_column`` is given."""
+    """Any batch -> ``text`` (the text columns joined, blanks skipped) and ``label`` strings
+    (none when ``label_column`` is None), plus ``split`` (the split column's values, as
+    written) when ``split_column`` is given."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    texts = [_as_strings(batch, c) for c in text_columns]
+    texts = [as_strings(batch, c) for c in text_columns]
     if len(texts) == 1:
         text = texts[0]
     else:
@@ -635,13 +692,16 @@ def to_text_label(
         text = parts[0]
         for part in parts[1:]:
             text = pc.coalesce(pc.binary_join_element_wise(text, part, sep), text, part)
-    columns = {"text": text, "label": _as_strings(batch, label_column)}
+    columns = {"text": text}
+    if label_column:
+        columns["label"] = as_strings(batch, label_column)
     if split_column:
-        columns["split"] = _as_strings(batch, split_column)
+        columns["split"] = as_strings(batch, split_column)
     return pa.table(columns)
 
 
-def _as_strings(batch, column: str):
+def as_strings(batch, column: str):
+    """A column of a pyarrow batch as strings (all null where the batch lacks it)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -706,7 +766,7 @@ def _hf_fingerprint(cfg: DataConfig, loaded) -> str:
 
 def _read_hf(cfg: DataConfig) -> Source:
     loaded = _load_hf(cfg)
-    _check_columns(cfg, list(loaded.column_names), cfg.source_name)
+    _check_columns(_required_columns(cfg), list(loaded.column_names), cfg.source_name)
     if len(loaded) == 0:
         raise DataError(f"data.hf {cfg.source_name}: the split holds no rows")
     return Source(

@@ -24,9 +24,7 @@ Load is bounded in three places, so that the endpoint sheds instead of collapsin
   (503 with ``Retry-After`` beyond; ``BackpressureConfig``), and the proxy ends any request
   after ``request_timeout_s`` (408).
 
-The forward pass runs in a worker thread, so the event loop keeps reading requests, filling
-the next batch and answering ``/healthz`` while the model computes. ``/metrics`` is the
-replica's own Prometheus text (requests by route and status, latency and batch-size
+``/metrics`` is the replica's own Prometheus text (requests by route and status, latency and batch-size
 histograms, shed requests, queued texts).
 """
 
@@ -63,6 +61,7 @@ class ServeArgs(BaseModel):
     max_batch_size: int = 32
     max_concurrent_batches: int = 1
     batch_wait_timeout_s: float = 0.002
+    adaptive_batch_wait: bool = True
     max_queued_texts: int = 128
     retry_after_s: int = 1
     body_timeout_s: float = 5.0
@@ -180,6 +179,12 @@ class _Metrics:
             registry=self.registry,
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
         )
+        self.forward = Histogram(
+            "lepton_serve_batch_seconds",
+            "Seconds per batch in the model (cleaning, tokenizing, forward pass).",
+            registry=self.registry,
+            buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
+        )
         self.texts = Counter("lepton_serve_texts", "Texts classified.", registry=self.registry)
         self.shed = Counter(
             "lepton_serve_shed_requests",
@@ -241,7 +246,7 @@ class _Guard:
             await send(message)
 
         try:
-            refusal = self._refusal(scope, settings)
+            refusal = self._refusal(scope, route, settings)
             if refusal is None and scope["method"] in ("POST", "PUT", "PATCH"):
                 body, refusal = await _read_body(receive, settings)
                 if refusal is None:
@@ -254,8 +259,8 @@ class _Guard:
             metrics.requests.labels(route, str(status["code"])).inc()
             metrics.latency.labels(route).observe(time.perf_counter() - started)
 
-    def _refusal(self, scope, settings: ServeArgs) -> tuple[int, str, dict] | None:
-        if settings.api_key_sha256 is None or scope["path"].rstrip("/") in self.OPEN:
+    def _refusal(self, scope, route: str, settings: ServeArgs) -> tuple[int, str, dict] | None:
+        if settings.api_key_sha256 is None or route in self.OPEN:
             return None
         header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
         scheme, _, key = header.partition(" ")
@@ -284,11 +289,13 @@ _ROUTES = {
 
 
 def _route_label(scope) -> str:
-    """The route for the metrics' labels; anything else is 'other' (bounded cardinality)."""
+    """The route below the app's prefix (the path holds it, root_path names it), as the
+    metrics label it; anything else is 'other' (bounded label cardinality)."""
     path = scope["path"]
-    root = scope.get("root_path") or ""
+    root = (scope.get("root_path") or "").rstrip("/")
     if root and path.startswith(root):
         path = path[len(root) :] or "/"
+    path = path.rstrip("/") or "/"
     return path if path in _ROUTES else "other"
 
 
@@ -521,6 +528,10 @@ class TextClassifier:
                 headers={"Retry-After": str(self.args.retry_after_s)},
             )
         self.queued += len(texts)
+        if self.args.adaptive_batch_wait:
+            # Alone in the replica: nothing can join this batch, so waiting only adds latency.
+            alone = self.queued == len(texts)
+            self._batch.set_batch_wait_timeout_s(0.0 if alone else self.args.batch_wait_timeout_s)
         try:
             return await self._answer(texts)
         finally:
@@ -547,8 +558,12 @@ class TextClassifier:
         loaded = self._current()  # the whole batch runs on this one model
         self.metrics.batch.observe(len(texts))
         self.metrics.texts.inc(len(texts))
-        # Off the event loop: requests keep arriving (and /healthz answers) meanwhile.
-        answers = await asyncio.to_thread(_classify_isolated, loaded, texts)
+        started = time.perf_counter()
+        # On the event loop, on purpose: in a worker thread the forward pass and the loop
+        # fight over the GIL, and 32 clients got half the throughput (benchmarks/RESULTS.md).
+        # The loop waits one batch at most, so /healthz still answers within a batch's time.
+        answers = _classify_isolated(loaded, texts)
+        self.metrics.forward.observe(time.perf_counter() - started)
         return [(r, loaded.choice) for r in answers]
 
 
@@ -558,6 +573,7 @@ def build_app(
     num_cpus: float = 1.0,
     max_ongoing_requests: int | None = None,
     max_queued_requests: int | None = None,
+    access_log: bool = False,
 ):
     """The Serve application for ``args`` (typed app builder).
 
@@ -577,6 +593,7 @@ def build_app(
         max_ongoing_requests=ongoing,
         max_queued_requests=max_queued_requests or ongoing,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=args.retry_after_s),
+        logging_config={"enable_access_log": access_log},
     ).bind(args.model_dump(exclude=set(MODEL_FIELDS)))
 
 

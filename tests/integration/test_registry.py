@@ -11,72 +11,19 @@ import sys
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from lepton_ray import registry
 from lepton_ray.cli import app
 from lepton_ray.errors import StageError
-from tests.conftest import TINY_BERT
+from tests.conftest import TINY_LABELS, mlflow_store, register_tiny
 
 runner = CliRunner()
-LABELS = ["negative", "positive"]
-SPLIT = "fingerprint-a:validation"
-
-
-@pytest.fixture(scope="module")
-def artifact(tmp_path_factory) -> Path:
-    """A real (tiny, random) full-weights model artifact with MiniLM's tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from lepton_ray.models import ModelMeta, resolve_model_path, save_model_artifact
-
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
-    config = BertConfig(vocab_size=tokenizer.vocab_size, num_labels=2, **TINY_BERT)
-    model = BertForSequenceClassification(config).eval()
-    folder = tmp_path_factory.mktemp("artifact") / "model"
-    meta = ModelMeta(
-        task="sequence_classification",
-        labels=LABELS,
-        base_model="./model",
-        max_length=16,
-        weights="full",
-        peft_method="none",
-    )
-    save_model_artifact(model, tokenizer, meta, folder)
-    return folder
 
 
 @pytest.fixture
 def store(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    client = MlflowClient(uri, registry_uri=uri)
-    exp = client.create_experiment("reg", artifact_location=(tmp_path / "artifacts").as_uri())
-    return {"uri": uri, "client": client, "experiment": exp}
-
-
-def _register(store, artifact, accuracy: float, split: str = SPLIT, **extra) -> str:
-    c = store["client"]
-    run_id = c.create_run(store["experiment"]).info.run_id
-    candidate = registry.Candidate(
-        metrics={"val_accuracy": accuracy},
-        metric_name="val_accuracy",
-        metric_mode="max",
-        eval_split=split,
-        peft_method="none",
-        **extra,
-    )
-    lineage = {
-        "lepton.config_hash": "c0ffee",
-        "lepton.data_fingerprint": "fp",
-        "lepton.git_sha": "x",
-    }
-    version = registry.register(
-        store["uri"], "reg", run_id, artifact, lineage, candidate, log=lambda _: None
-    )
-    return str(version.version)
+    return mlflow_store(tmp_path)
 
 
 def _champion(store) -> str | None:
@@ -84,9 +31,9 @@ def _champion(store) -> str | None:
     return str(found.version) if found else None
 
 
-def test_gate_promote_and_rollback(store, artifact):
+def test_gate_promote_and_rollback(store, tiny_artifact):
     uri, quiet = store["uri"], (lambda _: None)
-    v1 = _register(store, artifact, 0.80)
+    v1 = register_tiny(store, tiny_artifact, 0.80)
     version = store["client"].get_model_version("reg", v1)
     assert version.tags["lepton.metric.val_accuracy"] == "0.8"
     assert version.tags["lepton.config_hash"] == "c0ffee"
@@ -97,7 +44,7 @@ def test_gate_promote_and_rollback(store, artifact):
     assert _champion(store) == v1
     assert "challenger" not in store["client"].get_registered_model("reg").aliases
 
-    v2 = _register(store, artifact, 0.78)
+    v2 = register_tiny(store, tiny_artifact, 0.78)
     refused = registry.promote(uri, "reg", v2, log=quiet)
     assert not refused.passed and "0.7800" in refused.reason and "0.8000" in refused.reason
     assert _champion(store) == v1  # unchanged
@@ -113,11 +60,11 @@ def test_gate_promote_and_rollback(store, artifact):
     assert _champion(store) == v1
 
 
-def test_gate_needs_one_split(store, artifact):
+def test_gate_needs_one_split(store, tiny_artifact):
     uri, quiet = store["uri"], (lambda _: None)
-    v1 = _register(store, artifact, 0.70)
+    v1 = register_tiny(store, tiny_artifact, 0.70)
     registry.promote(uri, "reg", v1, log=quiet)
-    v2 = _register(store, artifact, 0.99, split="fingerprint-b:validation")
+    v2 = register_tiny(store, tiny_artifact, 0.99, split="fingerprint-b:validation")
     result = registry.promote(uri, "reg", v2, log=quiet)
     assert not result.passed and "different splits" in result.reason
     assert _champion(store) == v1
@@ -131,20 +78,20 @@ def test_gate_needs_one_split(store, artifact):
     ).passed
 
 
-def test_a_compression_of_the_champion_is_gated_by_max_drop_not_by_tolerance(store, artifact):
+def test_a_compression_of_the_champion_is_gated_by_max_drop_not_by_tolerance(store, tiny_artifact):
     uri, quiet = store["uri"], (lambda _: None)
-    v1 = _register(store, artifact, 0.90)
+    v1 = register_tiny(store, tiny_artifact, 0.90)
     registry.promote(uri, "reg", v1, log=quiet)
-    v2 = _register(store, artifact, 0.895, quantization="dynamic_int8", source_version=v1)
+    v2 = register_tiny(store, tiny_artifact, 0.895, quantization="dynamic_int8", source_version=v1)
     result = registry.promote(uri, "reg", v2, log=quiet)
     assert result.passed and "compression of champion" in result.reason
     assert store["client"].get_model_version("reg", v2).tags["lepton.source_version"] == v1
 
 
-def test_legacy_serving_alias_is_folded_into_champion(store, artifact):
+def test_legacy_serving_alias_is_folded_into_champion(store, tiny_artifact):
     uri, c = store["uri"], store["client"]
-    v1 = _register(store, artifact, 0.9)
-    v2 = _register(store, artifact, 0.89, quantization="dynamic_int8", source_version=v1)
+    v1 = register_tiny(store, tiny_artifact, 0.9)
+    v2 = register_tiny(store, tiny_artifact, 0.89, quantization="dynamic_int8", source_version=v1)
     c.set_registered_model_alias("reg", "champion", v1)  # the old layout
     c.set_registered_model_alias("reg", "serving", v2)
     assert str(registry.resolve(uri, "reg").version) == v2  # NAME means NAME@champion
@@ -154,10 +101,10 @@ def test_legacy_serving_alias_is_folded_into_champion(store, artifact):
     assert registry.rollback(uri, "reg", log=lambda _: None) == v1
 
 
-def test_models_cli(store, artifact):
+def test_models_cli(store, tiny_artifact):
     uri = store["uri"]
-    v1 = _register(store, artifact, 0.8)
-    v2 = _register(store, artifact, 0.7)
+    v1 = register_tiny(store, tiny_artifact, 0.8)
+    v2 = register_tiny(store, tiny_artifact, 0.7)
     base = ["--tracking-uri", uri]
 
     result = runner.invoke(app, ["models", "promote", f"reg/{v1}", *base])
@@ -190,13 +137,13 @@ def test_models_cli(store, artifact):
     assert _champion(store) == v1 and v2
 
 
-def test_a_version_is_a_standard_mlflow_model(store, artifact, tmp_path, monkeypatch):
+def test_a_version_is_a_standard_mlflow_model(store, tiny_artifact, tmp_path, monkeypatch):
     """MLflow's own API and CLI load the champion and classify raw texts."""
     import mlflow.pyfunc
     import mlflow.tracking._model_registry.utils as registry_utils
     import mlflow.tracking._tracking_service.utils as tracking_utils
 
-    v1 = _register(store, artifact, 0.8)
+    v1 = register_tiny(store, tiny_artifact, 0.8)
     registry.promote(store["uri"], "reg", v1, log=lambda _: None)
     # As a reader would point MLflow at the store; undone after the test (MLflow keeps the
     # URIs in module globals, which every later MlflowClient without URIs would inherit).
@@ -207,7 +154,7 @@ def test_a_version_is_a_standard_mlflow_model(store, artifact, tmp_path, monkeyp
     model = mlflow.pyfunc.load_model("models:/reg@champion")
     out = model.predict(["a fine lamp", "x " * 40])
     assert list(out.columns) == ["label", "truncated", "prob_negative", "prob_positive"]
-    assert set(out["label"]) <= set(LABELS)
+    assert set(out["label"]) <= set(TINY_LABELS)
     assert out["truncated"].tolist() == [False, True]  # max_length 16
     assert (out[["prob_negative", "prob_positive"]].sum(axis=1).round(4) == 1.0).all()
 
@@ -241,4 +188,4 @@ def test_a_version_is_a_standard_mlflow_model(store, artifact, tmp_path, monkeyp
     )
     assert done.returncode == 0, done.stderr[-2000:]
     predictions = json.loads(dst.read_text())["predictions"]
-    assert predictions[0]["label"] in LABELS
+    assert predictions[0]["label"] in TINY_LABELS

@@ -169,3 +169,37 @@ def test_negative_compress_max_drop_and_registry_tolerance_are_refused(monkeypat
         load_experiment(QUICKSTART, ["registry.tolerance=-0.01"])
     with pytest.raises(ConfigError, match=r"registry.promotion: "):
         load_experiment(QUICKSTART, ["registry.promotion=sometimes"])
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "example.com"])
+def test_an_exposed_endpoint_needs_an_api_key(monkeypatch, host):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ConfigError, match="no API key: set serve.api_key_env"):
+        load_experiment(ROOT / "experiments/quickstart.yaml", [f"serve.host={host}"])
+    cfg = load_experiment(
+        ROOT / "experiments/quickstart.yaml",
+        [f"serve.host={host}", "serve.api_key_env=LEPTON_API_KEY"],
+    )
+    assert cfg.serve.host == host
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "127.0.0.2"])
+def test_loopback_needs_no_key(monkeypatch, host):
+    monkeypatch.chdir(ROOT)
+    cfg = load_experiment(ROOT / "experiments/quickstart.yaml", [f"serve.host={host}"])
+    assert cfg.serve.api_key_env is None
+
+
+def test_serve_limits_derive_from_the_batch(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cfg = load_experiment(ROOT / "experiments/quickstart.yaml", ["serve.max_batch_size=16"])
+    s = cfg.serve
+    assert s.queued_texts == 64 and s.ongoing_requests == 64 + 64 == s.queued_requests
+    # Ray's default of 5 would cap a batch below max_batch_size: never derived.
+    assert s.ongoing_requests >= s.max_batch_size * s.max_concurrent_batches
+    cfg = load_experiment(
+        ROOT / "experiments/quickstart.yaml",
+        ["serve.max_queued_texts=10", "serve.max_ongoing_requests=20"],
+    )
+    assert (cfg.serve.queued_texts, cfg.serve.ongoing_requests) == (10, 20)
+    assert cfg.serve.queued_requests == 20
