@@ -256,11 +256,16 @@ def test_unknown_route_is_json_too(pipeline):
 
 
 def test_predict_command_queries_the_endpoint(pipeline):
-    result = runner.invoke(app, ["predict", str(pipeline["config"]), *TEXTS[:2]])
+    result = runner.invoke(app, ["predict", str(pipeline["config"]), "--json", *TEXTS[:2]])
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
     assert [line["text"] for line in lines] == TEXTS[:2]
     assert all(line["label"] in {"negative", "positive"} for line in lines)
+    # Without --json: a table, one row per text, in order.
+    result = runner.invoke(app, ["predict", str(pipeline["config"]), *TEXTS[:2]])
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if "positive" in line or "negative" in line]
+    assert len(rows) >= 2 and TEXTS[0][:20] in result.output
 
 
 def test_pipeline_output_tells_user_how_to_query(pipeline):
