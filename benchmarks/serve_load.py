@@ -192,6 +192,10 @@ def main() -> None:
     )
     parser.add_argument("--skip-robustness", action="store_true")
     parser.add_argument("--ingress", default="haproxy,proxy", help="first: the full run")
+    parser.add_argument(
+        "--ab", help="only A/B at 32 clients: the defaults against this variant, alternating"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of --ab")
     parser.add_argument("--out", default=f"serve_load-{time.strftime('%Y-%m-%d')}")
     parser.add_argument("--bare-server", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -250,6 +254,19 @@ def main() -> None:
         )
         return r
 
+    if args.ab:
+        url, cfg, port = start_endpoint(args, out, args.ingress.split(",")[0])
+        variant = endpoint_config(args, out, port, **knobs[args.ab])
+        results["ab"] = {"variant": args.ab, "settings": knobs[args.ab], "rounds": []}
+        try:
+            for _ in range(args.rounds):
+                for name, c in (("defaults", cfg), (args.ab, variant)):
+                    deploy(c, args.model_uri, log=lambda m: None)
+                    results["ab"]["rounds"].append(measure(name, f"{url}/v1/predict", 32))
+        finally:
+            stop_endpoint()
+        print(f"[bench] wrote {write(args.out + '-ab-' + args.ab, results)}")
+        return
     bare, bare_url = start_bare(folder, args.threads)
     try:
         results["offline"] = offline(folder, texts, args.threads)
