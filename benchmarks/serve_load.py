@@ -178,6 +178,48 @@ def kill_under_load(url: str, texts: list[str], clients: int, seconds: float, ki
     }
 
 
+def swap_under_load(url: str, texts: list[str], cfg, target: str, clients: int = 8) -> dict:
+    """Deploy ``target`` (same application: an in-place swap) while ``clients`` send texts."""
+    from lepton_ray.serve.client import deploy
+    from lepton_ray.serve.load import run_load
+
+    window: dict[str, float] = {}
+
+    def swap() -> None:
+        time.sleep(4)
+        window["start"] = time.perf_counter()
+        deploy(cfg, target, log=lambda m: None)  # returns once /healthz reports the version
+        window["end"] = time.perf_counter()
+
+    thread = threading.Thread(target=swap, daemon=True)
+    start = time.perf_counter()
+    thread.start()
+    result = run_load(f"{url}/v1/predict", texts, clients, 30, timeout_s=60, record_models=True)
+    thread.join()
+    lo, hi = window["start"] - start, window["end"] - start
+    during = [
+        ms
+        for (t, s), ms in zip(
+            [e for e in result.timeline if e[1] == 200], result.latencies_ms, strict=True
+        )
+        if lo <= t <= hi + 1
+    ]
+    out = result.summary()
+    out.update(
+        {
+            "target": target,
+            "swap_s": round(hi - lo, 2),
+            "failed": result.requests - result.ok,
+            "answered_by": dict(result.models),
+            "p99_ms_during_swap": round(sorted(during)[int(0.99 * (len(during) - 1))], 1)
+            if during
+            else None,
+        }
+    )
+    print(f"[bench] swap to {target} under {clients} clients: {out}", flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tracking-uri", default="sqlite:////tmp/bench-sst2/mlflow.db")
@@ -196,6 +238,9 @@ def main() -> None:
         "--ab", help="only A/B at 32 clients: the defaults against this variant, alternating"
     )
     parser.add_argument("--rounds", type=int, default=3, help="rounds of --ab")
+    parser.add_argument(
+        "--swap-to", help="only: swap the endpoint to this version (and back) under 8 clients"
+    )
     parser.add_argument("--out", default=f"serve_load-{time.strftime('%Y-%m-%d')}")
     parser.add_argument("--bare-server", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -254,6 +299,17 @@ def main() -> None:
         )
         return r
 
+    if args.swap_to:
+        url, cfg, _ = start_endpoint(args, out, args.ingress.split(",")[0])
+        try:
+            results["swap"] = [
+                swap_under_load(url, texts, cfg, target)
+                for target in (args.swap_to, args.model_uri)
+            ]
+        finally:
+            stop_endpoint()
+        print(f"[bench] wrote {write(args.out + '-swap', results)}")
+        return
     if args.ab:
         url, cfg, port = start_endpoint(args, out, args.ingress.split(",")[0])
         variant = endpoint_config(args, out, port, **knobs[args.ab])

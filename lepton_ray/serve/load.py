@@ -27,6 +27,7 @@ class LoadResult:
     retry_after: int = 0  # 503 answers that carried Retry-After
     texts: int = 0  # texts answered with 200
     timeline: list[tuple[float, int | str]] = field(default_factory=list)  # (s from start, status)
+    models: Counter = field(default_factory=Counter)  # answering model, with record_models
 
     @property
     def requests(self) -> int:
@@ -74,14 +75,27 @@ def run_load(
     max_requests: int | None = None,
     timeout_s: float = 30.0,
     headers: dict[str, str] | None = None,
+    record_models: bool = False,
 ) -> LoadResult:
     """POST ``{"texts": [...]}`` to ``url`` from ``clients`` concurrent connections."""
     return asyncio.run(
-        _load(url, texts, clients, duration_s, texts_per_request, max_requests, timeout_s, headers)
+        _load(
+            url,
+            texts,
+            clients,
+            duration_s,
+            texts_per_request,
+            max_requests,
+            timeout_s,
+            headers,
+            record_models,
+        )
     )
 
 
-async def _load(url, texts, clients, duration_s, per_request, max_requests, timeout_s, headers):
+async def _load(
+    url, texts, clients, duration_s, per_request, max_requests, timeout_s, headers, models
+):
     import aiohttp
 
     result = LoadResult(clients=clients, seconds=0.0)
@@ -98,8 +112,10 @@ async def _load(url, texts, clients, duration_s, per_request, max_requests, time
             sent = time.perf_counter()
             try:
                 async with session.post(url, json={"texts": batch}, headers=headers) as resp:
-                    await resp.read()
+                    raw = await resp.read()
                     status = resp.status
+                    if models and status == 200:
+                        result.models[json.loads(raw).get("model")] += 1
                     if status == 503 and "Retry-After" in resp.headers:
                         result.retry_after += 1
             except (aiohttp.ClientError, asyncio.TimeoutError) as err:
