@@ -444,8 +444,12 @@ def cluster_up(
     num_cpus: Annotated[int | None, typer.Option(help="Default: every core.")] = None,
     auth: Annotated[str, typer.Option(help="RAY_AUTH_MODE: disabled or token.")] = "disabled",
     serve_ingress: Annotated[
-        str, typer.Option(help="Ray Serve's HTTP ingress: auto, haproxy or proxy.")
-    ] = "auto",
+        str,
+        typer.Option(
+            help="Ray Serve's HTTP ingress: proxy, haproxy (faster; model swaps answer 404 "
+            "for seconds) or auto."
+        ),
+    ] = "proxy",
     verbose: VerboseOpt = False,
 ) -> None:
     """`ray start --head` on 127.0.0.1 (dashboard on 127.0.0.1:8265)."""

@@ -823,11 +823,12 @@ class ClusterSection(Section):
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of an in-process cluster.")
     serve_ingress: Literal["auto", "haproxy", "proxy"] = Field(
-        "auto",
-        description="HTTP ingress of clusters lepton-ray starts: 'haproxy' (Ray Serve's HAProxy "
-        "ingress, requests go straight to the replicas; several times less overhead per "
-        "request), 'proxy' (Ray Serve's Python proxy), 'auto' (haproxy where its binary is "
-        "installed). A cluster started elsewhere keeps the ingress it was started with.",
+        "proxy",
+        description="HTTP ingress of clusters lepton-ray starts: 'proxy' (Ray Serve's Python "
+        "proxy), 'haproxy' (Ray Serve's HAProxy ingress: about 1.9x the requests/s at 32 "
+        "clients, but in Ray 2.60 a redeploy, which is how a model swap reaches the replicas, "
+        "makes it answer 404 for seconds), 'auto' (haproxy where its binary is installed). A "
+        "cluster started elsewhere keeps the ingress it was started with.",
     )
     storage_path: Path = Field(Path("outputs/ray_results"), description="Ray Train/Tune storage.")
     wait_for_resources: bool = Field(

@@ -230,7 +230,7 @@ def cluster_up(
     num_cpus: int | None,
     auth: str,
     dashboard: bool = True,
-    serve_ingress: str = "auto",
+    serve_ingress: str = "proxy",
     log=print,
 ) -> str:
     """``ray start --head`` bound to 127.0.0.1; returns the cluster address."""

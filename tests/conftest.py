@@ -169,11 +169,12 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
+        from lepton_ray.config import ClusterSection
         from lepton_ray.runtime import set_serve_ingress
 
-        # Serve's ingress as users get it by default (HAProxy where it is installed), with
-        # HAProxy's files and ports private to this session.
-        set_serve_ingress("auto")
+        # Serve's ingress as users get it by default (Ray's proxy; with haproxy, its files
+        # and ports would be private to this session).
+        set_serve_ingress(ClusterSection().serve_ingress)
         # address="local": a new instance of our own even when another cluster runs here.
         # The dashboard backs Ray's State API, which Ray Train's placement-group cleaner
         # needs to notice a finished Tune trial; without it placement groups leak.

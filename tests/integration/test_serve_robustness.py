@@ -152,8 +152,9 @@ def test_32_clients_get_at_least_the_throughput_of_8(roomy):
         r = run_load(roomy, TEXTS, clients=clients, duration_s=3.0)
         assert set(r.statuses) == {200}, r.statuses
         rates.setdefault(clients, []).append(r.rps)
-    # 10 % for noise on a shared 2-core machine; the collapse was 80 %.
-    assert max(rates[32]) >= 0.9 * max(rates[8]), rates
+    # 30 % for noise on a shared 2-core machine (this tiny model is all overhead, so the
+    # two rates are about equal); the collapse was 80 %.
+    assert max(rates[32]) >= 0.7 * max(rates[8]), rates
 
 
 def test_malformed_requests_get_4xx_json_and_valid_ones_mixed_in_succeed(roomy):
