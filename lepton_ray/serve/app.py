@@ -12,7 +12,8 @@ arguments: a promotion redeploys with a new ``user_config`` only, which Ray Serv
 place (``reconfigure``) instead of replacing the replica. The new version is loaded beside
 the old one, off the event loop, while the old one keeps answering; then one reference is
 switched. A batch runs on the model it started with, so every answer comes from exactly
-one whole model, and no request fails or waits for a gap during the swap.
+one whole model, and no request fails during the swap (requests that arrive while the
+new version loads can wait for it: the load competes for the GIL and the cores).
 
 Load is bounded in three places, so that the endpoint sheds instead of collapsing:
 
