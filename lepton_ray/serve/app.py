@@ -35,7 +35,6 @@ import hmac
 import json
 import os
 import random
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -186,7 +185,6 @@ class _Metrics:
             registry=self.registry,
             buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
         )
-        self.texts = Counter("lepton_serve_texts", "Texts classified.", registry=self.registry)
         self.shed = Counter(
             "lepton_serve_shed_requests",
             "Requests refused with 503 because max_queued_texts were already waiting.",
@@ -253,7 +251,7 @@ class _Guard:
                 if refusal is None:
                     receive = _replay(body, receive)
             if refusal is not None:
-                await _send_json(send_counted, *refusal)
+                await _error(*refusal)(scope, receive, send_counted)
             else:
                 await self.app(scope, receive, send_counted)
         finally:
@@ -338,14 +336,6 @@ def _replay(body: bytes, receive):
     return replayed
 
 
-async def _send_json(send, status: int, message: str, headers: dict) -> None:
-    body = json.dumps({"error": message}).encode()
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    raw += [(k.lower().encode(), str(v).encode()) for k, v in headers.items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})
-
-
 api.add_middleware(_Guard)
 
 
@@ -354,7 +344,6 @@ class _SampleLog:
 
     def __init__(self, path: str | None, rate: float) -> None:
         self.rate = rate if path else 0.0
-        self._lock = threading.Lock()
         self._file = None
         if self.rate > 0:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -382,8 +371,7 @@ class _SampleLog:
                 + "\n"
             )
         if lines:
-            with self._lock:
-                self._file.write("".join(lines))
+            self._file.write("".join(lines))
 
 
 def check_texts(texts: list[str], max_texts: int, max_chars: int) -> None:
@@ -558,7 +546,6 @@ class TextClassifier:
     async def _run_batch(self, texts: list[str]) -> list[tuple[Any, ModelChoice]]:
         loaded = self._current()  # the whole batch runs on this one model
         self.metrics.batch.observe(len(texts))
-        self.metrics.texts.inc(len(texts))
         started = time.perf_counter()
         # On the event loop, on purpose: in a worker thread the forward pass and the loop
         # fight over the GIL, and 32 clients got half the throughput (benchmarks/RESULTS.md).
@@ -585,14 +572,16 @@ def build_app(
     """
     from ray.serve.config import BackpressureConfig
 
+    from lepton_ray.config import serve_slots
+
     choice = ModelChoice.model_validate({k: getattr(args, k) for k in MODEL_FIELDS})
-    ongoing = max_ongoing_requests or args.max_queued_texts + 64
+    ongoing, queued = serve_slots(args.max_queued_texts, max_ongoing_requests, max_queued_requests)
     return TextClassifier.options(
         num_replicas=num_replicas,
         ray_actor_options={"num_cpus": num_cpus},
         user_config=choice.model_dump(),
         max_ongoing_requests=ongoing,
-        max_queued_requests=max_queued_requests or ongoing,
+        max_queued_requests=queued,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=args.retry_after_s),
         logging_config={"enable_access_log": access_log},
     ).bind(args.model_dump(exclude=set(MODEL_FIELDS)))
