@@ -108,7 +108,7 @@ def experiment(tmp: Path, data: dict, train: dict, peft: dict, scaling: dict | N
         "tune": {"enabled": False}, "compress": {"enabled": False}, "serve": {"enabled": False},
         "tracking": {"tracking_uri": f"sqlite:///{tmp}/mlflow.db",
                      "artifact_location": str(tmp / "artifacts")},
-        "cluster": {"storage_path": str(tmp / "ray_results")},
+        "cluster": {"storage_path": str(tmp / "storage")},
     }
     return validate_experiment(raw, source="benchmark")
 

@@ -84,7 +84,7 @@ def run_batch_predict(
     required = [("data.text_column", data.text_columns)]
     if id_column:
         required.append(("--id-column", [id_column]))
-    _connect(cfg, log)
+    _connect(cfg, log, storage=False)
     import ray.data
 
     context = ray.data.DataContext.get_current()

@@ -33,6 +33,12 @@ models_app = typer.Typer(
 )
 app.add_typer(models_app, name="models")
 
+jobs_app = typer.Typer(
+    no_args_is_help=True,
+    help="Ray jobs on a cluster (lepton-ray submit starts one): list, status, logs, stop.",
+)
+app.add_typer(jobs_app, name="jobs")
+
 ConfigArg = Annotated[
     Path, typer.Argument(help="Experiment YAML, e.g. experiments/quickstart.yaml.")
 ]
@@ -485,6 +491,157 @@ def cluster_status() -> None:
     _say(f"running at {address}" if address else "no local cluster is running")
     if not address:
         raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------------------------- jobs
+AddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--address",
+        help="The cluster's Ray Jobs API, i.e. its dashboard: http://HEAD:8265. Default: "
+        "$RAY_JOB_ADDRESS, else an http:// RAY_ADDRESS, else http://127.0.0.1:8265.",
+    ),
+]
+AuthOpt = Annotated[
+    str,
+    typer.Option(
+        "--auth",
+        help="token: send the cluster's token (RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH "
+        "names, or ~/.ray/auth_token), and fail if there is none; auto: send one if found; "
+        "disabled: send none.",
+    ),
+]
+JobIdArg = Annotated[str, typer.Argument(help="Submission id (lepton-ray jobs list).")]
+
+
+def _write_raw(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _job_result(job_id: str, status: str, jobs) -> None:
+    if status == "SUCCEEDED":
+        _say(f"[jobs] {job_id} SUCCEEDED")
+        return
+    from lepton_ray.jobs import JobFailed
+
+    # Ray appends the log's tail to the message: the log was shown already (or is a command away).
+    message = (jobs.info(job_id).message or "").strip().splitlines()[:1]
+    message = message[0] if message else ""
+    raise JobFailed(f"job {job_id} ended {status}{': ' + message if message else ''}")
+
+
+@app.command()
+@handle_errors
+def submit(
+    config: ConfigArg,
+    address: AddressOpt = None,
+    set_: SetOpt = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Stream the job's output until it ends.")
+    ] = False,
+    auth: AuthOpt = "auto",
+    runtime_env: Annotated[
+        Path | None,
+        typer.Option(help="Runtime env YAML. Default: <project>/cluster/runtime_env.yaml."),
+    ] = None,
+    project: Annotated[
+        Path | None,
+        typer.Option(help="The folder shipped as the job's working dir. Default: the current one."),
+    ] = None,
+) -> None:
+    """Run an experiment on a Ray cluster as a Ray job (`lepton-ray run CONFIG` there)."""
+    from lepton_ray.jobs import submit as send
+
+    jobs, job_id = send(config, address, set_, auth, project, runtime_env, log=_say)
+    if not follow:
+        _say(f"follow it with: lepton-ray jobs logs {job_id} --follow --address {jobs.address}")
+        return
+    _job_result(job_id, jobs.follow(job_id, _write_raw), jobs)
+
+
+@jobs_app.command("list")
+@handle_errors
+def jobs_list(
+    address: AddressOpt = None,
+    auth: AuthOpt = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per job.")] = False,
+) -> None:
+    """The cluster's jobs, newest first."""
+    from lepton_ray.jobs import Jobs, describe
+
+    rows = sorted(
+        (describe(j) for j in Jobs(address, auth).list()), key=lambda r: r["started"], reverse=True
+    )
+    if as_json:
+        for row in rows:
+            _write_raw(json.dumps(row) + "\n")
+        return
+    if not rows:
+        _say("no jobs on this cluster")
+        return
+    _say(f"{'ID':<44} {'STATUS':<10} {'EXPERIMENT':<20} {'STARTED':<19}  ENTRYPOINT")
+    for r in rows:
+        _say(
+            f"{r['id']:<44} {r['status']:<10} {r['experiment'][:20]:<20} {r['started']:<19}  "
+            f"{r['entrypoint']}"
+        )
+
+
+@jobs_app.command("status")
+@handle_errors
+def jobs_status(job_id: JobIdArg, address: AddressOpt = None, auth: AuthOpt = "auto") -> None:
+    """One job's status (exit 0 when SUCCEEDED, 1 when it failed or stopped, 3 while running)."""
+    from lepton_ray.jobs import Jobs, describe
+
+    row = describe(Jobs(address, auth).info(job_id))
+    _say(f"{row['id']}: {row['status']}" + (f" ({row['message']})" if row["message"] else ""))
+    _say(f"  entrypoint: {row['entrypoint']}")
+    if row["status"] in ("FAILED", "STOPPED"):
+        raise typer.Exit(1)
+    if row["status"] != "SUCCEEDED":
+        raise typer.Exit(3)
+
+
+@jobs_app.command("logs")
+@handle_errors
+def jobs_logs(
+    job_id: JobIdArg,
+    address: AddressOpt = None,
+    auth: AuthOpt = "auto",
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep streaming until the job ends.")
+    ] = False,
+) -> None:
+    """A job's output (the driver's stdout and stderr)."""
+    from lepton_ray.jobs import Jobs
+
+    jobs = Jobs(address, auth)
+    if follow:
+        _job_result(job_id, jobs.follow(job_id, _write_raw), jobs)
+    else:
+        _write_raw(jobs.logs(job_id))
+
+
+@jobs_app.command("stop")
+@handle_errors
+def jobs_stop(
+    job_id: JobIdArg,
+    address: AddressOpt = None,
+    auth: AuthOpt = "auto",
+    wait_s: Annotated[
+        float, typer.Option("--wait", help="Seconds to wait for it to end (0: do not wait).")
+    ] = 60.0,
+) -> None:
+    """Stop a running job (SIGTERM to its driver: its MLflow runs end KILLED)."""
+    from lepton_ray.jobs import TERMINAL, Jobs
+
+    jobs = Jobs(address, auth)
+    if not jobs.stop(job_id):
+        _say(f"{job_id} had already ended ({jobs.status(job_id)})")
+        return
+    status = jobs.wait(job_id, timeout_s=wait_s) if wait_s > 0 else jobs.status(job_id)
+    _say(f"{job_id}: {status}" + ("" if status in TERMINAL else " (stop requested)"))
 
 
 def _promoted(result: dict) -> str:

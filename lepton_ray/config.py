@@ -15,9 +15,26 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from lepton_ray.errors import ConfigError
+
+CHECK_FILES = "check_files"
+"""Validation context key. False where a config is re-validated away from the user's
+machine (Ray Train workers, Tune trials, ``lepton-ray submit``): the data files are read by
+the driver's Ray Data tasks, so another node need not hold them at the same path."""
+
+
+def checking_files(info: ValidationInfo) -> bool:
+    return (info.context or {}).get(CHECK_FILES, True)
 
 Task = Literal["sequence_classification"]
 """Tasks the platform trains. Token classification and causal LM slot in here later."""
@@ -89,14 +106,16 @@ class SplitConfig(Section):
 
     @field_validator("files")
     @classmethod
-    def _split_files_exist(cls, value: dict[str, Path | str]) -> dict[str, Path | str]:
+    def _split_files_exist(
+        cls, value: dict[str, Path | str], info: ValidationInfo
+    ) -> dict[str, Path | str]:
         out: dict[str, Path | str] = {}
         for split, path in value.items():
             if isinstance(path, str) and "://" in path:
                 out[split] = path
                 continue
             path = Path(path).expanduser().resolve()
-            if not path.exists():
+            if checking_files(info) and not path.exists():
                 raise ValueError(f"{split} file not found: {path}")
             out[split] = path
         return out
@@ -283,8 +302,8 @@ class DataConfig(Section):
 
     @field_validator("path")
     @classmethod
-    def _path_exists(cls, value: Path | str | None) -> Path | str | None:
-        if not isinstance(value, Path):
+    def _path_exists(cls, value: Path | str | None, info: ValidationInfo) -> Path | str | None:
+        if not isinstance(value, Path) or not checking_files(info):
             return value
         if any(char in str(value) for char in "*?["):
             import glob
@@ -842,17 +861,32 @@ class ClusterSection(Section):
         "makes it answer 404 for seconds), 'auto' (haproxy where its binary is installed). A "
         "cluster started elsewhere keeps the ingress it was started with.",
     )
-    storage_path: Path = Field(Path("outputs/ray_results"), description="Ray Train/Tune storage.")
+    storage_path: Path | None = Field(
+        None,
+        description="Shared storage root: the preprocessed shards (<storage_path>/<name>/data) "
+        "and Ray Train/Tune checkpoints (<storage_path>/ray_results) go here. On a multi-node "
+        "cluster it must be a folder every node mounts at the same path (NFS, EFS, Filestore, "
+        "a bucket mounted with gcsfuse or s3fs); this is checked on every node before a stage "
+        "starts. None: output_dir, which is enough on one machine.",
+    )
     wait_for_resources: bool = Field(
         False,
         description="Wait when the cluster lacks free CPUs/GPUs for the workers (autoscaling "
         "clusters); by default such a run stops at once and says what holds them.",
     )
 
-    @field_validator("storage_path")
+    @field_validator("storage_path", mode="before")
     @classmethod
-    def _absolute_storage(cls, value: Path) -> Path:
-        return value.resolve()
+    def _absolute_storage(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if "://" in str(value):
+            raise ValueError(
+                f"{value}: URIs are not supported as cluster.storage_path yet (the shards are "
+                "written with file APIs); mount the bucket on every node (gcsfuse, s3fs, "
+                "mountpoint-s3) and give the mount's path"
+            )
+        return Path(value).expanduser().resolve()
 
 
 # ------------------------------------------------------------------------------------ experiment
@@ -922,8 +956,18 @@ class ExperimentConfig(Section):
         return (self.output_dir / self.name).resolve()
 
     @property
+    def storage_root(self) -> Path:
+        """Where shards and checkpoints go: ``cluster.storage_path``, else ``output_dir``."""
+        return self.cluster.storage_path or self.output_dir
+
+    @property
     def data_dir(self) -> Path:
-        return self.run_dir / "data"
+        return self.storage_root / self.name / "data"
+
+    @property
+    def checkpoint_root(self) -> Path:
+        """Ray Train/Tune's ``storage_path``: one folder per run, its checkpoints inside."""
+        return self.storage_root / "ray_results"
 
     @property
     def experiment_name(self) -> str:
@@ -950,7 +994,7 @@ UNTUNABLE_REASON = (
 
 # ---------------------------------------------------------------------------------- loading
 def load_experiment(
-    path: str | os.PathLike, overrides: list[str] | None = None
+    path: str | os.PathLike, overrides: list[str] | None = None, check_files: bool = True
 ) -> ExperimentConfig:
     """Load, override and validate an experiment YAML.
 
@@ -979,13 +1023,17 @@ def load_experiment(
         key, value = parse_override(item)
         _check_dotted_key(ExperimentConfig, key, where=f"--set {key}")
         _set_dotted(raw, key, value)
-    return validate_experiment(raw, source=str(path))
+    return validate_experiment(raw, source=str(path), check_files=check_files)
 
 
-def validate_experiment(raw: dict[str, Any], source: str = "<config>") -> ExperimentConfig:
-    """Validate a raw mapping, turning pydantic's report into one line per problem."""
+def validate_experiment(
+    raw: dict[str, Any], source: str = "<config>", check_files: bool = True
+) -> ExperimentConfig:
+    """Validate a raw mapping, turning pydantic's report into one line per problem.
+
+    ``check_files=False``: do not require the data files to exist here (see CHECK_FILES)."""
     try:
-        return ExperimentConfig.model_validate(raw)
+        return ExperimentConfig.model_validate(raw, context={CHECK_FILES: check_files})
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source)) from None
 
@@ -1007,7 +1055,7 @@ def apply_overrides(cfg: ExperimentConfig, values: dict[str, Any]) -> Experiment
     raw = cfg.model_dump(mode="json")
     for key, value in values.items():
         _set_dotted(raw, key, value)
-    return validate_experiment(raw, source="<overrides>")
+    return validate_experiment(raw, source="<overrides>", check_files=False)
 
 
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:

@@ -14,10 +14,17 @@ from lepton_ray.config import ExperimentConfig
 from lepton_ray.errors import StageError
 
 
-def _connect(cfg: ExperimentConfig, log) -> str:
+def _connect(cfg: ExperimentConfig, log, storage: bool = True) -> str:
+    """Connect to Ray; ``storage``: the stage reads or writes shards and checkpoints, so on a
+    multi-node cluster every node must see the storage root (checked once, up front)."""
     from lepton_ray.runtime import init_ray
 
-    return init_ray(cfg.cluster, log=log)
+    mode = init_ray(cfg.cluster, log=log)
+    if storage:
+        from lepton_ray.storage import check_shared_storage
+
+        check_shared_storage(cfg, log=log)
+    return mode
 
 
 def _data(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -99,16 +106,14 @@ def settle(cfg: ExperimentConfig, version: str, log=print) -> bool:
 
 def validation_metric(cfg: ExperimentConfig, version) -> float | None:
     """``tune.metric`` of a registered version on this experiment's validation split."""
-    import pandas as pd
-
+    from lepton_ray.data.pipeline import read_split_frame
     from lepton_ray.evaluation import evaluate, frame_batches
     from lepton_ray.models import load_model_artifact
     from lepton_ray.tracking.mlflow import download_model
 
-    folder = cfg.data_dir / "validation"
-    if not folder.exists():
+    frame = read_split_frame(cfg, "validation")
+    if frame is None:
         return None
-    frame = pd.read_parquet(folder)
     with tempfile.TemporaryDirectory(prefix="lepton-gate-") as tmp:
         model_uri = f"models:/{version.name}/{version.version}"
         artifact = download_model(cfg.tracking.tracking_uri, model_uri, Path(tmp))
@@ -306,7 +311,7 @@ def run_serve_stage(
     key = api_key(cfg)  # fail here, clearly, if the variable it names is not set
     model_uri = model_uri or serving_model_uri(cfg)
     get_model_version(cfg.tracking.tracking_uri, model_uri)  # fail here, clearly, if it is missing
-    mode = _connect(cfg, log)
+    mode = _connect(cfg, log, storage=False)  # replicas load from the tracking server
     url, pinned = deploy(cfg, model_uri, log=log)
     answers = predict(url, cfg.serve.example_texts, key=key) if cfg.serve.example_texts else []
     return {"url": url, "model_uri": pinned, "answers": answers, "ray": mode}
@@ -315,7 +320,7 @@ def run_serve_stage(
 def run_serve_stop(cfg: ExperimentConfig, log=print) -> bool:
     from lepton_ray.serve.client import undeploy
 
-    _connect(cfg, log)
+    _connect(cfg, log, storage=False)
     return undeploy(cfg, log=log)
 
 

@@ -64,6 +64,7 @@ def retrain_config(
     raw["model"]["init_from"] = str(init_from)
     raw["model"]["random_init"] = False
     raw["output_dir"] = str(workdir)
+    raw["cluster"]["storage_path"] = str(workdir) if cfg.cluster.storage_path else None
     raw["tune"]["enabled"] = False  # one continued run with the experiment's values
     # The registry and MLflow experiment stay the experiment's own.
     raw["tracking"]["experiment_name"] = cfg.experiment_name
@@ -139,7 +140,8 @@ def run_retrain(
     spec = source_spec or f"{name}@{registry.CHAMPION}"
     source = _trainable_source(uri, spec, name)
     key = hashlib.sha256(f"{data}:{replay}:{source.version}".encode()).hexdigest()[:10]
-    workdir = cfg.run_dir / "retrain" / f"v{source.version}-{key}"
+    # Under the shared storage root: the replay rows and the new shards are read by workers.
+    workdir = cfg.storage_root / cfg.name / "retrain" / f"v{source.version}-{key}"
     init_from = download_model(uri, f"models:/{name}/{source.version}", workdir / "from")
     new_cfg = retrain_config(cfg, data, init_from, workdir)
     log(f"[retrain] continuing {name} v{source.version} ({spec}) on {data}")

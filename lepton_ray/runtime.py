@@ -158,7 +158,7 @@ def init_ray(cluster: ClusterSection, log=print) -> str:
         try:
             ray.init(
                 address=address,
-                runtime_env={"env_vars": worker_env(api_server)},
+                runtime_env={"env_vars": _not_in_job_env(worker_env(api_server))},
                 logging_level="WARNING",
                 log_to_driver=True,
             )
@@ -190,6 +190,24 @@ def init_ray(cluster: ClusterSection, log=print) -> str:
     )
     _MODE = "in-process"
     return _MODE
+
+
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+"""Set by Ray in the driver of a submitted job: the job's config, its runtime env included."""
+
+
+def _not_in_job_env(env_vars: dict[str, str]) -> dict[str, str]:
+    """In a Ray job's driver, leave out variables the job's runtime env sets already: Ray
+    refuses a ray.init runtime env that names one of them again (even with the same value)."""
+    import json
+
+    try:
+        job = json.loads(os.environ.get(JOB_CONFIG_ENV) or "{}")
+    except ValueError:
+        return env_vars
+    runtime_env = job.get("runtime_env") or {}
+    taken = set((runtime_env.get("env_vars") or {}) if isinstance(runtime_env, dict) else ())
+    return {k: v for k, v in env_vars.items() if k not in taken}
 
 
 def ray_temp_root() -> Path:

@@ -145,7 +145,7 @@ def smoke_config(tmp: Path, data_path: Path, **sections) -> dict:
             "artifact_location": str(tmp / "mlruns" / "artifacts"),
         },
         "serve": {"enabled": False},
-        "cluster": {"storage_path": str(tmp / "ray_results")},
+        "cluster": {"storage_path": str(tmp / "storage")},
     }
     for key, value in sections.items():
         cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value

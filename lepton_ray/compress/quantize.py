@@ -42,13 +42,9 @@ WEIGHT_KINDS = {
 
 
 def _split_frame(cfg: ExperimentConfig, split: str):
-    import pandas as pd
+    from lepton_ray.data.pipeline import read_split_frame
 
-    folder = cfg.data_dir / split
-    if not folder.exists():
-        return None
-    frame = pd.read_parquet(folder)
-    return frame if len(frame) else None
+    return read_split_frame(cfg, split)
 
 
 def _pad_id(tokenizer) -> int:

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lepton_ray.config import ExperimentConfig
+from lepton_ray.config import ExperimentConfig, validate_experiment
 from lepton_ray.train.batching import TokenRows
 
 
@@ -18,7 +18,8 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
 
     from lepton_ray.train.recipe import setup_recipe, train_recipe
 
-    cfg = ExperimentConfig.model_validate(loop_config["experiment"])
+    # Not re-checked here: the data files are the driver's (CHECK_FILES).
+    cfg = validate_experiment(loop_config["experiment"], "worker", check_files=False)
     manifest = loop_config["manifest"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -29,7 +30,10 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     rows = shard_rows(ray.train.get_dataset_shard("train"))
     validation = shard_rows(ray.train.get_dataset_shard("validation"))
     recipe = setup_recipe(cfg, manifest, len(rows), device, rank, world)
+    nodes = worker_nodes(world)
     tracker = _RankZeroTracker(cfg, loop_config.get("mlflow_run_id"), recipe) if rank == 0 else None
+    if tracker is not None:
+        tracker.on_placement(nodes)
 
     def report(metrics: dict[str, Any], folder: Path | None) -> None:
         scalar = {k: v for k, v in metrics.items() if k not in _NOT_REPORTED}
@@ -59,6 +63,23 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
             recipe, rows, validation, device, rank, world, report,
             Path(start) if start else None, on_log=on_log,
         )  # fmt: skip
+
+
+TAG_WORKER_NODES = "lepton.worker_nodes"
+"""The Ray node id of every worker, by rank (what ran where: lineage, and the multi-node test)."""
+
+
+def worker_nodes(world: int) -> list[str]:
+    """Each rank's Ray node id, gathered over the process group the trainer set up."""
+    import ray
+    import torch.distributed as dist
+
+    node = ray.get_runtime_context().get_node_id()
+    if world < 2 or not dist.is_initialized():
+        return [node]
+    gathered: list[str | None] = [None] * world
+    dist.all_gather_object(gathered, node)
+    return [str(n) for n in gathered]
 
 
 _NOT_REPORTED = ("confusion", "probs", "targets")
@@ -91,6 +112,17 @@ class _RankZeroTracker:
             from lepton_ray.tracking.mlflow import log_metrics
 
             log_metrics(self.uri, run_id, recipe.counts, step=0)
+
+    def on_placement(self, nodes: list[str]) -> None:
+        if self.run_id:
+            from lepton_ray.tracking.mlflow import set_tags
+
+            distinct = sorted(set(nodes))
+            set_tags(
+                self.uri,
+                self.run_id,
+                {TAG_WORKER_NODES: ",".join(nodes), "lepton.num_nodes": len(distinct)},
+            )
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
         if self.run_id:
@@ -137,6 +169,7 @@ class _RankZeroTracker:
 
 
 def ray_storage(cfg: ExperimentConfig) -> str:
-    path = Path(cfg.cluster.storage_path)
+    """Ray Train/Tune's storage_path (created here; every node must see it, see storage.py)."""
+    path = cfg.checkpoint_root
     os.makedirs(path, exist_ok=True)
     return str(path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from lepton_ray.config import ExperimentConfig, apply_overrides
+from lepton_ray.train.worker import ray_storage
 from lepton_ray.tune.space import build_param_space, config_point
 
 
@@ -29,7 +30,7 @@ def train_driver_fn(
     )
     from lepton_ray.train.driver import build_trainer, fit
 
-    cfg = apply_overrides(validate_experiment(base), params)
+    cfg = apply_overrides(validate_experiment(base, check_files=False), params)
     trial_id = ray.tune.get_context().get_trial_id()
     tags = lineage_tags(
         cfg, manifest.get("fingerprint"), **{TAG_STAGE: "trial", TAG_TRIAL_ID: trial_id}
@@ -103,7 +104,7 @@ def run_tune(
         ),
         run_config=tune.RunConfig(
             name=f"{cfg.name}-tune-{parent_run_id[:8]}",
-            storage_path=str(cfg.cluster.storage_path),
+            storage_path=ray_storage(cfg),
             verbose=1,
         ),
     )

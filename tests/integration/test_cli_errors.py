@@ -110,7 +110,7 @@ def _fails_cleanly(tmp_path, content: str, needle: str) -> None:
     assert result.exit_code == 2, result.output
     assert needle in result.output
     assert "Traceback" not in result.output
-    run_dir = tmp_path / "outputs" / "smoke"
+    run_dir = tmp_path / "storage" / "smoke"
     assert not (run_dir / "data").exists()
     assert not list(run_dir.glob(".data.tmp-*"))
     # The pipeline's MLflow run is only made after the data is good: no run to mislead.

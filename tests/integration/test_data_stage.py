@@ -235,7 +235,7 @@ def test_headerless_news_csv_from_the_cli_with_report(tmp_path):
     config = write_yaml(tmp_path / "news.yaml", raw)
     result = runner.invoke(app, ["preprocess", str(config)])
     assert result.exit_code == 0, result.output
-    out = tmp_path / "outputs" / "smoke" / "data"
+    out = tmp_path / "storage" / "smoke" / "data"
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["labels"] == ["1", "2", "3", "4"]
     assert manifest["rows_read"] == 240 and manifest["kept"] == 240

@@ -74,8 +74,8 @@ def test_two_node_output_matches_one_node(tmp_path):
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    out_one = tmp_path / "one" / "outputs" / "smoke" / "data"
-    out_two = tmp_path / "two" / "outputs" / "smoke" / "data"
+    out_one = tmp_path / "one" / "storage" / "smoke" / "data"
+    out_two = tmp_path / "two" / "storage" / "smoke" / "data"
     double = json.loads((out_two / "manifest.json").read_text())
     for key in (
         "rows_read",

@@ -137,7 +137,7 @@ def test_a_killed_worker_is_replaced_and_the_run_ends_as_if_nothing_happened(dat
     tmp, path = data
     ref_cfg, _, reference = ddp_run
     cfg, manifest = _prepared(_cfg(tmp, path, "killed", max_failures=2))
-    storage = Path(cfg.cluster.storage_path)
+    storage = cfg.checkpoint_root
     killed: list[int] = []
 
     def kill_after_first_checkpoint():
@@ -189,7 +189,7 @@ def test_a_killed_driver_resumes_on_the_same_command(data, ddp_run, tmp_path):
     raw = _cfg(tmp, path, "driver")
     config = write_yaml(tmp_path / "driver.yaml", raw)
     assert runner.invoke(app, ["preprocess", str(config)]).exit_code == 0
-    storage = Path(raw["cluster"]["storage_path"])
+    storage = validate_experiment(raw).checkpoint_root
     command = [str(Path(sys.executable).parent / "lepton-ray"), "train", str(config)]
     first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 300

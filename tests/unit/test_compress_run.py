@@ -89,6 +89,12 @@ def _config(tmp_path: Path, tokenizer, **compress):
     for split in ("train", "validation", "test"):
         (cfg.data_dir / split).mkdir(parents=True)
         frame.to_parquet(cfg.data_dir / split / "part-0.parquet")
+    manifest = {
+        "model": cfg.model.name,
+        "max_length": cfg.data.max_length,
+        "splits": dict.fromkeys(("train", "validation", "test"), len(frame)),
+    }
+    (cfg.data_dir / "manifest.json").write_text(json.dumps(manifest))
     return cfg
 
 

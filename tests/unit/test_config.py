@@ -37,7 +37,8 @@ def test_quickstart_defaults_and_absolute_paths(monkeypatch):
     # Ray workers run elsewhere, so every path the workers read must be absolute.
     assert cfg.tracking.tracking_uri.startswith("sqlite:////")
     assert Path(cfg.tracking.artifact_location).is_absolute()
-    assert cfg.cluster.storage_path.is_absolute()
+    assert cfg.cluster.storage_path is None and cfg.checkpoint_root.is_absolute()
+    assert cfg.data_dir == cfg.output_dir / cfg.name / "data"
 
 
 def test_override_sets_nested_value(monkeypatch):
