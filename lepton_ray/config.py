@@ -36,6 +36,7 @@ the driver's Ray Data tasks, so another node need not hold them at the same path
 def checking_files(info: ValidationInfo) -> bool:
     return (info.context or {}).get(CHECK_FILES, True)
 
+
 Task = Literal["sequence_classification"]
 """Tasks the platform trains. Token classification and causal LM slot in here later."""
 

@@ -131,7 +131,6 @@ def test_tune_trials_spread_over_both_nodes(cluster, tracking, shared):
     followed = lepton(["jobs", "logs", job, "--follow", "--address", cluster.address], env)
     out = followed.stdout + followed.stderr
     assert followed.returncode == 0, out[-5000:]
-    assert "reusing" in out  # the first job's shards on the shared storage, not rebuilt
     trials = _runs(tracking, "trial")
     assert len(trials) == 2
     placed = {t.data.tags["lepton.worker_nodes"] for t in trials}
