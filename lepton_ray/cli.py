@@ -512,6 +512,9 @@ AuthOpt = Annotated[
     ),
 ]
 JobIdArg = Annotated[str, typer.Argument(help="Submission id (lepton-ray jobs list).")]
+FollowOpt = Annotated[
+    bool, typer.Option("--follow", "-f", help="Stream the job's output until it ends.")
+]
 
 
 def _write_raw(text: str) -> None:
@@ -523,11 +526,11 @@ def _job_result(job_id: str, status: str, jobs) -> None:
     if status == "SUCCEEDED":
         _say(f"[jobs] {job_id} SUCCEEDED")
         return
-    from lepton_ray.jobs import JobFailed
+    from lepton_ray.jobs import JobFailed, first_line
 
     # Ray appends the log's tail to the message: the log was shown already (or is a command away).
-    message = (jobs.info(job_id).message or "").strip().splitlines()[:1]
-    message = message[0] if message else ""
+    message = jobs.info(job_id).message or ""
+    message = first_line(message) if message.strip() else ""
     raise JobFailed(f"job {job_id} ended {status}{': ' + message if message else ''}")
 
 
@@ -537,9 +540,7 @@ def submit(
     config: ConfigArg,
     address: AddressOpt = None,
     set_: SetOpt = None,
-    follow: Annotated[
-        bool, typer.Option("--follow", "-f", help="Stream the job's output until it ends.")
-    ] = False,
+    follow: FollowOpt = False,
     auth: AuthOpt = "auto",
     runtime_env: Annotated[
         Path | None,
@@ -609,9 +610,7 @@ def jobs_logs(
     job_id: JobIdArg,
     address: AddressOpt = None,
     auth: AuthOpt = "auto",
-    follow: Annotated[
-        bool, typer.Option("--follow", "-f", help="Keep streaming until the job ends.")
-    ] = False,
+    follow: FollowOpt = False,
 ) -> None:
     """A job's output (the driver's stdout and stderr)."""
     from lepton_ray.jobs import Jobs

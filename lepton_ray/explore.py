@@ -359,10 +359,7 @@ def evaluate_version(
     """
     import pandas as pd
 
-    from lepton_ray.evaluation import evaluate, frame_batches
-    from lepton_ray.models import load_model_artifact
-    from lepton_ray.pipeline import serving_model_uri
-    from lepton_ray.tracking.mlflow import download_model
+    from lepton_ray.pipeline import score_version, serving_model_uri
 
     folder = cfg.data_dir / split
     if not folder.is_dir():
@@ -373,16 +370,12 @@ def evaluate_version(
     if frame.empty:
         raise StageError(f"the '{split}' split in {cfg.data_dir} has no rows")
     model_uri = model_uri or serving_model_uri(cfg)
-    with tempfile.TemporaryDirectory(prefix="lepton-eval-") as tmp:
-        artifact = download_model(cfg.tracking.tracking_uri, model_uri, Path(tmp))
-        model, tokenizer, meta = load_model_artifact(artifact)
-        batches = frame_batches(frame, cfg.train.eval_batch_size, tokenizer.pad_token_id or 0)
-        result = evaluate(model, batches, len(meta.labels))
+    result, labels = score_version(cfg, model_uri, frame)
     scalars = ("loss", "accuracy", "macro_precision", "macro_recall", "macro_f1", "roc_auc")
     return {
         "model_uri": model_uri,
         "split": split,
-        "labels": list(meta.labels),
+        "labels": labels,
         "metrics": {k: float(result[k]) for k in scalars} | {"examples": int(result["examples"])},
         "confusion": [[int(x) for x in row] for row in result["confusion"]],
         "probs": result["probs"],

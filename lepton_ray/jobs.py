@@ -66,8 +66,9 @@ def find_token() -> tuple[str | None, str]:
     candidates = [Path(named).expanduser()] if named else []
     candidates.append(Path.home() / ".ray" / "auth_token")
     for path in candidates:
-        if path.is_file() and path.read_text().strip():
-            return path.read_text().strip(), str(path)
+        token = path.read_text().strip() if path.is_file() else ""
+        if token:
+            return token, str(path)
     if named:
         raise JobError(f"RAY_AUTH_TOKEN_PATH names {named}, which is missing or empty")
     return None, ""
@@ -113,7 +114,6 @@ class Jobs:
 
         self.address = job_address(address)
         self.headers = auth_headers(auth)
-        self.auth = auth
         # Ray would add its own Authorization header from its token loader only when the
         # caller gave none; with RAY_AUTH_MODE unset it may also pick up a stale token file.
         self.client = self._call(
@@ -129,7 +129,7 @@ class Jobs:
             raise self._refusal(err) from None
         except ConnectionError as err:
             raise JobError(
-                f"cannot reach the Ray Jobs API at {self.address} ({_first_line(err)}); is the "
+                f"cannot reach the Ray Jobs API at {self.address} ({first_line(err)}); is the "
                 "cluster up? For a remote cluster, forward the dashboard to this machine "
                 "(`ray dashboard cluster/aws-gpu.yaml`, or an SSH tunnel to port 8265); never "
                 "expose the dashboard port publicly"
@@ -155,8 +155,8 @@ class Jobs:
                 "(`ray get-auth-token` on the head node prints the right one)"
             )
         if code == 404 or "does not exist" in text:
-            return JobError(f"{_first_line(err)} (cluster {self.address})")
-        return JobError(f"the Ray Jobs API at {self.address}: {_first_line(err)}")
+            return JobError(f"{first_line(err)} (cluster {self.address})")
+        return JobError(f"the Ray Jobs API at {self.address}: {first_line(err)}")
 
     # -------------------------------------------------------------------------- requests
     def submit(self, **kwargs) -> str:
@@ -188,7 +188,7 @@ class Jobs:
         try:
             asyncio.run(tail())
         except Exception as err:  # noqa: BLE001 - the stream breaking is not the job failing
-            write(f"[jobs] log stream ended early ({_first_line(err)}); waiting for the job\n")
+            write(f"[jobs] log stream ended early ({first_line(err)}); waiting for the job\n")
         return self.wait(job_id)
 
     def wait(self, job_id: str, timeout_s: float | None = None) -> str:
@@ -202,7 +202,7 @@ class Jobs:
             time.sleep(1.0)
 
 
-def _first_line(err: Exception) -> str:
+def first_line(err: Exception | str) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
 
@@ -216,7 +216,7 @@ def runtime_env(project: Path, path: Path | None = None) -> dict[str, Any]:
     try:
         env = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: malformed YAML: {_first_line(err)}") from None
+        raise ConfigError(f"{path}: malformed YAML: {first_line(err)}") from None
     if not isinstance(env, dict):
         raise ConfigError(f"{path}: expected a mapping (working_dir, env_vars, ...)")
     working_dir = str(env.get("working_dir", "."))

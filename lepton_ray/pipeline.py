@@ -104,22 +104,27 @@ def settle(cfg: ExperimentConfig, version: str, log=print) -> bool:
     return result.passed
 
 
-def validation_metric(cfg: ExperimentConfig, version) -> float | None:
-    """``tune.metric`` of a registered version on this experiment's validation split."""
-    from lepton_ray.data.pipeline import read_split_frame
+def score_version(cfg: ExperimentConfig, model_uri: str, frame) -> tuple[dict[str, Any], list]:
+    """Evaluate a registered version on tokenized rows; returns (metrics, its labels)."""
     from lepton_ray.evaluation import evaluate, frame_batches
     from lepton_ray.models import load_model_artifact
     from lepton_ray.tracking.mlflow import download_model
 
-    frame = read_split_frame(cfg, "validation")
-    if frame is None:
-        return None
-    with tempfile.TemporaryDirectory(prefix="lepton-gate-") as tmp:
-        model_uri = f"models:/{version.name}/{version.version}"
+    with tempfile.TemporaryDirectory(prefix="lepton-eval-") as tmp:
         artifact = download_model(cfg.tracking.tracking_uri, model_uri, Path(tmp))
         model, tokenizer, meta = load_model_artifact(artifact)
         batches = frame_batches(frame, cfg.train.eval_batch_size, tokenizer.pad_token_id or 0)
-        result = evaluate(model, batches, len(meta.labels))
+        return evaluate(model, batches, len(meta.labels)), list(meta.labels)
+
+
+def validation_metric(cfg: ExperimentConfig, version) -> float | None:
+    """``tune.metric`` of a registered version on this experiment's validation split."""
+    from lepton_ray.data.pipeline import read_split_frame
+
+    frame = read_split_frame(cfg, "validation")
+    if frame is None:
+        return None
+    result, _ = score_version(cfg, f"models:/{version.name}/{version.version}", frame)
     value = result.get(cfg.tune.metric.removeprefix("val_"))
     return float(value) if value is not None else None
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lepton_ray.config import ExperimentConfig
+from lepton_ray.data.pipeline import read_split_frame
 from lepton_ray.evaluation import evaluate, frame_batches
 from lepton_ray.models import (
     ModelMeta,
@@ -39,12 +40,6 @@ WEIGHT_KINDS = {
     "int8_weight_only": "gpu_weight_only",
     "int4_weight_only": "gpu_weight_only",
 }
-
-
-def _split_frame(cfg: ExperimentConfig, split: str):
-    from lepton_ray.data.pipeline import read_split_frame
-
-    return read_split_frame(cfg, split)
 
 
 def _pad_id(tokenizer) -> int:
@@ -101,7 +96,7 @@ def _cuda_name() -> str | None:
 def _calibration_batches(cfg: ExperimentConfig, tokenizer) -> list[dict[str, Any]]:
     """``compress.calibration_rows`` seeded rows of the training split (never validation:
     that split judges the result)."""
-    frame = _split_frame(cfg, "train")
+    frame = read_split_frame(cfg, "train")
     if frame is None:
         return []
     rows = min(cfg.compress.calibration_rows, len(frame))
@@ -256,7 +251,7 @@ def run_compress(
     pad = _pad_id(tokenizer)
     splits = {}
     for split in ("validation", "test"):
-        frame = _split_frame(cfg, split)
+        frame = read_split_frame(cfg, split)
         splits[split] = None if frame is None else list(frame_batches(frame, SPEED_BATCH, pad))
     before = {s: None if b is None else _evaluate(model, b, len(labels)) for s, b in splits.items()}
     folder = out / method
