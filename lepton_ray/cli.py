@@ -412,8 +412,13 @@ def ui(
     set_: SetOpt = None,
     port: Annotated[int, typer.Option(help="Port of the MLflow UI on 127.0.0.1.")] = 5000,
 ) -> None:
-    """Start the MLflow UI on the experiment's tracking store (127.0.0.1)."""
+    """Start the MLflow UI on the experiment's tracking store (127.0.0.1); print the links
+    to the experiment's runs table and to its registered model."""
     cfg = _load(config, set_)
+    base = f"http://127.0.0.1:{port}"
+    _say(f"MLflow UI on {base} (Ctrl-C to stop)")
+    for line in _ui_links(cfg, base, config):
+        _say(f"  {line}")
     mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
     cmd = [
         mlflow_bin,
@@ -427,8 +432,36 @@ def ui(
         "--port",
         str(port),
     ]
-    _say(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C to stop)")
     os.execv(mlflow_bin, cmd)
+
+
+UI_MACHINE_LEARNING = "workflowType=machine_learning"
+"""MLflow 3's UI shows an experiment in its GenAI view (overview, traces, judges) unless the
+page's workflow type is machine learning, whatever the experiment's kind tag says: the
+switch in its sidebar (remembered per browser, GenAI by default) or this query parameter."""
+
+
+def _ui_links(cfg, base: str, config: Path) -> list[str]:
+    """The runs table of the experiment and its registered model, as links into the UI."""
+    from urllib.parse import quote
+
+    from mlflow.exceptions import MlflowException
+
+    from lepton_ray.tracking.mlflow import client
+
+    c = client(cfg.tracking.tracking_uri)
+    experiment = c.get_experiment_by_name(cfg.name)
+    if experiment is None:
+        return [f"runs:  no experiment '{cfg.name}' in this store yet (lepton-ray run {config})"]
+    links = [f"runs:  {base}/#/experiments/{experiment.experiment_id}/runs?{UI_MACHINE_LEARNING}"]
+    name = cfg.registered_model_name
+    try:
+        c.get_registered_model(name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        return [*links, f"model: no registered model '{name}' yet"]
+    return [*links, f"model: {base}/#/models/{quote(name, safe='')}?{UI_MACHINE_LEARNING}"]
 
 
 @app.command("sample-data")
@@ -456,9 +489,14 @@ def cluster_up(
             "for seconds) or auto."
         ),
     ] = "proxy",
+    port: Annotated[int, typer.Option(help="The head's GCS port (its address).")] = 6379,
+    dashboard_port: Annotated[
+        int, typer.Option(help="The dashboard and Ray Jobs API port, on 127.0.0.1.")
+    ] = 8265,
     verbose: VerboseOpt = False,
 ) -> None:
-    """`ray start --head` on 127.0.0.1 (dashboard on 127.0.0.1:8265)."""
+    """`ray start --head` on 127.0.0.1 (dashboard on 127.0.0.1:8265), recorded so that
+    `cluster down` stops this cluster and no other Ray."""
     if auth not in ("disabled", "token"):
         raise LeptonError(f"--auth must be 'disabled' or 'token', got {auth!r}")
     if serve_ingress not in ("auto", "haproxy", "proxy"):
@@ -468,14 +506,21 @@ def cluster_up(
     _start_console("cluster-up", None, verbose)
     from lepton_ray.runtime import cluster_up as start
 
-    address = start(num_cpus, auth, serve_ingress=serve_ingress, log=_say)
+    address = start(
+        num_cpus,
+        auth,
+        serve_ingress=serve_ingress,
+        port=port,
+        dashboard_port=dashboard_port,
+        log=_say,
+    )
     _say(f"stop it with: lepton-ray cluster down   (address {address})")
 
 
 @cluster_app.command("down")
 @handle_errors
 def cluster_down() -> None:
-    """`ray stop`: ends the local cluster and the Serve endpoint on it."""
+    """Stop the cluster `cluster up` started, and the Serve endpoint on it (no other Ray)."""
     from lepton_ray.runtime import cluster_down as stop
 
     stop(log=_say)
@@ -526,10 +571,10 @@ def _job_result(job_id: str, status: str, jobs) -> None:
     if status == "SUCCEEDED":
         _say(f"[jobs] {job_id} SUCCEEDED")
         return
-    from lepton_ray.jobs import JobFailed, first_line
+    from lepton_ray.jobs import JobFailed, describe, first_line
 
     # Ray appends the log's tail to the message: the log was shown already (or is a command away).
-    message = jobs.info(job_id).message or ""
+    message = describe(jobs.info(job_id))["message"]
     message = first_line(message) if message.strip() else ""
     raise JobFailed(f"job {job_id} ended {status}{': ' + message if message else ''}")
 
@@ -550,11 +595,21 @@ def submit(
         Path | None,
         typer.Option(help="The folder shipped as the job's working dir. Default: the current one."),
     ] = None,
+    command: Annotated[
+        str,
+        typer.Option(
+            help="What the job runs: run (every stage), or one of validate, preprocess, "
+            "train, tune, compress."
+        ),
+    ] = "run",
 ) -> None:
-    """Run an experiment on a Ray cluster as a Ray job (`lepton-ray run CONFIG` there)."""
+    """Run an experiment on a Ray cluster as a Ray job (`python -m lepton_ray run CONFIG`
+    there, with the cluster's interpreter)."""
     from lepton_ray.jobs import submit as send
 
-    jobs, job_id = send(config, address, set_, auth, project, runtime_env, log=_say)
+    jobs, job_id = send(
+        config, address, set_, auth, project, runtime_env, command=command, log=_say
+    )
     if not follow:
         _say(f"follow it with: lepton-ray jobs logs {job_id} --follow --address {jobs.address}")
         return
@@ -829,7 +884,7 @@ def _print_summary(cfg, summary: dict, config: Path) -> None:
         _say(f"serving       {srv['model_uri']} at {srv['url']}/v1/predict")
         _print_answers(cfg.serve.example_texts, srv["answers"])
         _say(f"query it:     {_curl_hint(srv['url'])}")
-    _say(f"MLflow UI:    lepton-ray ui {config}   (then open http://127.0.0.1:5000)")
+    _say(f"MLflow UI:    lepton-ray ui {config}   (it prints the runs table's link)")
 
 
 def _serve_forever(url: str) -> None:

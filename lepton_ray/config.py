@@ -575,7 +575,11 @@ class TuneSection(Section):
     enabled: bool = Field(True, description="Sweep with Tune; otherwise train one model.")
     num_samples: int = Field(4, ge=1, description="Trials; the first uses the config's values.")
     metric: str = Field("val_accuracy", description="Reported metric to optimise.")
-    mode: Literal["max", "min"] = "max"
+    mode: Literal["max", "min"] | None = Field(
+        None,
+        description="Default: what tune.metric needs (min for a loss; max for accuracy, F1, "
+        "precision, recall, AUC); a contradicting value is refused.",
+    )
     space: dict[str, SearchParam] = Field(
         default_factory=dict, description="Dotted config key -> distribution."
     )
@@ -589,6 +593,32 @@ class TuneSection(Section):
         if value not in REPORTED_METRICS:
             raise ValueError(f"unknown metric '{value}'; choose one of {sorted(REPORTED_METRICS)}")
         return value
+
+    @field_validator("mode")
+    @classmethod
+    def _mode_of_metric(cls, value: str | None, info: ValidationInfo) -> str:
+        metric = info.data.get("metric")  # absent when tune.metric itself was refused
+        needed = metric_mode(metric) if metric else None
+        if value is None:
+            return needed or "max"
+        if needed is not None and value != needed:
+            raise ValueError(
+                f"tune.mode {value} contradicts tune.metric {metric}, which is "
+                f"{'minimised' if needed == 'min' else 'maximised'}; set tune.mode: {needed} "
+                "or leave tune.mode out"
+            )
+        return value
+
+
+def metric_mode(metric: str) -> Literal["max", "min"] | None:
+    """The direction a metric is optimised in, by its name: a loss is minimised; accuracy,
+    F1, precision, recall and AUC are maximised; None for a name that says neither."""
+    name = metric.lower()
+    if name.endswith("loss"):
+        return "min"
+    if any(word in name for word in ("accuracy", "f1", "precision", "recall", "auc")):
+        return "max"
+    return None
 
 
 REPORTED_METRICS = {
@@ -679,8 +709,9 @@ class CompressSection(Section):
         1.0,
         ge=0.0,
         le=100.0,
-        description="Refuse a compression whose validation accuracy is more than this many "
-        "points (0.01 accuracy each) below the uncompressed model's; it is kept instead.",
+        description="Refuse a compression whose validation accuracy, or tune.metric, is more "
+        "than this many points (0.01 of the score each; for a loss, a rise) worse than the "
+        "uncompressed model's; it is kept instead.",
     )
     per_channel: bool = Field(
         True, description="int8 weights with one scale per output channel, not per matrix."
@@ -757,6 +788,13 @@ class ServeSection(Section):
     retry_after_s: int = Field(1, ge=1, description="Retry-After of a 503 (shed load).")
     body_timeout_s: float = Field(
         5.0, gt=0.0, description="A request body that does not arrive within this gets 408."
+    )
+    max_body_bytes_in_flight: int = Field(
+        64 * 2**20,
+        ge=65_536,
+        description="Bytes of request bodies a replica holds at once (bytes; 64 MiB), admitted "
+        "before they are read; one more request gets 503 + Retry-After, and a body larger "
+        "than this alone gets 413.",
     )
     request_timeout_s: float = Field(
         60.0, gt=0.0, description="End-to-end limit of one request at the proxy (408 beyond)."
@@ -941,6 +979,21 @@ class ExperimentConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _max_length_fits_the_model(self) -> ExperimentConfig:
+        from lepton_ray.models import position_limit
+
+        limit = position_limit(self.model)
+        if limit is not None and self.data.max_length > limit[0]:
+            tokens, positions = limit
+            held = "" if tokens == positions else f", of which {tokens} hold tokens"
+            raise ValueError(
+                f"data.max_length {self.data.max_length} is above the "
+                f"max_position_embeddings {positions} of model.name '{self.model.name}'"
+                f"{held}; set data.max_length to {tokens} or less"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _space_keys_exist(self) -> ExperimentConfig:
         for key in self.tune.space:
             if key.split(".")[0] not in TUNABLE_SECTIONS or key in UNTUNABLE_KEYS:
@@ -1010,7 +1063,13 @@ def load_experiment(
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: not a text YAML file (byte {err.start} is not UTF-8 text)"
+        ) from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

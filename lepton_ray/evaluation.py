@@ -14,18 +14,24 @@ import numpy as np
 
 
 def collate(input_ids: Sequence[Sequence[int]], label_ids: Sequence[int] | None, pad_id: int):
-    """Pad a batch to its longest row (dynamic padding: short texts cost less)."""
+    """Pad a batch to its longest row (dynamic padding: short texts cost less).
+
+    ``input_ids``: one sequence of token ids per row (lists, or numpy views of a flat array
+    as ``TokenRows.sequences`` gives them). The one collate of training, evaluation and
+    compression.
+    """
     import torch
 
-    longest = max(len(ids) for ids in input_ids)
-    ids = torch.full((len(input_ids), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(input_ids), longest), dtype=torch.long)
-    for row, seq in enumerate(input_ids):
-        ids[row, : len(seq)] = torch.from_numpy(np.array(seq, dtype=np.int64))
-        mask[row, : len(seq)] = 1
-    batch = {"input_ids": ids, "attention_mask": mask}
+    lengths = [len(seq) for seq in input_ids]
+    width = max(lengths, default=0)
+    ids = np.full((len(lengths), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(lengths), width), dtype=np.int64)
+    for row, (seq, n) in enumerate(zip(input_ids, lengths)):
+        ids[row, :n] = seq
+        mask[row, :n] = 1
+    batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
     if label_ids is not None:
-        batch["labels"] = torch.as_tensor(np.asarray(label_ids, dtype=np.int64))
+        batch["labels"] = torch.from_numpy(np.array(label_ids, dtype=np.int64))
     return batch
 
 

@@ -346,7 +346,8 @@ def versions_frame(cfg: ExperimentConfig) -> pd.DataFrame:
 def evaluate_version(
     cfg: ExperimentConfig, model_uri: str | None = None, split: str = "test"
 ) -> dict[str, Any]:
-    """Score a registered version on one of this experiment's preprocessed splits.
+    """Score a registered version on one of this experiment's preprocessed splits, its texts
+    read through the version's own cleaning, tokenizer and ``max_length``.
 
     ``model_uri``: ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` (default: the
     champion). Returns ``model_uri``, ``split``, ``labels``, ``metrics`` (``loss``,
@@ -355,7 +356,8 @@ def evaluate_version(
     :func:`lepton_ray.tracking.plots.confusion_matrix` and ``roc_curve``.
 
     Raises:
-        StageError: the split was not preprocessed (or is empty) or the version is missing.
+        StageError: the split was not preprocessed (or is empty), the version is missing, or
+            its labels are not the experiment's.
     """
     import pandas as pd
 
@@ -366,7 +368,7 @@ def evaluate_version(
         raise StageError(
             f"no preprocessed '{split}' split in {cfg.data_dir}; run the data stage first"
         )
-    frame = pd.read_parquet(folder, columns=["input_ids", "label_id"])
+    frame = pd.read_parquet(folder, columns=["text", "label_id"])
     if frame.empty:
         raise StageError(f"the '{split}' split in {cfg.data_dir} has no rows")
     model_uri = model_uri or serving_model_uri(cfg)

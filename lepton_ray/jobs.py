@@ -2,8 +2,12 @@
 
 ``lepton-ray submit CONFIG --address http://HEAD:8265`` ships this project (the working dir,
 less outputs, stores and virtualenvs) with ``cluster/runtime_env.yaml`` and runs
-``lepton-ray run CONFIG`` as the job's entrypoint on the cluster. The config is validated
-here first, so a typo fails before anything is uploaded.
+``python -m lepton_ray run CONFIG`` as the job's entrypoint on the cluster: the interpreter
+that has lepton-ray's dependencies, which need not put a ``lepton-ray`` script on the PATH
+(``lepton-ray cluster up`` puts its own interpreter first on the cluster's PATH). The config
+is validated here first, so a typo fails before anything is uploaded. What is printed about
+a job (its entrypoint, its message, its logs) has the credentials of URIs redacted, as the
+``--set`` values that it carries may hold some.
 
 Auth is explicit: with ``--auth token`` (or ``auto`` and a token found) every request carries
 ``Authorization: Bearer <token>``; the token comes from ``RAY_AUTH_TOKEN``, the file named by
@@ -25,6 +29,7 @@ from typing import Any
 import yaml
 
 from lepton_ray.errors import ConfigError, LeptonError
+from lepton_ray.tracking.mlflow import redact_uri
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 ADDRESS_ENV = "RAY_JOB_ADDRESS"
@@ -44,6 +49,8 @@ DEFAULT_EXCLUDES = [
 ]
 """Never shipped: runs, stores, caches and virtualenvs (the cluster image has the packages)."""
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+JOB_COMMANDS = ("run", "validate", "preprocess", "train", "tune", "compress")
+"""The ``lepton-ray`` commands a job can run on the cluster (``submit --command``)."""
 META_EXPERIMENT = "lepton.experiment"
 META_CONFIG = "lepton.config"
 
@@ -172,7 +179,7 @@ class Jobs:
         return str(self._call(lambda: self.client.get_job_status(job_id)).value)
 
     def logs(self, job_id: str) -> str:
-        return self._call(lambda: self.client.get_job_logs(job_id))
+        return redact_uri(self._call(lambda: self.client.get_job_logs(job_id)))
 
     def stop(self, job_id: str) -> bool:
         return self._call(lambda: self.client.stop_job(job_id))
@@ -183,7 +190,7 @@ class Jobs:
 
         async def tail() -> None:
             async for chunk in self.client.tail_job_logs(job_id):
-                write(chunk)
+                write(redact_uri(chunk))
 
         try:
             asyncio.run(tail())
@@ -257,11 +264,14 @@ def submit(
     project: Path | None = None,
     runtime_env_file: Path | None = None,
     submission_id: str | None = None,
+    command: str = "run",
     log=print,
 ) -> tuple[Jobs, str]:
-    """Submit ``lepton-ray run CONFIG`` as a Ray job; returns (client, submission id)."""
+    """Submit ``lepton-ray COMMAND CONFIG`` as a Ray job; returns (client, submission id)."""
     from lepton_ray.config import load_experiment
 
+    if command not in JOB_COMMANDS:
+        raise ConfigError(f"--command must be one of {', '.join(JOB_COMMANDS)}, got {command!r}")
     project = (project or Path.cwd()).resolve()
     config = Path(config)
     if not config.is_file():
@@ -279,9 +289,8 @@ def submit(
     for warning in check_submittable(cfg):
         log(f"[submit] warning: {warning}")
     env = runtime_env(project, runtime_env_file)
-    entrypoint = shlex.join(
-        ["lepton-ray", "run", relative.as_posix(), *[a for o in overrides for a in ("--set", o)]]
-    )
+    sets = [a for o in overrides for a in ("--set", o)]
+    entrypoint = shlex.join(["python", "-m", "lepton_ray", command, relative.as_posix(), *sets])
     jobs = Jobs(address, auth)
     import logging
 
@@ -296,12 +305,12 @@ def submit(
         submission_id=submission_id,
         metadata={META_EXPERIMENT: cfg.name, META_CONFIG: relative.as_posix()},
     )
-    log(f"[submit] {job_id} submitted to {jobs.address}: {entrypoint}")
+    log(f"[submit] {job_id} submitted to {jobs.address}: {redact_uri(entrypoint)}")
     return jobs, job_id
 
 
 def describe(job) -> dict[str, Any]:
-    """One job as a flat row for ``jobs list`` / ``jobs status``."""
+    """One job as a flat row for ``jobs list`` / ``jobs status``, credentials redacted."""
     meta = job.metadata or {}
 
     def stamp(ms):
@@ -313,6 +322,6 @@ def describe(job) -> dict[str, Any]:
         "experiment": meta.get(META_EXPERIMENT, ""),
         "started": stamp(job.start_time),
         "ended": stamp(job.end_time),
-        "entrypoint": job.entrypoint,
-        "message": job.message or "",
+        "entrypoint": redact_uri(job.entrypoint),
+        "message": redact_uri(job.message or ""),
     }

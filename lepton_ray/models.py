@@ -94,6 +94,51 @@ def resolve_model_path(name: str) -> str:
     return name  # a hub id; from_pretrained fetches it (or reads the local HF cache)
 
 
+PADDED_POSITION_TYPES = (
+    "roberta",
+    "xlm-roberta",
+    "xlm-roberta-xl",
+    "camembert",
+    "data2vec-text",
+    "longformer",
+    "mpnet",
+)
+"""Model types whose position ids start after the padding id: ``pad_token_id + 1`` of their
+``max_position_embeddings`` slots hold no text (RoBERTa's 514 hold 512 tokens)."""
+
+
+def position_limit(cfg: ModelConfig) -> tuple[int, int] | None:
+    """``(tokens, max_position_embeddings)``: the longest input ``model.name`` takes, by its
+    ``config.json`` with ``model.config_overrides`` applied. None when that file cannot be read
+    without a download, or the model has no absolute positions to run out of.
+
+    Cheap (one small JSON file), so ``validate`` can check ``data.max_length`` before any
+    stage runs instead of the model crashing on the first long text mid-training.
+    """
+    try:
+        path = resolve_model_path(cfg.name)
+    except ConfigError:
+        return None  # the stage that loads the model says what is missing
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(path, "config.json")
+        if not isinstance(cached, str):
+            return None
+        file = Path(cached)
+    try:
+        hf = {**json.loads(file.read_text()), **cfg.config_overrides}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    positions = hf.get("max_position_embeddings")
+    if not isinstance(positions, int) or hf.get("position_biased_input") is False:
+        return None
+    padded = hf.get("model_type") in PADDED_POSITION_TYPES
+    offset = int(hf.get("pad_token_id") or 0) + 1 if padded else 0
+    return positions - offset, positions
+
+
 def _default_cleaning() -> dict[str, Any]:
     return dict(DEFAULT_CLEANING)
 

@@ -81,12 +81,18 @@ def register_trained(
 
 
 def settle(cfg: ExperimentConfig, version: str, log=print) -> bool:
-    """Apply ``registry.promotion`` to a new version; True when it became the champion."""
+    """Apply ``registry.promotion`` to a new version; True when it became the champion.
+
+    A registry that cannot say whether there is a champion stops here with a ``StageError``
+    (under ``manual`` too): only a registry that answers "no champion" lets a first version
+    through ungated.
+    """
     from lepton_ray import registry
+    from lepton_ray.tracking.mlflow import get_version_by_alias
 
     uri, name = cfg.tracking.tracking_uri, cfg.registered_model_name
     policy = cfg.registry.promotion
-    if policy == "manual" and registry.alias_of(uri, name, registry.CHAMPION) is not None:
+    if policy == "manual" and get_version_by_alias(uri, name, registry.CHAMPION) is not None:
         log(
             f"[registry] {name} v{version} stays @{registry.CHALLENGER} (registry.promotion: "
             f"manual); promote it with: lepton-ray models promote {name}/{version}"
@@ -104,24 +110,53 @@ def settle(cfg: ExperimentConfig, version: str, log=print) -> bool:
     return result.passed
 
 
+def _text_batches(frame, tokenizer, meta, batch_size: int):
+    """Batches of a split's texts (``text``, ``label_id``) as ``meta``'s model reads them."""
+    import torch
+
+    from lepton_ray.models import encode_texts
+
+    texts, targets = frame["text"].tolist(), frame["label_id"].tolist()
+    for start in range(0, len(texts), batch_size):
+        encoded, _ = encode_texts(tokenizer, meta, texts[start : start + batch_size])
+        yield {**encoded, "labels": torch.as_tensor(targets[start : start + batch_size])}
+
+
 def score_version(cfg: ExperimentConfig, model_uri: str, frame) -> tuple[dict[str, Any], list]:
-    """Evaluate a registered version on tokenized rows; returns (metrics, its labels)."""
-    from lepton_ray.evaluation import evaluate, frame_batches
+    """Evaluate a registered version on a split's texts; returns (metrics, its labels).
+
+    ``frame`` holds the split's ``text`` and ``label_id`` columns. Each version reads the
+    texts through its own preprocessing, the cleaning, tokenizer and ``max_length`` its
+    artifact carries (as it does when served), never through this experiment's token ids: a
+    champion trained with another tokenizer is scored as it answers, not on ids it never saw.
+    (The texts are the data stage's, cleaned by ``data.clean``; each version's cleaning then
+    applies on top, as serving applies it to what a client sends.)
+
+    Raises:
+        StageError: the version's labels are not this experiment's.
+    """
+    from lepton_ray.evaluation import evaluate
     from lepton_ray.models import load_model_artifact
     from lepton_ray.tracking.mlflow import download_model
 
+    labels = list(_data(cfg)["labels"])
     with tempfile.TemporaryDirectory(prefix="lepton-eval-") as tmp:
         artifact = download_model(cfg.tracking.tracking_uri, model_uri, Path(tmp))
         model, tokenizer, meta = load_model_artifact(artifact)
-        batches = frame_batches(frame, cfg.train.eval_batch_size, tokenizer.pad_token_id or 0)
-        return evaluate(model, batches, len(meta.labels)), list(meta.labels)
+        if list(meta.labels) != labels:
+            raise StageError(
+                f"{model_uri} predicts the labels {list(meta.labels)} but this experiment's "
+                f"data has the labels {labels}; it cannot be scored on this data"
+            )
+        batches = _text_batches(frame, tokenizer, meta, cfg.train.eval_batch_size)
+        return evaluate(model, batches, len(labels)), labels
 
 
 def validation_metric(cfg: ExperimentConfig, version) -> float | None:
     """``tune.metric`` of a registered version on this experiment's validation split."""
     from lepton_ray.data.pipeline import read_split_frame
 
-    frame = read_split_frame(cfg, "validation")
+    frame = read_split_frame(cfg, "validation", columns=["text", "label_id"])
     if frame is None:
         return None
     result, _ = score_version(cfg, f"models:/{version.name}/{version.version}", frame)
@@ -344,10 +379,12 @@ def run(cfg: ExperimentConfig, log=print, new: bool = False) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     if cfg.serve.enabled:
         # A previous run's endpoint holds a CPU that Ray Data's shuffles and training need
-        # (with one CPU left the data stage crawls); it is redeployed at the end.
-        from lepton_ray.serve.client import undeploy
+        # (with one CPU left the data stage crawls); it is redeployed at the end. A Serve
+        # address that cannot be honoured fails now, not after training.
+        from lepton_ray.serve.client import check_proxy_address, undeploy
 
         _connect(cfg, log)
+        check_proxy_address(cfg.serve.host, cfg.serve.port)
         undeploy(cfg, log=log)
     manifest = run_preprocess_stage(cfg, log=log, track=False)
     tags = lineage_tags(cfg, manifest["fingerprint"], **{TAG_STAGE: "pipeline"})

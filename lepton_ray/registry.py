@@ -9,15 +9,16 @@ gate, rollback, and packaging every version as a standard MLflow pyfunc model.
   (on the same evaluation split) is at least the champion's minus a tolerance. Each champion
   is pushed onto a history kept as a registered-model tag, which ``rollback`` pops.
 - A registry written before ``@champion`` meant "served" (``@champion`` = trained model,
-  ``@serving`` = its int8 version) is migrated on first use: ``@champion`` moves to the
-  ``@serving`` version and ``@serving`` goes.
+  ``@serving`` = its int8 version) is migrated by the first write (register, promote,
+  rollback): ``@champion`` moves to the ``@serving`` version and ``@serving`` goes. Reads
+  never rewrite the registry.
+- A registry that does not answer (unreachable, refusing) is an error, never "no champion".
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -25,9 +26,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from lepton_ray.config import metric_mode
 from lepton_ray.errors import LeptonError, StageError
+from lepton_ray.tracking.mlflow import CHAMPION
 
-CHAMPION = "champion"
 CHALLENGER = "challenger"
 LEGACY_SERVING = "serving"
 
@@ -55,23 +57,7 @@ _REQUIREMENTS = (
 )
 
 
-# ------------------------------------------------------------------------------ model specs
-def parse_spec(spec: str) -> tuple[str, str | None, str | None]:
-    """``NAME``, ``NAME@ALIAS``, ``NAME/VERSION`` (``models:/`` optional) -> (name, alias, version)."""
-    rest = spec.removeprefix("models:/").strip()
-    if "@" in rest:
-        name, alias = rest.split("@", 1)
-        if name and re.fullmatch(r"[A-Za-z0-9_-]+", alias):
-            return name, alias, None
-    elif "/" in rest:
-        name, version = rest.rsplit("/", 1)
-        if name and version.isdigit():
-            return name, None, version
-    elif rest and not rest.endswith("/"):
-        return rest, None, None
-    raise LeptonError(f"model must look like NAME, NAME@ALIAS or NAME/VERSION, got {spec!r}")
-
-
+# ---------------------------------------------------------------------------- reading specs
 def _client(uri: str):
     from lepton_ray.tracking.mlflow import client
 
@@ -79,47 +65,35 @@ def _client(uri: str):
 
 
 def registered_model(uri: str, name: str):
-    from lepton_ray.tracking.mlflow import redact_uri
+    """The registered model ``name``; a ``StageError`` when the store has none."""
+    from lepton_ray.tracking.mlflow import find_registered_model, redact_uri
 
-    try:
-        return _client(uri).get_registered_model(name)
-    except Exception:  # noqa: BLE001 - MLflow raises a generic error for a missing model
-        raise StageError(f"no registered model '{name}' in {redact_uri(uri)}") from None
+    found = find_registered_model(uri, name)
+    if found is None:
+        raise StageError(f"no registered model '{name}' in {redact_uri(uri)}")
+    return found
 
 
 def resolve(uri: str, spec: str):
-    """The version behind a spec; a bare NAME means ``NAME@champion``."""
-    from lepton_ray.tracking.mlflow import redact_uri
+    """The version behind a spec (``NAME`` = ``NAME@champion``, ``NAME@ALIAS``,
+    ``NAME/VERSION``); reading it changes nothing in the registry."""
+    from lepton_ray.tracking.mlflow import get_model_version
 
-    name, alias, version = parse_spec(spec)
-    registered_model(uri, name)
-    c = _client(uri)
-    migrate_legacy_aliases(uri, name)
-    try:
-        if version is not None:
-            return c.get_model_version(name, version)
-        return c.get_model_version_by_alias(name, alias or CHAMPION)
-    except Exception:  # noqa: BLE001
-        what = f"version {version}" if version else f"alias @{alias or CHAMPION}"
-        raise StageError(f"registered model '{name}' has no {what} in {redact_uri(uri)}") from None
-
-
-def alias_of(uri: str, name: str, alias: str):
-    try:
-        return _client(uri).get_model_version_by_alias(name, alias)
-    except Exception:  # noqa: BLE001
-        return None
+    return get_model_version(uri, spec)
 
 
 def migrate_legacy_aliases(uri: str, name: str, log=print) -> bool:
-    """Fold a pre-registry-issue ``@serving`` into ``@champion``; True when something moved."""
+    """Fold a pre-registry-issue ``@serving`` into ``@champion``; True when something moved.
+
+    Called by the commands that write the registry (register, promote, rollback) only:
+    reading a registry never rewrites it.
+    """
     from lepton_ray.tracking.mlflow import get_version_by_alias
 
     serving = get_version_by_alias(uri, name, LEGACY_SERVING)
     if serving is None:
         return False
-    c = _client(uri)
-    champion = alias_of(uri, name, CHAMPION)
+    champion = get_version_by_alias(uri, name, CHAMPION)
     if champion is not None and serving.tags.get(TAG_SOURCE_VERSION) == str(champion.version):
         _set_champion(uri, name, serving.version, previous=champion.version)
         log(
@@ -130,7 +104,7 @@ def migrate_legacy_aliases(uri: str, name: str, log=print) -> bool:
         log(
             f"[registry] migrated {name}: dropped @serving v{serving.version} (a stale compression)"
         )
-    c.delete_registered_model_alias(name, LEGACY_SERVING)
+    _client(uri).delete_registered_model_alias(name, LEGACY_SERVING)
     return True
 
 
@@ -174,25 +148,9 @@ def package_pyfunc(artifact: Path, dst: Path) -> Path:
             artifacts={pyfunc_model.ARTIFACT_KEY: str(artifact)},
             code_paths=[str(code)],
             pip_requirements=_requirements(meta.weights),
+            signature=pyfunc_model.signature(meta.labels),
         )
     return dst
-
-
-def artifact_folder(package: Path) -> Path:
-    """The lepton-ray artifact inside a downloaded version (a legacy version is one itself)."""
-    from lepton_ray.models import META_FILE
-    from lepton_ray.tracking import pyfunc_model
-
-    package = Path(package)
-    if (package / META_FILE).is_file() or not (package / "MLmodel").is_file():
-        return package
-    inner = package / "artifacts" / pyfunc_model.ARTIFACT_KEY
-    if (inner / META_FILE).is_file():
-        return inner
-    found = sorted((package / "artifacts").glob(f"*/{META_FILE}"))
-    if not found:
-        raise StageError(f"{package}: an MLflow model without a lepton-ray artifact inside")
-    return found[0].parent
 
 
 # ----------------------------------------------------------------------------- registering
@@ -302,7 +260,8 @@ def gate(candidate, champion, tolerance: float, evaluate=None) -> GateResult:
 
     Compared on the candidate's gate metric (``lepton.metric_name``, max or min), from the
     versions' tags when both were evaluated on the same split; otherwise ``evaluate`` (a
-    callable version -> metric on one split, when the caller has the data) scores both.
+    callable version -> metric on one split, when the caller has the data) scores both, and
+    refuses (a ``LeptonError``) a version it cannot score, which the gate then refuses.
     A compression of the champion itself was already gated by ``compress.max_drop``.
     """
     if champion is None:
@@ -315,9 +274,10 @@ def gate(candidate, champion, tolerance: float, evaluate=None) -> GateResult:
             True, f"a compression of champion v{champion.version} (gated by max_drop)"
         )
     metric = tags.get(TAG_METRIC_NAME) or (champion.tags or {}).get(TAG_METRIC_NAME)
-    mode = tags.get(TAG_METRIC_MODE, "max")
     if not metric:
         return GateResult(False, f"v{candidate.version} records no validation metric to gate on")
+    # A version recorded before tune.mode was checked may carry a contradicting mode.
+    mode = metric_mode(metric) or tags.get(TAG_METRIC_MODE, "max")
     same_split = tags.get(TAG_EVAL_SPLIT) and tags.get(TAG_EVAL_SPLIT) == (champion.tags or {}).get(
         TAG_EVAL_SPLIT
     )
@@ -325,8 +285,14 @@ def gate(candidate, champion, tolerance: float, evaluate=None) -> GateResult:
         mine, theirs = _metric(candidate, metric), _metric(champion, metric)
         where = "their shared validation split"
     elif evaluate is not None:
-        mine, theirs = evaluate(candidate), evaluate(champion)
-        where = "this experiment's validation split (evaluated now)"
+        try:
+            mine, theirs = evaluate(candidate), evaluate(champion)
+        except LeptonError as err:  # e.g. a champion that predicts other labels
+            return GateResult(
+                False,
+                f"v{candidate.version} and champion v{champion.version} cannot be compared: {err}",
+            )
+        where = "this experiment's validation texts (evaluated now, each by its own preprocessing)"
     else:
         return GateResult(
             False,
@@ -357,17 +323,26 @@ def promote(
     evaluate=None,
     log=print,
 ) -> GateResult:
-    """Make ``name/version`` the champion if the gate passes (or ``force``)."""
+    """Make ``name/version`` the champion if the gate passes (or ``force``).
+
+    A registry that cannot say who the champion is (unreachable, refusing) stops the
+    promotion with a ``StageError``: it is never taken for a registry without a champion.
+    """
+    from lepton_ray.tracking.mlflow import get_version_by_alias
+
     c = _client(uri)
     migrate_legacy_aliases(uri, name, log=log)
     candidate = resolve(uri, f"{name}/{version}")
-    champion = alias_of(uri, name, CHAMPION)
+    try:
+        champion = get_version_by_alias(uri, name, CHAMPION)
+    except StageError as err:
+        raise StageError(f"{name} v{version} not promoted: {err}") from None
     result = GateResult(True, "forced") if force else gate(candidate, champion, tolerance, evaluate)
     if not result.passed:
         log(f"[registry] {name} v{version} not promoted: {result.reason}")
         return result
     _set_champion(uri, name, str(version), champion.version if champion else None)
-    challenger = alias_of(uri, name, CHALLENGER)
+    challenger = get_version_by_alias(uri, name, CHALLENGER)
     if challenger is not None and str(challenger.version) == str(version):
         c.delete_registered_model_alias(name, CHALLENGER)
     c.set_model_version_tag(name, str(version), "lepton.promoted", result.reason[:500])
@@ -378,8 +353,10 @@ def promote(
 
 def rollback(uri: str, name: str, log=print) -> str:
     """Point ``@champion`` back at the previous champion; returns its version."""
+    from lepton_ray.tracking.mlflow import find_model_version, get_version_by_alias
+
     migrate_legacy_aliases(uri, name, log=log)
-    champion = alias_of(uri, name, CHAMPION)
+    champion = get_version_by_alias(uri, name, CHAMPION)
     if champion is None:
         raise StageError(f"registered model '{name}' has no @champion to roll back")
     past = history(uri, name)
@@ -388,9 +365,7 @@ def rollback(uri: str, name: str, log=print) -> str:
     c = _client(uri)
     while past:
         previous = past[-1]
-        try:
-            c.get_model_version(name, previous)
-        except Exception:  # noqa: BLE001 - a deleted version: skip it
+        if find_model_version(uri, name, previous) is None:  # deleted: skip it
             past.pop()
             continue
         c.set_registered_model_alias(name, CHAMPION, previous)
@@ -429,16 +404,14 @@ def describe(version, aliases: list[str]) -> dict[str, Any]:
 
 
 def list_versions(uri: str, name: str | None = None) -> list[dict[str, Any]]:
-    """Every version (of ``name``, or of every registered model), newest first."""
+    """Every version (of ``name``, or of every registered model), newest first; a read:
+    a legacy ``@serving`` alias is listed as it is, not migrated."""
     c = _client(uri)
     if name is not None:
         registered_model(uri, name)
-        migrate_legacy_aliases(uri, name)
         names = [name]
     else:
         names = [m.name for m in c.search_registered_models()]
-        for n in names:
-            migrate_legacy_aliases(uri, n)
     rows = []
     for n in names:
         aliases: dict[str, list[str]] = {}

@@ -5,8 +5,13 @@ The steps, each logged under one MLflow parent run ``retrain`` with lineage tags
 1. resolve ``--from`` (``NAME@champion`` by default; a compressed version is traced back to
    the float version it was made from, since int8 weights cannot be trained further);
 2. preprocess the new data with the experiment's own data settings, into a folder of its
-   own (the experiment's preprocessed data is left as it is);
-3. optionally mix in a seeded replay sample of the experiment's old training split;
+   own (the experiment's preprocessed data is left as it is). Its validation and test rows
+   must be new to the model: the hash split's boundaries move with the data (and the old
+   ``split.files`` do not apply), so rows whose text that version trained on - the
+   experiment's training split, the replay sample's source, and what earlier retrains
+   added (``lepton.trained_on``) - are removed from them and counted;
+3. optionally mix in a seeded replay sample of the experiment's old training split, read
+   one Parquet row group at a time (only the sample is held);
 4. train, starting from that version's weights (``model.init_from``), register the result
    as ``@challenger`` (tagged with the version it continues), compress it if the config
    compresses;
@@ -29,6 +34,9 @@ from lepton_ray.errors import ConfigError, StageError
 TAG_RETRAINED_FROM = "lepton.retrained_from"
 TAG_RETRAIN_DATA = "lepton.retrain_data"
 TAG_REPLAY_ROWS = "lepton.replay_rows"
+TAG_TRAINED_ON = "lepton.trained_on"
+"""Preprocessed training folders whose texts a version has seen (itself or through the
+version it continues), one per line: the next retrain keeps them out of evaluation."""
 
 
 def _trainable_source(uri: str, spec: str, name: str):
@@ -75,10 +83,16 @@ def retrain_config(
 def write_replay(
     old_cfg: ExperimentConfig, labels: list[str], fraction: float, folder: Path, seed: int
 ) -> int:
-    """A seeded ``fraction`` of the experiment's old training split, as tokenized rows."""
+    """A seeded ``fraction`` of the experiment's old training split, as tokenized rows.
+
+    The row numbers are drawn from the files' metadata; each row group is read only if it
+    holds a drawn row, and only its drawn rows are kept: the driver never holds the split.
+    """
     import json
 
-    import pandas as pd
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
     from lepton_ray.data.pipeline import load_manifest
     from lepton_ray.train.driver import TOKEN_COLUMNS
@@ -91,15 +105,73 @@ def write_replay(
             f"--replay: the old training split's labels {old_labels} differ from the new "
             f"data's {list(labels)}"
         )
-    frame = pd.read_parquet(train, columns=TOKEN_COLUMNS)
-    rows = int(round(fraction * len(frame)))
-    sample = frame.sample(n=rows, random_state=seed) if rows < len(frame) else frame
+    files = [pq.ParquetFile(f) for f in sorted(train.rglob("*.parquet"))]
+    groups = [(f, g) for f in files for g in range(f.num_row_groups)]
+    sizes = [f.metadata.row_group(g).num_rows for f, g in groups]
+    total = sum(sizes)
+    rows = int(round(fraction * total))
+    picked = np.sort(np.random.default_rng(seed).choice(total, size=rows, replace=False))
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("*.parquet"):
         old.unlink()
-    sample.to_parquet(folder / "replay.parquet", index=False)
+    schema = pa.schema([files[0].schema_arrow.field(c) for c in TOKEN_COLUMNS])
+    start = 0
+    with pq.ParquetWriter(folder / "replay.parquet", schema) as writer:
+        for (file, group), size in zip(groups, sizes):
+            lo, hi = np.searchsorted(picked, [start, start + size])
+            if hi > lo:
+                table = file.read_row_group(group, columns=TOKEN_COLUMNS)
+                writer.write_table(table.take(picked[lo:hi] - start).select(TOKEN_COLUMNS))
+            start += size
     (folder / "replay.json").write_text(json.dumps({"rows": rows, "fraction": fraction}))
     return rows
+
+
+def trained_on_folders(cfg: ExperimentConfig, source, log=print) -> list[Path]:
+    """The preprocessed training folders whose texts ``source`` has seen: the experiment's
+    training split and those its tags name (earlier retrains), where they still exist."""
+    named = [cfg.data_dir / "train"]
+    named += [Path(p) for p in (source.tags or {}).get(TAG_TRAINED_ON, "").splitlines() if p]
+    folders = []
+    for folder in dict.fromkeys(named):
+        if folder.is_dir():
+            folders.append(folder)
+        else:
+            log(f"[retrain] warning: {folder} is gone; its texts cannot be kept out of evaluation")
+    return folders
+
+
+def prepare_retrain_data(
+    cfg: ExperimentConfig,
+    new_cfg: ExperimentConfig,
+    source,
+    replay: float,
+    log=print,
+) -> tuple[dict[str, Any], Path | None, int, list[Path]]:
+    """Preprocess the new data, its evaluation splits free of texts ``source`` trained on,
+    and write the replay sample. Returns (manifest, replay folder, replay rows, the
+    training folders checked)."""
+    from lepton_ray.data.pipeline import run_preprocess
+
+    if not cfg.data_dir.joinpath("train").exists():
+        run_preprocess(cfg, log=log)  # the experiment's training texts, to check against
+    trained_on = trained_on_folders(cfg, source, log)
+    manifest = run_preprocess(new_cfg, log=log, trained_on=trained_on)
+    seen = manifest.get("seen_in_training", {})
+    log(
+        f"[retrain] removed {sum(seen.values())} rows of the new evaluation splits whose text "
+        f"v{source.version} trained on ("
+        + ", ".join(f"{split} {n}" for split, n in seen.items())
+        + ")"
+    )
+    replay_dir, replay_rows = None, 0
+    if replay > 0:
+        # Drawn from the experiment's training split, one of the folders checked above: no
+        # replayed text is in the new evaluation splits.
+        replay_dir = new_cfg.storage_root / "replay"
+        replay_rows = write_replay(cfg, manifest["labels"], replay, replay_dir, cfg.train.seed)
+        log(f"[retrain] replaying {replay_rows} rows of the old training split")
+    return manifest, replay_dir, replay_rows, trained_on
 
 
 def run_retrain(
@@ -112,13 +184,7 @@ def run_retrain(
 ) -> dict[str, Any]:
     """Continue fine-tuning ``source_spec`` (default ``NAME@champion``) on ``data``."""
     from lepton_ray import registry
-    from lepton_ray.pipeline import (
-        _connect,
-        register_trained,
-        run_compress_stage,
-        run_preprocess_stage,
-        settle,
-    )
+    from lepton_ray.pipeline import _connect, register_trained, run_compress_stage, settle
     from lepton_ray.tracking.mlflow import (
         TAG_STAGE,
         download_model,
@@ -147,18 +213,18 @@ def run_retrain(
     log(f"[retrain] continuing {name} v{source.version} ({spec}) on {data}")
 
     _connect(new_cfg, log)
-    manifest = run_preprocess_stage(new_cfg, log=log, track=False)
-    replay_dir, replay_rows = None, 0
-    if replay > 0:
-        if not cfg.data_dir.joinpath("train").exists():
-            run_preprocess_stage(cfg, log=log, track=False)
-        replay_dir = workdir / "replay"
-        replay_rows = write_replay(cfg, manifest["labels"], replay, replay_dir, cfg.train.seed)
-        log(f"[retrain] replaying {replay_rows} rows of the old training split")
+    if swap:  # a Serve address the cluster cannot honour fails now, not after training
+        from lepton_ray.serve.client import check_proxy_address
+
+        check_proxy_address(cfg.serve.host, cfg.serve.port)
+    manifest, replay_dir, replay_rows, trained_on = prepare_retrain_data(
+        cfg, new_cfg, source, replay, log
+    )
     lineage = {
         TAG_RETRAINED_FROM: f"models:/{name}/{source.version}",
         TAG_RETRAIN_DATA: str(data),
         TAG_REPLAY_ROWS: str(replay_rows),
+        TAG_TRAINED_ON: "\n".join(map(str, [*trained_on, new_cfg.data_dir / "train"])),
     }
     tags = lineage_tags(new_cfg, manifest["fingerprint"], **{TAG_STAGE: "retrain"}, **lineage)
     summary: dict[str, Any] = {"source_version": str(source.version), "replay_rows": replay_rows}

@@ -6,10 +6,15 @@ file left in ``~/.ray``), so every process here sets ``RAY_AUTH_MODE`` before Ra
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from lepton_ray.config import ClusterSection
@@ -17,6 +22,9 @@ from lepton_ray.errors import LeptonError, terminate_as_interrupt
 
 LOCAL_HEAD_PORT = 6379
 LOCAL_DASHBOARD_PORT = 8265
+RECORD_FILE = "lepton_cluster.json"
+"""In Ray's temp root: the cluster `lepton-ray cluster up` started (address, dashboard,
+session dir, process session), so that `cluster down` stops that one and no other Ray."""
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 """Where Ray's State API lives. Ray Train's placement-group cleaner (a worker) queries it;
 left unset, it looks for "the" Ray on the machine and fails when there are two (the
@@ -153,7 +161,12 @@ def init_ray(cluster: ClusterSection, log=print) -> str:
         # also attach to any other Ray found in the process table).
         address = local_cluster_address()
         if address:
-            api_server = f"http://127.0.0.1:{LOCAL_DASHBOARD_PORT}"
+            record = recorded_cluster()
+            api_server = (
+                record["dashboard"]
+                if record and record["address"] == address
+                else f"http://127.0.0.1:{LOCAL_DASHBOARD_PORT}"
+            )
     if address and address != "local":
         try:
             ray.init(
@@ -250,12 +263,21 @@ def cluster_up(
     auth: str,
     dashboard: bool = True,
     serve_ingress: str = "proxy",
+    port: int = LOCAL_HEAD_PORT,
+    dashboard_port: int = LOCAL_DASHBOARD_PORT,
     log=print,
 ) -> str:
-    """``ray start --head`` bound to 127.0.0.1; returns the cluster address."""
+    """``ray start --head`` bound to 127.0.0.1, recorded for `cluster down`; returns its address.
+
+    Its other ports (Ray client, agents, metrics, ...) are free ones, so it starts beside
+    another Ray on this machine (the test suite's, say). The interpreter's bin folder comes
+    first on the cluster's PATH: a job's ``python`` (or ``lepton-ray``) is this one, even
+    when the cluster is started by ``make``, whose PATH does not have the virtualenv.
+    """
     set_auth_mode(auth)
     bind_to_loopback()
-    ray_bin = str(Path(sys.executable).with_name("ray"))
+    bin_dir = Path(sys.executable).parent
+    ray_bin = str(bin_dir / "ray")
     running = local_cluster_address()
     if running:
         log(f"[ray] a local cluster is already running at {running}")
@@ -267,9 +289,19 @@ def cluster_up(
         "start",
         "--head",
         "--node-ip-address=127.0.0.1",
-        f"--port={LOCAL_HEAD_PORT}",
+        f"--port={port}",
         "--disable-usage-stats",
-        f"--dashboard-port={LOCAL_DASHBOARD_PORT}",
+        f"--dashboard-port={dashboard_port}",
+        *(
+            f"--{name}={free_port()}"
+            for name in (
+                "ray-client-server-port",
+                "dashboard-agent-listen-port",
+                "dashboard-agent-grpc-port",
+                "runtime-env-agent-port",
+                "metrics-export-port",
+            )
+        ),
     ]
     if num_cpus:
         cmd.append(f"--num-cpus={num_cpus}")
@@ -278,20 +310,136 @@ def cluster_up(
     else:
         cmd.append("--include-dashboard=false")
     ingress = set_serve_ingress(serve_ingress)
-    env = {**os.environ, **worker_env(f"http://127.0.0.1:{LOCAL_DASHBOARD_PORT}")}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if result.returncode != 0:
-        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["unknown error"]
+    dashboard_url = f"http://127.0.0.1:{dashboard_port}"
+    env = {**os.environ, **worker_env(dashboard_url)}
+    env["PATH"] = os.pathsep.join([str(bin_dir), *filter(None, [env.get("PATH")])])
+    # A process session of its own: every daemon it leaves running is in it.
+    start = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    output, _ = start.communicate()
+    if start.returncode != 0:
+        tail = output.strip().splitlines()[-1:] or ["unknown error"]
         raise LeptonError(f"ray start failed: {tail[0]}")
-    address = local_cluster_address() or f"127.0.0.1:{LOCAL_HEAD_PORT}"
+    address = f"127.0.0.1:{port}"
+    record = {
+        "address": address,
+        "dashboard": dashboard_url,
+        "session_dir": str((ray_temp_root() / "session_latest").resolve()),
+        "process_session": start.pid,
+        "haproxy_dir": os.environ.get("RAY_SERVE_HAPROXY_SERVER_STATE_BASE")
+        if ingress == "haproxy"
+        else None,
+    }
+    path = ray_temp_root() / RECORD_FILE
+    path.with_suffix(".tmp").write_text(json.dumps(record, indent=2))
+    path.with_suffix(".tmp").replace(path)
+    address = local_cluster_address() or address
     log(f"[ray] started a local cluster at {address} (auth: {auth}, Serve ingress: {ingress})")
     return address
 
 
+def recorded_cluster() -> dict | None:
+    """What `cluster up` recorded about the cluster it started here, if anything."""
+    path = ray_temp_root() / RECORD_FILE
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and "session_dir" in record else None
+
+
+def _process_table() -> dict[int, tuple[int, int, str]]:
+    """pid -> (parent pid, session id, command line) of the processes on this machine."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # After the command name in parentheses: state, ppid, pgrp, session, ...
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            table[int(entry.name)] = (int(fields[1]), int(fields[3]), command)
+    return table
+
+
+def cluster_processes(record: dict) -> set[int]:
+    """The live processes of the recorded cluster, and of nothing else.
+
+    Those naming its session dir (GCS, raylet, dashboard, workers and Serve's actors) or its
+    HAProxy folder, the rest of the process session that `ray start` ran in (while one of
+    those is in it: a session id is not reused while the session lives), and every
+    descendant of them (job drivers, which Ray starts in sessions of their own; HAProxy).
+    """
+    table = _process_table()
+    marks = [m for m in (record.get("session_dir"), record.get("haproxy_dir")) if m]
+    named = re.compile("|".join(rf"{re.escape(m)}(?![\w-])" for m in marks))
+    found = {pid for pid, (_, _, command) in table.items() if named.search(command)}
+    session = record.get("process_session")
+    if any(table[pid][1] == session for pid in found):
+        found |= {pid for pid, (_, sid, _) in table.items() if sid == session}
+    while True:
+        children = {pid for pid, (ppid, _, _) in table.items() if ppid in found} - found
+        if not children:
+            break
+        found |= children
+    found.discard(os.getpid())
+    return found
+
+
+def _signal_until_gone(pids: set[int], grace_s: float = 15.0) -> None:
+    """SIGTERM, and SIGKILL what is left after ``grace_s``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace_s
+        while pids and time.monotonic() < deadline:
+            time.sleep(0.2)
+            pids = pids & set(_process_table())
+        if not pids:
+            return
+
+
 def cluster_down(log=print) -> None:
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    subprocess.run([ray_bin, "stop", "--force"], capture_output=True, text=True)
-    log("[ray] stopped the local cluster (and the Serve endpoint on it)")
+    """Stop the cluster `cluster up` recorded, with the Serve endpoint on it; no other Ray.
+
+    ``ray stop`` would end every Ray on this machine (another checkout's, the test suite's).
+    """
+    record = recorded_cluster()
+    root = ray_temp_root()
+    if record is None:
+        raise LeptonError(
+            f"no cluster started by `lepton-ray cluster up` is recorded in {root}, so nothing "
+            "was stopped (a Ray started with `ray start` stops with `ray stop`, which ends "
+            "every Ray on this machine)"
+        )
+    stopped = set()
+    for _ in range(3):  # a raylet that is stopping may still have started a worker
+        pids = cluster_processes(record)
+        if not pids:
+            break
+        _signal_until_gone(pids)
+        stopped |= pids
+    (root / RECORD_FILE).unlink(missing_ok=True)
+    current = root / "ray_current_cluster"
+    if current.is_file() and current.read_text().strip() == record["address"]:
+        current.unlink(missing_ok=True)
+    if stopped:
+        log(
+            f"[ray] stopped the local cluster at {record['address']} ({len(stopped)} "
+            "processes, the Serve endpoint on it included)"
+        )
+    else:
+        log(f"[ray] the local cluster at {record['address']} had already stopped")
 
 
 def serve_applications() -> list[str]:

@@ -121,25 +121,46 @@ def check_export(
     return {"max_abs_logit_diff": worst, "prediction_agreement": agreement}
 
 
-def float_linear_nodes(path: Path, keep_float: Sequence[str]) -> list[str]:
-    """Names of the MatMul/Gemm nodes that compute the modules in ``keep_float``.
+QUANTIZED_OPS = ("MatMul", "Gemm", "Gather")
+"""The ops ONNX Runtime's dynamic int8 quantizes here (Gather: the embedding tables)."""
 
-    The dynamo exporter names a node after the module path it came from (``...classifier``
-    appears in the node name or in its weight's name), so this matches either.
+
+def _module_of(node) -> str | None:
+    """The module path (as in ``model.named_modules()``) that ``node`` computes.
+
+    The dynamo exporter records each node's module scopes, outermost first, ending with the
+    op itself: ``['', 'model', 'model.classifier', 'linear_13']`` (``model`` is the
+    ``_LogitsOnly`` wrapper's attribute). Weight names cannot say it: most are ``val_<n>``.
+    """
+    import ast
+
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            scopes = ast.literal_eval(prop.value)
+            if len(scopes) >= 2 and scopes[-2].startswith("model."):
+                return scopes[-2].removeprefix("model.")
+    return None
+
+
+def float_linear_nodes(path: Path, keep_float: Sequence[str]) -> list[str]:
+    """Names of the MatMul/Gemm/Gather nodes that compute the modules in ``keep_float``
+    (names, or name prefixes: the rule of ``quantize_dynamic_int8``).
+
+    ONNX Runtime's dynamic quantizer first rewrites each Gemm as a MatMul named
+    ``<name>_MatMul`` (and an Add), and excludes nodes by their rewritten names: both names
+    are returned.
     """
     import onnx
 
     if not keep_float:
         return []
     proto = onnx.load(str(path), load_external_data=False)
-    wanted = [k.replace(".", "_") for k in keep_float] + list(keep_float)
     out = []
     for node in proto.graph.node:
-        if node.op_type not in ("MatMul", "Gemm"):
+        module = _module_of(node) if node.op_type in QUANTIZED_OPS else None
+        if module is None or not any(module == k or module.startswith(f"{k}.") for k in keep_float):
             continue
-        text = " ".join([node.name, *node.input])
-        if any(w in text for w in wanted):
-            out.append(node.name)
+        out += [node.name, f"{node.name}_MatMul"] if node.op_type == "Gemm" else [node.name]
     return out
 
 
@@ -155,7 +176,7 @@ def quantize_onnx_int8(
     tables become uint8 where ``embeddings``."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    ops = ["MatMul", "Gemm"] + (["Gather"] if embeddings else [])
+    ops = [op for op in QUANTIZED_OPS if embeddings or op != "Gather"]
     int8_path.parent.mkdir(parents=True, exist_ok=True)
     with _quiet():
         quantize_dynamic(

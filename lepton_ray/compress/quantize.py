@@ -2,10 +2,12 @@
 
 The method comes from ``compress.method``/``compress.target`` and the hardware
 (``lepton_ray.compress.select``). The compressed artifact is written, loaded back the way a
-Serve replica loads it, and that loaded model is what is measured: validation (and test)
-accuracy, macro-F1, size, and speed at batch 32 and batch 1, against the float model. A
-compression whose validation accuracy drops more than ``compress.max_drop`` points is
-refused: no folder, and the caller keeps the uncompressed model.
+Serve replica loads it, and that loaded model is what is measured: on validation (and test)
+every score ``evaluate`` gives (so every ``val_*`` that ``tune.metric`` may name, under the
+names the promotion gate reads), size, and speed at batch 32 and batch 1, against the float
+model. A compression whose validation accuracy, or ``tune.metric``, is more than
+``compress.max_drop`` points worse is refused: no folder, and the caller keeps the
+uncompressed model.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ from lepton_ray.models import (
     save_int8_artifact,
 )
 
+SCORES = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "roc_auc", "loss")
+"""What ``evaluate`` scores, logged for both models as ``{val,test}_<score>_{fp32,compressed}``
+(the registered compressed version carries them as ``val_<score>``)."""
+LOWER_IS_BETTER = ("loss",)
+"""Scores whose worsening is a rise, logged as ``*_<score>_rise`` (the others: ``*_drop``)."""
 SPEED_BATCH = 32
 """Batch size of the evaluation passes whose throughput is logged (``samples_per_s_*``)."""
 LATENCY_ROWS = 32
@@ -95,13 +102,13 @@ def _cuda_name() -> str | None:
 
 def _calibration_batches(cfg: ExperimentConfig, tokenizer) -> list[dict[str, Any]]:
     """``compress.calibration_rows`` seeded rows of the training split (never validation:
-    that split judges the result)."""
-    frame = read_split_frame(cfg, "train")
-    if frame is None:
-        return []
-    rows = min(cfg.compress.calibration_rows, len(frame))
-    frame = frame.sample(n=rows, random_state=cfg.train.seed) if rows < len(frame) else frame
-    return list(frame_batches(frame, SPEED_BATCH, _pad_id(tokenizer)))
+    that split judges the result), read by row group: the split is never held whole."""
+    from lepton_ray.compress.calibration import sample_split
+
+    frame = sample_split(
+        cfg, "train", cfg.compress.calibration_rows, cfg.train.seed, ["input_ids", "label_id"]
+    )
+    return [] if frame is None else list(frame_batches(frame, SPEED_BATCH, _pad_id(tokenizer)))
 
 
 def compressed_meta(meta: ModelMeta, method: str, details: dict[str, Any]) -> ModelMeta:
@@ -213,8 +220,9 @@ def run_compress(
 ) -> CompressResult:
     """Compress the artifact in ``model_dir`` into ``out``; log before/after metrics to ``run_id``.
 
-    A compression whose validation accuracy drops more than ``compress.max_drop`` points
-    is refused (``accepted`` False, no folder): the uncompressed model is kept.
+    A compression whose validation accuracy or ``tune.metric`` is more than
+    ``compress.max_drop`` points worse (``judge``) is refused (``accepted`` False, no
+    folder): the uncompressed model is kept.
     """
     from lepton_ray.compress.modules import ort_available
     from lepton_ray.compress.select import choose_method
@@ -275,13 +283,13 @@ def run_compress(
         for tag, res in (("fp32", before[split]), ("compressed", after[split])):
             if res is None:
                 continue
-            metrics[f"{short}_accuracy_{tag}"] = res["accuracy"]
-            metrics[f"{short}_macro_f1_{tag}"] = res["macro_f1"]
-            metrics[f"{short}_loss_{tag}"] = res["loss"]
-            metrics[f"{short}_samples_per_s_{tag}"] = res["samples_per_s"]
+            for score in (*SCORES, "samples_per_s"):
+                metrics[f"{short}_{score}_{tag}"] = res[score]
         if before[split] is not None:
-            metrics[f"{short}_accuracy_drop"] = before[split]["accuracy"] - after[split]["accuracy"]
-            metrics[f"{short}_macro_f1_drop"] = before[split]["macro_f1"] - after[split]["macro_f1"]
+            for score in SCORES:
+                metrics[_worsening_key(short, score)] = _worsening(
+                    score, before[split][score], after[split][score]
+                )
             agree = (before[split]["probs"].argmax(1) == after[split]["probs"].argmax(1)).mean()
             metrics[f"{short}_prediction_agreement"] = float(agree)
     timing = splits["validation"] or splits["test"]
@@ -295,19 +303,7 @@ def run_compress(
             metrics[f"latency_ms_batch1_{tag}"] = _latency_ms(m, timing)
         metrics["speedup"] = metrics["samples_per_s_compressed"] / metrics["samples_per_s_fp32"]
 
-    if "val_accuracy_drop" in metrics:
-        drop_points = 100.0 * metrics["val_accuracy_drop"]
-        accepted = drop_points <= comp.max_drop + 1e-9
-        reason = (
-            f"{method}: validation accuracy drop {drop_points:.2f} points <= "
-            f"compress.max_drop {comp.max_drop:g}"
-            if accepted
-            else f"{method}: validation accuracy dropped {drop_points:.2f} points, more than "
-            f"compress.max_drop {comp.max_drop:g}"
-        )
-    else:
-        accepted = True
-        reason = f"{method}: no validation split to check the accuracy on; accepted unchecked"
+    accepted, reason = judge(metrics, method, cfg.tune.metric, comp.max_drop)
     metrics["accepted"] = float(accepted)
     log_metrics(uri, run_id, metrics, step=0)
     for split in ("validation", "test"):
@@ -320,6 +316,46 @@ def run_compress(
     if not accepted:
         log(f"[compress] refused: {reason}; the uncompressed model is kept")
     return CompressResult(method, folder if accepted else None, accepted, reason, metrics)
+
+
+def _worsening_key(short: str, score: str) -> str:
+    return f"{short}_{score}_{'rise' if score in LOWER_IS_BETTER else 'drop'}"
+
+
+def _worsening(score: str, before: float, after: float) -> float:
+    """How much worse the compressed model scores (a drop, or for a loss a rise)."""
+    return after - before if score in LOWER_IS_BETTER else before - after
+
+
+def judge(
+    metrics: dict[str, float], method: str, gate_metric: str, max_drop: float
+) -> tuple[bool, str]:
+    """The ``compress.max_drop`` gate on the validation scores in ``metrics``: accuracy and
+    ``gate_metric`` (``tune.metric``, when it is a validation score) may each be at most
+    ``max_drop`` points (0.01 of the score each) worse. A score that is nan after
+    compression (a diverged model, or one class only) fails. Returns (accepted, why)."""
+    if "val_accuracy_drop" not in metrics:
+        return True, f"{method}: no validation split to check the accuracy on; accepted unchecked"
+    judged = ["accuracy"]
+    score = gate_metric.removeprefix("val_")
+    if gate_metric.startswith("val_") and score in SCORES and score != "accuracy":
+        judged.append(score)
+    checks = []
+    for name in judged:
+        key = _worsening_key("val", name)
+        points = 100.0 * metrics[key]
+        text = f"{key.removeprefix('val_').replace('_', ' ')} {points:.2f} points"
+        checks.append((points <= max_drop + 1e-9, text))
+    measured = ", ".join(text for _, text in checks)
+    if len(judged) == 1 and gate_metric != "val_accuracy":
+        measured += f" (tune.metric {gate_metric} is not measured on validation rows)"
+    if all(ok for ok, _ in checks):
+        return True, f"{method}: validation {measured}, within compress.max_drop {max_drop:g}"
+    worse = " and ".join(text for ok, text in checks if not ok)
+    return False, (
+        f"{method}: validation {worse}: more than compress.max_drop {max_drop:g} "
+        f"(measured: {measured})"
+    )
 
 
 def _summary(method: str, m: dict[str, float]) -> str:

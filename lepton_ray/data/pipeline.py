@@ -8,7 +8,8 @@ One streaming Ray Data pass and two rounds of plain Ray tasks:
 2. a map-reduce of Ray tasks hash-partitions the rows by their text's key, tags exact
    duplicates, conflicting labels and contaminated evaluation rows (every copy of a text
    meets in one partition) and counts each partition: drop reasons, classes per split,
-   masked PII, a sample of dropped rows;
+   masked PII, a sample of dropped rows; evaluation rows whose text a model already
+   trained on (``trained_on``: its training split's Parquet files) are dropped there too;
 3. optionally, near-duplicates by MinHash LSH (its own distributed plan; only the keys of
    the rows to drop come back, and the partitions are recounted);
 4. one Ray task per partition: label ids, augmentation of training rows, Parquet files per
@@ -26,6 +27,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,7 @@ from lepton_ray.data.rows import (
     resolve_partition,
     summarize_batch,
     tokenizer_spec,
+    trained_key_parts,
     write_partition,
 )
 from lepton_ray.data.sources import TASK_CPUS, Source, detect_format, read_source, root_cause
@@ -48,14 +51,21 @@ from lepton_ray.errors import DataError, StageError
 
 MANIFEST = "manifest.json"
 DROPPED_SAMPLE = "dropped_sample.jsonl"
-VERSION = 2
+VERSION = 3
 """Bumped when the stage's output changes for the same config (invalidates caches)."""
 LENGTH_BINS = 16
 ROWS_PER_BLOCK = 100_000
 
 
-def run_preprocess(cfg: ExperimentConfig, log=print, force: bool = False) -> dict[str, Any]:
-    """Read, clean, deduplicate, split, augment and tokenize; return the manifest."""
+def run_preprocess(
+    cfg: ExperimentConfig, log=print, force: bool = False, trained_on: Sequence[Path] = ()
+) -> dict[str, Any]:
+    """Read, clean, deduplicate, split, augment and tokenize; return the manifest.
+
+    ``trained_on``: folders of preprocessed training rows (Parquet) of a model that will be
+    evaluated on this data; validation and test rows with one of their texts are dropped as
+    ``seen_in_training`` and counted in the manifest's ``seen_in_training``.
+    """
     import ray
     import ray.data
 
@@ -64,7 +74,8 @@ def run_preprocess(cfg: ExperimentConfig, log=print, force: bool = False) -> dic
     ray.data.DataContext.get_current().enable_progress_bars = True
 
     timer = _Timer()
-    inputs = input_fingerprints(cfg)
+    trained_files = _parquet_files(trained_on)
+    inputs = input_fingerprints(cfg, trained_files)
     fingerprint = preprocessing_fingerprint(cfg, inputs)
     cached = _cached_manifest(cfg, fingerprint)
     if cached is not None and data.cache and not force:
@@ -118,6 +129,8 @@ def run_preprocess(cfg: ExperimentConfig, log=print, force: bool = False) -> dic
             conflicts=data.dedup.conflicts,
             contamination=data.split.contamination,
         ),
+        trained_files,
+        data.split.seed,
     )
 
     timer.lap("dedup_count")
@@ -216,6 +229,8 @@ def run_preprocess(cfg: ExperimentConfig, log=print, force: bool = False) -> dic
         }
         if near is not None:
             manifest["near_duplicates"] = near
+        if trained_files:
+            manifest["seen_in_training"] = {s: summary["seen"].get(s, 0) for s in EVAL_SPLITS}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         _swap_into_place(tmp, out)
     except BaseException:
@@ -241,14 +256,28 @@ class _Timer:
 
 
 # ------------------------------------------------------------------------------- fingerprints
-def input_fingerprints(cfg: ExperimentConfig) -> dict[str, str]:
-    """Content hash of every input: the main source and each split file."""
-    from lepton_ray.data.sources import fingerprint
+def input_fingerprints(cfg: ExperimentConfig, trained_on: Sequence[str] = ()) -> dict[str, str]:
+    """Content hash of every input: the main source, each split file and the training rows
+    the evaluation splits must not hold."""
+    from lepton_ray.data.sources import file_digests, fingerprint
 
     prints = {"all": fingerprint(cfg.data)}
     for split, path in cfg.data.split.files.items():
         prints[split] = fingerprint(source_config(cfg, path))
+    if trained_on:
+        prints["trained_on"] = file_digests(trained_on)
     return prints
+
+
+def _parquet_files(folders: Sequence[Path]) -> list[str]:
+    """The Parquet files of preprocessed splits, in a fixed order."""
+    files = []
+    for folder in folders:
+        found = sorted(Path(folder).rglob("*.parquet"))
+        if not found:
+            raise StageError(f"no preprocessed rows at {folder} (a training split to check)")
+        files.extend(str(f) for f in found)
+    return files
 
 
 def preprocessing_fingerprint(cfg: ExperimentConfig, inputs: dict[str, str]) -> str:
@@ -338,12 +367,16 @@ def _near_duplicates(cfg: ExperimentConfig, resolved, log) -> tuple[frozenset, d
     }
 
 
-def _resolve_by_text(prepared, parts: int, options: dict[str, Any]):
+def _resolve_by_text(
+    prepared, parts: int, options: dict[str, Any], trained_on: list[str], seed: int
+):
     """Hash-partition the rows by their text's key and resolve duplicates per partition.
 
     A map-reduce of plain Ray tasks over the materialized blocks: every copy of a text lands
     in one partition, and each reduce task also counts its rows. Ray Data's hash shuffle
     does the same with an actor pool whose start-up costs more than the work at these sizes.
+    The keys of the ``trained_on`` files' texts are partitioned the same way, one task per
+    file, so each partition meets the keys of its own texts (the driver holds none).
     Returns the resolved dataset (materialized) and the per-partition counters.
     """
     import ray
@@ -361,8 +394,14 @@ def _resolve_by_text(prepared, parts: int, options: dict[str, Any]):
                 else [ray.remote(num_cpus=TASK_CPUS)(partition_block).remote(block, 1)]
             )
             pieces.append(out)
+    keys = ray.remote(num_returns=parts, num_cpus=TASK_CPUS)(trained_key_parts)
+    seen = [keys.remote(path, seed, parts) for path in trained_on]
+    seen = [[k] for k in seen] if parts == 1 else seen  # one return: a ref, not a list
     resolve = ray.remote(num_returns=2, num_cpus=TASK_CPUS)(resolve_partition)
-    results = [resolve.remote(options, *[p[i] for p in pieces]) for i in range(parts)]
+    results = [
+        resolve.remote(options, len(seen), *[k[i] for k in seen], *[p[i] for p in pieces])
+        for i in range(parts)
+    ]
     blocks = [r[0] for r in results]
     summaries = ray.get([r[1] for r in results])
     return ray.data.from_arrow_refs(blocks), summaries

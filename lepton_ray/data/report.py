@@ -235,6 +235,14 @@ def summary_table(manifest: Mapping[str, Any]) -> str:
                 ", ".join(parts or ["-"]) + (f"  (action: {action})" if action else ""),
             )
         )
+    seen = _dict(manifest.get("seen_in_training"))
+    if seen:
+        checks.append(
+            (
+                "eval texts trained on",
+                ", ".join(f"{split} {_num(n)}" for split, n in seen.items()) + "  (removed)",
+            )
+        )
     near = _dict(manifest.get("near_duplicates"))
     if near:
         threshold = near.get("threshold")
@@ -386,7 +394,8 @@ def length_histogram_figure(manifest: Mapping[str, Any]):
 
 # ------------------------------------------------------------------------------------- MLflow
 def data_metrics(manifest: Mapping[str, Any]) -> dict[str, float]:
-    """Row counts as MLflow metrics: read, kept, dropped, and rows per split."""
+    """Row counts as MLflow metrics: read, kept, dropped, rows per split, and the evaluation
+    rows removed because a model trained on their text (retraining)."""
     rows = _rows(manifest)
     metrics = {
         "data_rows_read": float(rows["read"]),
@@ -395,6 +404,9 @@ def data_metrics(manifest: Mapping[str, Any]) -> dict[str, float]:
     }
     for split, n in _dict(manifest.get("splits")).items():
         metrics[f"data_rows_{split}"] = float(_int(n))
+    seen = _dict(manifest.get("seen_in_training"))
+    if seen:
+        metrics["data_rows_seen_in_training"] = float(sum(_int(n) for n in seen.values()))
     return {k: v for k, v in metrics.items() if math.isfinite(v)}
 
 

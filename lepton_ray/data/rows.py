@@ -15,13 +15,15 @@ from typing import Any
 import pandas as pd
 
 from lepton_ray.data.clean import KEEP, clean_batch
-from lepton_ray.data.split import KEY, split_of, text_key
+from lepton_ray.data.split import KEY, assign_split_batch, text_key
 
 SAMPLE_PER_REASON = 20
 """Dropped rows kept per reason for the data report."""
 SAMPLE_CHARS = 200
 EVAL_SPLITS = ("validation", "test")
 MASKED = ("email", "url", "phone")
+SEEN_IN_TRAINING = "seen_in_training"
+"""Drop reason of an evaluation row whose text a model already trained on (``trained_on``)."""
 
 
 def prepare_batch(
@@ -36,11 +38,15 @@ def prepare_batch(
 
     The split is ``preset`` (a file given for that split), the split column's value mapped
     through ``names`` (an unknown value drops the row as ``unknown_split``), or the hash split
-    with the fractions in ``hashed``.
+    (``split.assign_split_batch``) with the fractions in ``hashed``.
     """
-    out = clean_batch(batch[["text", "label"]], **clean)
-    keys = [text_key(text, seed) for text in out["text"]]
-    out[KEY] = pd.Series(keys, index=out.index, dtype="int64")
+    hashed = hashed or {}
+    out = assign_split_batch(
+        clean_batch(batch[["text", "label"]], **clean),
+        validation=hashed.get("validation", 0.0),
+        test=hashed.get("test", 0.0),
+        seed=seed,
+    )
     if preset is not None:
         out["split"] = preset
     elif names is not None:
@@ -48,10 +54,6 @@ def prepare_batch(
         unknown = pd.Series([m is None for m in mapped], index=out.index)
         out.loc[unknown & (out["drop_reason"] == KEEP), "drop_reason"] = "unknown_split"
         out["split"] = [m or "" for m in mapped]
-    else:
-        hashed = hashed or {}
-        validation, test = hashed.get("validation", 0.0), hashed.get("test", 0.0)
-        out["split"] = [split_of(k, validation, test) for k in keys]
     return out
 
 
@@ -62,13 +64,19 @@ def _split_name(value: Any, names: dict[str, str]) -> str | None:
 
 
 def resolve_duplicates(
-    batch: pd.DataFrame, exact: bool, conflicts: str, contamination: str
+    batch: pd.DataFrame,
+    exact: bool,
+    conflicts: str,
+    contamination: str,
+    seen: Any = None,
 ) -> pd.DataFrame:
     """Tag duplicates, conflicting labels and contaminated evaluation rows.
 
     Runs on whole blocks hash-partitioned by the text's key, so every copy of a text is in
     the batch. Adds ``conflict_text`` (1 on one row per text with several labels) and
-    ``contaminated`` (an evaluation row whose text is also a kept training row).
+    ``contaminated`` (an evaluation row whose text is also a kept training row). Evaluation
+    rows whose key is in ``seen`` (the keys of texts a model already trained on) are
+    dropped as ``seen_in_training``, whatever ``contamination`` says.
     """
     out = batch.copy()
     out["conflict_text"] = 0
@@ -87,6 +95,10 @@ def resolve_duplicates(
         elif conflicts == "majority":
             losers = _minority_rows(rows[conflicted])
             out.loc[losers, "drop_reason"] = "conflicting_label"
+    if seen is not None and len(seen):
+        live = out["drop_reason"] == KEEP
+        hit = live & out["split"].isin(EVAL_SPLITS) & out[KEY].isin(seen)
+        out.loc[hit, "drop_reason"] = SEEN_IN_TRAINING
     if exact:
         live = out["drop_reason"] == KEEP
         subset = ["text", "split"] if conflicts != "keep" else ["text", "label", "split"]
@@ -139,6 +151,7 @@ def summarize_batch(batch: pd.DataFrame, drops: frozenset = frozenset()) -> dict
                 {"reason": reason, "text": str(text)[:SAMPLE_CHARS], "label": label, "split": split}
             )
     contaminated = Counter(batch.loc[batch["contaminated"], "split"])
+    seen = Counter(batch.loc[batch["drop_reason"] == SEEN_IN_TRAINING, "split"])
     return {
         "reasons": dict(reasons),
         "kept": {f"{s}|{lab}": n for (s, lab), n in kept_by.items()},
@@ -146,6 +159,7 @@ def summarize_batch(batch: pd.DataFrame, drops: frozenset = frozenset()) -> dict
         "conflict_texts": int(batch["conflict_text"].sum()),
         "conflict_rows": int((batch["drop_reason"] == "conflicting_label").sum()),
         "contaminated": dict(contaminated),
+        "seen": dict(seen),
         "sample": sample,
     }
 
@@ -156,13 +170,14 @@ def merge_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
         "kept": Counter(),
         "masked": Counter(),
         "contaminated": Counter(),
+        "seen": Counter(),
         "conflict_texts": 0,
         "conflict_rows": 0,
         "sample": [],
     }
     per_reason: Counter = Counter()
     for part in parts:
-        for key in ("reasons", "kept", "masked", "contaminated"):
+        for key in ("reasons", "kept", "masked", "contaminated", "seen"):
             total[key].update(part[key])
         total["conflict_texts"] += part["conflict_texts"]
         total["conflict_rows"] += part["conflict_rows"]
@@ -280,12 +295,35 @@ def partition_block(block, parts: int):
     return tuple(table.take(pa.array(np.flatnonzero(which == i))) for i in range(parts))
 
 
-def resolve_partition(options: dict[str, Any], *tables):
-    """Resolve one partition's duplicates; the token ids stay in Arrow, untouched."""
+def trained_key_parts(path: str, seed: int, parts: int):
+    """The text keys of one preprocessed Parquet file (rows a model trained on), split into
+    ``parts`` arrays as ``partition_block`` splits rows; read one row group at a time."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    texts = pq.ParquetFile(path).iter_batches(columns=["text"])
+    keys = np.fromiter(
+        (text_key(t, seed) for batch in texts for t in batch.column(0).to_pylist()),
+        dtype=np.int64,
+    )
+    if parts == 1:
+        return keys
+    which = keys % parts
+    return tuple(keys[which == i] for i in range(parts))
+
+
+def resolve_partition(options: dict[str, Any], n_seen: int, *pieces):
+    """Resolve one partition's duplicates; the token ids stay in Arrow, untouched.
+
+    ``pieces``: ``n_seen`` arrays of this partition's keys of texts a model trained on
+    (``trained_key_parts``), then the partition's tables.
+    """
+    import numpy as np
     import pyarrow as pa
 
-    table = pa.concat_tables(tables)
-    out = resolve_duplicates(light_frame(table), **options)
+    table = pa.concat_tables(pieces[n_seen:])
+    seen = np.concatenate(pieces[:n_seen]) if n_seen else None
+    out = resolve_duplicates(light_frame(table), **options, seen=seen)
     for name in ("drop_reason", "conflict_text", "contaminated"):
         column = pa.array(out[name].to_numpy())
         if name in table.column_names:

@@ -479,7 +479,12 @@ def fingerprint(cfg: DataConfig) -> str:
     fingerprint means the same input data."""
     if cfg.hf is not None:
         return _hf_fingerprint(cfg, _load_hf(cfg))
-    return _combine([(f, _file_digest(f)) for f in source_files(cfg.path)])
+    return file_digests(source_files(cfg.path))
+
+
+def file_digests(files: Sequence[str]) -> str:
+    """sha256 over the files' names and bytes, in the order given."""
+    return _combine([(f, _file_digest(f)) for f in files])
 
 
 # ------------------------------------------------------------------------------------- reading
@@ -508,6 +513,10 @@ def read_source(cfg: DataConfig) -> Source:
         ),
     )
     if cfg.max_rows:
+        # The first max_rows rows in file order, the same ones every run (the cache's
+        # fingerprint promises it): without preserve_order, limit keeps whichever blocks
+        # reach it first. The setting is this dataset's own (its plan runs under it).
+        source.ds.context.execution_options.preserve_order = True
         source.ds = source.ds.limit(cfg.max_rows)
     return source
 
@@ -770,7 +779,7 @@ def _read_hf(cfg: DataConfig) -> Source:
     if len(loaded) == 0:
         raise DataError(f"data.hf {cfg.source_name}: the split holds no rows")
     return Source(
-        ds=hf_to_ray(loaded, from_hub=_from_hub(cfg)),
+        ds=hf_to_ray(loaded, from_hub=_from_hub(cfg), max_rows=cfg.max_rows),
         n_rows=len(loaded),
         fingerprint=_hf_fingerprint(cfg, loaded),
     )
@@ -784,16 +793,32 @@ def _from_hub(cfg: DataConfig) -> bool:
     return not local and not hf_config.HF_HUB_OFFLINE
 
 
-def hf_to_ray(loaded, from_hub: bool):
+HF_CHUNK_ROWS = 50_000
+"""Rows of a local Hugging Face dataset put into the object store at a time."""
+
+
+def hf_to_ray(loaded, from_hub: bool, max_rows: int | None = None, chunk_rows: int = HF_CHUNK_ROWS):
     """``ray.data.from_huggingface`` for a hub dataset (a distributed read of the hub's
     Parquet files where it has them); a local one goes straight to Arrow, which is what
     from_huggingface falls back to after probing the hub, a probe that reloads the builder
-    without its data files and cannot work offline."""
+    without its data files and cannot work offline.
+
+    A local dataset goes ``chunk_rows`` at a time (slices of its memory-mapped Arrow files)
+    into the object store, its first ``max_rows`` rows only: the driver holds one chunk,
+    never the split.
+    """
+    import ray
     import ray.data
 
     if from_hub:
         return ray.data.from_huggingface(loaded)
-    return ray.data.from_arrow(loaded.with_format("arrow")[:])
+    table = loaded.with_format("arrow")
+    rows = len(loaded) if max_rows is None else min(max_rows, len(loaded))
+    refs = [
+        ray.put(table[start : min(start + chunk_rows, rows)])
+        for start in range(0, rows, chunk_rows)
+    ]
+    return ray.data.from_arrow_refs(refs)
 
 
 def root_cause(err: BaseException) -> str:

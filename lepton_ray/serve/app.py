@@ -15,8 +15,11 @@ switched. A batch runs on the model it started with, so every answer comes from 
 one whole model, and no request fails during the swap (requests that arrive while the
 new version loads can wait for it: the load competes for the GIL and the cores).
 
-Load is bounded in three places, so that the endpoint sheds instead of collapsing:
+Load is bounded in four places, so that the endpoint sheds instead of collapsing:
 
+- a request is admitted before its body is read: the bytes of the bodies a replica holds
+  (announced by ``Content-Length``, else counted as they arrive) stay within
+  ``max_body_bytes_in_flight``, and one more gets 503 with ``Retry-After`` at once;
 - a request body must arrive within ``body_timeout_s`` (408 otherwise), so a stalled upload
   holds nothing for long, and the body is read before the request counts toward the model;
 - a replica holds at most ``max_queued_texts`` texts for its model (running or waiting); one
@@ -25,8 +28,12 @@ Load is bounded in three places, so that the endpoint sheds instead of collapsin
   (503 with ``Retry-After`` beyond; ``BackpressureConfig``), and the proxy ends any request
   after ``request_timeout_s`` (408).
 
+Until the replica is ready every request gets 503 (``"code": "not_ready"``), so no request
+passes the API key unchecked. A 503 says why in ``code``: ``not_ready`` (no model loaded yet),
+``overloaded`` (texts queued) or ``overloaded_bytes`` (bodies in flight).
+
 ``/metrics`` is the replica's own Prometheus text (requests by route and status, latency and batch-size
-histograms, shed requests, queued texts).
+histograms, shed requests, queued texts, body bytes in flight and their peak).
 """
 
 import asyncio
@@ -35,6 +42,9 @@ import hmac
 import json
 import os
 import random
+import shutil
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -42,9 +52,12 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lepton_ray.config import _is_loopback
+from lepton_ray.tracking.mlflow import _URI_CREDENTIALS
 
 api = FastAPI(title="lepton-ray", description="Text classification served by lepton-ray.")
 
@@ -54,7 +67,10 @@ class ServeArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    tracking_uri: str
+    tracking_uri: str = Field(description="MLflow tracking URI, credentials removed.")
+    tracking_credentials: SecretStr | None = Field(
+        None, description="USER:PASSWORD taken out of tracking_uri (never shown in text)."
+    )
     model_uri: str | None = Field(None, description="The pinned version: models:/NAME/VERSION.")
     model_name: str | None = None
     model_version: str | None = None
@@ -65,12 +81,36 @@ class ServeArgs(BaseModel):
     max_queued_texts: int = 128
     retry_after_s: int = 1
     body_timeout_s: float = 5.0
-    api_key_sha256: str | None = Field(None, description="SHA-256 (hex) of the API key.")
+    max_body_bytes_in_flight: int = Field(64 * 2**20, ge=65_536)
+    api_key_sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$", description="SHA-256 (hex) of the API key."
+    )
+    api_key_sha256_env: str | None = Field(
+        None,
+        description="Environment variable of the cluster's nodes holding api_key_sha256 "
+        "(a Kubernetes Secret); app_builder reads it.",
+    )
     log_sample_rate: float = 0.0
     log_sample_path: str | None = None
     max_texts_per_request: int = 256
     max_chars_per_text: int = 20_000
     torch_threads: int | None = None
+
+    @model_validator(mode="after")
+    def _credentials_apart(self) -> "ServeArgs":
+        # Deployment arguments are stored and shown by Ray: the URI keeps no password.
+        found = _URI_CREDENTIALS.search(self.tracking_uri)
+        if found:
+            self.tracking_credentials = SecretStr(found.group("userinfo"))
+            self.tracking_uri = _URI_CREDENTIALS.sub(r"\g<scheme>", self.tracking_uri, count=1)
+        return self
+
+    def mlflow_uri(self) -> str:
+        """The tracking URI with its credentials, for the replica's MLflow calls only."""
+        if self.tracking_credentials is None:
+            return self.tracking_uri
+        scheme, _, rest = self.tracking_uri.partition("://")
+        return f"{scheme}://{self.tracking_credentials.get_secret_value()}@{rest}"
 
 
 MODEL_FIELDS = ("model_uri", "model_name", "model_version")
@@ -87,18 +127,29 @@ class ModelChoice(BaseModel):
 
 
 class _Loaded:
-    """One whole loaded model; a replica switches between these, never edits one."""
+    """One whole loaded model; a replica switches between these, never edits one.
 
-    def __init__(self, tracking_uri: str, choice: ModelChoice):
+    It owns the folder its files were downloaded to, under ``root``: ``remove`` deletes it
+    once another model has replaced this one."""
+
+    def __init__(self, tracking_uri: str, choice: ModelChoice, root: Path):
         from lepton_ray.models import load_model_artifact
         from lepton_ray.tracking.mlflow import download_model, get_model_version
 
         self.choice = choice
-        folder = download_model(tracking_uri, choice.model_uri)
-        self.model, self.tokenizer, self.meta = load_model_artifact(folder)
-        self.version = get_model_version(tracking_uri, choice.model_uri)
+        self.folder = Path(tempfile.mkdtemp(prefix="model-", dir=root))
+        try:
+            artifact = download_model(tracking_uri, choice.model_uri, self.folder)
+            self.model, self.tokenizer, self.meta = load_model_artifact(artifact)
+            self.version = get_model_version(tracking_uri, choice.model_uri)
+        except BaseException:
+            self.remove()
+            raise
         self.labels = list(self.meta.labels)
         self.loaded_at = time.time()
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 class PredictRequest(BaseModel):
@@ -121,8 +172,30 @@ class PredictResponse(BaseModel):
     model_version: str
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": message}, headers=headers)
+def _error(
+    status: int, message: str, headers: dict[str, str] | None = None, code: str | None = None
+) -> JSONResponse:
+    content = {"error": message} | ({"code": code} if code else {})
+    return JSONResponse(status_code=status, content=content, headers=headers)
+
+
+class _Refusal(HTTPException):
+    """An HTTP error whose JSON also carries a machine-readable ``code``."""
+
+    def __init__(self, status: int, message: str, code: str, headers: dict[str, str]):
+        super().__init__(status, message, headers=headers)
+        self.code = code
+
+
+def _unparsable(cause: BaseException | None) -> str:
+    """What is wrong with a body FastAPI could not parse (it says only 'error parsing')."""
+    if isinstance(cause, RecursionError):
+        return "body: JSON nested too deep"
+    if isinstance(cause, UnicodeDecodeError):
+        return f"body: not valid UTF-8 (byte {cause.start})"
+    if isinstance(cause, ValueError) and "digits" in str(cause):
+        return f"body: a number too large (over {sys.get_int_max_str_digits()} digits)"
+    return "body: not valid JSON"
 
 
 @api.exception_handler(RequestValidationError)
@@ -138,9 +211,10 @@ async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONRespo
 async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     detail = str(exc.detail)
     if exc.status_code == 400 and "parsing the body" in detail:
-        # FastAPI's words for a body that is not UTF-8 (or not decodable at all).
-        detail = "body: not valid UTF-8 JSON"
-    return _error(exc.status_code, detail, getattr(exc, "headers", None))
+        detail = _unparsable(exc.__cause__)
+    return _error(
+        exc.status_code, detail, getattr(exc, "headers", None), getattr(exc, "code", None)
+    )
 
 
 @api.exception_handler(Exception)
@@ -195,6 +269,16 @@ class _Metrics:
             "Texts held for the model now (running or waiting).",
             registry=self.registry,
         )
+        self.body_bytes = Gauge(
+            "lepton_serve_body_bytes_in_flight",
+            "Bytes of the request bodies admitted and not yet answered.",
+            registry=self.registry,
+        )
+        self.body_bytes_peak = Gauge(
+            "lepton_serve_body_bytes_in_flight_peak",
+            "The most body bytes ever in flight at once (never above max_body_bytes_in_flight).",
+            registry=self.registry,
+        )
         self.model = Gauge(
             "lepton_serve_model_info",
             "1 for the registered version being served.",
@@ -213,16 +297,35 @@ class _ReplicaState:
 
     settings: ServeArgs | None = None
     metrics: _Metrics | None = None
+    body_bytes: int = 0  # of the bodies admitted and not yet answered
+    body_bytes_peak: int = 0
+
+    def hold_bytes(self, n: int) -> bool:
+        """Admit ``n`` more body bytes if they fit within max_body_bytes_in_flight."""
+        if self.body_bytes + n > self.settings.max_body_bytes_in_flight:
+            return False
+        self.body_bytes += n
+        self.body_bytes_peak = max(self.body_bytes_peak, self.body_bytes)
+        self.metrics.body_bytes.set(self.body_bytes)
+        self.metrics.body_bytes_peak.set(self.body_bytes_peak)
+        return True
+
+    def release_bytes(self, n: int) -> None:
+        self.body_bytes -= n
+        self.metrics.body_bytes.set(self.body_bytes)
 
 
 _replica = _ReplicaState()
+NOT_READY = "not_ready"
 
 
 class _Guard:
-    """Pure ASGI middleware in front of every route: API key, bounded body, metrics.
+    """Pure ASGI middleware in front of every route: readiness, API key, bounded bodies, metrics.
 
-    The body is read here, whole and within ``body_timeout_s``, before any route runs; a
-    client that stalls mid-upload gets 408 and holds nothing afterwards.
+    Before the replica is ready, every request gets 503 (nothing passes unchecked). A body is
+    admitted before it is read, within ``max_body_bytes_in_flight``, then read here, whole
+    and within ``body_timeout_s``, before any route runs; a client that stalls mid-upload
+    gets 408 and holds nothing afterwards.
     """
 
     OPEN = ("/healthz", "/health")
@@ -231,13 +334,18 @@ class _Guard:
         self.app = app
 
     async def __call__(self, scope, receive, send) -> None:
-        settings, metrics = _replica.settings, _replica.metrics
-        if scope["type"] != "http" or settings is None or metrics is None:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        settings, metrics = _replica.settings, _replica.metrics
+        if settings is None or metrics is None:
+            refusal = (503, "the replica is not ready yet", {"Retry-After": "1"}, NOT_READY)
+            await _error(*refusal)(scope, receive, send)
             return
         started = time.perf_counter()
         route = _route_label(scope)
         status = {"code": 500}
+        held = [0]  # body bytes this request holds
 
         async def send_counted(message) -> None:
             if message["type"] == "http.response.start":
@@ -247,7 +355,7 @@ class _Guard:
         try:
             refusal = self._refusal(scope, route, settings)
             if refusal is None and scope["method"] in ("POST", "PUT", "PATCH"):
-                body, refusal = await _read_body(receive, settings)
+                body, refusal = await _read_body(scope, receive, settings, held)
                 if refusal is None:
                     receive = _replay(body, receive)
             if refusal is not None:
@@ -255,10 +363,11 @@ class _Guard:
             else:
                 await self.app(scope, receive, send_counted)
         finally:
+            _replica.release_bytes(held[0])
             metrics.requests.labels(route, str(status["code"])).inc()
             metrics.latency.labels(route).observe(time.perf_counter() - started)
 
-    def _refusal(self, scope, route: str, settings: ServeArgs) -> tuple[int, str, dict] | None:
+    def _refusal(self, scope, route: str, settings: ServeArgs) -> tuple | None:
         if settings.api_key_sha256 is None or route in self.OPEN:
             return None
         header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
@@ -298,8 +407,36 @@ def _route_label(scope) -> str:
     return path if path in _ROUTES else "other"
 
 
-async def _read_body(receive, settings: ServeArgs) -> tuple[bytes, tuple | None]:
-    limit = 6 * settings.max_texts_per_request * settings.max_chars_per_text + 65_536
+def _declared_length(scope) -> int | None:
+    value = dict(scope.get("headers") or []).get(b"content-length")
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+async def _read_body(
+    scope, receive, settings: ServeArgs, held: list[int]
+) -> tuple[bytes, tuple | None]:
+    """The whole body, or why not; ``held[0]`` counts the bytes it holds of the replica's
+    ``max_body_bytes_in_flight`` (reserved from ``Content-Length`` before reading)."""
+    cap = settings.max_body_bytes_in_flight
+    limit = min(6 * settings.max_texts_per_request * settings.max_chars_per_text + 65_536, cap)
+    too_large = (413, f"request body over {limit} bytes", {"Connection": "close"})
+    busy = (
+        503,
+        f"overloaded: request bodies of {_replica.body_bytes} bytes are already in flight "
+        f"(max_body_bytes_in_flight {cap}); retry later",
+        {"Retry-After": str(settings.retry_after_s), "Connection": "close"},
+        "overloaded_bytes",
+    )
+    declared = _declared_length(scope)
+    if declared is not None:
+        if declared > limit:
+            return b"", too_large
+        if not _replica.hold_bytes(declared):
+            return b"", busy
+        held[0] = declared
     deadline = time.monotonic() + settings.body_timeout_s
     chunks, size = [], 0
     while True:
@@ -317,7 +454,11 @@ async def _read_body(receive, settings: ServeArgs) -> tuple[bytes, tuple | None]
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            return b"", (413, f"request body over {limit} bytes", {"Connection": "close"})
+            return b"", too_large
+        if size > held[0]:  # no (or a short) Content-Length: hold the bytes as they come
+            if not _replica.hold_bytes(size - held[0]):
+                return b"", busy
+            held[0] = size
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks), None
@@ -427,6 +568,7 @@ class TextClassifier:
         self.args = ServeArgs.model_validate(args)
         torch.set_num_threads(self.args.torch_threads or max(1, os.cpu_count() or 1))
         self.loaded: _Loaded | None = None  # set by reconfigure (build_app's user_config)
+        self.models_root = Path(tempfile.mkdtemp(prefix="lepton-serve-"))  # one folder per model
         self._swap = asyncio.Lock()
         self.metrics = _Metrics()
         # Through the imported module: Serve ships this class by value, with copies of the
@@ -454,14 +596,24 @@ class TextClassifier:
             if self.loaded is not None and self.loaded.choice == choice:
                 return
             # In a thread: the event loop keeps answering with the current model meanwhile.
-            loaded = await asyncio.to_thread(_Loaded, self.args.tracking_uri, choice)
+            loaded = await asyncio.to_thread(
+                _Loaded, self.args.mlflow_uri(), choice, self.models_root
+            )
             self.metrics.model.clear()
             self.metrics.model.labels(choice.model_uri, choice.model_version).set(1)
-            self.loaded = loaded
+            old, self.loaded = self.loaded, loaded
+            if old is not None:
+                # Its weights are in memory (batches still running on it keep them); the
+                # files are not needed any more.
+                old.remove()
+
+    def __del__(self) -> None:
+        # Serve calls this when it stops the replica: the model folders go with it.
+        shutil.rmtree(self.models_root, ignore_errors=True)
 
     def _current(self) -> _Loaded:
         if self.loaded is None:
-            raise HTTPException(503, "no model loaded yet", headers={"Retry-After": "1"})
+            raise _Refusal(503, "no model loaded yet", NOT_READY, {"Retry-After": "1"})
         return self.loaded
 
     @api.get("/healthz")
@@ -510,11 +662,12 @@ class TextClassifier:
         self._current()
         if self.queued and self.queued + len(texts) > self.args.max_queued_texts:
             self.metrics.shed.inc()
-            raise HTTPException(
+            raise _Refusal(
                 503,
                 f"overloaded: {self.queued} texts already wait for the model "
                 f"(max_queued_texts {self.args.max_queued_texts}); retry later",
-                headers={"Retry-After": str(self.args.retry_after_s)},
+                "overloaded",
+                {"Retry-After": str(self.args.retry_after_s)},
             )
         self.queued += len(texts)
         if self.args.adaptive_batch_wait:
@@ -555,17 +708,29 @@ class TextClassifier:
         return [(r, loaded.choice) for r in answers]
 
 
+def check_exposure(host: str | None, args: ServeArgs) -> None:
+    """Refuse to serve without an API key on anything but loopback (``None``: unknown)."""
+    if args.api_key_sha256 is None and (host is None or not _is_loopback(host)):
+        where = f"on {host}, which other machines reach" if host else "on an unknown host"
+        raise ValueError(
+            f"the endpoint would listen {where}, with no API key: set serve.api_key_env "
+            "(lepton-ray serve), or api_key_sha256 / api_key_sha256_env in the application's "
+            "args (a Serve config file such as cluster/kuberay/rayservice.yaml)"
+        )
+
+
 def build_app(
     args: ServeArgs,
+    host: str | None,
     num_replicas: int = 1,
     num_cpus: float = 1.0,
     max_ongoing_requests: int | None = None,
     max_queued_requests: int | None = None,
     access_log: bool = False,
 ):
-    """The Serve application for ``args`` (typed app builder).
+    """The Serve application for ``args``, behind Serve's HTTP proxy on ``host``.
 
-    The model goes into ``user_config`` and the rest into the constructor, so that
+    Off loopback (or on an unknown host) ``args`` must carry an API key. The model goes into ``user_config`` and the rest into the constructor, so that
     deploying another version of the same model later swaps it in place. Ray Serve's
     per-replica slots default to enough for every queued text plus room for ``/healthz``
     and uploads in flight; its router queue beyond them answers 503 with ``Retry-After``.
@@ -574,6 +739,7 @@ def build_app(
 
     from lepton_ray.config import serve_slots
 
+    check_exposure(host, args)
     choice = ModelChoice.model_validate({k: getattr(args, k) for k in MODEL_FIELDS})
     ongoing, queued = serve_slots(args.max_queued_texts, max_ongoing_requests, max_queued_requests)
     return TextClassifier.options(
@@ -589,5 +755,32 @@ def build_app(
 
 def app_builder(args: ServeArgs):
     """One-argument builder for Serve config files (``import_path: ...app:app_builder``,
-    as the KubeRay RayService manifest uses); ``args`` are validated as ``ServeArgs``."""
-    return build_app(args)
+    as the KubeRay RayService manifest uses); ``args`` are validated as ``ServeArgs``.
+
+    The key's digest is ``api_key_sha256``, or read from the variable
+    ``api_key_sha256_env`` names; it is required unless Serve's proxy listens on loopback
+    (KubeRay binds it to 0.0.0.0)."""
+    if args.api_key_sha256 is None and args.api_key_sha256_env:
+        name = args.api_key_sha256_env
+        digest = os.environ.get(name, "").strip().lower()
+        if not digest:
+            raise ValueError(
+                f"api_key_sha256_env is {name}, but {name} is not set on this node: set it "
+                "from the Secret that holds the key's SHA-256"
+            )
+        args = ServeArgs.model_validate({**args.model_dump(), "api_key_sha256": digest})
+    return build_app(args, host=_proxy_host())
+
+
+def _proxy_host() -> str | None:
+    """The host Serve's HTTP proxy on the connected cluster listens on (None: unknown)."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    try:
+        from ray.serve.context import _get_global_client
+
+        return _get_global_client().http_config.host
+    except Exception:  # noqa: BLE001 - no Serve to ask: unknown, which needs a key
+        return None

@@ -75,11 +75,17 @@ def wait_healthy(base_url: str, timeout_s: float = 120.0, version: str | None = 
     raise LeptonError(f"the Serve endpoint at {base_url} was not {what} in {timeout_s:.0f} s")
 
 
-def _check_proxy_address(host: str, port: int) -> None:
-    """Serve has one HTTP proxy per cluster; a second address in a config cannot be honoured."""
+def check_proxy_address(host: str, port: int) -> None:
+    """Serve has one HTTP proxy per cluster; a second address in a config cannot be honoured.
+
+    Checked when a run starts (nothing to check while Serve is not started on the connected
+    cluster: the deployment starts it on ``host:port``) and again once Serve is started."""
     from ray.serve.context import _get_global_client
 
-    http = _get_global_client().http_config
+    serve_client = _get_global_client(raise_if_no_controller_running=False)
+    if serve_client is None:
+        return
+    http = serve_client.http_config
     if (http.host, http.port) != (host, port):
         raise LeptonError(
             f"Ray Serve on this cluster already listens on http://{http.host}:{http.port}, not "
@@ -112,7 +118,7 @@ def deploy(cfg: ExperimentConfig, model_uri: str, log=print) -> tuple[str, str]:
             "keep_alive_timeout_s": s.keep_alive_timeout_s,
         }
     )
-    _check_proxy_address(s.host, s.port)
+    check_proxy_address(s.host, s.port)
     samples = s.log_sample_path or cfg.output_dir / cfg.name / "serve" / "predictions.jsonl"
     args = ServeArgs(
         tracking_uri=cfg.tracking.tracking_uri,
@@ -126,6 +132,7 @@ def deploy(cfg: ExperimentConfig, model_uri: str, log=print) -> tuple[str, str]:
         max_queued_texts=s.queued_texts,
         retry_after_s=s.retry_after_s,
         body_timeout_s=s.body_timeout_s,
+        max_body_bytes_in_flight=s.max_body_bytes_in_flight,
         api_key_sha256=key_digest(key) if key else None,
         log_sample_rate=s.log_sample_rate,
         log_sample_path=str(Path(samples)) if s.log_sample_rate > 0 else None,
@@ -139,6 +146,7 @@ def deploy(cfg: ExperimentConfig, model_uri: str, log=print) -> tuple[str, str]:
     serve.run(
         build_app(
             args,
+            host=s.host,
             num_replicas=s.num_replicas,
             num_cpus=s.num_cpus,
             max_ongoing_requests=s.ongoing_requests,

@@ -28,6 +28,7 @@ class LoadResult:
     texts: int = 0  # texts answered with 200
     timeline: list[tuple[float, int | str]] = field(default_factory=list)  # (s from start, status)
     models: Counter = field(default_factory=Counter)  # answering model, with record_models
+    codes: Counter = field(default_factory=Counter)  # (status, the error's "code") of non-200s
 
     @property
     def requests(self) -> int:
@@ -63,6 +64,15 @@ class LoadResult:
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
+
+
+def _error_code(raw: bytes) -> str | None:
+    """The ``code`` of an endpoint's JSON error (``overloaded``, ``not_ready``...)."""
+    try:
+        answer = json.loads(raw)
+    except ValueError:
+        return None
+    return answer.get("code") if isinstance(answer, dict) else None
 
 
 def run_load(
@@ -116,6 +126,8 @@ async def _load(
                     status = resp.status
                     if models and status == 200:
                         result.models[json.loads(raw).get("model")] += 1
+                    elif status != 200:
+                        result.codes[status, _error_code(raw)] += 1
                     if status == 503 and "Retry-After" in resp.headers:
                         result.retry_after += 1
             except (aiohttp.ClientError, asyncio.TimeoutError) as err:

@@ -232,37 +232,108 @@ def register_version(
     return version
 
 
-def get_version_by_alias(tracking_uri: str, name: str, alias: str):
-    """The version behind ``name@alias``, or None when the alias (or model) does not exist."""
-    try:
-        return client(tracking_uri).get_model_version_by_alias(name, alias)
-    except Exception:  # noqa: BLE001 - MLflow raises a generic error for a missing alias
-        return None
+CHAMPION = "champion"
+"""The served alias; a bare ``NAME`` means ``NAME@champion``."""
+_ALIAS = re.compile(r"[A-Za-z0-9_-]+")
 
 
-def remove_alias(tracking_uri: str, name: str, alias: str) -> bool:
-    """Delete ``name@alias``; False when it was not set."""
-    if get_version_by_alias(tracking_uri, name, alias) is None:
-        return False
-    client(tracking_uri).delete_registered_model_alias(name, alias)
-    return True
+def parse_spec(spec: str) -> tuple[str, str | None, str | None]:
+    """The one grammar of a model: ``NAME``, ``NAME@ALIAS`` or ``NAME/VERSION``, each with an
+    optional ``models:/`` prefix -> (name, alias, version); a bare NAME has neither."""
+    from lepton_ray.errors import LeptonError
+
+    rest = spec.removeprefix("models:/").strip()
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        if name and _ALIAS.fullmatch(alias):
+            return name, alias, None
+    elif "/" in rest:
+        name, version = rest.rsplit("/", 1)
+        if name and version.isdigit():
+            return name, None, version
+    elif rest:
+        return rest, None, None
+    raise LeptonError(f"model must look like NAME, NAME@ALIAS or NAME/VERSION, got {spec!r}")
 
 
-def get_model_version(tracking_uri: str, model_uri: str):
-    """The registry entry behind ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
+def is_not_found(err: BaseException) -> bool:
+    """Whether MLflow answered that the thing asked for does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(err, MlflowException) and err.error_code == "RESOURCE_DOES_NOT_EXIST"
+
+
+def _read(tracking_uri: str, what: str, call):
+    """``call()``, or None when MLflow says it does not exist.
+
+    Any other failure (an unreachable server, a permission error) is an error that names
+    the store: an answer that did not come is never taken for "there is none", which would
+    let a challenger pass the gate as if there were no champion.
+    """
+    from mlflow.exceptions import MlflowException
+
     from lepton_ray.errors import StageError
 
-    c = client(tracking_uri)
-    name, version = _parse_model_uri(model_uri)
     try:
-        if version.startswith("@"):
-            return c.get_model_version_by_alias(name, version[1:])
-        return c.get_model_version(name, version)
-    except Exception as err:  # noqa: BLE001 - MLflow raises generic errors for missing models
+        return call()
+    except MlflowException as err:
+        if is_not_found(err):
+            return None
+        detail = redact_uri(str(err).strip().splitlines()[0] if str(err).strip() else repr(err))
         raise StageError(
-            f"no registered model {model_uri} in {redact_uri(tracking_uri)} "
-            f"({str(err).splitlines()[0]}); train or tune this experiment first"
+            f"could not {what} in the MLflow registry at {redact_uri(tracking_uri)}: {detail}"
         ) from None
+
+
+def find_registered_model(tracking_uri: str, name: str):
+    """The registered model ``name``, or None when the store has none of that name."""
+    return _read(
+        tracking_uri,
+        f"read registered model '{name}'",
+        lambda: client(tracking_uri).get_registered_model(name),
+    )
+
+
+def find_model_version(tracking_uri: str, name: str, version: str):
+    """Version ``version`` of ``name``, or None when it does not exist (or was deleted)."""
+    return _read(
+        tracking_uri,
+        f"read version {version} of '{name}'",
+        lambda: client(tracking_uri).get_model_version(name, str(version)),
+    )
+
+
+def get_version_by_alias(tracking_uri: str, name: str, alias: str):
+    """The version behind ``name@alias``, or None when the model or the alias does not exist.
+
+    The alias is looked up among the registered model's aliases: MLflow answers a lookup of
+    a missing alias with the same error code as a malformed request, so only the model's
+    own answer tells "no such alias" from a failure.
+    """
+    model = find_registered_model(tracking_uri, name)
+    version = (model.aliases or {}).get(alias) if model is not None else None
+    return None if version is None else find_model_version(tracking_uri, name, str(version))
+
+
+def get_model_version(tracking_uri: str, spec: str):
+    """The registry entry behind a spec of :func:`parse_spec` (``NAME`` = ``NAME@champion``)."""
+    from lepton_ray.errors import StageError
+
+    name, alias, version = parse_spec(spec)
+    where = redact_uri(tracking_uri)
+    if find_registered_model(tracking_uri, name) is None:
+        raise StageError(
+            f"no registered model '{name}' in {where} (asked for {spec}); "
+            "train or tune this experiment first"
+        )
+    if version is not None:
+        found, what = find_model_version(tracking_uri, name, version), f"version {version}"
+    else:
+        alias = alias or CHAMPION
+        found, what = get_version_by_alias(tracking_uri, name, alias), f"alias @{alias}"
+    if found is None:
+        raise StageError(f"no registered model {spec} in {where}: '{name}' has no {what}")
+    return found
 
 
 def download_model(tracking_uri: str, model_uri: str, dst: Path | None = None) -> Path:
@@ -270,33 +341,30 @@ def download_model(tracking_uri: str, model_uri: str, dst: Path | None = None) -
     lepton-ray model artifact in it (inside the MLflow pyfunc package of the version)."""
     import mlflow.artifacts
 
-    from lepton_ray.registry import artifact_folder
-
     version = get_model_version(tracking_uri, model_uri)
     dst = dst or Path(tempfile.mkdtemp(prefix="lepton-model-"))
     path = mlflow.artifacts.download_artifacts(
         artifact_uri=version.source, dst_path=str(dst), tracking_uri=tracking_uri
     )
-    return artifact_folder(Path(path))
+    return _artifact_folder(Path(path))
 
 
-def _parse_model_uri(uri: str) -> tuple[str, str]:
-    from lepton_ray.errors import LeptonError
+def _artifact_folder(package: Path) -> Path:
+    """The lepton-ray artifact inside a downloaded version (a legacy version is one itself)."""
+    from lepton_ray.errors import StageError
+    from lepton_ray.models import META_FILE
+    from lepton_ray.tracking.pyfunc_model import ARTIFACT_KEY
 
-    if not uri.startswith("models:/"):
-        raise LeptonError(
-            f"model URI must look like models:/NAME@ALIAS or models:/NAME/VERSION, got {uri!r}"
-        )
-    rest = uri.removeprefix("models:/")
-    if "@" in rest:
-        name, alias = rest.split("@", 1)
-        return name, "@" + alias
-    name, _, version = rest.rpartition("/")
-    if not name or not version:
-        raise LeptonError(
-            f"model URI must look like models:/NAME@ALIAS or models:/NAME/VERSION, got {uri!r}"
-        )
-    return name, version
+    package = Path(package)
+    if (package / META_FILE).is_file() or not (package / "MLmodel").is_file():
+        return package
+    inner = package / "artifacts" / ARTIFACT_KEY
+    if (inner / META_FILE).is_file():
+        return inner
+    found = sorted((package / "artifacts").glob(f"*/{META_FILE}"))
+    if not found:
+        raise StageError(f"{package}: an MLflow model without a lepton-ray artifact inside")
+    return found[0].parent
 
 
 def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:

@@ -103,6 +103,10 @@ def confusion_matrix(matrix: Sequence[Sequence[int]], labels: Sequence[str], tit
     return fig
 
 
+SWEEP_COLORS = {None: "tab:blue", "asha": "tab:red", "early_stopping": "tab:orange"}
+"""A sweep point's color by who stopped the trial (``tune.driver.stop_reason``)."""
+
+
 def sweep(trials: list[dict], metric: str, params: list[str]):
     """One panel per swept parameter: the trial's final metric against the value tried."""
     plt = _pyplot()
@@ -111,11 +115,15 @@ def sweep(trials: list[dict], metric: str, params: list[str]):
     for ax, param in zip(axes[0], params):
         xs = [t["params"].get(param, i) for i, t in enumerate(trials)]
         ys = [t["metrics"].get(metric) for t in trials]
-        colors = ["tab:red" if t.get("early_stopped") else "tab:blue" for t in trials]
+        colors = [SWEEP_COLORS[t.get("stopped_by")] for t in trials]
         ax.scatter(xs, ys, c=colors)
         if param.endswith("lr"):
             ax.set_xscale("log")
         ax.set(xlabel=param, ylabel=metric, title=f"{metric} by {param}")
-    fig.suptitle("Sweep (red: stopped early by ASHA)")
+    fig.suptitle(
+        "Sweep (blue: ran every epoch; red: stopped early by ASHA; "
+        "orange: by its own early stopping)",
+        fontsize=9,
+    )
     fig.tight_layout()
     return fig

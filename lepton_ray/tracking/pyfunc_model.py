@@ -7,8 +7,10 @@ artifact (safetensors weights, tokenizer, ``lepton_model.json``) in ``artifacts/
     mlflow.pyfunc.load_model("models:/NAME@champion").predict(["a raw text", ...])
 
 works with MLflow's own tools and no lepton-ray code of the reader's. Input: a list of
-strings, a pandas Series, or a DataFrame with a ``text`` column (else its first column).
-Output: a DataFrame with ``label``, ``truncated`` and one ``prob_<label>`` column per label.
+strings, a pandas Series, or a DataFrame whose first column holds the texts. Output: a
+DataFrame with ``label``, ``truncated`` and one ``prob_<label>`` column per label. Every
+version records both as its MLflow signature (:func:`signature`), which MLflow's UI shows and
+``mlflow.pyfunc`` / ``mlflow models serve`` enforce on the input.
 """
 
 from __future__ import annotations
@@ -17,6 +19,25 @@ import mlflow
 from mlflow.pyfunc import PythonModel
 
 ARTIFACT_KEY = "lepton_model"
+
+
+def output_columns(labels) -> list[str]:
+    return ["label", "truncated", *(f"prob_{label}" for label in labels)]
+
+
+def signature(labels):
+    """The MLflow signature of a version predicting ``labels``.
+
+    Input: one string column, unnamed (as MLflow's own text pipelines declare it), so a list
+    of strings, a Series and a one-column frame all pass. Output: ``label`` (string),
+    ``truncated`` (boolean) and ``prob_<label>`` (double) per label.
+    """
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, Schema
+
+    kinds = [DataType.string, DataType.boolean, *([DataType.double] * len(labels))]
+    outputs = Schema([ColSpec(k, n) for k, n in zip(kinds, output_columns(labels), strict=True)])
+    return ModelSignature(inputs=Schema([ColSpec(DataType.string)]), outputs=outputs)
 
 
 def _texts(model_input) -> list[str]:
@@ -57,8 +78,7 @@ class LeptonTextClassifier(PythonModel):
             }
             for a in answers
         ]
-        columns = ["label", "truncated", *(f"prob_{label}" for label in self.meta.labels)]
-        return pd.DataFrame(rows, columns=columns)
+        return pd.DataFrame(rows, columns=output_columns(self.meta.labels))
 
 
 mlflow.models.set_model(LeptonTextClassifier())

@@ -18,7 +18,7 @@ and which texts meet in a batch, stays random from epoch to epoch.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,22 +93,9 @@ class TokenRows:
         per_rank = len(self) // world
         return self.take(np.arange(rank, per_rank * world, world))
 
-    def collate(self, index: np.ndarray, pad_id: int) -> dict:
-        """A padded batch (dynamic padding: to the longest row of the batch)."""
-        import torch
-
-        lengths = self.lengths[index]
-        width = int(lengths.max()) if len(index) else 0
-        ids = np.full((len(index), width), pad_id, dtype=np.int64)
-        mask = np.zeros((len(index), width), dtype=np.int64)
-        for row, (i, n) in enumerate(zip(index, lengths)):
-            ids[row, :n] = self.ids[self.offsets[i] : self.offsets[i] + n]
-            mask[row, :n] = 1
-        return {
-            "input_ids": torch.from_numpy(ids),
-            "attention_mask": torch.from_numpy(mask),
-            "labels": torch.from_numpy(self.labels[index].copy()),
-        }
+    def sequences(self, index) -> list[np.ndarray]:
+        """The token ids of rows ``index`` (views, no copy), for ``evaluation.collate``."""
+        return [self.ids[self.offsets[i] : self.offsets[i + 1]] for i in index]
 
 
 def epoch_rng(seed: int, epoch: int, rank: int) -> np.random.Generator:
@@ -146,14 +133,3 @@ def padding_fraction(rows: TokenRows, batches: list[np.ndarray]) -> float:
     real = sum(int(lengths[b].sum()) for b in batches)
     slots = sum(int(lengths[b].max()) * len(b) for b in batches if len(b))
     return 1.0 - real / slots if slots else 0.0
-
-
-def iter_epoch(
-    rows: TokenRows,
-    batches: list[np.ndarray],
-    pad_id: int,
-    start: int = 0,
-) -> Iterator[dict]:
-    """Collated batches ``start``, ``start + 1``, ... of an epoch's order."""
-    for index in batches[start:]:
-        yield rows.collate(index, pad_id)

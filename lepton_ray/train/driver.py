@@ -182,9 +182,15 @@ TAG_TRAINING_KEY = "lepton.training_key"
 TAG_RAY_RUN = "lepton.ray_run_name"
 
 
-def unfinished_run(cfg: ExperimentConfig, key: str) -> str | None:
-    """The latest MLflow train run with this key that did not finish (to resume), if any."""
-    from lepton_ray.tracking.mlflow import client
+RESUMABLE_STATUSES = ("RUNNING", "KILLED")
+"""Runs that were interrupted: a driver that died without closing its run leaves it RUNNING,
+a signal ends it KILLED. A FAILED run stopped on an error of its own, which resuming from
+its checkpoint would most likely meet again, so the next command starts a new run."""
+
+
+def unfinished_run(cfg: ExperimentConfig, key: str, log=print) -> str | None:
+    """The latest MLflow train run with this key, if it was interrupted (to resume it)."""
+    from lepton_ray.tracking.mlflow import TAG_ERROR, client
 
     c = client(cfg.tracking.tracking_uri)
     experiment = c.get_experiment_by_name(cfg.experiment_name)
@@ -194,11 +200,20 @@ def unfinished_run(cfg: ExperimentConfig, key: str) -> str | None:
         [experiment.experiment_id],
         filter_string=f"tags.`{TAG_TRAINING_KEY}` = '{key}'",
         order_by=["attributes.start_time DESC"],
-        max_results=5,
+        max_results=1,
     )
     # Only the latest counts: once a run with this key finished, the next one starts afresh.
-    if runs and runs[0].info.status != "FINISHED":
-        return runs[0].info.run_id
+    if not runs:
+        return None
+    latest = runs[0]
+    if latest.info.status in RESUMABLE_STATUSES:
+        return latest.info.run_id
+    if latest.info.status == "FAILED":
+        error = latest.data.tags.get(TAG_ERROR) or "no error recorded"
+        log(
+            f"[train] the latest run with these settings, {latest.info.run_id}, FAILED "
+            f"({error[:200]}); it is not resumed: starting a new run"
+        )
     return None
 
 
@@ -234,7 +249,7 @@ def run_train(
         else {**manifest, "fingerprint": f"{manifest.get('fingerprint')}+{replay}"}
     )
     key = training_key(cfg, keyed)
-    resume = None if new else unfinished_run(cfg, key)
+    resume = None if new else unfinished_run(cfg, key, log)
     tags = lineage_tags(
         cfg, manifest.get("fingerprint"), **{TAG_STAGE: "train", TAG_TRAINING_KEY: key}
     )

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from lepton_ray.evaluation import evaluate
+from lepton_ray.evaluation import collate, evaluate
 from lepton_ray.train.batching import TokenRows, epoch_batches
 from lepton_ray.train.parallel import distributed, gradient_sync, unwrap
 from lepton_ray.train.precision import Precision
@@ -252,14 +252,16 @@ def run_training(
             torch.manual_seed(step_seed(s.seed, rank, state.step))
             started = time.perf_counter()
             loss_sum = torch.zeros((), dtype=torch.float64)
+            # Each micro-batch's mean loss counts by its examples, so the step's gradient is
+            # that of the mean over all of the step's examples (on every rank together):
+            # the epoch's short last batch weighs what its rows weigh, not a full batch's.
+            per_example = example_weight(sum(len(i) for i in micro), multi, world_size, device)
             for j, index in enumerate(micro):
-                batch = {
-                    k: v.to(device, non_blocking=True)
-                    for k, v in rows.collate(index, pad_id).items()
-                }
+                batch = collate(rows.sequences(index), rows.labels[index], pad_id)
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 with gradient_sync(model, not multi or j == len(micro) - 1), precision.autocast():
                     out = model(**batch)
-                loss = out.loss.float() / len(micro)
+                loss = out.loss.float() * (len(index) * per_example)
                 (scaler.scale(loss) if scaler else loss).backward()
                 loss_sum += out.loss.detach().double().cpu() * len(index)
             if scaler:
@@ -298,6 +300,19 @@ def run_training(
         if evaluate_now(epoch_done=True):
             return state
     return state
+
+
+def example_weight(examples: int, multi: bool, world_size: int, device: torch.device) -> float:
+    """What one example's loss is multiplied by so that a step's gradient is the mean over
+    every example of the step: ``1 / examples`` on one rank; with several, the step's
+    examples are summed over the ranks (they differ when a rank's short last batch falls
+    in another step) and multiplied by the world size, which DDP's and FSDP's gradient
+    averaging divides by again."""
+    if not multi:
+        return 1.0 / max(examples, 1)
+    total = torch.tensor([examples], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(total)
+    return world_size / max(int(total.item()), 1)
 
 
 def _previous_best(state: LoopState, s: LoopSettings) -> float | None:
@@ -377,6 +392,7 @@ __all__ = [
     "LoopState",
     "build_optimizer",
     "build_scheduler",
+    "example_weight",
     "is_better",
     "lr_factor",
     "run_training",

@@ -17,6 +17,7 @@ import torch
 
 from lepton_ray.config import ExperimentConfig
 from lepton_ray.errors import StageError
+from lepton_ray.evaluation import collate
 from lepton_ray.models import ModelMeta, build_model, load_tokenizer
 from lepton_ray.train.batching import TokenRows
 from lepton_ray.train.checkpoint import (
@@ -120,9 +121,8 @@ def setup_recipe(
 def eval_batches_of(rows: TokenRows, batch_size: int, pad_id: int) -> Callable[[], list]:
     """Validation batches, longest first (little padding); the same list on every rank."""
     order = np.argsort(-rows.lengths, kind="stable")
-    batches = [
-        rows.collate(order[i : i + batch_size], pad_id) for i in range(0, len(rows), batch_size)
-    ]
+    cuts = [order[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    batches = [collate(rows.sequences(cut), rows.labels[cut], pad_id) for cut in cuts]
     return lambda: batches
 
 
@@ -143,6 +143,10 @@ def read_split(cfg: ExperimentConfig, split: str) -> TokenRows:
     import pandas as pd
 
     return TokenRows.from_frames([pd.read_parquet(split_folder(cfg, split))])
+
+
+RESUMED_AT_STEP = "resumed_at_step"
+"""Metric logged once per restore from a checkpoint: the optimizer step training went on from."""
 
 
 def train_recipe(
@@ -167,10 +171,13 @@ def train_recipe(
                 f"[train] resumed from {resume_from}: epoch {state.epoch + 1}, "
                 f"batch {state.batch}, step {state.step}"
             )
+            if on_log is not None:  # where each restore started, for MLflow (and the tests)
+                on_log(state.step, {RESUMED_AT_STEP: state.step})
     sharded = cfg.train.strategy == "fsdp" and distributed(world_size)
 
     def on_evaluation(metrics: dict[str, Any], improved: bool, state: LoopState) -> None:
-        metrics = {**metrics, "improved": improved}
+        # stopped_early: the sweep tells a trial that stopped itself from one ASHA stopped.
+        metrics = {**metrics, "improved": improved, "stopped_early": state.stopped_early}
         weights = optim = None
         if sharded or rank == 0:
             weights, optim = full_state(recipe.model, recipe.optimizer)  # collective under FSDP

@@ -83,7 +83,6 @@ def worker_nodes(world: int) -> list[str]:
 
 
 _NOT_REPORTED = ("confusion", "probs", "targets")
-ROW_COLUMNS = ["text", "label_id", "input_ids"]
 
 
 def shard_rows(shard) -> TokenRows:

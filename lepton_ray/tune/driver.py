@@ -112,10 +112,29 @@ def run_tune(
     return summarize_trials(cfg, results, parent_run_id, log)
 
 
+STOPPED_BY_ASHA = "asha"
+STOPPED_BY_PATIENCE = "early_stopping"
+STOP_REASONS = {
+    STOPPED_BY_ASHA: "ASHA",
+    STOPPED_BY_PATIENCE: "its own early stopping (train.early_stopping.patience)",
+}
+TAG_STOPPED_BY = "lepton.stopped_by"
+
+
+def stop_reason(metrics: dict[str, Any], epochs: int, error: BaseException | None) -> str | None:
+    """Who ended a trial before ``train.epochs``: the trial itself (its early stopping saw no
+    gain for ``patience`` evaluations, reported as ``stopped_early``) or ASHA (the trial was
+    still going at its last report); None for a trial that ran every epoch or failed."""
+    if error is not None or round(float(metrics.get("epoch", 0)), 3) >= epochs:
+        return None
+    return STOPPED_BY_PATIENCE if metrics.get("stopped_early") else STOPPED_BY_ASHA
+
+
 def summarize_trials(
     cfg: ExperimentConfig, results, parent_run_id: str, log=print
 ) -> dict[str, Any]:
-    """Match Tune's trials to their MLflow runs, mark early stops, plot, pick the best."""
+    """Match Tune's trials to their MLflow runs, mark early stops and who made them, plot,
+    pick the best."""
     from lepton_ray.tracking import plots
     from lepton_ray.tracking.mlflow import (
         TAG_PARENT,
@@ -140,19 +159,24 @@ def summarize_trials(
         trial_id = (result.metrics or {}).get("trial_id")
         run = by_trial.get(trial_id)
         epochs = round(float((result.metrics or {}).get("epoch", 0)), 3)
-        early = result.error is None and epochs < cfg.train.epochs
+        stopped_by = stop_reason(result.metrics or {}, cfg.train.epochs, result.error)
         run_metrics: dict[str, float] = {}
         if run is not None:
             # Re-read: the search above may predate the trial's last writes.
             latest = c.get_run(run.info.run_id)
             run_metrics = dict(latest.data.metrics)
-            if early:
+            if stopped_by is not None:
                 set_tags(
                     uri,
                     run.info.run_id,
-                    {"lepton.early_stopped": "true", "lepton.epochs_run": epochs},
+                    {
+                        "lepton.early_stopped": "true",
+                        TAG_STOPPED_BY: stopped_by,
+                        "lepton.epochs_run": epochs,
+                    },
                 )
-                c.set_terminated(run.info.run_id, status="KILLED")  # stopped by ASHA
+            if stopped_by == STOPPED_BY_ASHA:
+                c.set_terminated(run.info.run_id, status="KILLED")
             elif result.error is not None:
                 c.set_terminated(run.info.run_id, status="FAILED")
             elif latest.info.status == "RUNNING":
@@ -164,7 +188,8 @@ def summarize_trials(
                 "run_id": run.info.run_id if run is not None else None,
                 "params": {k: v for k, v in (result.config or {}).items()},
                 "metrics": {t.metric: run_metrics.get(best_key), "epochs": epochs},
-                "early_stopped": early,
+                "early_stopped": stopped_by is not None,
+                "stopped_by": stopped_by,
                 "error": str(result.error).splitlines()[0] if result.error else None,
             }
         )
@@ -181,10 +206,11 @@ def summarize_trials(
         uri, parent_run_id, plots.sweep(usable, t.metric, sorted(t.space)), "plots/sweep.png"
     )
     for tr in trials:
+        stopped = STOP_REASONS.get(tr["stopped_by"])
         log(
             f"[tune] trial {tr['trial_id']}: {t.metric}={tr['metrics'][t.metric]} "
             f"params={tr['params']}"
-            + (" (stopped early by ASHA)" if tr["early_stopped"] else "")
+            + (f" (stopped early by {stopped})" if stopped else "")
             + (f" ERROR {tr['error']}" if tr["error"] else "")
         )
     log(

@@ -52,6 +52,12 @@ def test_malformed_config(tmp_path):
     assert_one_line_error(cli("train", str(bad)), str(bad), "malformed YAML")
 
 
+def test_a_binary_config_is_not_a_text_yaml_file(tmp_path):
+    binary = tmp_path / "picture.yaml"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe")
+    assert_one_line_error(cli("validate", str(binary)), str(binary), "not a text YAML file")
+
+
 def test_unknown_key_in_file_and_override(tmp_path):
     data = tmp_path / "d.csv"
     data.write_text("review,sentiment\na,x\nb,y\n")

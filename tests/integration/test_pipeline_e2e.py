@@ -165,9 +165,25 @@ def _probabilities(url: str, texts: list[str]) -> list[dict[str, float]]:
 
 
 def test_serving_cleans_text_exactly_as_training_did(pipeline):
-    raw = ["Ｔｈｅ lamp\u200b works\u00a0 perfectly.\n", "The\tlamp works perfectly."]
-    cleaned = ["The lamp works perfectly.", "The lamp works perfectly."]
-    assert _probabilities(pipeline["url"], raw) == _probabilities(pipeline["url"], cleaned)
+    """The served answer for raw texts is the one for those texts as the data stage cleaned
+    them (its clean_batch, with the experiment's data.clean settings)."""
+    import inspect
+
+    import pandas as pd
+
+    from lepton_ray.config import load_experiment
+    from lepton_ray.data.clean import KEEP, clean_batch
+
+    raw = ["Ｔｈｅ lamp\u200b works\u00a0 perfectly.\n", "The\tlamp ｗｏｒｋｓ perfectly."]
+    cfg = load_experiment(pipeline["config"])
+    settings = cfg.data.clean.model_dump(include=set(inspect.signature(clean_batch).parameters))
+    stage = clean_batch(pd.DataFrame({"text": raw, "label": ["positive"] * len(raw)}), **settings)
+    assert (stage["drop_reason"] == KEEP).all()
+    trained = stage["text"].tolist()
+    assert all(a != b for a, b in zip(raw, trained, strict=True)), trained  # each one cleaned
+    assert _probabilities(pipeline["url"], raw) == _probabilities(pipeline["url"], trained)
+    served = requests.get(f"{pipeline['url']}/v1/model", timeout=10).json()["cleaning"]
+    assert served == {k: settings[k] for k in served}, (served, settings)
 
 
 def test_bad_texts_never_hurt_their_batch_mates(pipeline):

@@ -54,7 +54,7 @@ def test_trec_official_test_set_and_counts(tmp_path):
     assert (frame["length"] == frame["input_ids"].map(len)).all()
 
 
-def test_sst2_full_train_with_dev_as_test(tmp_path):
+def test_sst2_full_train_with_dev_as_validation(tmp_path):
     shared_file("sst2", "train.tsv")
     cfg = _shipped("sst2_minilm_lora", tmp_path, max_rows=None)
     manifest = run_preprocess(cfg, log=lambda _: None)
@@ -62,13 +62,14 @@ def test_sst2_full_train_with_dev_as_test(tmp_path):
     # none of the dev sentences appear in train, and 371 train sentences are repeated.
     assert manifest["rows_read"] == 67349 + 872
     _identity(manifest)
-    assert manifest["class_counts"]["test"] == {"0": 428, "1": 444}
-    assert manifest["contamination"]["test"] == 0
+    # Validation is the sentence-level dev file, whole; nothing is cut from the phrases.
+    assert manifest["class_counts"]["validation"] == {"0": 428, "1": 444}
+    assert manifest["contamination"]["validation"] == 0
+    assert manifest["splits"]["test"] == 0
     assert (
         manifest["dropped"].get("duplicate", 0) + manifest["dropped"].get("conflicting_label", 0)
         >= 371
     )
-    kept_train_val = manifest["splits"]["train"] + manifest["splits"]["validation"]
-    assert kept_train_val == 67349 - sum(manifest["dropped"].values())
+    assert manifest["splits"]["train"] == 67349 - sum(manifest["dropped"].values())
     assert manifest["split_source"] == "files"
     print(json.dumps({k: manifest[k] for k in ("dropped", "splits", "seconds")}))

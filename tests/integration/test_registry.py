@@ -1,6 +1,7 @@
 """The model registry against a real MLflow store: versions with lineage, the promotion gate,
-rollback, legacy alias migration, the `models` CLI, and every version loadable as a standard
-MLflow pyfunc model (Python API and `mlflow models predict`) with no lepton-ray code."""
+rollback, legacy alias migration (by writes only), the `models` CLI, and every version loadable
+as a standard MLflow pyfunc model with its signature (Python API and `mlflow models predict`)
+with no lepton-ray code. The gate with the real evaluator: test_gate_evaluator.py."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typer.testing import CliRunner
 from lepton_ray import registry
 from lepton_ray.cli import app
 from lepton_ray.errors import StageError
+from lepton_ray.tracking.mlflow import get_version_by_alias
 from tests.conftest import TINY_LABELS, mlflow_store, register_tiny
 
 runner = CliRunner()
@@ -27,7 +29,7 @@ def store(tmp_path):
 
 
 def _champion(store) -> str | None:
-    found = registry.alias_of(store["uri"], "reg", registry.CHAMPION)
+    found = get_version_by_alias(store["uri"], "reg", registry.CHAMPION)
     return str(found.version) if found else None
 
 
@@ -61,6 +63,7 @@ def test_gate_promote_and_rollback(store, tiny_artifact):
 
 
 def test_gate_needs_one_split(store, tiny_artifact):
+    """Without the experiment's data the gate cannot score versions of two splits: refused."""
     uri, quiet = store["uri"], (lambda _: None)
     v1 = register_tiny(store, tiny_artifact, 0.70)
     registry.promote(uri, "reg", v1, log=quiet)
@@ -68,14 +71,6 @@ def test_gate_needs_one_split(store, tiny_artifact):
     result = registry.promote(uri, "reg", v2, log=quiet)
     assert not result.passed and "different splits" in result.reason
     assert _champion(store) == v1
-    # With an evaluator (the experiment's validation split), both are scored on it.
-    scores = {v1: 0.75, v2: 0.74}
-    result = registry.promote(uri, "reg", v2, evaluate=lambda v: scores[str(v.version)], log=quiet)
-    assert not result.passed and "evaluated now" in result.reason
-    scores[v2] = 0.76
-    assert registry.promote(
-        uri, "reg", v2, evaluate=lambda v: scores[str(v.version)], log=quiet
-    ).passed
 
 
 def test_a_compression_of_the_champion_is_gated_by_max_drop_not_by_tolerance(store, tiny_artifact):
@@ -88,17 +83,24 @@ def test_a_compression_of_the_champion_is_gated_by_max_drop_not_by_tolerance(sto
     assert store["client"].get_model_version("reg", v2).tags["lepton.source_version"] == v1
 
 
-def test_legacy_serving_alias_is_folded_into_champion(store, tiny_artifact):
+def test_reads_leave_a_legacy_registry_as_it_is_and_writes_migrate_it(store, tiny_artifact):
     uri, c = store["uri"], store["client"]
     v1 = register_tiny(store, tiny_artifact, 0.9)
     v2 = register_tiny(store, tiny_artifact, 0.89, quantization="dynamic_int8", source_version=v1)
     c.set_registered_model_alias("reg", "champion", v1)  # the old layout
     c.set_registered_model_alias("reg", "serving", v2)
-    assert str(registry.resolve(uri, "reg").version) == v2  # NAME means NAME@champion
-    aliases = c.get_registered_model("reg").aliases
-    assert str(aliases.get("champion")) == v2 and "serving" not in aliases
-    # and rollback knows the old champion
+    before = dict(c.get_registered_model("reg").aliases)
+    for args in (["models", "list"], ["models", "list", "reg"], ["models", "show", "reg"]):
+        result = runner.invoke(app, [*args, "--tracking-uri", uri])
+        assert result.exit_code == 0, result.output
+    assert str(registry.resolve(uri, "reg").version) == v1  # NAME means NAME@champion
+    assert dict(c.get_registered_model("reg").aliases) == before  # reads wrote nothing
+    # A write migrates first: @champion moves to the served compression, @serving goes, and
+    # rollback knows the old champion.
     assert registry.rollback(uri, "reg", log=lambda _: None) == v1
+    aliases = c.get_registered_model("reg").aliases
+    assert str(aliases.get("champion")) == v1 and "serving" not in aliases
+    assert registry.history(uri, "reg") == [v1]
 
 
 def test_models_cli(store, tiny_artifact):
@@ -137,20 +139,52 @@ def test_models_cli(store, tiny_artifact):
     assert _champion(store) == v1 and v2
 
 
-def test_a_version_is_a_standard_mlflow_model(store, tiny_artifact, tmp_path, monkeypatch):
-    """MLflow's own API and CLI load the champion and classify raw texts."""
-    import mlflow.pyfunc
+@pytest.fixture
+def reader(store, monkeypatch):
+    """MLflow pointed at the store as a reader would; undone after the test (MLflow keeps the
+    URIs in module globals, which every later MlflowClient without URIs would inherit)."""
     import mlflow.tracking._model_registry.utils as registry_utils
     import mlflow.tracking._tracking_service.utils as tracking_utils
 
-    v1 = register_tiny(store, tiny_artifact, 0.8)
-    registry.promote(store["uri"], "reg", v1, log=lambda _: None)
-    # As a reader would point MLflow at the store; undone after the test (MLflow keeps the
-    # URIs in module globals, which every later MlflowClient without URIs would inherit).
     monkeypatch.setattr(tracking_utils, "_tracking_uri", None)
     monkeypatch.setattr(registry_utils, "_registry_uri", None)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store["uri"])
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", store["uri"])
+    return store
+
+
+def test_a_registered_version_carries_its_signature(reader, tiny_artifact):
+    """MLflow shows the input and output schema and enforces the input's."""
+    import mlflow.models
+    import mlflow.pyfunc
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    v1 = register_tiny(reader, tiny_artifact, 0.8)
+    signature = mlflow.models.get_model_info(f"models:/reg/{v1}").signature
+    assert signature is not None
+    assert [(i.type.name, i.name) for i in signature.inputs.inputs] == [("string", None)]
+    outputs = [(o.name, o.type.name) for o in signature.outputs.inputs]
+    assert outputs == [
+        ("label", "string"),
+        ("truncated", "boolean"),
+        ("prob_negative", "double"),
+        ("prob_positive", "double"),
+    ]
+    model = mlflow.pyfunc.load_model(f"models:/reg/{v1}")
+    assert model.metadata.get_input_schema() == signature.inputs
+    assert len(model.predict(pd.DataFrame({"text": ["a fine lamp"]}))) == 1
+    with pytest.raises(MlflowException, match="Incompatible input types"):
+        model.predict(pd.DataFrame({"text": [1, 2]}))  # not texts: refused by the schema
+
+
+def test_a_version_is_a_standard_mlflow_model(reader, tiny_artifact, tmp_path):
+    """MLflow's own API and CLI load the champion and classify raw texts."""
+    import mlflow.pyfunc
+
+    store = reader
+    v1 = register_tiny(store, tiny_artifact, 0.8)
+    registry.promote(store["uri"], "reg", v1, log=lambda _: None)
     model = mlflow.pyfunc.load_model("models:/reg@champion")
     out = model.predict(["a fine lamp", "x " * 40])
     assert list(out.columns) == ["label", "truncated", "prob_negative", "prob_positive"]

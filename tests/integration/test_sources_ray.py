@@ -182,6 +182,49 @@ def test_hf_saved_to_disk_and_from_huggingface(tmp_path, monkeypatch):
     assert sorted(r["text"] for r in hf_to_ray(data, from_hub=True).take_all()) == ["x", "y"]
 
 
+def test_max_rows_is_the_first_rows_in_file_order_every_run(tmp_path, monkeypatch):
+    import ray.data
+
+    # A big file first, then smaller ones, in small blocks read by several tasks: an
+    # unordered limit keeps the rows of whichever blocks reach it first.
+    monkeypatch.setattr(ray.data.DataContext.get_current(), "target_max_block_size", 1 << 16)
+    expected = []
+    for index, n in enumerate([50_000] + [5_000] * 8):
+        body = [f"file {index} row {i} words" for i in range(n)]
+        lines = "".join(f"{text},{i % 2}\n" for i, text in enumerate(body))
+        write(tmp_path / f"part-{index}.csv", "text,label\n" + lines)
+        expected.extend(body)
+    cfg = config(tmp_path, max_rows=40_000)
+    for _ in range(3):
+        source = read_source(cfg)
+        assert source.ds.context.execution_options.preserve_order
+        assert [row["text"] for row in source.ds.iter_rows()] == expected[:40_000]
+    # The setting is the dataset's own: other Ray Data work in the process keeps its order.
+    assert not ray.data.DataContext.get_current().execution_options.preserve_order
+
+
+def test_local_hf_dataset_puts_only_the_rows_it_reads(tmp_path):
+    import datasets
+
+    from lepton_ray.data.sources import hf_to_ray
+
+    saved = tmp_path / "saved"
+    texts = [f"row {i}" for i in range(1000)]
+    datasets.Dataset.from_dict({"text": texts, "label": [i % 2 for i in range(1000)]}).save_to_disk(
+        str(saved)
+    )
+    ds = hf_to_ray(
+        datasets.load_from_disk(str(saved)), from_hub=False, max_rows=250, chunk_rows=100
+    )
+    # The object store holds the first 250 rows, put 100 at a time; the rest is never read.
+    assert (ds.count(), ds.num_blocks()) == (250, 3)
+    assert [row["text"] for row in ds.iter_rows()] == texts[:250]
+    cfg = DataConfig.model_validate({"hf": {"name": str(saved)}, "max_rows": 250})
+    source = read_source(cfg)
+    assert source.n_rows == 1000
+    assert [row["text"] for row in source.ds.take_all()] == texts[:250]
+
+
 # ------------------------------------------------------------------------------------- errors
 def test_non_utf8_file_names_file_and_line(tmp_path):
     path = write(tmp_path / "latin.csv", "text,label\nok,1\ncaf\xe9 au lait,2\n".encode("latin-1"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -131,6 +132,36 @@ def _train_worker_pids() -> list[int]:
     return sorted(a.pid for a in actors if "RayTrainWorker" in (a.class_name or ""))
 
 
+def _checkpoint_registered(storage: Path) -> bool:
+    """Ray Train has recorded a checkpoint (its manager's snapshot names one), so a restart
+    restores it; a checkpoint folder alone may still be on its way to the controller."""
+    for snapshot in storage.glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
+                return True
+        except (OSError, ValueError):
+            continue  # being written
+    return False
+
+
+def _assert_restored_not_retrained(client, run_id: str, final_step: int) -> int:
+    """The run went on from a checkpoint: it logged the step it restored (once), and no
+    step up to there was trained or evaluated twice, as a retrain from scratch would (its
+    numbers are the same, training being deterministic; its logged steps are not)."""
+    from lepton_ray.train.recipe import RESUMED_AT_STEP
+
+    restores = client.get_metric_history(run_id, RESUMED_AT_STEP)
+    assert len(restores) == 1, restores
+    start = int(restores[0].value)
+    assert restores[0].step == start and 0 < start < final_step, start
+    evaluated = [m.step for m in client.get_metric_history(run_id, "val_loss")]
+    assert start in evaluated  # checkpoints are written at evaluations
+    for key in ("val_loss", "train_loss_step"):
+        before = [m.step for m in client.get_metric_history(run_id, key) if m.step <= start]
+        assert len(before) == len(set(before)), (key, sorted(before))
+    return start
+
+
 def test_a_killed_worker_is_replaced_and_the_run_ends_as_if_nothing_happened(data, ddp_run):
     from lepton_ray.train.driver import run_train
 
@@ -143,7 +174,7 @@ def test_a_killed_worker_is_replaced_and_the_run_ends_as_if_nothing_happened(dat
     def kill_after_first_checkpoint():
         deadline = time.time() + 300
         while time.time() < deadline:
-            if list(storage.glob("*/checkpoint_*")):
+            if _checkpoint_registered(storage):
                 pids = _train_worker_pids()
                 if len(pids) == 2:
                     os.kill(pids[-1], signal.SIGKILL)
@@ -158,6 +189,8 @@ def test_a_killed_worker_is_replaced_and_the_run_ends_as_if_nothing_happened(dat
     assert killed, "no worker was killed"
     for key in ("step", "val_loss", "val_accuracy", "val_macro_f1"):
         assert result["metrics"][key] == pytest.approx(reference["metrics"][key], abs=1e-5), key
+    c = MlflowClient(cfg.tracking.tracking_uri)
+    _assert_restored_not_retrained(c, result["run_id"], result["metrics"]["step"])
 
 
 def test_bad_training_input_is_refused_before_any_worker_starts(data, tmp_path):
@@ -193,7 +226,7 @@ def test_a_killed_driver_resumes_on_the_same_command(data, ddp_run, tmp_path):
     command = [str(Path(sys.executable).parent / "lepton-ray"), "train", str(config)]
     first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
-    while not list(storage.glob("*/checkpoint_*")):
+    while not _checkpoint_registered(storage):
         assert first.poll() is None and time.time() < deadline, first.communicate()[0][-3000:]
         time.sleep(0.2)
     first.send_signal(signal.SIGTERM)
@@ -211,3 +244,4 @@ def test_a_killed_driver_resumes_on_the_same_command(data, ddp_run, tmp_path):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # no second run
     final = runs[0].data.metrics
     assert final["val_loss"] == pytest.approx(reference["metrics"]["val_loss"], abs=1e-5)
+    _assert_restored_not_retrained(c, runs[0].info.run_id, final["step"])

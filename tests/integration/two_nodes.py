@@ -48,7 +48,8 @@ def _sessions(sid: int) -> list[int]:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[3]) == sid:  # field 6 of stat: the session id
+        # field 6 of stat: the session id; a zombie (Z) has exited, only its reaping is left
+        if int(fields[3]) == sid and fields[0] != "Z":
             pids.append(int(entry.name))
     return pids
 
@@ -223,6 +224,7 @@ class MlflowServer:
     def start(self) -> MlflowServer:
         self.root.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no job runner: 8 fewer processes
         self.log = open(self.root / "server.log", "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [
@@ -230,6 +232,7 @@ class MlflowServer:
                 "server",
                 "--host=127.0.0.1",
                 f"--port={self.port}",
+                "--workers=1",
                 f"--backend-store-uri=sqlite:///{self.root}/mlflow.db",
                 f"--artifacts-destination={self.root / 'artifacts'}",
             ],

@@ -3,6 +3,7 @@
 import numpy as np
 import pandas as pd
 
+from lepton_ray.evaluation import collate
 from lepton_ray.train.batching import TokenRows, epoch_batches, padding_fraction
 
 
@@ -31,7 +32,7 @@ def test_rows_round_trip_and_canonical_order():
     assert np.array_equal(backwards.labels, rows.labels)
     first = frame.sort_values("text").iloc[0]
     assert rows.ids[: rows.offsets[1]].tolist() == list(first["input_ids"])
-    batch = rows.collate(np.array([0, 1, 2]), pad_id=0)
+    batch = collate(rows.sequences(np.array([0, 1, 2])), rows.labels[:3], pad_id=0)
     lengths = rows.lengths[:3]
     assert batch["input_ids"].shape == (3, lengths.max())
     assert batch["attention_mask"].sum(dim=1).tolist() == lengths.tolist()
@@ -69,3 +70,18 @@ def test_shards_are_equal_and_disjoint():
     ids_a = {tuple(a.ids[a.offsets[i] : a.offsets[i + 1]]) for i in range(len(a))}
     ids_b = {tuple(b.ids[b.offsets[i] : b.offsets[i + 1]]) for i in range(len(b))}
     assert not ids_a & ids_b
+
+
+def test_the_readme_describes_the_shuffle_this_module_does():
+    """Every epoch a full seeded permutation of the worker's rows (no block order, no
+    buffer), grouped by length in windows of LENGTH_WINDOW_BATCHES batches."""
+    from lepton_ray.train.batching import LENGTH_WINDOW_BATCHES
+    from tests.conftest import ROOT
+
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert "local buffer" not in readme and "block order" not in readme
+    assert "full permutation seeded by (seed, epoch, rank)" in readme
+    assert f"windows of {LENGTH_WINDOW_BATCHES} batches" in readme
+    rows = _rows(300)
+    order = np.concatenate(epoch_batches(rows, 8, seed=0, epoch=0, group_by_length=False))
+    assert np.array_equal(order, np.random.default_rng([0, 0, 0]).permutation(len(rows)))

@@ -286,12 +286,25 @@ def test_rayservice_import_path_is_a_one_argument_app_builder():
     functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
     for app in _serve_apps():
         attr = app["import_path"].partition(":")[2]
-        if attr not in functions:
-            pytest.skip(f"lepton_ray.serve.app:{attr} (the RayService builder) is not written yet")
+        assert attr in functions, f"lepton_ray.serve.app:{attr} (the RayService builder) is missing"
         params = functions[attr].args
         assert len(params.args) + len(params.kwonlyargs) == 1, f"{attr} must take one argument"
         annotation = params.args[0].annotation if params.args else None
         assert getattr(annotation, "id", None) == "ServeArgs", f"annotate {attr}(args: ServeArgs)"
+
+
+def test_rayservice_reads_an_api_key_digest_from_a_secret_on_every_pod():
+    """KubeRay binds Serve to 0.0.0.0: the application must carry a key (app_builder checks)."""
+    [service] = [d for n, d in _ray_objects() if n == "rayservice.yaml"]
+    for app in _serve_apps():
+        name = app["args"].get("api_key_sha256_env")
+        assert name, "set args.api_key_sha256_env (the key's SHA-256, from a Secret)"
+        assert "api_key_sha256" not in app["args"], "a digest in the manifest: use the Secret"
+        for role, pod in _pod_specs(_cluster_spec(service)):
+            env = {e["name"]: e for e in pod["containers"][0]["env"]}
+            assert name in env, f"{role}: {name} is not set"
+            ref = env[name]["valueFrom"]["secretKeyRef"]
+            assert ref["name"] and ref["key"], role
 
 
 # ------------------------------------------------------------------------------ Dockerfile

@@ -1,4 +1,8 @@
-"""``run_compress`` end to end on a tiny random BERT: metrics, artifact, gate, bad input."""
+"""``run_compress`` end to end on a tiny random BERT: metrics, artifact, gate, bad input.
+
+The gate tests measure real predictions of the loaded artifacts: the compression gate judges
+tune.metric too, and the compressed model carries every metric the promotion gate may compare.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,11 @@ import pandas as pd
 import pytest
 import torch
 
+from lepton_ray import registry
 from lepton_ray.compress import quantize
-from lepton_ray.config import validate_experiment
+from lepton_ray.config import REPORTED_METRICS, validate_experiment
 from lepton_ray.errors import StageError
+from lepton_ray.evaluation import metrics_from_confusion
 from lepton_ray.models import (
     META_FILE,
     ModelMeta,
@@ -19,6 +25,7 @@ from lepton_ray.models import (
     load_tokenizer,
     save_model_artifact,
 )
+from lepton_ray.pipeline import _compressed_metrics
 from tests.conftest import smoke_config
 from tests.unit.test_compress_formats import LABELS, TASK, tiny_bert
 
@@ -74,18 +81,25 @@ def logged(monkeypatch):
     return calls
 
 
-def _config(tmp_path: Path, tokenizer, **compress):
-    source = tmp_path / "reviews.csv"  # the config names a data file; the stage reads Parquet
-    pd.DataFrame({"review": TEXTS, "sentiment": LABELS * (len(TEXTS) // 2)}).to_csv(source)
-    cfg = validate_experiment(smoke_config(tmp_path, source, compress=compress))
-    ids = tokenizer(TEXTS, truncation=True, max_length=32)["input_ids"]
-    # Labels = the float model's own answers: fp32 accuracy 1.0, so a flip shows as a drop.
+def answers(model, tokenizer) -> list[int]:
+    """``model``'s predicted class for each of TEXTS."""
     with torch.inference_mode():
         encoded = tokenizer(
             TEXTS, truncation=True, max_length=32, padding=True, return_tensors="pt"
         )
-        answers = tiny_bert()(**encoded).logits.argmax(-1).tolist()
-    frame = pd.DataFrame({"input_ids": ids, "label_id": answers})
+        return model(**encoded).logits.argmax(-1).tolist()
+
+
+def _config(tmp_path: Path, tokenizer, labels=None, tune=None, **compress):
+    """Every split = TEXTS labelled ``labels`` (default: the float model's own answers, so
+    fp32 accuracy is 1.0 and a flip shows as a drop)."""
+    source = tmp_path / "reviews.csv"  # the config names a data file; the stage reads Parquet
+    pd.DataFrame({"review": TEXTS, "sentiment": LABELS * (len(TEXTS) // 2)}).to_csv(source)
+    sections = {"compress": compress} | ({"tune": tune} if tune else {})
+    cfg = validate_experiment(smoke_config(tmp_path, source, **sections))
+    ids = tokenizer(TEXTS, truncation=True, max_length=32)["input_ids"]
+    labels = answers(tiny_bert(), tokenizer) if labels is None else labels
+    frame = pd.DataFrame({"input_ids": ids, "label_id": labels})
     for split in ("train", "validation", "test"):
         (cfg.data_dir / split).mkdir(parents=True)
         frame.to_parquet(cfg.data_dir / split / "part-0.parquet")
@@ -98,10 +112,10 @@ def _config(tmp_path: Path, tokenizer, **compress):
     return cfg
 
 
-def _source(tmp_path: Path, tokenizer) -> Path:
+def _source(tmp_path: Path, tokenizer, model=None) -> Path:
     folder = tmp_path / "source"
     meta = ModelMeta(TASK, LABELS, "minilm", 32, weights="full")
-    save_model_artifact(tiny_bert(), tokenizer, meta, folder)
+    save_model_artifact(tiny_bert() if model is None else model, tokenizer, meta, folder)
     return folder
 
 
@@ -157,7 +171,7 @@ def test_an_int8_model_that_loses_accuracy_is_refused_and_not_logged(
     )
     assert not result.accepted and result.folder is None
     assert result.metrics["val_prediction_agreement"] == 0.0
-    assert "more than compress.max_drop 1" in result.reason
+    assert "accuracy drop 100.00 points: more than compress.max_drop 1" in result.reason
     assert logged["folders"] == [] and logged["metrics"][0]["accepted"] == 0.0
     assert any(line.startswith("[compress] refused:") for line in lines)
 
@@ -212,3 +226,138 @@ def test_an_adapter_that_does_not_match_its_base_is_one_stage_error(tmp_path, to
         quantize.run_compress(cfg, folder, tmp_path / "out", "r", log=print)
     message = str(err.value)
     assert "\n" not in message and "adapter" in message and "does not match" in message
+
+
+PATTERN = [1, 0, 1, 0, 0, 0]
+"""The class the float model predicts for each distinct text of TEXTS (repeated 6 times)."""
+
+
+def separating_bert(tokenizer):
+    """tiny_bert with its head fitted (least squares on the centred pooled outputs, in float64)
+    so that it answers PATTERN with logits +-1: a float model that predicts both classes."""
+    model = tiny_bert()
+    distinct = TEXTS[: len(PATTERN)]
+    encoded = tokenizer(distinct, truncation=True, max_length=32, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        pooled = model.bert(**encoded).pooler_output.double()
+    targets = torch.tensor([[-1.0, 1.0] if p else [1.0, -1.0] for p in PATTERN]).double()
+    mean = pooled.mean(dim=0)
+    weight = torch.linalg.pinv(pooled - mean) @ (targets - targets.mean(dim=0))
+    with torch.no_grad():
+        model.classifier.weight.copy_(weight.T.float())
+        model.classifier.bias.copy_((targets.mean(dim=0) - mean @ weight).float())
+    return model
+
+
+def labels_for(predicted: list[int]) -> list[int]:
+    """Labels on which the float model (``predicted``) and a model that always answers 1 are
+    equally accurate: every row it calls 1 is 1; half of the rows it calls 0 are 1."""
+    labels, zeros = [], 0
+    for p in predicted:
+        zeros += p == 0
+        labels.append(1 if p == 1 or zeros % 2 == 0 else 0)
+    return labels
+
+
+def always_positive(real):
+    """A 'compression' that answers class 1 on every row (int8 encoder, head zeroed)."""
+
+    def compress(model, **kwargs):
+        qmodel = real(model, **kwargs)
+        with torch.no_grad():
+            qmodel.classifier.weight.zero_()
+            qmodel.classifier.bias.copy_(torch.tensor([-5.0, 5.0]))
+        return qmodel
+
+    return compress
+
+
+@pytest.fixture
+def float_model(tokenizer):
+    model = separating_bert(tokenizer)
+    assert answers(model, tokenizer) == PATTERN * (len(TEXTS) // len(PATTERN))
+    return model
+
+
+def test_the_compressed_candidate_carries_every_metric_tune_metric_may_name(
+    tmp_path, tokenizer, logged, float_model
+):
+    predicted = answers(float_model, tokenizer)
+    cfg = _config(
+        tmp_path,
+        tokenizer,
+        labels=labels_for(predicted),
+        tune={"metric": "val_macro_precision"},
+        method="dynamic_int8",
+        max_drop=100.0,
+    )
+    result = quantize.run_compress(
+        cfg, _source(tmp_path, tokenizer, float_model), tmp_path / "out", "run-1", log=print
+    )
+    assert result.accepted
+    m = result.metrics
+    gate_metrics = sorted(name for name in REPORTED_METRICS if name.startswith("val_"))
+    assert "val_macro_precision" in gate_metrics
+    for name in gate_metrics:
+        assert f"{name}_fp32" in m and f"{name}_compressed" in m, name
+    # What the registry records on the compressed version, under the names the gate reads.
+    candidate = registry.Candidate(
+        metrics=_compressed_metrics(m),
+        metric_name=cfg.tune.metric,
+        metric_mode=cfg.tune.mode,
+        eval_split="x:validation",
+        peft_method="none",
+        quantization=result.method,
+    )
+    tags = candidate.tags()
+    assert tags[registry.TAG_METRIC_NAME] == "val_macro_precision"
+    for name in gate_metrics:
+        assert float(tags[f"{registry.METRIC_PREFIX}{name}"]) == pytest.approx(
+            m[f"{name}_compressed"], rel=1e-5
+        ), name
+    # The float model's macro precision is the one its confusion matrix gives.
+    labels = labels_for(predicted)
+    confusion = [[0, 0], [0, 0]]
+    for y, p in zip(labels, predicted, strict=True):
+        confusion[y][p] += 1
+    assert m["val_macro_precision_fp32"] == pytest.approx(
+        metrics_from_confusion(confusion)["macro_precision"]
+    )
+    assert "macro precision drop" in result.reason
+
+
+@pytest.mark.parametrize(
+    ("metric", "mode", "worse"),
+    [("val_macro_precision", "max", "macro precision drop"), ("val_loss", "min", "loss rise")],
+)
+def test_a_compression_that_keeps_accuracy_but_loses_the_gate_metric_is_refused(
+    tmp_path, tokenizer, logged, monkeypatch, float_model, metric, mode, worse
+):
+    monkeypatch.setattr(
+        quantize, "quantize_dynamic_int8", always_positive(quantize.quantize_dynamic_int8)
+    )
+    cfg = _config(
+        tmp_path,
+        tokenizer,
+        labels=labels_for(answers(float_model, tokenizer)),
+        tune={"metric": metric, "mode": mode},
+        method="dynamic_int8",
+        max_drop=1.0,
+    )
+    lines: list[str] = []
+    result = quantize.run_compress(
+        cfg, _source(tmp_path, tokenizer, float_model), tmp_path / "out", "run-1", log=lines.append
+    )
+    m = result.metrics
+    assert m["val_accuracy_fp32"] == pytest.approx(2 / 3)  # a real, imperfect float model
+    assert m["val_accuracy_drop"] == pytest.approx(0.0)  # accuracy alone would let it through
+    assert m["val_prediction_agreement"] == pytest.approx(1 / 3)
+    assert not result.accepted and result.folder is None
+    assert m["val_macro_precision_drop"] == pytest.approx(0.75 - 1 / 3)
+    assert m["val_loss_rise"] > 0.5
+    assert f"{worse} " in result.reason and "more than compress.max_drop 1" in result.reason
+    assert "accuracy drop 0.00 points" in result.reason
+    assert logged["folders"] == [] and logged["metrics"][0]["accepted"] == 0.0
+    assert any(line.startswith("[compress] refused:") for line in lines)
+    # Judged on accuracy only, the same compression passes: the gate metric refused it.
+    assert quantize.judge(m, "dynamic_int8", "val_accuracy", 1.0)[0]

@@ -106,6 +106,7 @@ def test_the_training_loop_prints_lines_the_bar_understands():
     torch = pytest.importorskip("torch")
     import pandas as pd
 
+    from lepton_ray.evaluation import collate
     from lepton_ray.train.batching import TokenRows
     from lepton_ray.train.loop import LoopSettings, LoopState, run_training
     from lepton_ray.train.precision import Precision
@@ -138,7 +139,7 @@ def test_the_training_loop_prints_lines_the_bar_understands():
         sched,
         rows,
         pad_id=0,
-        eval_batches=lambda: [rows.collate(list(range(8)), 0)],
+        eval_batches=lambda: [collate(rows.sequences(range(8)), rows.labels[:8], 0)],
         num_labels=2,
         settings=LoopSettings(epochs=2, batch_size=4, log_every_steps=2),
         state=LoopState(),

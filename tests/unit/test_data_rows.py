@@ -7,16 +7,20 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
+from lepton_ray.data.clean import clean_batch
 from lepton_ray.data.rows import (
+    SEEN_IN_TRAINING,
     Tokenize,
     batch_encoder,
     finalize_partition,
     merge_summaries,
+    prepare_batch,
     resolve_duplicates,
     summarize_batch,
     tokenizer_spec,
+    trained_key_parts,
 )
-from lepton_ray.data.split import KEY
+from lepton_ray.data.split import KEY, assign_split_batch, text_key
 
 
 def _rows(items):
@@ -78,6 +82,38 @@ def test_contamination_remove_drops_the_eval_copy_only():
     out = resolve_duplicates(_rows(ROWS), exact=True, conflicts="drop", contamination="remove")
     gone = out[out["drop_reason"] == "contaminated"]
     assert list(map(tuple, gone[["text", "split"]].values)) == [("d", "test")]
+
+
+def test_eval_rows_a_model_trained_on_are_dropped_and_counted(tmp_path):
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    # "a" and "d" were trained on: d's test copy goes, and so does a's new validation row.
+    rows = _rows([*ROWS, ("a", "x", "validation")])
+    pq.write_table(pa.table({"text": ["a", "d", "zz"]}), tmp_path / "train.parquet")
+    parts = trained_key_parts(str(tmp_path / "train.parquet"), seed=0, parts=2)
+    keys = np.concatenate(parts)
+    assert sorted(keys) == sorted(text_key(t, 0) for t in ("a", "d", "zz"))
+    assert all((part % 2 == i).all() for i, part in enumerate(parts))  # as partition_block
+    rows[KEY] = [text_key(t, 0) for t in rows["text"]]
+    out = resolve_duplicates(rows, True, "drop", "report", seen=keys)
+    gone = out[out["drop_reason"] == SEEN_IN_TRAINING]
+    assert sorted(map(tuple, gone[["text", "split"]].values)) == [
+        ("a", "validation"),
+        ("d", "test"),
+    ]
+    assert (out.loc[out["split"] == "train", "drop_reason"] != SEEN_IN_TRAINING).all()
+    summary = merge_summaries([summarize_batch(out)])
+    assert summary["seen"] == {"validation": 1, "test": 1}
+
+
+def test_prepare_batch_splits_with_assign_split_batch():
+    batch = pd.DataFrame({"text": [f"  Text {i} " for i in range(400)], "label": ["a"] * 400})
+    clean = dict(unicode_form="NFKC", lowercase=False, min_chars=1)
+    out = prepare_batch(batch, clean, seed=3, hashed={"validation": 0.2, "test": 0.1})
+    expected = assign_split_batch(clean_batch(batch, **clean), 0.2, 0.1, seed=3)
+    assert out[[KEY, "split"]].equals(expected[[KEY, "split"]])
+    assert set(out["split"]) == {"train", "validation", "test"}
 
 
 @pytest.fixture(scope="module")

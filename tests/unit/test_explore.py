@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from lepton_ray import explore
@@ -262,6 +264,8 @@ def test_evaluate_version(registered):
     with pytest.raises(StageError, match="no preprocessed 'test' split"):
         explore.evaluate_version(registered, split="test")
     test_dir.mkdir(parents=True)
+    manifest = {"model": "minilm", "max_length": 32, "labels": TINY_LABELS}  # the data stage's
+    (registered.data_dir / "manifest.json").write_text(json.dumps(manifest))
     rows = pd.DataFrame(
         {
             "text": ["good", "bad", "fine", "awful", "ok"],

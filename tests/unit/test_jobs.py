@@ -44,3 +44,27 @@ def test_runtime_env_ships_the_project_without_runs_or_virtualenvs():
     for pattern in (".venv", "outputs", "mlruns", ".git"):
         assert pattern in env["excludes"]
     assert env["env_vars"]["TOKENIZERS_PARALLELISM"] == "false"
+
+
+def test_a_job_is_described_without_the_credentials_of_its_set_values():
+    from ray.job_submission import JobDetails, JobStatus, JobType
+
+    uri = "https://alice:s3cret@mlflow.example.com"
+    entrypoint = f"python -m lepton_ray run c.yaml --set tracking.tracking_uri={uri}"
+    job = JobDetails(
+        type=JobType.SUBMISSION,
+        submission_id="lepton-c-1",
+        status=JobStatus.FAILED,
+        entrypoint=entrypoint,
+        message=f"Job entrypoint command failed: {entrypoint}",
+        start_time=1_700_000_000_000,
+    )
+    row = jobs.describe(job)
+    assert "s3cret" not in repr(row) and "alice" not in repr(row)
+    assert row["entrypoint"].endswith("tracking.tracking_uri=https://***@mlflow.example.com")
+    assert row["status"] == "FAILED" and row["id"] == "lepton-c-1"
+
+
+def test_the_job_runs_a_known_command():
+    with pytest.raises(LeptonError, match="--command must be one of run, validate"):
+        jobs.submit(ROOT / "experiments" / "quickstart_smoke.yaml", command="serve", project=ROOT)

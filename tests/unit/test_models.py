@@ -229,3 +229,32 @@ def test_checkpoint_carries_cleaning_and_resumes_from_weights_only_state(tmp_pat
     saved_state = opt.state_dict()["state"]
     for key, value in fresh_opt.state_dict()["state"].items():
         torch.testing.assert_close(value["exp_avg"], saved_state[key]["exp_avg"])
+
+
+def test_max_length_above_the_models_positions_is_refused_at_validate(tmp_path):
+    """The check reads model.name's config.json (with model.config_overrides): MiniLM has
+    512 positions, RoBERTa-style models lose pad_token_id + 1 of theirs to the offset."""
+
+    def config(max_length: int, **model):
+        raw = smoke_config(tmp_path, Path(__file__))
+        raw["data"]["max_length"] = max_length
+        raw["model"] = {**raw["model"], **model}
+        return validate_experiment(raw)
+
+    with pytest.raises(ConfigError) as err:
+        config(1024)
+    assert "data.max_length 1024" in str(err.value)
+    assert "max_position_embeddings 512" in str(err.value)
+    assert config(512).data.max_length == 512
+    # A random model built with more positions takes longer texts.
+    overrides = {"max_position_embeddings": 2048}
+    assert config(1024, config_overrides=overrides).data.max_length == 1024
+
+    roberta = tmp_path / "roberta"
+    roberta.mkdir()
+    (roberta / "config.json").write_text(
+        json.dumps({"model_type": "roberta", "max_position_embeddings": 66, "pad_token_id": 1})
+    )
+    with pytest.raises(ConfigError, match="max_position_embeddings 66 .* 64 hold tokens"):
+        config(65, name=str(roberta), config_overrides={})
+    assert config(64, name=str(roberta), config_overrides={}).data.max_length == 64

@@ -1,6 +1,7 @@
 """The training loop and recipe without Ray (the path a GPU box without Ray runs)."""
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -117,9 +118,9 @@ def _config(tmp_path, **train):
     return validate_experiment(smoke_config(tmp_path, data, train={**base, **train}))
 
 
-def _train(cfg, manifest, out, **kwargs):
+def _train(cfg, manifest, out, log=lambda _: None, **kwargs):
     torch.set_num_threads(1)
-    return train_standalone(cfg, manifest, out, log=lambda _: None, **kwargs)
+    return train_standalone(cfg, manifest, out, log=log, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -169,8 +170,16 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path, rows):
         standalone.shutil.copytree = real
     resumed_cfg = cfg.model_copy(deep=True)
     resumed_cfg.train.resume_from = str(tmp_path / "part" / "last")
-    rest = _train(resumed_cfg, manifest, tmp_path / "rest")
+    lines: list[str] = []
+    rest = _train(resumed_cfg, manifest, tmp_path / "rest", log=lines.append)
     assert [h["step"] for h in rest["history"]] == [10, 20, 25, 30, 40, 50]
+    # It went on from step 20 and ran only what came after: a retrain from scratch would
+    # give the same numbers (training is deterministic), but not these lines.
+    assert any(line.endswith("epoch 1, batch 20, step 20") for line in lines), lines
+    evaluated = [int(m[1]) for line in lines if (m := re.match(r"\[train\] step (\d+) ", line))]
+    assert evaluated == [25, 30, 40, 50]
+    trained = [line for line in lines if re.match(r"\[train\] epoch \d+/2 step ", line)]
+    assert len(trained) == 3  # steps 30, 40 and 50 (every log_every_steps: 10)
     for mine, theirs in zip(rest["history"][2:], whole["history"][2:]):
         assert mine["val_loss"] == pytest.approx(theirs["val_loss"], abs=1e-6)
         assert mine["val_accuracy"] == theirs["val_accuracy"]
@@ -204,3 +213,102 @@ def test_early_stopping_stops_and_keeps_the_best(tmp_path, rows):
 def test_is_better_respects_mode():
     assert is_better(0.9, 0.8, "max") and not is_better(0.7, 0.8, "max")
     assert is_better(0.1, 0.2, "min") and is_better(0.5, None, "min")
+
+
+def _tiny_no_dropout(seed: int = 0):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from tests.conftest import TINY_BERT
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=50, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        **TINY_BERT,
+    )  # fmt: skip
+    return BertForSequenceClassification(config)
+
+
+UNEVEN_LENGTHS = (4, 9, 6, 3, 7, 5, 8)
+UNEVEN_LABELS = (0, 1, 1, 0, 1, 0, 0)
+
+
+def _uneven_rows(index=range(7)):
+    """Rows ``index`` of 7 fixed ragged rows (the same ids whichever subset is taken)."""
+    import numpy as np
+
+    from lepton_ray.train.batching import TokenRows
+
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(5, 50, size=k).tolist() for k in UNEVEN_LENGTHS]
+    columns = {"input_ids": [ids[i] for i in index], "label_id": [UNEVEN_LABELS[i] for i in index]}
+    return TokenRows.from_frames([columns], sort_by_text=False)
+
+
+def _sgd_step(model, rows, batch_size, accumulation, rank=0, world_size=1):
+    """One optimizer step of run_training over all of ``rows``: SGD, lr 1, no clipping, so
+    every weight moves by minus its gradient."""
+    from lepton_ray.evaluation import collate
+    from lepton_ray.train.loop import LoopSettings, LoopState, run_training
+    from lepton_ray.train.precision import Precision
+
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    settings = LoopSettings(
+        epochs=1, batch_size=batch_size, accumulation=accumulation, max_grad_norm=None,
+        group_by_length=False,
+    )  # fmt: skip
+    everything = collate(rows.sequences(range(len(rows))), rows.labels, pad_id=0)
+    state = run_training(
+        model, opt, build_scheduler(opt, 1, 0.0, "constant"), rows, pad_id=0,
+        eval_batches=lambda: [everything], num_labels=2, settings=settings, state=LoopState(),
+        device=torch.device("cpu"), precision=Precision("fp32", "cpu", "test"), rank=rank,
+        world_size=world_size, log=lambda _: None,
+    )  # fmt: skip
+    assert state.step == 1
+
+
+def _assert_moved_by_the_full_batch_gradient(after: dict) -> None:
+    from lepton_ray.evaluation import collate
+
+    reference = _tiny_no_dropout()
+    rows = _uneven_rows()
+    reference.train()
+    reference(**collate(rows.sequences(range(7)), rows.labels, pad_id=0)).loss.backward()
+    for name, before in reference.named_parameters():  # the mean over all 7 examples
+        assert torch.allclose(before.detach() - after[name], before.grad, atol=1e-6), name
+
+
+def test_accumulated_uneven_micro_batches_give_the_gradient_of_the_whole_batch():
+    """7 rows, micro-batches of 3 + 3 + 1 in one step: the step is the full batch's step."""
+    model = _tiny_no_dropout()
+    _sgd_step(model, _uneven_rows(), batch_size=3, accumulation=3)
+    _assert_moved_by_the_full_batch_gradient({n: p.detach() for n, p in model.named_parameters()})
+
+
+def _ddp_step(rank: int, port: int, out: str) -> None:
+    """One rank of a 2-process gloo DDP run: rank 0 holds rows 0-3, rank 1 rows 4-6."""
+    import torch.distributed as dist
+
+    from lepton_ray.train.parallel import wrap_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        model = wrap_model(_tiny_no_dropout(), "ddp", torch.device("cpu"), 2)
+        shard = _uneven_rows(range(4) if rank == 0 else range(4, 7))
+        _sgd_step(model, shard, batch_size=2, accumulation=2, rank=rank, world_size=2)
+        if rank == 0:
+            torch.save({n: p.detach() for n, p in model.module.named_parameters()}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_weighs_every_example_of_the_step_alike_across_ranks(tmp_path):
+    """Rank 0 trains on 4 rows (2 + 2), rank 1 on 3 (2 + 1): the DDP step is the step of
+    the mean over all 7 examples, not the mean of the ranks' (or micro-batches') means."""
+    import torch.multiprocessing as mp
+
+    from lepton_ray.runtime import free_port
+
+    out = tmp_path / "after.pt"
+    mp.spawn(_ddp_step, args=(free_port(), str(out)), nprocs=2, join=True)
+    _assert_moved_by_the_full_batch_gradient(torch.load(out))

@@ -1,0 +1,46 @@
+"""A sweep says who stopped a trial early: ASHA, or the trial's own early stopping."""
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from lepton_ray.config import validate_experiment
+from lepton_ray.data.pipeline import run_preprocess
+from lepton_ray.data.sample import write_reviews_csv
+from tests.conftest import smoke_config
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_trial_that_stopped_itself_is_not_reported_as_stopped_by_asha(tmp_path, ray_session):
+    from lepton_ray.tracking.mlflow import tracked_run
+    from lepton_ray.tune.driver import TAG_STOPPED_BY, run_tune
+
+    data = write_reviews_csv(tmp_path / "reviews.csv", n=200, seed=5)
+    raw = smoke_config(
+        tmp_path,
+        data,
+        # lr 1e-9: nothing improves after the first evaluation, so patience 1 stops the
+        # trial after epoch 2 of 3. ASHA, with one trial, has nobody to compare it with.
+        train={"epochs": 3, "lr": 1e-9, "warmup_ratio": 0.0, "early_stopping": {"patience": 1}},
+        scaling={"num_workers": 1, "resources_per_worker": {"CPU": 1}},
+        tune={
+            "enabled": True,
+            "num_samples": 1,
+            "space": {"train.lr": {"type": "choice", "values": [1e-9]}},
+        },
+    )
+    cfg = validate_experiment(raw)
+    manifest = run_preprocess(cfg, log=lambda _: None)
+    lines: list[str] = []
+    with tracked_run(cfg, "tune") as parent:
+        result = run_tune(cfg, manifest, parent, log=lines.append)
+
+    (trial,) = result["trials"]
+    assert trial["metrics"]["epochs"] == 2
+    assert trial["early_stopped"] and trial["stopped_by"] == "early_stopping"
+    (line,) = [line for line in lines if line.startswith(f"[tune] trial {trial['trial_id']}")]
+    assert "stopped early by its own early stopping" in line and "ASHA" not in line, line
+    run = MlflowClient(cfg.tracking.tracking_uri).get_run(trial["run_id"])
+    assert run.data.tags[TAG_STOPPED_BY] == "early_stopping"
+    assert run.data.tags["lepton.early_stopped"] == "true"
+    assert run.info.status == "FINISHED"  # it ended by itself: ASHA's stops are KILLED
