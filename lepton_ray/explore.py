@@ -359,20 +359,18 @@ def evaluate_version(
         StageError: the split was not preprocessed (or is empty), the version is missing, or
             its labels are not the experiment's.
     """
-    import pandas as pd
-
+    from lepton_ray.data.split_files import open_split
     from lepton_ray.pipeline import score_version, serving_model_uri
 
-    folder = cfg.data_dir / split
-    if not folder.is_dir():
+    if not (cfg.data_dir / split).is_dir():
         raise StageError(
             f"no preprocessed '{split}' split in {cfg.data_dir}; run the data stage first"
         )
-    frame = pd.read_parquet(folder, columns=["text", "label_id"])
-    if frame.empty:
+    rows = open_split(cfg, split, columns=["text", "label_id"])
+    if rows is None:
         raise StageError(f"the '{split}' split in {cfg.data_dir} has no rows")
     model_uri = model_uri or serving_model_uri(cfg)
-    result, labels = score_version(cfg, model_uri, frame)
+    result, labels = score_version(cfg, model_uri, rows)
     scalars = ("loss", "accuracy", "macro_precision", "macro_recall", "macro_f1", "roc_auc")
     return {
         "model_uri": model_uri,

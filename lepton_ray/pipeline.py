@@ -110,22 +110,33 @@ def settle(cfg: ExperimentConfig, version: str, log=print) -> bool:
     return result.passed
 
 
-def _text_batches(frame, tokenizer, meta, batch_size: int):
-    """Batches of a split's texts (``text``, ``label_id``) as ``meta``'s model reads them."""
+def _text_batches(frames, tokenizer, meta, batch_size: int):
+    """Batches of a split's texts (``text``, ``label_id``) as ``meta``'s model reads them,
+    from frames streamed in order (one frame at a time is held, never the split)."""
     import torch
 
     from lepton_ray.models import encode_texts
 
-    texts, targets = frame["text"].tolist(), frame["label_id"].tolist()
-    for start in range(0, len(texts), batch_size):
-        encoded, _ = encode_texts(tokenizer, meta, texts[start : start + batch_size])
-        yield {**encoded, "labels": torch.as_tensor(targets[start : start + batch_size])}
+    def batch(texts, targets):
+        encoded, _ = encode_texts(tokenizer, meta, texts)
+        return {**encoded, "labels": torch.as_tensor(targets)}
+
+    texts, targets = [], []
+    for frame in frames:
+        texts += frame["text"].tolist()
+        targets += frame["label_id"].tolist()
+        while len(texts) >= batch_size:
+            yield batch(texts[:batch_size], targets[:batch_size])
+            del texts[:batch_size], targets[:batch_size]
+    if texts:
+        yield batch(texts, targets)
 
 
-def score_version(cfg: ExperimentConfig, model_uri: str, frame) -> tuple[dict[str, Any], list]:
+def score_version(cfg: ExperimentConfig, model_uri: str, frames) -> tuple[dict[str, Any], list]:
     """Evaluate a registered version on a split's texts; returns (metrics, its labels).
 
-    ``frame`` holds the split's ``text`` and ``label_id`` columns. Each version reads the
+    ``frames``: the split's ``text`` and ``label_id`` columns as frames in order (a
+    ``data.split_files.SplitRows`` streams them from the split's files). Each version reads the
     texts through its own preprocessing, the cleaning, tokenizer and ``max_length`` its
     artifact carries (as it does when served), never through this experiment's token ids: a
     champion trained with another tokenizer is scored as it answers, not on ids it never saw.
@@ -148,18 +159,18 @@ def score_version(cfg: ExperimentConfig, model_uri: str, frame) -> tuple[dict[st
                 f"{model_uri} predicts the labels {list(meta.labels)} but this experiment's "
                 f"data has the labels {labels}; it cannot be scored on this data"
             )
-        batches = _text_batches(frame, tokenizer, meta, cfg.train.eval_batch_size)
+        batches = _text_batches(frames, tokenizer, meta, cfg.train.eval_batch_size)
         return evaluate(model, batches, len(labels)), labels
 
 
 def validation_metric(cfg: ExperimentConfig, version) -> float | None:
     """``tune.metric`` of a registered version on this experiment's validation split."""
-    from lepton_ray.data.pipeline import read_split_frame
+    from lepton_ray.data.split_files import open_split
 
-    frame = read_split_frame(cfg, "validation", columns=["text", "label_id"])
-    if frame is None:
+    split = open_split(cfg, "validation", columns=["text", "label_id"])
+    if split is None:
         return None
-    result, _ = score_version(cfg, f"models:/{version.name}/{version.version}", frame)
+    result, _ = score_version(cfg, f"models:/{version.name}/{version.version}", split)
     value = result.get(cfg.tune.metric.removeprefix("val_"))
     return float(value) if value is not None else None
 

@@ -90,39 +90,33 @@ def write_replay(
     """
     import json
 
-    import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from lepton_ray.data.pipeline import load_manifest
+    from lepton_ray.data.split_files import open_split
     from lepton_ray.train.driver import TOKEN_COLUMNS
-    from lepton_ray.train.recipe import split_folder
 
-    train = split_folder(old_cfg, "train")
+    train = open_split(old_cfg, "train", TOKEN_COLUMNS)
+    if train is None:
+        raise StageError(
+            f"--replay: the experiment's training split in {old_cfg.data_dir} is empty"
+        )
     old_labels = list(load_manifest(old_cfg)["labels"])
     if old_labels != list(labels):
         raise StageError(
             f"--replay: the old training split's labels {old_labels} differ from the new "
             f"data's {list(labels)}"
         )
-    files = [pq.ParquetFile(f) for f in sorted(train.rglob("*.parquet"))]
-    groups = [(f, g) for f in files for g in range(f.num_row_groups)]
-    sizes = [f.metadata.row_group(g).num_rows for f, g in groups]
-    total = sum(sizes)
-    rows = int(round(fraction * total))
-    picked = np.sort(np.random.default_rng(seed).choice(total, size=rows, replace=False))
+    rows = int(round(fraction * len(train)))
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("*.parquet"):
         old.unlink()
-    schema = pa.schema([files[0].schema_arrow.field(c) for c in TOKEN_COLUMNS])
-    start = 0
+    schema = pq.read_schema(train.files[0])
+    schema = pa.schema([schema.field(c) for c in TOKEN_COLUMNS])
     with pq.ParquetWriter(folder / "replay.parquet", schema) as writer:
-        for (file, group), size in zip(groups, sizes):
-            lo, hi = np.searchsorted(picked, [start, start + size])
-            if hi > lo:
-                table = file.read_row_group(group, columns=TOKEN_COLUMNS)
-                writer.write_table(table.take(picked[lo:hi] - start).select(TOKEN_COLUMNS))
-            start += size
+        for table in train.sample_tables(rows, seed):
+            writer.write_table(table.select(TOKEN_COLUMNS))
     (folder / "replay.json").write_text(json.dumps({"rows": rows, "fraction": fraction}))
     return rows
 

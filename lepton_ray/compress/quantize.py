@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lepton_ray.config import ExperimentConfig
-from lepton_ray.data.pipeline import read_split_frame
+from lepton_ray.data.split_files import open_split
 from lepton_ray.evaluation import evaluate, frame_batches
 from lepton_ray.models import (
     ModelMeta,
@@ -53,14 +53,26 @@ def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id or 0
 
 
-def _evaluate(model, batches: list[dict[str, Any]], num_labels: int) -> dict[str, Any]:
+class _SplitBatches:
+    """A split's token batches, streamed from its files again each time they are iterated:
+    the float and the compressed model are both scored on it, and it is never held whole."""
+
+    def __init__(self, rows, pad_id: int):
+        self.rows, self.pad_id = rows, pad_id
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for frame in self.rows:
+            yield from frame_batches(frame, SPEED_BATCH, self.pad_id)
+
+
+def _evaluate(model, batches: Iterable[dict[str, Any]], num_labels: int) -> dict[str, Any]:
     started = time.perf_counter()
     result = evaluate(model, batches, num_labels)
     result["samples_per_s"] = result["examples"] / (time.perf_counter() - started)
     return result
 
 
-def _latency_ms(model, batches: list[dict[str, Any]]) -> float:
+def _latency_ms(model, batches: Iterable[dict[str, Any]]) -> float:
     """Median milliseconds of a one-row forward pass over up to LATENCY_ROWS rows."""
     import torch
 
@@ -103,11 +115,8 @@ def _cuda_name() -> str | None:
 def _calibration_batches(cfg: ExperimentConfig, tokenizer) -> list[dict[str, Any]]:
     """``compress.calibration_rows`` seeded rows of the training split (never validation:
     that split judges the result), read by row group: the split is never held whole."""
-    from lepton_ray.compress.calibration import sample_split
-
-    frame = sample_split(
-        cfg, "train", cfg.compress.calibration_rows, cfg.train.seed, ["input_ids", "label_id"]
-    )
+    train = open_split(cfg, "train", ["input_ids", "label_id"])
+    frame = None if train is None else train.sample(cfg.compress.calibration_rows, cfg.train.seed)
     return [] if frame is None else list(frame_batches(frame, SPEED_BATCH, _pad_id(tokenizer)))
 
 
@@ -133,7 +142,7 @@ def build_compressed(
     cfg: ExperimentConfig,
     folder: Path,
     calibration: Sequence[dict[str, Any]],
-    validation: Sequence[dict[str, Any]],
+    validation: Iterable[dict[str, Any]],
     log: Callable[[str], Any] = print,
 ) -> dict[str, Any]:
     """Write the ``method`` artifact of the float ``model`` into ``folder``.
@@ -178,10 +187,11 @@ def build_compressed(
         from lepton_ray.models import ONNX_FILE
 
         fp32_onnx = folder.parent / f"{folder.name}-fp32" / ONNX_FILE
-        export_onnx(model, validation[0] if validation else calibration[0], fp32_onnx)
-        check = check_export(model, fp32_onnx, validation or calibration)
+        probe = validation if next(iter(validation), None) is not None else calibration
+        export_onnx(model, next(iter(probe)), fp32_onnx)
+        check = check_export(model, fp32_onnx, probe)
         log(
-            f"[compress] ONNX export checked on {'validation' if validation else 'training'} "
+            f"[compress] ONNX export checked on {'validation' if probe is validation else 'training'} "
             f"rows: logits within {check['max_abs_logit_diff']:.1e} of torch, "
             f"{100 * check['prediction_agreement']:.2f}% same predictions"
         )
@@ -259,8 +269,8 @@ def run_compress(
     pad = _pad_id(tokenizer)
     splits = {}
     for split in ("validation", "test"):
-        frame = read_split_frame(cfg, split)
-        splits[split] = None if frame is None else list(frame_batches(frame, SPEED_BATCH, pad))
+        rows = open_split(cfg, split, ["input_ids", "label_id"])
+        splits[split] = None if rows is None else _SplitBatches(rows, pad)
     before = {s: None if b is None else _evaluate(model, b, len(labels)) for s, b in splits.items()}
     folder = out / method
     build_compressed(
@@ -271,7 +281,7 @@ def run_compress(
         cfg,
         folder,
         _calibration_batches(cfg, tokenizer),
-        splits["validation"] or [],
+        [] if splits["validation"] is None else splits["validation"],
         log,
     )
     # Measure what was written, loaded as a Serve replica loads it.
@@ -292,7 +302,7 @@ def run_compress(
                 )
             agree = (before[split]["probs"].argmax(1) == after[split]["probs"].argmax(1)).mean()
             metrics[f"{short}_prediction_agreement"] = float(agree)
-    timing = splits["validation"] or splits["test"]
+    timing = splits["validation"] if splits["validation"] is not None else splits["test"]
     if timing is not None:
         short = "val" if splits["validation"] is not None else "test"
         for tag, m in (("fp32", model), ("compressed", cmodel)):

@@ -567,34 +567,6 @@ def load_manifest(cfg: ExperimentConfig) -> dict[str, Any]:
     return manifest
 
 
-def read_split_frame(cfg: ExperimentConfig, split: str, columns: list[str] | None = None):
-    """A preprocessed split as a DataFrame, or None when preprocessing made it empty.
-
-    Never an empty frame for a split that should have rows: a folder the manifest counts rows
-    for but that is missing or short (another node's disk, a half-copied store) is an error.
-    """
-    import pandas as pd
-
-    manifest = load_manifest(cfg)
-    expected = int(manifest.get("splits", {}).get(split, 0))
-    if expected == 0:
-        return None
-    folder = cfg.data_dir / split
-    if not folder.is_dir():
-        raise StageError(
-            f"the {split} split is missing at {folder} although {cfg.data_dir / MANIFEST} "
-            f"counts {expected} rows; is cluster.storage_path shared by every node? Run "
-            "`lepton-ray preprocess --force` on this config to rebuild it"
-        )
-    frame = pd.read_parquet(folder, columns=columns)
-    if len(frame) != expected:
-        raise StageError(
-            f"the {split} split at {folder} holds {len(frame)} rows but the manifest counts "
-            f"{expected}; run `lepton-ray preprocess --force` on this config to rebuild it"
-        )
-    return frame
-
-
 def _run(make, source: str):
     try:
         return make()

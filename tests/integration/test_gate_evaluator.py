@@ -14,8 +14,9 @@ import pytest
 
 from lepton_ray import pipeline, registry
 from lepton_ray.config import validate_experiment
-from lepton_ray.data.pipeline import read_split_frame, run_preprocess
+from lepton_ray.data.pipeline import run_preprocess
 from lepton_ray.data.sample import write_reviews_csv
+from lepton_ray.data.split_files import read_split_frame
 from lepton_ray.tracking.mlflow import client, ensure_experiment, get_version_by_alias
 from tests.conftest import TINY_BERT, TINY_LABELS, smoke_config
 
@@ -150,10 +151,10 @@ def test_a_champion_with_another_tokenizer_is_scored_through_its_own(
 
     frame = read_split_frame(cfg, "validation", columns=["text", "label_id"])
     uri_of = f"models:/{cfg.registered_model_name}/{{}}".format
-    scored, labels = pipeline.score_version(cfg, uri_of(champion), frame)
+    scored, labels = pipeline.score_version(cfg, uri_of(champion), [frame])
     assert labels == TINY_LABELS and scored["examples"] == len(frame)
     assert scored["accuracy"] >= 0.8, scored  # read through its own words, lowercased
-    random_scored, _ = pipeline.score_version(cfg, uri_of(challenger), frame)
+    random_scored, _ = pipeline.score_version(cfg, uri_of(challenger), [frame])
     assert random_scored["loss"] > scored["loss"]
 
     logged = []

@@ -1,5 +1,6 @@
-"""Calibration rows are a seeded sample read by Parquet row group: compress never holds the
-training split whole (the driver's memory does not grow with the split)."""
+"""Calibration rows are a seeded sample read by Parquet row group, and the splits the gate and
+compression score on are streamed: the driver never holds a split whole (its memory does not
+grow with the split)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lepton_ray.compress.calibration import sample_split
 from lepton_ray.config import validate_experiment
+from lepton_ray.data.split_files import open_split
 from lepton_ray.errors import StageError
 from tests.conftest import ROOT, smoke_config
 
@@ -30,6 +31,11 @@ cfg = validate_experiment(json.loads(sys.argv[2]))
 if sys.argv[1] == "whole":
     import pandas as pd
     rows = len(pd.read_parquet(cfg.data_dir / "train"))
+elif sys.argv[1] == "stream":
+    from lepton_ray.data.split_files import STREAM_ROWS, open_split
+    sizes = [len(frame) for frame in open_split(cfg, "train")]
+    assert max(sizes) <= STREAM_ROWS, sizes
+    rows = sum(sizes)
 else:
     from lepton_ray.compress.quantize import _calibration_batches
     batches = _calibration_batches(cfg, types.SimpleNamespace(pad_token_id=0))
@@ -38,8 +44,9 @@ print(json.dumps({"rows": rows, "peak": pa.default_memory_pool().max_memory()}))
 """
 
 
-def _split(tmp_path: Path, **compress) -> tuple[dict, object]:
-    """A config whose training split is FILES Parquet files; row ``i`` starts with token ``i``."""
+def _split(tmp_path: Path, file_rows: int = FILE_ROWS, **compress) -> tuple[dict, object]:
+    """A config whose training split is FILES Parquet files of ``file_rows`` rows in row groups
+    of GROUP_ROWS; row ``i`` starts with token ``i``."""
     source = tmp_path / "reviews.csv"
     source.write_text("review,sentiment\na,pos\nb,neg\n")
     raw = smoke_config(tmp_path, source, compress={"calibration_rows": SAMPLE, **compress})
@@ -48,20 +55,20 @@ def _split(tmp_path: Path, **compress) -> tuple[dict, object]:
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for k in range(FILES):
-        tokens = rng.integers(0, 30_000, size=(FILE_ROWS, TOKENS))
-        tokens[:, 0] = np.arange(k * FILE_ROWS, (k + 1) * FILE_ROWS)
-        offsets = np.arange(0, FILE_ROWS * TOKENS + 1, TOKENS, dtype=np.int32)
+        tokens = rng.integers(0, 30_000, size=(file_rows, TOKENS))
+        tokens[:, 0] = np.arange(k * file_rows, (k + 1) * file_rows)
+        offsets = np.arange(0, file_rows * TOKENS + 1, TOKENS, dtype=np.int32)
         table = pa.table(
             {
                 "input_ids": pa.ListArray.from_arrays(offsets, tokens.ravel()),
-                "label_id": rng.integers(0, 2, size=FILE_ROWS),
+                "label_id": rng.integers(0, 2, size=file_rows),
             }
         )
         pq.write_table(table, folder / f"part-{k:05d}.parquet", row_group_size=GROUP_ROWS)
     manifest = {
         "model": cfg.model.name,
         "max_length": cfg.data.max_length,
-        "splits": {"train": FILES * FILE_ROWS, "validation": 0, "test": 0},
+        "splits": {"train": FILES * file_rows, "validation": 0, "test": 0},
     }
     (cfg.data_dir / "manifest.json").write_text(json.dumps(manifest))
     return raw, cfg
@@ -94,18 +101,34 @@ def test_calibration_materializes_the_sample_and_a_row_group_not_the_split(tmp_p
 
 def test_the_sample_is_seeded_distinct_and_checked_against_the_manifest(tmp_path):
     _, cfg = _split(tmp_path)
-    first = sample_split(cfg, "train", SAMPLE, seed=0)
-    again = sample_split(cfg, "train", SAMPLE, seed=0)
-    other = sample_split(cfg, "train", SAMPLE, seed=1)
+    first = open_split(cfg, "train").sample(SAMPLE, seed=0)
+    again = open_split(cfg, "train").sample(SAMPLE, seed=0)
+    other = open_split(cfg, "train").sample(SAMPLE, seed=1)
     rows = [int(ids[0]) for ids in first["input_ids"]]
     assert rows == [int(ids[0]) for ids in again["input_ids"]]  # same seed, same rows
     assert rows != [int(ids[0]) for ids in other["input_ids"]]
     assert len(set(rows)) == SAMPLE and rows == sorted(rows)
     assert len({r // FILE_ROWS for r in rows}) == FILES  # drawn from every file
     assert len(first["input_ids"][0]) == TOKENS and set(first.columns) == {"input_ids", "label_id"}
-    everything = sample_split(cfg, "train", 10 * FILES * FILE_ROWS, seed=0)
+    everything = open_split(cfg, "train").sample(10 * FILES * FILE_ROWS, seed=0)
     assert [int(ids[0]) for ids in everything["input_ids"]] == list(range(FILES * FILE_ROWS))
 
     (cfg.data_dir / "train" / "part-00003.parquet").unlink()  # a half-copied split
     with pytest.raises(StageError, match="holds 3000 rows but .* counts 4000"):
-        sample_split(cfg, "train", SAMPLE, seed=0)
+        open_split(cfg, "train")
+
+
+def test_a_streamed_split_holds_a_stream_batch_and_a_row_group_not_the_split(tmp_path):
+    from lepton_ray.data.split_files import STREAM_ROWS
+
+    file_rows = 8 * STREAM_ROWS
+    raw, cfg = _split(tmp_path, file_rows=file_rows)
+    whole = _measure("whole", raw)
+    streamed = _measure("stream", raw)
+    assert streamed["rows"] == whole["rows"] == FILES * file_rows
+    held_rows = streamed["peak"] / (whole["peak"] / whole["rows"])
+    # A stream batch beside the pages it is decoded from, and its pandas copy.
+    assert held_rows <= 3 * (STREAM_ROWS + GROUP_ROWS), (held_rows, streamed, whole)
+    # In file and row order, every row once: what the gate and compression score on.
+    firsts = [int(ids[0]) for frame in open_split(cfg, "train") for ids in frame["input_ids"]]
+    assert firsts == list(range(FILES * file_rows))

@@ -265,6 +265,7 @@ def test_evaluate_version(registered):
         explore.evaluate_version(registered, split="test")
     test_dir.mkdir(parents=True)
     manifest = {"model": "minilm", "max_length": 32, "labels": TINY_LABELS}  # the data stage's
+    manifest["splits"] = {"train": 0, "validation": 0, "test": 5}
     (registered.data_dir / "manifest.json").write_text(json.dumps(manifest))
     rows = pd.DataFrame(
         {

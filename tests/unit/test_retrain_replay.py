@@ -51,6 +51,7 @@ def _training_split(cfg, files: int, rows: int) -> int:
         total += table.nbytes
     manifest = {"model": cfg.model.name, "max_length": cfg.data.max_length}
     manifest["labels"] = ["negative", "positive"]
+    manifest["splits"] = {"train": files * rows, "validation": 0, "test": 0}
     (cfg.data_dir / MANIFEST).write_text(json.dumps(manifest))
     return total
 
