@@ -979,6 +979,21 @@ class ExperimentConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _gate_metric_is_measured_on_every_candidate(self) -> ExperimentConfig:
+        # The gate and compress.max_drop score candidates on validation rows; a training
+        # loss is not measured there (nor on a compressed model), so no later candidate
+        # could ever be compared.
+        gated = self.registry.promotion == "gated" or self.compress.enabled
+        if gated and not self.tune.metric.startswith("val_"):
+            raise ValueError(
+                f"tune.metric {self.tune.metric} is not measured on validation rows, so the "
+                "promotion gate (registry.promotion: gated) and compress.max_drop cannot "
+                "compare candidates on it; choose a val_* metric, or set "
+                "registry.promotion: always and compress.enabled: false"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _max_length_fits_the_model(self) -> ExperimentConfig:
         from lepton_ray.models import position_limit
 

@@ -15,8 +15,12 @@ from tests.conftest import ROOT, smoke_config
 DATA = ROOT / "experiments" / "data" / "reviews.csv"
 
 
-def _cfg(tmp_path, **tune):
-    return validate_experiment(smoke_config(tmp_path, DATA, tune={"enabled": False, **tune}))
+UNGATED = {"registry": {"promotion": "always"}, "compress": {"enabled": False}}
+
+
+def _cfg(tmp_path, sections=None, **tune):
+    raw = smoke_config(tmp_path, DATA, tune={"enabled": False, **tune}, **(sections or {}))
+    return validate_experiment(raw)
 
 
 @pytest.mark.parametrize(
@@ -31,8 +35,21 @@ def _cfg(tmp_path, **tune):
     ],
 )
 def test_the_mode_is_inferred_from_the_metric(tmp_path, metric, mode):
-    assert _cfg(tmp_path, metric=metric).tune.mode == mode
-    assert _cfg(tmp_path, metric=metric, mode=mode).tune.mode == mode
+    sections = UNGATED if metric == "train_loss" else None
+    assert _cfg(tmp_path, sections, metric=metric).tune.mode == mode
+    assert _cfg(tmp_path, sections, metric=metric, mode=mode).tune.mode == mode
+
+
+@pytest.mark.parametrize(
+    "sections",
+    [
+        {"compress": {"enabled": False}},  # the promotion gate alone
+        {"registry": {"promotion": "always"}, "compress": {"enabled": True}},  # max_drop alone
+    ],
+)
+def test_a_gate_metric_no_candidate_is_scored_on_is_refused(tmp_path, sections):
+    with pytest.raises(ConfigError, match="tune.metric train_loss is not measured on validation"):
+        _cfg(tmp_path, sections, metric="train_loss")
 
 
 def test_every_reported_metric_has_a_direction():
