@@ -18,10 +18,13 @@ def test_build_app_refuses_a_non_loopback_host_without_a_key():
 
 
 def test_app_builder_fails_closed_and_reads_the_digest_from_the_named_variable(monkeypatch):
-    """The RayService path: no Ray here, so Serve's host is unknown, which needs a key."""
+    """The RayService path: with no Ray connected, Serve's host is unknown, which needs a key.
+
+    The suite's shared Ray may be connected in this process (Serve on loopback there), so
+    the test takes this process off it, as a node outside a cluster would be."""
     import ray
 
-    assert not ray.is_initialized()
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
     with pytest.raises(ValueError, match="on an unknown host, with no API key"):
         app_builder(ServeArgs(tracking_uri="sqlite:////tmp/x.db", **MODEL))
     args = ServeArgs(tracking_uri="sqlite:////tmp/x.db", api_key_sha256_env="LRT_DIGEST", **MODEL)
