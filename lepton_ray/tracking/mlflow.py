@@ -310,9 +310,13 @@ def get_version_by_alias(tracking_uri: str, name: str, alias: str):
     a missing alias with the same error code as a malformed request, so only the model's
     own answer tells "no such alias" from a failure.
     """
-    model = find_registered_model(tracking_uri, name)
+    return _version_of_alias(tracking_uri, find_registered_model(tracking_uri, name), alias)
+
+
+def _version_of_alias(tracking_uri: str, model, alias: str):
+    """The version ``alias`` names among ``model``'s aliases (None: no model or no alias)."""
     version = (model.aliases or {}).get(alias) if model is not None else None
-    return None if version is None else find_model_version(tracking_uri, name, str(version))
+    return None if version is None else find_model_version(tracking_uri, model.name, str(version))
 
 
 def get_model_version(tracking_uri: str, spec: str):
@@ -321,7 +325,8 @@ def get_model_version(tracking_uri: str, spec: str):
 
     name, alias, version = parse_spec(spec)
     where = redact_uri(tracking_uri)
-    if find_registered_model(tracking_uri, name) is None:
+    model = find_registered_model(tracking_uri, name)
+    if model is None:
         raise StageError(
             f"no registered model '{name}' in {where} (asked for {spec}); "
             "train or tune this experiment first"
@@ -330,7 +335,7 @@ def get_model_version(tracking_uri: str, spec: str):
         found, what = find_model_version(tracking_uri, name, version), f"version {version}"
     else:
         alias = alias or CHAMPION
-        found, what = get_version_by_alias(tracking_uri, name, alias), f"alias @{alias}"
+        found, what = _version_of_alias(tracking_uri, model, alias), f"alias @{alias}"
     if found is None:
         raise StageError(f"no registered model {spec} in {where}: '{name}' has no {what}")
     return found
