@@ -38,7 +38,7 @@ lint: install
 	$(BIN)/ruff check lepton_ray tests benchmarks
 
 docs: install
-	$(BIN)/python -m lepton_ray.config_docs --write
+	$(BIN)/python -m lepton_ray.config.docs --write
 
 clean:
 	rm -rf outputs mlruns

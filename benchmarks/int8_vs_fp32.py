@@ -40,8 +40,9 @@ def main() -> None:
     import pandas as pd
     import torch
 
-    from lepton_ray.evaluation import evaluate
-    from lepton_ray.models import encode_texts, load_model_artifact, quantize_dynamic_int8
+    from lepton_ray.compress.formats import load_model_artifact, quantize_dynamic_int8
+    from lepton_ray.tasks.base import encode_texts
+    from lepton_ray.tasks.classification_eval import evaluate
     from lepton_ray.tracking.mlflow import download_model
 
     if not Path(args.data).is_file():

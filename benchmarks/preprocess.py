@@ -10,7 +10,7 @@ with the same tokenizer (``load_tokenizer("minilm")``, truncation at 64 tokens):
   every call, so no call reuses an earlier one's Arrow cache. It only loads and tokenizes:
   nothing is cleaned, deduplicated, split or written. The tokenizer's own threads run as the
   environment has them (``TOKENIZERS_PARALLELISM``, recorded in the result).
-* lepton-ray: ``lepton_ray.data.pipeline.run_preprocess`` on a minimal experiment YAML, the
+* lepton-ray: ``lepton_ray.data.preprocess.run_preprocess`` on a minimal experiment YAML, the
   whole data stage (read, clean, deduplicate, split, tokenize, write Parquet and the
   manifest), on a private local Ray started once beforehand with every core; each call
   writes to a new output folder, so the stage's cache is never hit. Ray's start-up is timed
@@ -168,7 +168,7 @@ def experiment_yaml(data: Path, out: Path, scratch: Path, max_length: int) -> st
 def lepton_once(data: Path, out: Path, scratch: Path, max_length: int) -> tuple[int, float, dict]:
     """The whole data stage into a new folder; (rows read, seconds, manifest)."""
     from lepton_ray import config
-    from lepton_ray.data.pipeline import run_preprocess
+    from lepton_ray.data.preprocess import run_preprocess
 
     load = getattr(config, "load_config", None) or config.load_experiment
     path = scratch / f"{out.name}.yaml"
@@ -269,7 +269,7 @@ def main() -> None:
     datasets.disable_progress_bars()
     datasets.disable_caching()
 
-    from lepton_ray.models import load_tokenizer
+    from lepton_ray.artifacts import load_tokenizer
 
     tokenizer = load_tokenizer("minilm")
     sampler = MemorySampler()
@@ -279,7 +279,7 @@ def main() -> None:
     try:
         import ray
 
-        from lepton_ray.runtime import worker_env
+        from lepton_ray.runtime.cluster import worker_env
 
         start = time.perf_counter()
         ray.init(
@@ -371,7 +371,7 @@ def main() -> None:
         "what": {
             "baseline": "datasets.load_dataset('csv', delimiter='\\t') + .map(tokenize, "
             "batched=True), one process, fresh cache folder, keep_in_memory=True; no writes",
-            "lepton": "lepton_ray.data.pipeline.run_preprocess: read, clean, dedup, split, "
+            "lepton": "lepton_ray.data.preprocess.run_preprocess: read, clean, dedup, split, "
             "tokenize, write Parquet + manifest; Ray started beforehand (excluded)",
         },
         "first_call": first,

@@ -84,17 +84,16 @@ def main() -> None:
 
     import torch
 
-    from lepton_ray.compress.select import choose_method
-    from lepton_ray.evaluation import evaluate
-    from lepton_ray.models import (
-        ModelMeta,
-        encode_texts,
+    from lepton_ray.artifacts import ModelMeta, save_float_artifact
+    from lepton_ray.compress.formats import (
         load_model_artifact,
         quantize_dynamic_int8,
-        save_float_artifact,
         save_int8_artifact,
     )
-    from lepton_ray.train.precision import cpu_features
+    from lepton_ray.compress.select import choose_method
+    from lepton_ray.hardware import cpu_features
+    from lepton_ray.tasks.base import encode_texts
+    from lepton_ray.tasks.classification_eval import evaluate
 
     for path in (args.data, args.train):
         if not Path(path).is_file():

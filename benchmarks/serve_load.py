@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, write  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
-from lepton_ray.runtime import free_port  # noqa: E402
+from lepton_ray.runtime.cluster import free_port  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared/data/sst2"
 
@@ -48,9 +48,9 @@ def bare_server(folder: str, port: int, threads: int) -> None:
     import torch
     import uvicorn
     from fastapi import FastAPI
-
-    from lepton_ray.models import load_model_artifact
     from lepton_ray.predict import classify
+
+    from lepton_ray.compress.formats import load_model_artifact
 
     torch.set_num_threads(threads)
     model, tokenizer, meta = load_model_artifact(Path(folder))
@@ -127,9 +127,9 @@ def replica_pid() -> int:
 
 def offline(folder: Path, texts: list[str], threads: int, batch: int = 32) -> dict:
     import torch
-
-    from lepton_ray.models import load_model_artifact
     from lepton_ray.predict import classify_batched
+
+    from lepton_ray.compress.formats import load_model_artifact
 
     torch.set_num_threads(threads)
     model, tokenizer, meta = load_model_artifact(folder)
@@ -365,7 +365,7 @@ def main() -> None:
 def start_endpoint(args, out: Path, ingress: str):
     """A fresh in-process Ray with the given Serve ingress, and the endpoint on it."""
     from lepton_ray.config import ClusterSection
-    from lepton_ray.runtime import init_ray
+    from lepton_ray.runtime.cluster import init_ray
     from lepton_ray.serve.client import deploy
 
     for key in [k for k in os.environ if k.startswith("RAY_SERVE_") and "HAPROXY" in k]:

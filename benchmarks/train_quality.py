@@ -14,7 +14,7 @@ fine-tuning (``--peft none``), lr 5e-5, batch 32, 2 epochs, linear schedule with
 length-grouped batches, evaluation every epoch, 2 torch threads, ``train_standalone`` in this
 process (``--ray``: ``run_train`` on a private Ray, ``--workers`` x ``threads/workers`` CPUs,
 same global batch). The best checkpoint is then loaded (``load_model_artifact``) and scored
-on the test Parquet with ``lepton_ray.evaluation.evaluate``.
+on the test Parquet with ``lepton_ray.tasks.classification_eval.evaluate``.
 
 ``--max-minutes`` sets a time budget: a short probe of the bare loop measures samples/s and
 the per-epoch overhead, and only if the epochs would not fit is ``train.max_steps_per_epoch``
@@ -49,37 +49,77 @@ from train_throughput import (  # noqa: E402
 
 DATASETS = {  # as experiments/sst2_minilm_lora.yaml and trec_minilm_lora.yaml
     "sst2": {
-        "train": "sst2/train.tsv", "test": "sst2/dev.tsv", "text": "sentence", "label": "label",
-        "validation": 0.05, "max_length": 64, "contamination": "remove",
+        "train": "sst2/train.tsv",
+        "test": "sst2/dev.tsv",
+        "text": "sentence",
+        "label": "label",
+        "validation": 0.05,
+        "max_length": 64,
+        "contamination": "remove",
         "extra": {"dedup": {"exact": True, "conflicts": "majority"}},
     },
     "trec": {
-        "train": "trec/train.tsv", "test": "trec/test.tsv", "text": "text",
-        "label": "coarse_label", "validation": 0.1, "max_length": 48, "contamination": "report",
+        "train": "trec/train.tsv",
+        "test": "trec/test.tsv",
+        "text": "text",
+        "label": "coarse_label",
+        "validation": 0.1,
+        "max_length": 48,
+        "contamination": "report",
         "extra": {},
     },
 }
-HISTORY_KEYS = ("epoch", "step", "train_loss", "val_loss", "val_accuracy", "val_macro_f1",
-                "train_seconds", "train_samples_per_s", "train_tokens_per_s")
+HISTORY_KEYS = (
+    "epoch",
+    "step",
+    "train_loss",
+    "val_loss",
+    "val_accuracy",
+    "val_macro_f1",
+    "train_seconds",
+    "train_samples_per_s",
+    "train_tokens_per_s",
+)
 
 
 def build(args, tmp: Path, max_steps: int | None, epochs: int | None = None):
     d = DATASETS[args.dataset]
-    split = {"validation": d["validation"], "seed": 42, "contamination": d["contamination"],
-             "files": {"test": str(args.data_root / d["test"])}}
-    data = {"path": str(args.data_root / d["train"]), "text_column": d["text"],
-            "label_column": args.label_column or d["label"], "split": split,
-            "max_length": args.max_length or d["max_length"], "max_rows": args.rows, **d["extra"]}
+    split = {
+        "validation": d["validation"],
+        "seed": 42,
+        "contamination": d["contamination"],
+        "files": {"test": str(args.data_root / d["test"])},
+    }
+    data = {
+        "path": str(args.data_root / d["train"]),
+        "text_column": d["text"],
+        "label_column": args.label_column or d["label"],
+        "split": split,
+        "max_length": args.max_length or d["max_length"],
+        "max_rows": args.rows,
+        **d["extra"],
+    }
     peft = {"method": args.peft}
     if args.peft == "lora":
-        peft["lora"] = {"r": args.rank, "lora_alpha": args.alpha or 2 * args.rank,
-                        "lora_dropout": 0.1, "target_modules": args.targets.split(",")}
+        peft["lora"] = {
+            "r": args.rank,
+            "lora_alpha": args.alpha or 2 * args.rank,
+            "lora_dropout": 0.1,
+            "target_modules": args.targets.split(","),
+        }
     workers = args.workers if args.ray else 1
     cpus = max(1, args.threads // workers)
-    train = {"epochs": epochs or args.epochs, "lr": args.lr, "lr_schedule": args.schedule,
-             "warmup_ratio": args.warmup, "precision": args.precision,
-             "group_by_length": not args.no_group_by_length, "torch_threads": cpus,
-             "max_steps_per_epoch": max_steps, "seed": args.seed}
+    train = {
+        "epochs": epochs or args.epochs,
+        "lr": args.lr,
+        "lr_schedule": args.schedule,
+        "warmup_ratio": args.warmup,
+        "precision": args.precision,
+        "group_by_length": not args.no_group_by_length,
+        "torch_threads": cpus,
+        "max_steps_per_epoch": max_steps,
+        "seed": args.seed,
+    }
     train["global_batch_size" if workers > 1 else "batch_size"] = args.batch
     scaling = {"num_workers": workers, "resources_per_worker": {"CPU": cpus}}
     return experiment(tmp, data, train, peft, scaling)
@@ -99,10 +139,16 @@ def budget_steps(args, tmp: Path, manifest: dict) -> dict:
     train_s = args.max_minutes * 60 - overhead * args.epochs
     fit = max(1, int(train_s * rate / args.batch / args.epochs))
     cap = fit if fit < natural else None
-    log(f"[bench] probe: {rate:.1f} samples/s, {overhead:.0f} s overhead per epoch; "
-        + (f"capping at {cap} of {natural} steps per epoch" if cap else "the epochs fit"))
-    return {"probe_samples_per_s": rate, "overhead_s_per_epoch": overhead,
-            "steps_per_epoch": natural, "max_steps_per_epoch": cap}
+    log(
+        f"[bench] probe: {rate:.1f} samples/s, {overhead:.0f} s overhead per epoch; "
+        + (f"capping at {cap} of {natural} steps per epoch" if cap else "the epochs fit")
+    )
+    return {
+        "probe_samples_per_s": rate,
+        "overhead_s_per_epoch": overhead,
+        "steps_per_epoch": natural,
+        "max_steps_per_epoch": cap,
+    }
 
 
 def train(args, cfg, manifest: dict, tmp: Path) -> tuple[list[dict], Path, float]:
@@ -121,8 +167,11 @@ def train(args, cfg, manifest: dict, tmp: Path) -> tuple[list[dict], Path, float
     result = run_train(cfg, manifest, log=log, new=True)
     wall = time.perf_counter() - started
     folder = mlflow.artifacts.download_artifacts(  # the tracker logs each new best as "model"
-        run_id=result["run_id"], artifact_path="model", dst_path=str(tmp / "ray-model"),
-        tracking_uri=cfg.tracking.tracking_uri)
+        run_id=result["run_id"],
+        artifact_path="model",
+        dst_path=str(tmp / "ray-model"),
+        tracking_uri=cfg.tracking.tracking_uri,
+    )
     return ray_history(cfg, result, HISTORY_KEYS), Path(folder), wall
 
 
@@ -167,9 +216,9 @@ def main() -> None:
         import pandas as pd
         import torch
 
-        from lepton_ray.data.pipeline import run_preprocess
-        from lepton_ray.evaluation import evaluate, frame_batches
-        from lepton_ray.models import load_model_artifact
+        from lepton_ray.compress.formats import load_model_artifact
+        from lepton_ray.data.preprocess import run_preprocess
+        from lepton_ray.tasks.classification_eval import evaluate, frame_batches
 
         cfg = build(args, tmp, args.max_steps)
         manifest = run_preprocess(cfg, log=log, force=True)
@@ -194,33 +243,51 @@ def main() -> None:
     train_s = sum(h.get("train_seconds", 0.0) for h in history) or None
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     result = {
-        "machine": machine_facts(), "settings": settings, "method": how,
-        "config_train": cfg.train.model_dump(mode="json"), "peft": cfg.peft.model_dump(),
-        "manifest": {k: manifest.get(k) for k in ("rows_read", "kept", "dropped", "splits",
-                                                  "labels", "contamination")},
-        "budget": budget, "history": history, "best_validation": best,
-        "train_wall_s": wall, "train_loop_s": train_s, "test_eval_s": eval_s,
+        "machine": machine_facts(),
+        "settings": settings,
+        "method": how,
+        "config_train": cfg.train.model_dump(mode="json"),
+        "peft": cfg.peft.model_dump(),
+        "manifest": {
+            k: manifest.get(k)
+            for k in ("rows_read", "kept", "dropped", "splits", "labels", "contamination")
+        },
+        "budget": budget,
+        "history": history,
+        "best_validation": best,
+        "train_wall_s": wall,
+        "train_loop_s": train_s,
+        "test_eval_s": eval_s,
         "test": {k: scores[k] for k in ("accuracy", "macro_f1", "loss", "examples", "confusion")},
     }
     path = save(result, args.out, f"train_quality-{args.dataset}")
 
-    method = "full fine-tuning" if args.peft == "none" else (
-        f"LoRA r={args.rank} alpha={args.alpha or 2 * args.rank} on {args.targets}")
-    print(f"\nMiniLM-L6 {method} on {args.dataset} ({manifest['splits']['train']} train, "
-          f"{manifest['splits']['validation']} validation, {len(test)} test rows); lr "
-          f"{args.lr:g}, batch {args.batch}, {args.epochs} epoch(s), precision {args.precision}, "
-          f"{how}; {result['machine']['cpu']}, {result['machine']['nproc']} cores\n")
+    method = (
+        "full fine-tuning"
+        if args.peft == "none"
+        else (f"LoRA r={args.rank} alpha={args.alpha or 2 * args.rank} on {args.targets}")
+    )
+    print(
+        f"\nMiniLM-L6 {method} on {args.dataset} ({manifest['splits']['train']} train, "
+        f"{manifest['splits']['validation']} validation, {len(test)} test rows); lr "
+        f"{args.lr:g}, batch {args.batch}, {args.epochs} epoch(s), precision {args.precision}, "
+        f"{how}; {result['machine']['cpu']}, {result['machine']['nproc']} cores\n"
+    )
     print("| epoch | step | train loss | val loss | val accuracy | val macro-F1 | train s |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for h in history:
-        print(f"| {h.get('epoch', 0):.2f} | {h.get('step', 0):.0f} | {h.get('train_loss', 0):.4f} "
-              f"| {h.get('val_loss', 0):.4f} | {h.get('val_accuracy', 0):.4f} | "
-              f"{h.get('val_macro_f1', 0):.4f} | {h.get('train_seconds', 0):.1f} |")
+        print(
+            f"| {h.get('epoch', 0):.2f} | {h.get('step', 0):.0f} | {h.get('train_loss', 0):.4f} "
+            f"| {h.get('val_loss', 0):.4f} | {h.get('val_accuracy', 0):.4f} | "
+            f"{h.get('val_macro_f1', 0):.4f} | {h.get('train_seconds', 0):.1f} |"
+        )
     loop = f"{train_s:.0f} s in training steps; " if train_s else ""
-    print(f"\ntest accuracy {scores['accuracy']:.4f}, macro-F1 {scores['macro_f1']:.4f} "
-          f"({scores['examples']} rows, best epoch {best.get('epoch', 0):.2f}); training wall "
-          f"time {wall:.0f} s ({loop}model loading, evaluation and checkpoints included)\n"
-          f"Full numbers: {path}")
+    print(
+        f"\ntest accuracy {scores['accuracy']:.4f}, macro-F1 {scores['macro_f1']:.4f} "
+        f"({scores['examples']} rows, best epoch {best.get('epoch', 0):.2f}); training wall "
+        f"time {wall:.0f} s ({loop}model loading, evaluation and checkpoints included)\n"
+        f"Full numbers: {path}"
+    )
 
 
 if __name__ == "__main__":

@@ -75,20 +75,29 @@ def private_ray(num_cpus: int = 2, keep: bool = False, dashboard: bool = True):
     for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "RAY_API_SERVER_ADDRESS"):
         os.environ.pop(key, None)
     os.environ.update(RAY_TMPDIR=str(scratch), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-    for key, value in (("RAY_AUTH_MODE", "disabled"), ("RAY_TRAIN_V2_ENABLED", "1"),
-                       ("HF_HUB_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+    for key, value in (
+        ("RAY_AUTH_MODE", "disabled"),
+        ("RAY_TRAIN_V2_ENABLED", "1"),
+        ("HF_HUB_OFFLINE", "1"),
+        ("TOKENIZERS_PARALLELISM", "false"),
+    ):
         os.environ.setdefault(key, value)
     import ray
 
-    from lepton_ray.runtime import free_port, worker_env
+    from lepton_ray.runtime.cluster import free_port, worker_env
 
     port = free_port() if dashboard else None
     api = f"http://127.0.0.1:{port}" if dashboard else None
     if api:
         os.environ["RAY_API_SERVER_ADDRESS"] = api
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
-             **({"dashboard_host": "127.0.0.1", "dashboard_port": port} if dashboard else {}),
-             runtime_env={"env_vars": worker_env(api)}, logging_level="WARNING")
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=dashboard,
+        **({"dashboard_host": "127.0.0.1", "dashboard_port": port} if dashboard else {}),
+        runtime_env={"env_vars": worker_env(api)},
+        logging_level="WARNING",
+    )
     try:
         yield scratch
     finally:
@@ -102,12 +111,20 @@ def experiment(tmp: Path, data: dict, train: dict, peft: dict, scaling: dict | N
     from lepton_ray.config import validate_experiment
 
     raw = {
-        "name": "bench-train", "output_dir": str(tmp / "outputs"), "data": data,
-        "model": {"name": "minilm"}, "peft": peft, "train": train,
+        "name": "bench-train",
+        "output_dir": str(tmp / "outputs"),
+        "data": data,
+        "model": {"name": "minilm"},
+        "peft": peft,
+        "train": train,
         "scaling": scaling or {"num_workers": 1, "resources_per_worker": {"CPU": 2}},
-        "tune": {"enabled": False}, "compress": {"enabled": False}, "serve": {"enabled": False},
-        "tracking": {"tracking_uri": f"sqlite:///{tmp}/mlflow.db",
-                     "artifact_location": str(tmp / "artifacts")},
+        "tune": {"enabled": False},
+        "compress": {"enabled": False},
+        "serve": {"enabled": False},
+        "tracking": {
+            "tracking_uri": f"sqlite:///{tmp}/mlflow.db",
+            "artifact_location": str(tmp / "artifacts"),
+        },
         "cluster": {"storage_path": str(tmp / "storage")},
     }
     return validate_experiment(raw, source="benchmark")
@@ -120,16 +137,25 @@ def rates(history: list[dict], tokens_per_row: float) -> dict:
     """
     if not (history and all("train_seconds" in h for h in history)):
         sps = statistics.mean(h["train_samples_per_s"] for h in history)
-        return {"samples_per_s": sps, "tokens_per_s": sps * tokens_per_row,
-                "train_seconds": None, "tokens_estimated": True}
+        return {
+            "samples_per_s": sps,
+            "tokens_per_s": sps * tokens_per_row,
+            "train_seconds": None,
+            "tokens_estimated": True,
+        }
     seconds = sum(h["train_seconds"] for h in history)
     rows = sum(h["train_samples_per_s"] * h["train_seconds"] for h in history)
     exact = all("train_tokens_per_s" in h for h in history)
     tokens = sum(h.get("train_tokens_per_s", 0) * h["train_seconds"] for h in history)
     tokens = tokens if exact else rows * tokens_per_row
-    return {"samples_per_s": rows / seconds, "tokens_per_s": tokens / seconds,
-            "train_seconds": seconds, "rows": round(rows), "tokens_estimated": not exact,
-            "padding_fraction": history[-1].get("padding_fraction")}
+    return {
+        "samples_per_s": rows / seconds,
+        "tokens_per_s": tokens / seconds,
+        "train_seconds": seconds,
+        "rows": round(rows),
+        "tokens_estimated": not exact,
+        "padding_fraction": history[-1].get("padding_fraction"),
+    }
 
 
 THROUGHPUT_KEYS = ("train_samples_per_s", "train_tokens_per_s", "train_seconds", "padding_fraction")
@@ -178,7 +204,7 @@ def run_hf(args, frame, labels: list[str], out: Path) -> dict:
     import transformers as tf
     from peft import LoraConfig, TaskType, get_peft_model
 
-    from lepton_ray.models import resolve_model_path
+    from lepton_ray.config import resolve_model_path
 
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
@@ -186,8 +212,16 @@ def run_hf(args, frame, labels: list[str], out: Path) -> dict:
     tf.set_seed(42)
     tokenizer = tf.AutoTokenizer.from_pretrained(path)
     model = tf.AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(labels))
-    model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16,
-                                             lora_dropout=0.1, target_modules=["query", "value"]))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            task_type=TaskType.SEQ_CLS,
+            r=8,
+            lora_alpha=16,
+            lora_dropout=0.1,
+            target_modules=["query", "value"],
+        ),
+    )
 
     class Clock(tf.TrainerCallback):
         def on_train_begin(self, a, state, control, **kw):
@@ -202,41 +236,83 @@ def run_hf(args, frame, labels: list[str], out: Path) -> dict:
             self.seconds = time.perf_counter() - self.start
 
     fields = {f.name for f in dataclasses.fields(tf.TrainingArguments)}
-    random_order = ({"group_by_length": False} if "group_by_length" in fields
-                    else {"train_sampling_strategy": "random"})
+    random_order = (
+        {"group_by_length": False}
+        if "group_by_length" in fields
+        else {"train_sampling_strategy": "random"}
+    )
     targs = tf.TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=args.batch, num_train_epochs=args.epochs,
-        max_steps=args.max_steps * args.epochs if args.max_steps else -1, learning_rate=args.lr,
-        weight_decay=0.01, lr_scheduler_type="linear", warmup_steps=0.1, max_grad_norm=1.0,
-        seed=42, use_cpu=True, dataloader_num_workers=0, report_to=[], save_strategy="no",
-        eval_strategy="no", logging_strategy="no", disable_tqdm=True,
-        include_num_input_tokens_seen="non_padding", **random_order,  # real tokens: mask sums
+        output_dir=str(out),
+        per_device_train_batch_size=args.batch,
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps * args.epochs if args.max_steps else -1,
+        learning_rate=args.lr,
+        weight_decay=0.01,
+        lr_scheduler_type="linear",
+        warmup_steps=0.1,
+        max_grad_norm=1.0,
+        seed=42,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        report_to=[],
+        save_strategy="no",
+        eval_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        **random_order,  # real tokens: mask sums
     )
     clock, rows = Clock(), TrainRows(frame)
-    trainer = tf.Trainer(model=model, args=targs, train_dataset=rows, processing_class=tokenizer,
-                         callbacks=[clock])
+    trainer = tf.Trainer(
+        model=model, args=targs, train_dataset=rows, processing_class=tokenizer, callbacks=[clock]
+    )
     output = trainer.train()
     # Every row once per epoch; with --max-steps, full batches (smoke sizes fit in an epoch).
     n = len(rows) * args.epochs
     n = min(n, trainer.state.global_step * args.batch) if args.max_steps else n
     tokens = trainer.state.num_input_tokens_seen
-    return {"samples_per_s": n / clock.seconds, "tokens_per_s": tokens / clock.seconds,
-            "train_seconds": clock.seconds, "rows": n, "tokens": tokens,
-            "tokens_estimated": False, "trainer_train_runtime": output.metrics.get("train_runtime"),
-            "wall_s": time.perf_counter() - started}
+    return {
+        "samples_per_s": n / clock.seconds,
+        "tokens_per_s": tokens / clock.seconds,
+        "train_seconds": clock.seconds,
+        "rows": n,
+        "tokens": tokens,
+        "tokens_estimated": False,
+        "trainer_train_runtime": output.metrics.get("train_runtime"),
+        "wall_s": time.perf_counter() - started,
+    }
 
 
 def variant_config(args, tmp: Path, kind: str, precision: str, glen: bool):
-    data = {"path": str(args.data), "text_column": "sentence", "label_column": "label",
-            "max_rows": args.rows, "max_length": args.max_length,
-            "split": {"validation": args.validation, "test": 0.0, "seed": 42}}
-    peft = {"method": "lora", "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1,
-                                       "target_modules": ["query", "value"]}}
+    data = {
+        "path": str(args.data),
+        "text_column": "sentence",
+        "label_column": "label",
+        "max_rows": args.rows,
+        "max_length": args.max_length,
+        "split": {"validation": args.validation, "test": 0.0, "seed": 42},
+    }
+    peft = {
+        "method": "lora",
+        "lora": {
+            "r": 8,
+            "lora_alpha": 16,
+            "lora_dropout": 0.1,
+            "target_modules": ["query", "value"],
+        },
+    }
     workers = 2 if kind == "ray2x1" else 1
     cpus = max(1, args.threads // workers)
-    train = {"epochs": args.epochs, "lr": args.lr, "warmup_ratio": 0.1, "precision": precision,
-             "group_by_length": glen, "torch_threads": cpus, "seed": 42,
-             "max_steps_per_epoch": args.max_steps}
+    train = {
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "warmup_ratio": 0.1,
+        "precision": precision,
+        "group_by_length": glen,
+        "torch_threads": cpus,
+        "seed": 42,
+        "max_steps_per_epoch": args.max_steps,
+    }
     ddp_global = workers > 1 and args.ddp_batch == "global"
     train["global_batch_size" if ddp_global else "batch_size"] = args.batch
     scaling = {"num_workers": workers, "resources_per_worker": {"CPU": cpus}}
@@ -263,7 +339,7 @@ def run_variant(name: str, args, tmp: Path, manifest: dict, frame, tokens_per_ro
 
 def machine_facts() -> dict:
     """``common.machine()`` plus the CPU's vector units and whether bf16 is native."""
-    from lepton_ray.train.precision import cpu_features
+    from lepton_ray.hardware import cpu_features
 
     return {**machine(), "cpu_features": cpu_features().describe()}
 
@@ -309,7 +385,7 @@ def main() -> None:
     with private_ray(2, args.keep, not args.no_dashboard) as tmp:
         import pandas as pd
 
-        from lepton_ray.data.pipeline import run_preprocess
+        from lepton_ray.data.preprocess import run_preprocess
 
         cfg = variant_config(args, tmp, "loop", "fp32", True)
         manifest = run_preprocess(cfg, log=log, force=True)
@@ -325,17 +401,26 @@ def main() -> None:
                 log(f"[bench] round {i + 1}/{args.repeats}: {name}")
                 record = run_variant(name, args, tmp, manifest, frame, tokens_per_row, i)
                 runs[name].append(record)
-                log(f"[bench] {name}: {record['samples_per_s']:.1f} samples/s, "
-                    f"{record['tokens_per_s']:.0f} tokens/s, wall {record['wall_s']:.1f} s")
+                log(
+                    f"[bench] {name}: {record['samples_per_s']:.1f} samples/s, "
+                    f"{record['tokens_per_s']:.0f} tokens/s, wall {record['wall_s']:.1f} s"
+                )
 
-    med = {v: {k: statistics.median(r[k] for r in rs)
-               for k in ("samples_per_s", "tokens_per_s", "wall_s")} for v, rs in runs.items()}
+    med = {
+        v: {
+            k: statistics.median(r[k] for r in rs)
+            for k in ("samples_per_s", "tokens_per_s", "wall_s")
+        }
+        for v, rs in runs.items()
+    }
     for v, m in med.items():
         hf = med.get("hf")
         m["x_hf_samples"] = m["samples_per_s"] / hf["samples_per_s"] if hf else None
         m["x_hf_tokens"] = m["tokens_per_s"] / hf["tokens_per_s"] if hf else None
         bare = med.get(re.sub(r"^ray\dx\d", "loop", v)) if v.startswith("ray") else None
-        m["ray_slower_pct"] = 100 * (1 - m["samples_per_s"] / bare["samples_per_s"]) if bare else None
+        m["ray_slower_pct"] = (
+            100 * (1 - m["samples_per_s"] / bare["samples_per_s"]) if bare else None
+        )
         m["ray_wall_slower_pct"] = 100 * (m["wall_s"] / bare["wall_s"] - 1) if bare else None
     info = machine_facts()
     result = {
@@ -349,23 +434,33 @@ def main() -> None:
     }
     path = save(result, args.out, "train_throughput")
 
-    print(f"\nMiniLM-L6 + LoRA r=8, SST-2 first {args.rows} rows ({len(frame)} train rows), "
-          f"batch {args.batch}, max_length {args.max_length}, {args.epochs} epoch(s)"
-          f"{f', {args.max_steps} steps/epoch' if args.max_steps else ''}; {info['cpu']}, "
-          f"{info['nproc']} cores; torch {info['torch']}, ray {info['ray']}; median of "
-          f"{args.repeats}\n")
-    print("| variant | samples/s | real tokens/s | x HF (samples) | x HF (tokens) "
-          "| Ray slower than bare loop | wall s |")
+    print(
+        f"\nMiniLM-L6 + LoRA r=8, SST-2 first {args.rows} rows ({len(frame)} train rows), "
+        f"batch {args.batch}, max_length {args.max_length}, {args.epochs} epoch(s)"
+        f"{f', {args.max_steps} steps/epoch' if args.max_steps else ''}; {info['cpu']}, "
+        f"{info['nproc']} cores; torch {info['torch']}, ray {info['ray']}; median of "
+        f"{args.repeats}\n"
+    )
+    print(
+        "| variant | samples/s | real tokens/s | x HF (samples) | x HF (tokens) "
+        "| Ray slower than bare loop | wall s |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for v, m in med.items():
+
         def fmt(x, spec):
             return "-" if x is None else format(x, spec)
 
-        ray = (f"{fmt(m['ray_slower_pct'], '+.1f')}% (wall {fmt(m['ray_wall_slower_pct'], '+.0f')}%)"
-               if m["ray_slower_pct"] is not None else "-")
-        print(f"| {v} | {m['samples_per_s']:.1f} | {m['tokens_per_s']:,.0f} | "
-              f"{fmt(m['x_hf_samples'], '.2f')} | {fmt(m['x_hf_tokens'], '.2f')} | {ray} | "
-              f"{m['wall_s']:.1f} |")
+        ray = (
+            f"{fmt(m['ray_slower_pct'], '+.1f')}% (wall {fmt(m['ray_wall_slower_pct'], '+.0f')}%)"
+            if m["ray_slower_pct"] is not None
+            else "-"
+        )
+        print(
+            f"| {v} | {m['samples_per_s']:.1f} | {m['tokens_per_s']:,.0f} | "
+            f"{fmt(m['x_hf_samples'], '.2f')} | {fmt(m['x_hf_tokens'], '.2f')} | {ray} | "
+            f"{m['wall_s']:.1f} |"
+        )
     print(f"\nFull numbers: {path}")
 
 

@@ -3,7 +3,7 @@
 - The input is read as the data stage reads ``data.path`` (``lepton_ray.data.sources``: the
   same formats, ``header``/``column_names``, ``text_column`` joined by ``text_join``, and
   ``on_bad_row``); the label column is optional and kept as ``label_true``.
-- Every text goes through ``lepton_ray.predict.classify`` in a Ray Data actor pool (the
+- Every text goes through the task's ``predict`` (``lepton_ray.tasks``) in a Ray Data actor pool (the
   model loaded once per actor), so it is cleaned and tokenized as in training and gets the
   answer the Serve endpoint gives.
 - The rows reach the driver in input order (``preserve_order``), where each gets its id
@@ -65,7 +65,7 @@ def run_batch_predict(
         LeptonError: one line (exit code 2) for a missing input, a missing column, a
             malformed row, an unknown model or an output suffix it cannot write.
     """
-    from lepton_ray.data.pipeline import source_config
+    from lepton_ray.data.preprocess import source_config
     from lepton_ray.data.sources import TASK_CPUS, is_uri, read_files
     from lepton_ray.pipeline import _connect
 
@@ -115,7 +115,7 @@ def run_batch_predict(
                 id_column=id_column,
             ),
         ).map_batches(
-            Classifier,
+            Predictor,
             batch_size=batch_size,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=actors),
@@ -160,13 +160,13 @@ def output_format(path: Path) -> str:
 def _pinned_model(cfg: ExperimentConfig, spec: str | None) -> tuple[str, str]:
     """(``models:/NAME/VERSION``, VERSION): every actor loads that version, even if an
     alias moves during the run."""
-    from lepton_ray import registry
     from lepton_ray.pipeline import serving_model_uri
+    from lepton_ray.registry import versions
 
     if spec is None:
         model_uri = serving_model_uri(cfg)
     else:
-        version = registry.resolve(cfg.tracking.tracking_uri, spec)
+        version = versions.resolve(cfg.tracking.tracking_uri, spec)
         model_uri = f"models:/{version.name}/{version.version}"
     return model_uri, model_uri.rsplit("/", 1)[1]
 
@@ -217,55 +217,44 @@ def prediction_input(
     return pa.table(columns)
 
 
-class Classifier:
-    """Ray Data actor: one loaded model; ``classify`` on each batch (runs on a Ray worker)."""
+class Predictor:
+    """Ray Data actor: one loaded model; the task's ``predict`` on each batch (runs on a Ray
+    worker)."""
 
     def __init__(self, tracking_uri: str, model_uri: str, model_version: str, torch_threads: int):
         import torch
 
-        from lepton_ray.models import load_model_artifact
+        from lepton_ray.compress.formats import load_model_artifact
+        from lepton_ray.tasks import get_task
         from lepton_ray.tracking.mlflow import download_model
 
         torch.set_num_threads(torch_threads)
         self._folder = tempfile.TemporaryDirectory(prefix="lepton-predict-")
         artifact = download_model(tracking_uri, model_uri, Path(self._folder.name))
         self.model, self.tokenizer, self.meta = load_model_artifact(artifact)
+        self.task = get_task(self.meta.task)
         self.version = model_version
 
     def __call__(self, batch):
-        from lepton_ray.predict import classify
-
         texts = batch.column("text").to_pylist()
         todo = [i for i, text in enumerate(texts) if text is not None and text.strip()]
         answers = (
-            classify(self.model, self.tokenizer, self.meta, [texts[i] for i in todo])
+            self.task.predict(self.model, self.tokenizer, self.meta, [texts[i] for i in todo])
             if todo
             else []
         )
-        return prediction_columns(batch, list(self.meta.labels), todo, answers, self.version)
+        return prediction_columns(batch, self.task, self.meta.labels, todo, answers, self.version)
 
 
-def prediction_columns(batch, labels: list[str], rows: list[int], answers, version: str):
-    """``batch`` plus ``label``, ``probability`` (of that label), ``prob_<label>`` per class,
-    ``truncated`` and ``model_version``; null predictions where a row has no answer."""
+def prediction_columns(batch, task, labels, rows: list[int], answers, version: str):
+    """``batch`` plus the task's prediction columns (a classifier: ``label``, ``probability``
+    of that label, ``prob_<label>`` per class, ``truncated``) and ``model_version``; null
+    predictions where a row has no answer."""
     import pyarrow as pa
 
     n = batch.num_rows
-    label: list[str | None] = [None] * n
-    best: list[float | None] = [None] * n
-    truncated: list[bool | None] = [None] * n
-    per_class: dict[str, list[float | None]] = {name: [None] * n for name in labels}
-    for i, answer in zip(rows, answers, strict=True):
-        probabilities = answer["probabilities"]
-        label[i], best[i] = answer["label"], probabilities[answer["label"]]
-        truncated[i] = answer["truncated"]
-        for name in labels:
-            per_class[name][i] = probabilities[name]
     columns = {
-        "label": pa.array(label, pa.string()),
-        "probability": pa.array(best, pa.float64()),
-        **{f"prob_{name}": pa.array(v, pa.float64()) for name, v in per_class.items()},
-        "truncated": pa.array(truncated, pa.bool_()),
+        **task.prediction_arrays(list(labels), n, rows, answers),
         "model_version": pa.array([version] * n, pa.string()),
     }
     for name, values in columns.items():
@@ -360,26 +349,36 @@ def _write(ds, output: Path, fmt: str, names: dict[str, str], total: int, log) -
 
 
 # ------------------------------------------------------------------------- text mode output
-def format_table(texts: Sequence[str], answers: Sequence[dict[str, Any]]) -> str:
-    """Columns ``text``, ``label``, ``probability`` (of that label) and ``truncated``, two
-    spaces apart; a text is shown on one line, cut at ``TABLE_TEXT_WIDTH`` characters."""
-    header = ("text", "label", "probability", "truncated")
-    rows = [header]
+def format_table(texts: Sequence[str], answers: Sequence[dict[str, Any]], task) -> str:
+    """Columns ``text`` and the task's answer cells (a classifier: ``label``, ``probability``
+    of that label, ``truncated``), two spaces apart; a text is shown on one line, cut at
+    ``TABLE_TEXT_WIDTH`` characters; numbers are right-aligned."""
+    rows: list[tuple[str, ...]] = []
+    header: tuple[str, ...] = ("text",)
+    numeric: set[int] = set()
     for text, answer in zip(texts, answers, strict=True):
         shown = " ".join(text.split())
         if len(shown) > TABLE_TEXT_WIDTH:
             shown = shown[: TABLE_TEXT_WIDTH - 3] + "..."
-        probability = answer["probabilities"][answer["label"]]
-        truncated = "yes" if answer.get("truncated") else "no"
-        rows.append((shown, str(answer["label"]), f"{probability:.4f}", truncated))
+        cells = task.answer_cells(answer)
+        header = ("text", *cells)
+        numeric = {i + 1 for i, value in enumerate(cells.values()) if not isinstance(value, str)}
+        rows.append((shown, *(_cell(v) for v in cells.values())))
+    if not rows:
+        header = ("text", *task.answer_cells(None))
+    rows.insert(0, header)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join(
         "  ".join(
-            cell.rjust(width) if i == 2 else cell.ljust(width)
+            cell.rjust(width) if i in numeric else cell.ljust(width)
             for i, (cell, width) in enumerate(zip(row, widths))
         ).rstrip()
         for row in rows
     )
+
+
+def _cell(value: Any) -> str:
+    return value if isinstance(value, str) else f"{value:.4f}"
 
 
 def format_json_lines(texts: Sequence[str], answers: Sequence[dict[str, Any]]) -> str:

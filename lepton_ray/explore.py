@@ -1,7 +1,7 @@
 """Read-only views of an experiment for notebooks: tables and figures from MLflow.
 
 The notebooks in ``notebooks/`` run stages through :mod:`lepton_ray.pipeline` and look at
-what they left behind through the functions here (and :mod:`lepton_ray.registry`): the data
+what they left behind through the functions here (and :mod:`lepton_ray.registry.versions`): the data
 manifest as tables, a sweep's trials, a run's metric history and logged plots, a registered
 version scored on a split, the registry's versions. Everything is read from the
 experiment's MLflow store and output folder; nothing here trains, registers or deploys.
@@ -279,7 +279,7 @@ def plot_images(cfg: ExperimentConfig, run_id: str, folder: str = "plots") -> di
     Every training run logs ``plots/learning_curves.png``, ``plots/confusion_matrix_val.png``
     and ``plots/roc_curve_val.png``; a sweep's parent run ``plots/sweep.png``.
     """
-    from lepton_ray.registry import run_artifact
+    from lepton_ray.registry.versions import run_artifact
 
     c = _client(cfg)
     if not any(a.path.endswith(".png") for a in c.list_artifacts(run_id, folder)):
@@ -321,11 +321,11 @@ def versions_frame(cfg: ExperimentConfig) -> pd.DataFrame:
     """
     import pandas as pd
 
-    from lepton_ray import registry
+    from lepton_ray.registry import versions
     from lepton_ray.tracking.mlflow import TAG_TRIAL_ID
 
     rows = []
-    for v in registry.list_versions(cfg.tracking.tracking_uri, cfg.registered_model_name):
+    for v in versions.list_versions(cfg.tracking.tracking_uri, cfg.registered_model_name):
         rows.append(
             {
                 "version": int(v["version"]),
@@ -360,13 +360,14 @@ def evaluate_version(
             its labels are not the experiment's.
     """
     from lepton_ray.data.split_files import open_split
-    from lepton_ray.pipeline import score_version, serving_model_uri
+    from lepton_ray.pipeline import serving_model_uri
+    from lepton_ray.registry.gate import eval_columns, score_version
 
     if not (cfg.data_dir / split).is_dir():
         raise StageError(
             f"no preprocessed '{split}' split in {cfg.data_dir}; run the data stage first"
         )
-    rows = open_split(cfg, split, columns=["text", "label_id"])
+    rows = open_split(cfg, split, columns=eval_columns(cfg))
     if rows is None:
         raise StageError(f"the '{split}' split in {cfg.data_dir} has no rows")
     model_uri = model_uri or serving_model_uri(cfg)

@@ -12,30 +12,26 @@ from typing import Any
 
 from lepton_ray.config import ExperimentConfig
 from lepton_ray.errors import StageError
+from lepton_ray.registry.gate import eval_split_id, settle
 
 
 def _connect(cfg: ExperimentConfig, log, storage: bool = True) -> str:
     """Connect to Ray; ``storage``: the stage reads or writes shards and checkpoints, so on a
     multi-node cluster every node must see the storage root (checked once, up front)."""
-    from lepton_ray.runtime import init_ray
+    from lepton_ray.runtime.cluster import init_ray
 
     mode = init_ray(cfg.cluster, log=log)
     if storage:
-        from lepton_ray.storage import check_shared_storage
+        from lepton_ray.runtime.storage import check_shared_storage
 
         check_shared_storage(cfg, log=log)
     return mode
 
 
 def _data(cfg: ExperimentConfig) -> dict[str, Any]:
-    from lepton_ray.data.pipeline import load_manifest
+    from lepton_ray.data.preprocess import load_manifest
 
     return load_manifest(cfg)
-
-
-def eval_split_id(manifest: dict[str, Any]) -> str:
-    """Names the validation split a metric was measured on (the gate compares like with like)."""
-    return f"{manifest.get('fingerprint', 'unknown')}:validation"
 
 
 def register_trained(
@@ -48,7 +44,7 @@ def register_trained(
     """Register the best run's ``model`` artifact as a new version, marked ``@challenger``.
 
     ``extra``: more lineage tags for the version (a retrain names what it continued)."""
-    from lepton_ray import registry
+    from lepton_ray.registry import versions
     from lepton_ray.tracking.mlflow import TAG_STAGE, TAG_TRIAL_ID, client, lineage_tags
 
     uri, name, run_id = cfg.tracking.tracking_uri, cfg.registered_model_name, best["run_id"]
@@ -57,7 +53,7 @@ def register_trained(
     if run_tags.get(TAG_TRIAL_ID):
         extra[TAG_TRIAL_ID] = run_tags[TAG_TRIAL_ID]
     lineage = lineage_tags(cfg, manifest.get("fingerprint"), **extra)
-    candidate = registry.Candidate(
+    candidate = versions.Candidate(
         metrics={k: v for k, v in (best.get("metrics") or {}).items() if k.startswith("val_")},
         metric_name=cfg.tune.metric,
         metric_mode=cfg.tune.mode,
@@ -65,8 +61,8 @@ def register_trained(
         peft_method=cfg.peft.method,
     )
     with tempfile.TemporaryDirectory(prefix="lepton-register-") as tmp:
-        artifact = registry.run_artifact(uri, run_id, "model", Path(tmp))
-        version = registry.register(
+        artifact = versions.run_artifact(uri, run_id, "model", Path(tmp))
+        version = versions.register(
             uri,
             name,
             run_id,
@@ -76,110 +72,15 @@ def register_trained(
             description=f"Best fine-tuned model of experiment {cfg.name} (run {run_id}).",
             log=log,
         )
-    log(f"[registry] {name} v{version.version} (@{registry.CHALLENGER}) from run {run_id}")
+    log(f"[registry] {name} v{version.version} (@{versions.CHALLENGER}) from run {run_id}")
     return version
-
-
-def settle(cfg: ExperimentConfig, version: str, log=print) -> bool:
-    """Apply ``registry.promotion`` to a new version; True when it became the champion.
-
-    A registry that cannot say whether there is a champion stops here with a ``StageError``
-    (under ``manual`` too): only a registry that answers "no champion" lets a first version
-    through ungated.
-    """
-    from lepton_ray import registry
-    from lepton_ray.tracking.mlflow import get_version_by_alias
-
-    uri, name = cfg.tracking.tracking_uri, cfg.registered_model_name
-    policy = cfg.registry.promotion
-    if policy == "manual" and get_version_by_alias(uri, name, registry.CHAMPION) is not None:
-        log(
-            f"[registry] {name} v{version} stays @{registry.CHALLENGER} (registry.promotion: "
-            f"manual); promote it with: lepton-ray models promote {name}/{version}"
-        )
-        return False
-    result = registry.promote(
-        uri,
-        name,
-        version,
-        tolerance=cfg.registry.tolerance,
-        force=policy == "always",
-        evaluate=lambda v: validation_metric(cfg, v),
-        log=log,
-    )
-    return result.passed
-
-
-def _text_batches(frames, tokenizer, meta, batch_size: int):
-    """Batches of a split's texts (``text``, ``label_id``) as ``meta``'s model reads them,
-    from frames streamed in order (one frame at a time is held, never the split)."""
-    import torch
-
-    from lepton_ray.models import encode_texts
-
-    def batch(texts, targets):
-        encoded, _ = encode_texts(tokenizer, meta, texts)
-        return {**encoded, "labels": torch.as_tensor(targets)}
-
-    texts, targets = [], []
-    for frame in frames:
-        texts += frame["text"].tolist()
-        targets += frame["label_id"].tolist()
-        while len(texts) >= batch_size:
-            yield batch(texts[:batch_size], targets[:batch_size])
-            del texts[:batch_size], targets[:batch_size]
-    if texts:
-        yield batch(texts, targets)
-
-
-def score_version(cfg: ExperimentConfig, model_uri: str, frames) -> tuple[dict[str, Any], list]:
-    """Evaluate a registered version on a split's texts; returns (metrics, its labels).
-
-    ``frames``: the split's ``text`` and ``label_id`` columns as frames in order (a
-    ``data.split_files.SplitRows`` streams them from the split's files). Each version reads the
-    texts through its own preprocessing, the cleaning, tokenizer and ``max_length`` its
-    artifact carries (as it does when served), never through this experiment's token ids: a
-    champion trained with another tokenizer is scored as it answers, not on ids it never saw.
-    (The texts are the data stage's, cleaned by ``data.clean``; each version's cleaning then
-    applies on top, as serving applies it to what a client sends.)
-
-    Raises:
-        StageError: the version's labels are not this experiment's.
-    """
-    from lepton_ray.evaluation import evaluate
-    from lepton_ray.models import load_model_artifact
-    from lepton_ray.tracking.mlflow import download_model
-
-    labels = list(_data(cfg)["labels"])
-    with tempfile.TemporaryDirectory(prefix="lepton-eval-") as tmp:
-        artifact = download_model(cfg.tracking.tracking_uri, model_uri, Path(tmp))
-        model, tokenizer, meta = load_model_artifact(artifact)
-        if list(meta.labels) != labels:
-            raise StageError(
-                f"{model_uri} predicts the labels {list(meta.labels)} but this experiment's "
-                f"data has the labels {labels}; it cannot be scored on this data"
-            )
-        batches = _text_batches(frames, tokenizer, meta, cfg.train.eval_batch_size)
-        return evaluate(model, batches, len(labels)), labels
-
-
-def validation_metric(cfg: ExperimentConfig, version) -> float | None:
-    """``tune.metric`` of a registered version on this experiment's validation split."""
-    from lepton_ray.data.split_files import open_split
-
-    split = open_split(cfg, "validation", columns=["text", "label_id"])
-    if split is None:
-        return None
-    result, _ = score_version(cfg, f"models:/{version.name}/{version.version}", split)
-    value = result.get(cfg.tune.metric.removeprefix("val_"))
-    return float(value) if value is not None else None
 
 
 def run_preprocess_stage(
     cfg: ExperimentConfig, log=print, force: bool = False, track: bool = True
 ) -> dict[str, Any]:
     """The data stage; with ``track`` its report goes to an MLflow run 'preprocess'."""
-    from lepton_ray.data.pipeline import run_preprocess
+    from lepton_ray.data.preprocess import run_preprocess
 
     _connect(cfg, log)
     manifest = run_preprocess(cfg, log=log, force=force)
@@ -268,22 +169,22 @@ def run_compress_stage(
     source); a refused one (accuracy gate) leaves the registry as it was. The candidate
     - the compressed version, else the source - then goes through the promotion policy.
     """
-    from lepton_ray import registry
     from lepton_ray.compress.quantize import run_compress
+    from lepton_ray.registry import versions
     from lepton_ray.tracking.mlflow import TAG_STAGE, download_model, lineage_tags, tracked_run
 
     manifest = _data(cfg)
     uri, name = cfg.tracking.tracking_uri, cfg.registered_model_name
-    source = registry.resolve(uri, model_uri or f"{name}@{registry.CHAMPION}")
+    source = versions.resolve(uri, model_uri or f"{name}@{versions.CHAMPION}")
     tags = source.tags or {}
-    if tags.get(registry.TAG_QUANTIZATION, "none") != "none":
-        origin = tags.get(registry.TAG_SOURCE_VERSION)
+    if tags.get(versions.TAG_QUANTIZATION, "none") != "none":
+        origin = tags.get(versions.TAG_SOURCE_VERSION)
         if model_uri is not None or not origin:
             raise StageError(
                 f"{name} v{source.version} is already compressed "
-                f"({tags[registry.TAG_QUANTIZATION]}); compress its source version instead"
+                f"({tags[versions.TAG_QUANTIZATION]}); compress its source version instead"
             )
-        source = registry.resolve(uri, f"{name}/{origin}")
+        source = versions.resolve(uri, f"{name}/{origin}")
     source_uri = f"models:/{name}/{source.version}"
     lineage = lineage_tags(
         cfg,
@@ -296,12 +197,12 @@ def run_compress_stage(
             result = run_compress(cfg, folder, Path(tmp) / "out", run_id, log=log)
             version = None
             if result.accepted and result.folder is not None:
-                candidate = registry.Candidate(
+                candidate = versions.Candidate(
                     metrics=_compressed_metrics(result.metrics),
                     metric_name=cfg.tune.metric,
                     metric_mode=cfg.tune.mode,
                     eval_split=eval_split_id(manifest),
-                    peft_method=(source.tags or {}).get(registry.TAG_PEFT, cfg.peft.method),
+                    peft_method=(source.tags or {}).get(versions.TAG_PEFT, cfg.peft.method),
                     quantization=result.method,
                     source_version=str(source.version),
                     extra_tags={
@@ -309,7 +210,7 @@ def run_compress_stage(
                     }
                     | {"lepton.source_run_id": source.run_id or ""},
                 )
-                version = registry.register(
+                version = versions.register(
                     uri,
                     name,
                     run_id,
@@ -321,7 +222,7 @@ def run_compress_stage(
                 ).version
     if version is not None:
         log(
-            f"[registry] {name} v{version} (@{registry.CHALLENGER}) = {result.method} of v{source.version}"
+            f"[registry] {name} v{version} (@{versions.CHALLENGER}) = {result.method} of v{source.version}"
         )
     else:
         log(f"[compress] not registered: {result.reason}; v{source.version} stays uncompressed")
@@ -341,10 +242,10 @@ def run_compress_stage(
 
 def serving_model_uri(cfg: ExperimentConfig) -> str:
     """What to serve by default: ``@champion``, pinned as ``models:/NAME/VERSION``."""
-    from lepton_ray import registry
+    from lepton_ray.registry import versions
 
-    champion = registry.resolve(
-        cfg.tracking.tracking_uri, f"{cfg.registered_model_name}@{registry.CHAMPION}"
+    champion = versions.resolve(
+        cfg.tracking.tracking_uri, f"{cfg.registered_model_name}@{versions.CHAMPION}"
     )
     return f"models:/{champion.name}/{champion.version}"
 

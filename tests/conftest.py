@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lepton_ray.runtime import free_port
+from lepton_ray.runtime.cluster import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -64,7 +64,8 @@ def tiny_artifact(tmp_path_factory) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from lepton_ray.models import ModelMeta, resolve_model_path, save_model_artifact
+    from lepton_ray.artifacts import ModelMeta, save_model_artifact
+    from lepton_ray.config import resolve_model_path
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
@@ -97,11 +98,11 @@ def register_tiny(
     store: dict, artifact: Path, accuracy: float, split: str = "fingerprint-a:validation", **extra
 ) -> str:
     """Register ``artifact`` as a new version of 'reg' (@challenger) with ``val_accuracy``."""
-    from lepton_ray import registry
+    from lepton_ray.registry import versions
 
     c = store["client"]
     run_id = c.create_run(store["experiment"]).info.run_id
-    candidate = registry.Candidate(
+    candidate = versions.Candidate(
         metrics={"val_accuracy": accuracy},
         metric_name="val_accuracy",
         metric_mode="max",
@@ -114,7 +115,7 @@ def register_tiny(
         "lepton.data_fingerprint": "fp",
         "lepton.git_sha": "x",
     }
-    version = registry.register(
+    version = versions.register(
         store["uri"], "reg", run_id, artifact, lineage, candidate, log=lambda _: None
     )
     return str(version.version)
@@ -170,7 +171,7 @@ def ray_session():
 
     if not ray.is_initialized():
         from lepton_ray.config import ClusterSection
-        from lepton_ray.runtime import set_serve_ingress
+        from lepton_ray.runtime.cluster import set_serve_ingress
 
         # Serve's ingress as users get it by default (Ray's proxy; with haproxy, its files
         # and ports would be private to this session).

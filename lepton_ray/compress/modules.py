@@ -1,4 +1,4 @@
-"""Runtime pieces of the compressed formats, loaded by ``lepton_ray.models`` wherever a
+"""Runtime pieces of the compressed formats, loaded by ``lepton_ray.artifacts`` wherever a
 compressed artifact is served: an int8 embedding table and an ONNX Runtime classifier.
 
 Nothing heavy is imported at module import; torch is (the caller has it already).

@@ -19,23 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lepton_ray.config import ExperimentConfig
-from lepton_ray.data.split_files import open_split
-from lepton_ray.evaluation import evaluate, frame_batches
-from lepton_ray.models import (
-    ModelMeta,
-    folder_size_mb,
+from lepton_ray.artifacts import ModelMeta, folder_size_mb, save_float_artifact
+from lepton_ray.compress.formats import (
     load_model_artifact,
     quantize_dynamic_int8,
-    save_float_artifact,
     save_int8_artifact,
 )
+from lepton_ray.config import ExperimentConfig, metric_mode
+from lepton_ray.data.split_files import open_split
+from lepton_ray.tasks import Task, get_task
 
-SCORES = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "roc_auc", "loss")
-"""What ``evaluate`` scores, logged for both models as ``{val,test}_<score>_{fp32,compressed}``
-(the registered compressed version carries them as ``val_<score>``)."""
-LOWER_IS_BETTER = ("loss",)
-"""Scores whose worsening is a rise, logged as ``*_<score>_rise`` (the others: ``*_drop``)."""
 SPEED_BATCH = 32
 """Batch size of the evaluation passes whose throughput is logged (``samples_per_s_*``)."""
 LATENCY_ROWS = 32
@@ -57,19 +50,27 @@ class _SplitBatches:
     """A split's token batches, streamed from its files again each time they are iterated:
     the float and the compressed model are both scored on it, and it is never held whole."""
 
-    def __init__(self, rows, pad_id: int):
-        self.rows, self.pad_id = rows, pad_id
+    def __init__(self, task: Task, rows, pad_id: int):
+        self.task, self.rows, self.pad_id = task, rows, pad_id
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for frame in self.rows:
-            yield from frame_batches(frame, SPEED_BATCH, self.pad_id)
+            yield from self.task.frame_batches(frame, SPEED_BATCH, self.pad_id)
 
 
-def _evaluate(model, batches: Iterable[dict[str, Any]], num_labels: int) -> dict[str, Any]:
+def _evaluate(task: Task, model, batches: Iterable[dict[str, Any]], labels) -> dict[str, Any]:
+    """The task's scores (``gate_scores``, every score a gate may compare) and throughput;
+    ``result`` keeps the raw evaluation (agreement, plots)."""
     started = time.perf_counter()
-    result = evaluate(model, batches, num_labels)
-    result["samples_per_s"] = result["examples"] / (time.perf_counter() - started)
-    return result
+    result = task.evaluate(model, batches, labels)
+    seconds = time.perf_counter() - started
+    scores = task.gate_scores(result)
+    return {"scores": scores, "samples_per_s": result["examples"] / seconds, "result": result}
+
+
+def lower_is_better(score: str) -> bool:
+    """A score whose worsening is a rise (a loss), logged as ``*_<score>_rise``."""
+    return metric_mode(score) == "min"
 
 
 def _latency_ms(model, batches: Iterable[dict[str, Any]]) -> float:
@@ -115,9 +116,12 @@ def _cuda_name() -> str | None:
 def _calibration_batches(cfg: ExperimentConfig, tokenizer) -> list[dict[str, Any]]:
     """``compress.calibration_rows`` seeded rows of the training split (never validation:
     that split judges the result), read by row group: the split is never held whole."""
-    train = open_split(cfg, "train", ["input_ids", "label_id"])
+    task = get_task(cfg.task)
+    train = open_split(cfg, "train", ["input_ids", task.target_column])
     frame = None if train is None else train.sample(cfg.compress.calibration_rows, cfg.train.seed)
-    return [] if frame is None else list(frame_batches(frame, SPEED_BATCH, _pad_id(tokenizer)))
+    if frame is None:
+        return []
+    return list(task.frame_batches(frame, SPEED_BATCH, _pad_id(tokenizer)))
 
 
 def compressed_meta(meta: ModelMeta, method: str, details: dict[str, Any]) -> ModelMeta:
@@ -155,7 +159,7 @@ def build_compressed(
     comp = cfg.compress
     details: dict[str, Any] = {}
     if method in ("dynamic_int8", "onnx_int8"):
-        keep = list(comp.keep_float)
+        keep = list(get_task(meta.task).keep_float if comp.keep_float is None else comp.keep_float)
         if comp.sensitive_layers:
             from lepton_ray.compress.sensitivity import rank_linears
 
@@ -183,8 +187,8 @@ def build_compressed(
         )
         save_int8_artifact(qmodel, tokenizer, compressed_meta(meta, method, details), folder)
     elif method == "onnx_int8":
+        from lepton_ray.compress.formats import ONNX_FILE
         from lepton_ray.compress.onnx_int8 import check_export, export_onnx, quantize_onnx_int8
-        from lepton_ray.models import ONNX_FILE
 
         fp32_onnx = folder.parent / f"{folder.name}-fp32" / ONNX_FILE
         probe = validation if next(iter(validation), None) is not None else calibration
@@ -236,9 +240,8 @@ def run_compress(
     """
     from lepton_ray.compress.modules import ort_available
     from lepton_ray.compress.select import choose_method
-    from lepton_ray.tracking import plots
+    from lepton_ray.hardware import cpu_features
     from lepton_ray.tracking.mlflow import log_figure, log_folder, log_metrics
-    from lepton_ray.train.precision import cpu_features
 
     comp = cfg.compress
     uri = cfg.tracking.tracking_uri
@@ -267,11 +270,16 @@ def run_compress(
         )
 
     pad = _pad_id(tokenizer)
+    task = get_task(meta.task)
     splits = {}
     for split in ("validation", "test"):
-        rows = open_split(cfg, split, ["input_ids", "label_id"])
-        splits[split] = None if rows is None else _SplitBatches(rows, pad)
-    before = {s: None if b is None else _evaluate(model, b, len(labels)) for s, b in splits.items()}
+        rows = open_split(cfg, split, ["input_ids", task.target_column])
+        splits[split] = None if rows is None else _SplitBatches(task, rows, pad)
+
+    def measure(m) -> dict[str, dict | None]:
+        return {s: None if b is None else _evaluate(task, m, b, labels) for s, b in splits.items()}
+
+    before = measure(model)
     folder = out / method
     build_compressed(
         method,
@@ -286,22 +294,25 @@ def run_compress(
     )
     # Measure what was written, loaded as a Serve replica loads it.
     cmodel, _, _ = load_model_artifact(folder)
-    after = {s: None if b is None else _evaluate(cmodel, b, len(labels)) for s, b in splits.items()}
+    after = measure(cmodel)
     metrics["size_mb_compressed"] = _weights_mb(folder)
     metrics["size_ratio"] = metrics["size_mb_fp32"] / max(metrics["size_mb_compressed"], 1e-9)
     for split, short in (("validation", "val"), ("test", "test")):
         for tag, res in (("fp32", before[split]), ("compressed", after[split])):
             if res is None:
                 continue
-            for score in (*SCORES, "samples_per_s"):
-                metrics[f"{short}_{score}_{tag}"] = res[score]
+            for score, value in res["scores"].items():
+                metrics[f"{short}_{score}_{tag}"] = value
+            metrics[f"{short}_samples_per_s_{tag}"] = res["samples_per_s"]
         if before[split] is not None:
-            for score in SCORES:
+            was, now = before[split], after[split]
+            for score in was["scores"]:
                 metrics[_worsening_key(short, score)] = _worsening(
-                    score, before[split][score], after[split][score]
+                    score, was["scores"][score], now["scores"][score]
                 )
-            agree = (before[split]["probs"].argmax(1) == after[split]["probs"].argmax(1)).mean()
-            metrics[f"{short}_prediction_agreement"] = float(agree)
+            agree = task.agreement(was["result"], now["result"])
+            if agree is not None:
+                metrics[f"{short}_prediction_agreement"] = agree
     timing = splits["validation"] if splits["validation"] is not None else splits["test"]
     if timing is not None:
         short = "val" if splits["validation"] is not None else "test"
@@ -313,42 +324,44 @@ def run_compress(
             metrics[f"latency_ms_batch1_{tag}"] = _latency_ms(m, timing)
         metrics["speedup"] = metrics["samples_per_s_compressed"] / metrics["samples_per_s_fp32"]
 
-    accepted, reason = judge(metrics, method, cfg.tune.metric, comp.max_drop)
+    accepted, reason = judge(metrics, method, cfg.tune.metric, comp.max_drop, task.gate_score)
     metrics["accepted"] = float(accepted)
     log_metrics(uri, run_id, metrics, step=0)
     for split in ("validation", "test"):
         if after[split] is not None:
-            fig = plots.confusion_matrix(after[split]["confusion"], labels, f"{split} ({method})")
-            log_figure(uri, run_id, fig, f"plots/confusion_matrix_{split}_{method}.png")
+            inputs = task.plot_inputs(after[split]["result"])
+            for name, fig in task.plots(inputs, labels, f"{split} ({method})").items():
+                log_figure(uri, run_id, fig, f"plots/{name}_{split}_{method}.png")
     if accepted:
         log_folder(uri, run_id, folder, "model")
-    log(_summary(method, metrics))
+    log(_summary(method, metrics, task.gate_score))
     if not accepted:
         log(f"[compress] refused: {reason}; the uncompressed model is kept")
     return CompressResult(method, folder if accepted else None, accepted, reason, metrics)
 
 
 def _worsening_key(short: str, score: str) -> str:
-    return f"{short}_{score}_{'rise' if score in LOWER_IS_BETTER else 'drop'}"
+    return f"{short}_{score}_{'rise' if lower_is_better(score) else 'drop'}"
 
 
 def _worsening(score: str, before: float, after: float) -> float:
     """How much worse the compressed model scores (a drop, or for a loss a rise)."""
-    return after - before if score in LOWER_IS_BETTER else before - after
+    return after - before if lower_is_better(score) else before - after
 
 
 def judge(
-    metrics: dict[str, float], method: str, gate_metric: str, max_drop: float
+    metrics: dict[str, float], method: str, gate_metric: str, max_drop: float, always: str
 ) -> tuple[bool, str]:
-    """The ``compress.max_drop`` gate on the validation scores in ``metrics``: accuracy and
-    ``gate_metric`` (``tune.metric``, when it is a validation score) may each be at most
-    ``max_drop`` points (0.01 of the score each) worse. A score that is nan after
-    compression (a diverged model, or one class only) fails. Returns (accepted, why)."""
-    if "val_accuracy_drop" not in metrics:
-        return True, f"{method}: no validation split to check the accuracy on; accepted unchecked"
-    judged = ["accuracy"]
+    """The ``compress.max_drop`` gate on the validation scores in ``metrics``: ``always`` (the
+    task's ``gate_score``, a classifier's accuracy) and ``gate_metric`` (``tune.metric``,
+    when it is a validation score) may each be at most ``max_drop`` points (0.01 of the
+    score each) worse. A score that is nan after compression (a diverged model, or one class
+    only) fails. Returns (accepted, why)."""
+    if _worsening_key("val", always) not in metrics:
+        return True, f"{method}: no validation split to check the {always} on; accepted unchecked"
+    judged = [always]
     score = gate_metric.removeprefix("val_")
-    if gate_metric.startswith("val_") and score in SCORES and score != "accuracy":
+    if _worsening_key("val", score) in metrics and score != always:
         judged.append(score)
     checks = []
     for name in judged:
@@ -357,7 +370,7 @@ def judge(
         text = f"{key.removeprefix('val_').replace('_', ' ')} {points:.2f} points"
         checks.append((points <= max_drop + 1e-9, text))
     measured = ", ".join(text for _, text in checks)
-    if len(judged) == 1 and gate_metric != "val_accuracy":
+    if len(judged) == 1 and gate_metric != f"val_{always}":
         measured += f" (tune.metric {gate_metric} is not measured on validation rows)"
     if all(ok for ok, _ in checks):
         return True, f"{method}: validation {measured}, within compress.max_drop {max_drop:g}"
@@ -368,16 +381,17 @@ def judge(
     )
 
 
-def _summary(method: str, m: dict[str, float]) -> str:
+def _summary(method: str, m: dict[str, float], score: str) -> str:
     parts = [f"{m['size_mb_fp32']:.1f} MB -> {m['size_mb_compressed']:.1f} MB"]
     if "samples_per_s_fp32" in m:
         parts.append(
             f"{m['samples_per_s_fp32']:.0f} -> {m['samples_per_s_compressed']:.0f} samples/s "
             f"at batch {SPEED_BATCH} ({m['speedup']:.2f}x)"
         )
-    if "val_accuracy_fp32" in m:
+    if f"val_{score}_fp32" in m:
         parts.append(
-            f"val accuracy {m['val_accuracy_fp32']:.4f} -> {m['val_accuracy_compressed']:.4f}"
+            f"val {score.replace('_', ' ')} {m[f'val_{score}_fp32']:.4f} -> "
+            f"{m[f'val_{score}_compressed']:.4f}"
         )
     else:
         parts.append("no validation split")

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lepton_ray.errors import ConfigError
-from lepton_ray.train.precision import CpuFeatures
+from lepton_ray.hardware import CpuFeatures
 
 CPU_METHODS = ("dynamic_int8", "onnx_int8", "bf16")
 GPU_METHODS = ("int8_weight_only", "int4_weight_only")

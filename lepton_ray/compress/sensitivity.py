@@ -46,8 +46,8 @@ def rank_linears(
     layer stays float32 and every other is int8 (as ``quantize_dynamic_int8`` with the
     same recipe makes them).
     """
+    from lepton_ray.compress.formats import _quantized_linears, quantize_dynamic_int8
     from lepton_ray.compress.modules import replace_module
-    from lepton_ray.models import _quantized_linears, quantize_dynamic_int8
 
     model = model.eval()
     reference = _log_probs(model, batches)

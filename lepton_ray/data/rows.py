@@ -230,13 +230,15 @@ def light_frame(table) -> pd.DataFrame:
 
 def finalize_partition(
     table,
-    label_map: dict[str, int],
+    task: str,
+    labels: list[str],
     drops: frozenset,
     augment: dict[str, Any] | None,
     tokenizer: str,
     max_length: int,
 ) -> dict[str, Any]:
-    """Kept rows of one partition (an Arrow table) -> label ids and augmented copies; Arrow
+    """Kept rows of one partition (an Arrow table) -> the task's training targets (column
+    ``target_column``, from each row's label among ``labels``) and augmented copies; Arrow
     tables per split.
 
     Returns ``{"tables": {split: table}, "stats": {...}}`` with the per-split row, class,
@@ -246,6 +248,9 @@ def finalize_partition(
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    from lepton_ray.tasks import get_task
+
+    kind = get_task(task)
     frame = tag_near_duplicates(light_frame(table), drops).reset_index(drop=True)
     keep = np.flatnonzero((frame["drop_reason"] == KEEP).to_numpy())
     rows = frame.loc[keep, ["text", "label", KEY, "split"]].reset_index(drop=True)
@@ -263,12 +268,12 @@ def finalize_partition(
     for split, part in rows.groupby("split"):
         split_ids = ids.take(pa.array(part.index.to_numpy()))
         lengths = pc.list_value_length(split_ids).to_numpy().astype(np.int32)
-        label_ids = np.array([label_map[x] for x in part["label"]], dtype=np.int64)
+        targets = kind.encode_targets(part["label"].tolist(), labels)
         tables[split] = pa.table(
             {
                 "text": pa.array(part["text"].tolist(), pa.string()),
                 "label": pa.array(part["label"].tolist(), pa.string()),
-                "label_id": pa.array(label_ids),
+                kind.target_column: pa.array(targets),
                 "input_ids": split_ids,
                 "length": pa.array(lengths),
                 "augmented": pa.array(part["augmented"].to_numpy(dtype=bool)),
@@ -277,7 +282,7 @@ def finalize_partition(
         stats[split] = {
             "rows": len(part),
             "augmented": int(part["augmented"].sum()),
-            "classes": np.bincount(label_ids, minlength=len(label_map)).tolist(),
+            "classes": part["label"].value_counts().reindex(labels, fill_value=0).tolist(),
             "lengths": np.bincount(lengths, minlength=max_length + 1).tolist(),
         }
     return {"tables": tables, "stats": stats}
@@ -358,7 +363,7 @@ def tokenizer_spec(model_name: str) -> str:
     Actors then need only the ``tokenizers`` library (milliseconds), not ``transformers``
     (seconds per actor).
     """
-    from lepton_ray.models import load_tokenizer
+    from lepton_ray.artifacts import load_tokenizer
 
     tokenizer = load_tokenizer(model_name)
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -375,7 +380,7 @@ def batch_encoder(spec: str, max_length: int):
         fast.no_padding()
         fast.enable_truncation(max_length)
         return lambda texts: [e.ids for e in fast.encode_batch(texts)]
-    from lepton_ray.models import load_tokenizer
+    from lepton_ray.artifacts import load_tokenizer
 
     slow = load_tokenizer(value)
     return lambda texts: slow(

@@ -94,7 +94,7 @@ def open_split(
     Never an empty split for one that should have rows: a folder the manifest counts rows
     for but that is missing or short (another node's disk, a half-copied store) is an error.
     """
-    from lepton_ray.data.pipeline import MANIFEST, load_manifest
+    from lepton_ray.data.preprocess import MANIFEST, load_manifest
 
     expected = int(load_manifest(cfg).get("splits", {}).get(split, 0))
     if expected == 0:

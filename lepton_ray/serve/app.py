@@ -34,32 +34,44 @@ passes the API key unchecked. A 503 says why in ``code``: ``not_ready`` (no mode
 
 ``/metrics`` is the replica's own Prometheus text (requests by route and status, latency and batch-size
 histograms, shed requests, queued texts, body bytes in flight and their peak).
+
+What every serving app shares (readiness, API key, body admission, JSON errors) is in
+``guards``; the Prometheus series are in ``metrics``, the prediction sample in ``sample_log``.
 """
 
 import asyncio
-import hashlib
-import hmac
-import json
 import os
-import random
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lepton_ray.config import _is_loopback
+from lepton_ray.serve.guards import (
+    NOT_READY,
+    _crash,
+    _Guard,
+    _http_error,
+    _invalid_request,
+    _Refusal,
+    check_exposure,
+)
+from lepton_ray.serve.metrics import _Metrics
+from lepton_ray.serve.sample_log import _SampleLog
 from lepton_ray.tracking.mlflow import _URI_CREDENTIALS
 
 api = FastAPI(title="lepton-ray", description="Text classification served by lepton-ray.")
+api.add_exception_handler(RequestValidationError, _invalid_request)
+api.add_exception_handler(StarletteHTTPException, _http_error)
+api.add_exception_handler(Exception, _crash)
+api.add_middleware(_Guard)
 
 
 class ServeArgs(BaseModel):
@@ -133,7 +145,8 @@ class _Loaded:
     once another model has replaced this one."""
 
     def __init__(self, tracking_uri: str, choice: ModelChoice, root: Path):
-        from lepton_ray.models import load_model_artifact
+        from lepton_ray.compress.formats import load_model_artifact
+        from lepton_ray.tasks import get_task
         from lepton_ray.tracking.mlflow import download_model, get_model_version
 
         self.choice = choice
@@ -145,6 +158,7 @@ class _Loaded:
         except BaseException:
             self.remove()
             raise
+        self.task = get_task(self.meta.task)
         self.labels = list(self.meta.labels)
         self.loaded_at = time.time()
 
@@ -170,349 +184,6 @@ class PredictResponse(BaseModel):
     predictions: list[Prediction]
     model: str = Field(description="The registered version that answered: models:/NAME/N.")
     model_version: str
-
-
-def _error(
-    status: int, message: str, headers: dict[str, str] | None = None, code: str | None = None
-) -> JSONResponse:
-    content = {"error": message} | ({"code": code} if code else {})
-    return JSONResponse(status_code=status, content=content, headers=headers)
-
-
-class _Refusal(HTTPException):
-    """An HTTP error whose JSON also carries a machine-readable ``code``."""
-
-    def __init__(self, status: int, message: str, code: str, headers: dict[str, str]):
-        super().__init__(status, message, headers=headers)
-        self.code = code
-
-
-def _unparsable(cause: BaseException | None) -> str:
-    """What is wrong with a body FastAPI could not parse (it says only 'error parsing')."""
-    if isinstance(cause, RecursionError):
-        return "body: JSON nested too deep"
-    if isinstance(cause, UnicodeDecodeError):
-        return f"body: not valid UTF-8 (byte {cause.start})"
-    if isinstance(cause, ValueError) and "digits" in str(cause):
-        return f"body: a number too large (over {sys.get_int_max_str_digits()} digits)"
-    return "body: not valid JSON"
-
-
-@api.exception_handler(RequestValidationError)
-async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-    if first.get("type") == "json_invalid":
-        return _error(422, "body: not valid JSON")
-    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
-    return _error(422, f"{where}: {first.get('msg')}")
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    detail = str(exc.detail)
-    if exc.status_code == 400 and "parsing the body" in detail:
-        detail = _unparsable(exc.__cause__)
-    return _error(
-        exc.status_code, detail, getattr(exc, "headers", None), getattr(exc, "code", None)
-    )
-
-
-@api.exception_handler(Exception)
-async def _crash(_: Request, exc: Exception) -> JSONResponse:
-    return _error(500, f"internal error: {type(exc).__name__}")
-
-
-def key_digest(key: str) -> str:
-    """What a replica keeps of the API key: its SHA-256, never the key itself."""
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
-
-
-class _Metrics:
-    """The replica's Prometheus series, in a registry of its own."""
-
-    def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-        self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "lepton_serve_requests",
-            "HTTP requests answered by this replica.",
-            ["route", "status"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "lepton_serve_request_seconds",
-            "Seconds from request to response, by route.",
-            ["route"],
-            registry=self.registry,
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-        )
-        self.batch = Histogram(
-            "lepton_serve_batch_texts",
-            "Texts per forward pass.",
-            registry=self.registry,
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
-        )
-        self.forward = Histogram(
-            "lepton_serve_batch_seconds",
-            "Seconds per batch in the model (cleaning, tokenizing, forward pass).",
-            registry=self.registry,
-            buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
-        )
-        self.shed = Counter(
-            "lepton_serve_shed_requests",
-            "Requests refused with 503 because max_queued_texts were already waiting.",
-            registry=self.registry,
-        )
-        self.queued = Gauge(
-            "lepton_serve_queued_texts",
-            "Texts held for the model now (running or waiting).",
-            registry=self.registry,
-        )
-        self.body_bytes = Gauge(
-            "lepton_serve_body_bytes_in_flight",
-            "Bytes of the request bodies admitted and not yet answered.",
-            registry=self.registry,
-        )
-        self.body_bytes_peak = Gauge(
-            "lepton_serve_body_bytes_in_flight_peak",
-            "The most body bytes ever in flight at once (never above max_body_bytes_in_flight).",
-            registry=self.registry,
-        )
-        self.model = Gauge(
-            "lepton_serve_model_info",
-            "1 for the registered version being served.",
-            ["model", "version"],
-            registry=self.registry,
-        )
-
-    def exposition(self) -> bytes:
-        from prometheus_client import generate_latest
-
-        return generate_latest(self.registry)
-
-
-class _ReplicaState:
-    """What the middleware needs of its replica (one replica per process)."""
-
-    settings: ServeArgs | None = None
-    metrics: _Metrics | None = None
-    body_bytes: int = 0  # of the bodies admitted and not yet answered
-    body_bytes_peak: int = 0
-
-    def hold_bytes(self, n: int) -> bool:
-        """Admit ``n`` more body bytes if they fit within max_body_bytes_in_flight."""
-        if self.body_bytes + n > self.settings.max_body_bytes_in_flight:
-            return False
-        self.body_bytes += n
-        self.body_bytes_peak = max(self.body_bytes_peak, self.body_bytes)
-        self.metrics.body_bytes.set(self.body_bytes)
-        self.metrics.body_bytes_peak.set(self.body_bytes_peak)
-        return True
-
-    def release_bytes(self, n: int) -> None:
-        self.body_bytes -= n
-        self.metrics.body_bytes.set(self.body_bytes)
-
-
-_replica = _ReplicaState()
-NOT_READY = "not_ready"
-
-
-class _Guard:
-    """Pure ASGI middleware in front of every route: readiness, API key, bounded bodies, metrics.
-
-    Before the replica is ready, every request gets 503 (nothing passes unchecked). A body is
-    admitted before it is read, within ``max_body_bytes_in_flight``, then read here, whole
-    and within ``body_timeout_s``, before any route runs; a client that stalls mid-upload
-    gets 408 and holds nothing afterwards.
-    """
-
-    OPEN = ("/healthz", "/health")
-
-    def __init__(self, app) -> None:
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        settings, metrics = _replica.settings, _replica.metrics
-        if settings is None or metrics is None:
-            refusal = (503, "the replica is not ready yet", {"Retry-After": "1"}, NOT_READY)
-            await _error(*refusal)(scope, receive, send)
-            return
-        started = time.perf_counter()
-        route = _route_label(scope)
-        status = {"code": 500}
-        held = [0]  # body bytes this request holds
-
-        async def send_counted(message) -> None:
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        try:
-            refusal = self._refusal(scope, route, settings)
-            if refusal is None and scope["method"] in ("POST", "PUT", "PATCH"):
-                body, refusal = await _read_body(scope, receive, settings, held)
-                if refusal is None:
-                    receive = _replay(body, receive)
-            if refusal is not None:
-                await _error(*refusal)(scope, receive, send_counted)
-            else:
-                await self.app(scope, receive, send_counted)
-        finally:
-            _replica.release_bytes(held[0])
-            metrics.requests.labels(route, str(status["code"])).inc()
-            metrics.latency.labels(route).observe(time.perf_counter() - started)
-
-    def _refusal(self, scope, route: str, settings: ServeArgs) -> tuple | None:
-        if settings.api_key_sha256 is None or route in self.OPEN:
-            return None
-        header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            key_digest(key.strip()), settings.api_key_sha256
-        ):
-            return (
-                401,
-                "missing or wrong API key: send 'Authorization: Bearer KEY'",
-                {"WWW-Authenticate": "Bearer"},
-            )
-        return None
-
-
-_ROUTES = {
-    "/v1/predict",
-    "/predict",
-    "/healthz",
-    "/health",
-    "/v1/model",
-    "/metadata",
-    "/metrics",
-    "/docs",
-    "/openapi.json",
-}
-
-
-def _route_label(scope) -> str:
-    """The route below the app's prefix (the path holds it, root_path names it), as the
-    metrics label it; anything else is 'other' (bounded label cardinality)."""
-    path = scope["path"]
-    root = (scope.get("root_path") or "").rstrip("/")
-    if root and path.startswith(root):
-        path = path[len(root) :] or "/"
-    path = path.rstrip("/") or "/"
-    return path if path in _ROUTES else "other"
-
-
-def _declared_length(scope) -> int | None:
-    value = dict(scope.get("headers") or []).get(b"content-length")
-    try:
-        return int(value) if value is not None else None
-    except ValueError:
-        return None
-
-
-async def _read_body(
-    scope, receive, settings: ServeArgs, held: list[int]
-) -> tuple[bytes, tuple | None]:
-    """The whole body, or why not; ``held[0]`` counts the bytes it holds of the replica's
-    ``max_body_bytes_in_flight`` (reserved from ``Content-Length`` before reading)."""
-    cap = settings.max_body_bytes_in_flight
-    limit = min(6 * settings.max_texts_per_request * settings.max_chars_per_text + 65_536, cap)
-    too_large = (413, f"request body over {limit} bytes", {"Connection": "close"})
-    busy = (
-        503,
-        f"overloaded: request bodies of {_replica.body_bytes} bytes are already in flight "
-        f"(max_body_bytes_in_flight {cap}); retry later",
-        {"Retry-After": str(settings.retry_after_s), "Connection": "close"},
-        "overloaded_bytes",
-    )
-    declared = _declared_length(scope)
-    if declared is not None:
-        if declared > limit:
-            return b"", too_large
-        if not _replica.hold_bytes(declared):
-            return b"", busy
-        held[0] = declared
-    deadline = time.monotonic() + settings.body_timeout_s
-    chunks, size = [], 0
-    while True:
-        left = deadline - time.monotonic()
-        try:
-            message = await asyncio.wait_for(receive(), timeout=max(left, 0.0))
-        except TimeoutError:
-            return b"", (
-                408,
-                f"the request body did not arrive within {settings.body_timeout_s:g} s",
-                {"Connection": "close"},
-            )
-        if message["type"] == "http.disconnect":
-            return b"", (400, "the client disconnected before sending the whole body", {})
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            return b"", too_large
-        if size > held[0]:  # no (or a short) Content-Length: hold the bytes as they come
-            if not _replica.hold_bytes(size - held[0]):
-                return b"", busy
-            held[0] = size
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks), None
-
-
-def _replay(body: bytes, receive):
-    sent = False
-
-    async def replayed():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()  # then the real stream: a disconnect, if one comes
-
-    return replayed
-
-
-api.add_middleware(_Guard)
-
-
-class _SampleLog:
-    """A JSONL sample of predictions for drift checks: text hash, label, probability, version."""
-
-    def __init__(self, path: str | None, rate: float) -> None:
-        self.rate = rate if path else 0.0
-        self._file = None
-        if self.rate > 0:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
-
-    def record(self, texts: list[str], answers: list[dict[str, Any]], version: str) -> None:
-        if self._file is None:
-            return
-        lines = []
-        for text, answer in zip(texts, answers, strict=True):
-            if random.random() >= self.rate:
-                continue
-            lines.append(
-                json.dumps(
-                    {
-                        "time": round(time.time(), 3),
-                        "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
-                        "chars": len(text),
-                        "label": answer["label"],
-                        "probability": answer["probabilities"][answer["label"]],
-                        "truncated": answer["truncated"],
-                        "model_version": version,
-                    }
-                )
-                + "\n"
-            )
-        if lines:
-            self._file.write("".join(lines))
 
 
 def check_texts(texts: list[str], max_texts: int, max_chars: int) -> None:
@@ -541,16 +212,16 @@ class _TextFailed(Exception):
 
 
 def _classify_isolated(loaded: _Loaded, texts: list[str]) -> list[dict[str, Any] | _TextFailed]:
-    """The batch in one pass; if that fails, text by text, so only the culprit fails."""
-    from lepton_ray.predict import classify
-
+    """The batch in one pass (the task's ``predict``); if that fails, text by text, so only
+    the culprit fails."""
+    predict = loaded.task.predict
     try:
-        return classify(loaded.model, loaded.tokenizer, loaded.meta, texts)
+        return predict(loaded.model, loaded.tokenizer, loaded.meta, texts)
     except Exception:  # noqa: BLE001 - find the culprit; its batch-mates still get answers
         out: list[dict[str, Any] | _TextFailed] = []
         for text in texts:
             try:
-                out.extend(classify(loaded.model, loaded.tokenizer, loaded.meta, [text]))
+                out.extend(predict(loaded.model, loaded.tokenizer, loaded.meta, [text]))
             except Exception as err:  # noqa: BLE001
                 out.append(_TextFailed(type(err).__name__))
         return out
@@ -572,11 +243,11 @@ class TextClassifier:
         self._swap = asyncio.Lock()
         self.metrics = _Metrics()
         # Through the imported module: Serve ships this class by value, with copies of the
-        # module globals its methods name; the middleware reads the module's own.
-        from lepton_ray.serve import app as this_module
+        # module globals its methods name; the middleware reads its module's own.
+        from lepton_ray.serve import guards
 
-        this_module._replica.settings = self.args
-        this_module._replica.metrics = self.metrics
+        guards._replica.settings = self.args
+        guards._replica.metrics = self.metrics
         self.samples = _SampleLog(self.args.log_sample_path, self.args.log_sample_rate)
         self.queued = 0  # texts admitted and not yet answered
 
@@ -706,17 +377,6 @@ class TextClassifier:
         answers = _classify_isolated(loaded, texts)
         self.metrics.forward.observe(time.perf_counter() - started)
         return [(r, loaded.choice) for r in answers]
-
-
-def check_exposure(host: str | None, args: ServeArgs) -> None:
-    """Refuse to serve without an API key on anything but loopback (``None``: unknown)."""
-    if args.api_key_sha256 is None and (host is None or not _is_loopback(host)):
-        where = f"on {host}, which other machines reach" if host else "on an unknown host"
-        raise ValueError(
-            f"the endpoint would listen {where}, with no API key: set serve.api_key_env "
-            "(lepton-ray serve), or api_key_sha256 / api_key_sha256_env in the application's "
-            "args (a Serve config file such as cluster/kuberay/rayservice.yaml)"
-        )
 
 
 def build_app(

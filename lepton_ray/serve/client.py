@@ -103,7 +103,8 @@ def deploy(cfg: ExperimentConfig, model_uri: str, log=print) -> tuple[str, str]:
     """
     from ray import serve
 
-    from lepton_ray.serve.app import ServeArgs, build_app, key_digest
+    from lepton_ray.serve.app import ServeArgs, build_app
+    from lepton_ray.serve.guards import key_digest
     from lepton_ray.tracking.mlflow import get_model_version
 
     s = cfg.serve
@@ -168,7 +169,7 @@ def undeploy(cfg: ExperimentConfig, log=print) -> bool:
     """Delete this experiment's Serve application; False when none was running."""
     from ray import serve
 
-    from lepton_ray.runtime import serve_applications
+    from lepton_ray.runtime.cluster import serve_applications
 
     app_name = cfg.serve.app_name or cfg.name
     if app_name not in serve_applications():

@@ -351,25 +351,9 @@ def download_model(tracking_uri: str, model_uri: str, dst: Path | None = None) -
     path = mlflow.artifacts.download_artifacts(
         artifact_uri=version.source, dst_path=str(dst), tracking_uri=tracking_uri
     )
-    return _artifact_folder(Path(path))
+    from lepton_ray.artifacts import artifact_folder
 
-
-def _artifact_folder(package: Path) -> Path:
-    """The lepton-ray artifact inside a downloaded version (a legacy version is one itself)."""
-    from lepton_ray.errors import StageError
-    from lepton_ray.models import META_FILE
-    from lepton_ray.tracking.pyfunc_model import ARTIFACT_KEY
-
-    package = Path(package)
-    if (package / META_FILE).is_file() or not (package / "MLmodel").is_file():
-        return package
-    inner = package / "artifacts" / ARTIFACT_KEY
-    if (inner / META_FILE).is_file():
-        return inner
-    found = sorted((package / "artifacts").glob(f"*/{META_FILE}"))
-    if not found:
-        raise StageError(f"{package}: an MLflow model without a lepton-ray artifact inside")
-    return found[0].parent
+    return artifact_folder(Path(path))
 
 
 def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:

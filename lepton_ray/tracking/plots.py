@@ -52,7 +52,7 @@ def roc_curve(probs, targets, labels: Sequence[str], title: str):
     """
     import numpy as np
 
-    from lepton_ray.evaluation import binary_auc, roc_points
+    from lepton_ray.tasks.classification_eval import binary_auc, roc_points
 
     plt = _pyplot()
     probs, targets = np.asarray(probs), np.asarray(targets)

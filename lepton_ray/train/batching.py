@@ -30,14 +30,15 @@ enough that a window still holds a random sample of the epoch."""
 
 @dataclass(frozen=True)
 class TokenRows:
-    """Token id sequences and labels, stored flat (``ids[offsets[i]:offsets[i+1]]``)."""
+    """Token id sequences, stored flat (``ids[offsets[i]:offsets[i+1]]``), and each row's
+    training target (the task's ``target_column``: a classifier's class id)."""
 
     ids: np.ndarray
     offsets: np.ndarray
-    labels: np.ndarray
+    targets: np.ndarray
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.targets)
 
     @property
     def lengths(self) -> np.ndarray:
@@ -48,10 +49,10 @@ class TokenRows:
         return int(self.offsets[-1])
 
     @classmethod
-    def from_frames(cls, frames: Iterable, sort_by_text: bool = True) -> TokenRows:
-        """Rows from pandas frames with ``input_ids`` and ``label_id`` (and ``text``).
+    def from_frames(cls, frames: Iterable, target: str, sort_by_text: bool = True) -> TokenRows:
+        """Rows from pandas frames with ``input_ids`` and the ``target`` column (and ``text``).
 
-        ``sort_by_text`` puts rows in a canonical order (by text, then label), so the order
+        ``sort_by_text`` puts rows in a canonical order (by text, then target), so the order
         rows arrived in (files, blocks, streaming splits) cannot change the batches.
         """
         seqs: list = []
@@ -59,7 +60,7 @@ class TokenRows:
         texts: list = []
         for frame in frames:
             seqs.extend(frame["input_ids"])
-            labels.append(np.asarray(frame["label_id"], dtype=np.int64))
+            labels.append(np.asarray(frame[target], dtype=np.int64))
             if sort_by_text and "text" in frame:
                 texts.extend(frame["text"])
         label_arr = np.concatenate(labels) if labels else np.zeros(0, np.int64)
@@ -86,7 +87,7 @@ class TokenRows:
             )
         else:
             gather = np.zeros(0, dtype=np.int64)
-        return TokenRows(self.ids[gather], offsets, self.labels[index])
+        return TokenRows(self.ids[gather], offsets, self.targets[index])
 
     def shard(self, rank: int, world: int) -> TokenRows:
         """Every ``world``-th row from ``rank``, the same count on every rank (torchrun)."""

@@ -1,6 +1,6 @@
 """Checkpoints: a loadable model artifact plus the state needed to resume training.
 
-<artifact files>        see lepton_ray.models (safetensors weights, lepton_model.json)
+<artifact files>        see lepton_ray.artifacts (safetensors weights, lepton_model.json)
 base/                   a random base model, when the adapter needs it
 trainable.safetensors   the trainable weights (LoRA, head, or all of them), by parameter name
 trainer_state.pt        optimizer (by parameter name), scheduler and loop state (epoch,
@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
+from lepton_ray.artifacts import ModelMeta, save_model_artifact
 from lepton_ray.config import MODEL_ALIASES, ExperimentConfig
 from lepton_ray.errors import StageError
-from lepton_ray.models import ModelMeta, save_model_artifact
 from lepton_ray.train.loop import LoopState
 
 STATE_FILE = "trainer_state.pt"

@@ -17,7 +17,13 @@ class TrainingFailed(LeptonError):
     exit_code = 1
 
 
-TOKEN_COLUMNS = ["text", "label_id", "input_ids"]
+def token_columns(task: str) -> list[str]:
+    """The columns of a tokenized split that training reads (the task's target among them)."""
+    from lepton_ray.tasks import get_task
+
+    return ["text", get_task(task).target_column, "input_ids"]
+
+
 """The columns of a preprocessed split that training reads (and a replay folder holds)."""
 
 
@@ -43,7 +49,7 @@ def load_split_dataset(
     options = ray.data.DataContext.get_current().execution_options
     previous, options.preserve_order = options.preserve_order, True
     try:
-        ds = ray.data.read_parquet(paths, columns=TOKEN_COLUMNS)
+        ds = ray.data.read_parquet(paths, columns=token_columns(cfg.task))
         blocks = max(1, min(MAX_BLOCKS, -(-ds.count() // block_rows)))
         return ds.repartition(blocks).materialize()
     finally:
@@ -55,7 +61,7 @@ MAX_BLOCKS = 256
 
 def check_worker_resources(cfg: ExperimentConfig, what: str) -> None:
     """Stop at once, with the reason, if the cluster cannot host the workers now."""
-    from lepton_ray.runtime import check_resources
+    from lepton_ray.runtime.cluster import check_resources
 
     per_worker = cfg.scaling.resources_per_worker
     n = cfg.scaling.num_workers
@@ -227,7 +233,7 @@ def run_train(
 ) -> dict[str, Any]:
     """Train once with the config's hyperparameters; returns the MLflow run id and metrics.
 
-    ``replay``: a folder of tokenized rows (``text``, ``label_id``, ``input_ids``) trained on
+    ``replay``: a folder of tokenized rows (``driver.token_columns``) trained on
     beside the train split (``lepton-ray retrain`` mixes in old training rows this way).
 
     Re-running the same command after a crash (or a killed driver) resumes: the MLflow run

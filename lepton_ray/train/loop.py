@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from lepton_ray.evaluation import collate, evaluate
+from lepton_ray.tasks import Task
 from lepton_ray.train.batching import TokenRows, epoch_batches
 from lepton_ray.train.parallel import distributed, gradient_sync, unwrap
 from lepton_ray.train.precision import Precision
@@ -154,6 +154,9 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 
 Report = Callable[[dict[str, Any], bool, LoopState], None]
 
+PLOT_INPUTS = "plot_inputs"
+"""Key of an evaluation report that holds what the task plots (not a metric)."""
+
 
 def run_training(
     model: torch.nn.Module,
@@ -163,7 +166,8 @@ def run_training(
     *,
     pad_id: int,
     eval_batches: Callable[[], Any],
-    num_labels: int,
+    task: Task,
+    labels: Sequence[str],
     settings: LoopSettings,
     state: LoopState,
     device: torch.device,
@@ -191,10 +195,10 @@ def run_training(
     def evaluate_now(epoch_done: bool) -> bool:
         """Evaluate, report; True when early stopping says stop."""
         window.reduce(multi)
-        val = evaluate(
+        val = task.evaluate(
             unwrap(model),
             eval_batches(),
-            num_labels,
+            labels,
             device,
             rank,
             world_size,
@@ -204,12 +208,7 @@ def run_training(
             "epoch": state.epoch + (0 if epoch_done else state.batch / micro_total),
             "step": state.step,
             "train_loss": window.loss(),
-            "val_loss": val["loss"],
-            "val_accuracy": val["accuracy"],
-            "val_macro_f1": val["macro_f1"],
-            "val_macro_precision": val["macro_precision"],
-            "val_macro_recall": val["macro_recall"],
-            "val_roc_auc": val["roc_auc"],
+            **{f"val_{name}": value for name, value in task.reported(val).items()},
             "lr": scheduler.get_last_lr()[0],
             "train_samples_per_s": window.samples_per_s(),
             "train_tokens_per_s": window.tokens_per_s(),
@@ -230,15 +229,12 @@ def run_training(
         if rank == 0:
             log(
                 f"[train] step {state.step} (epoch {metrics['epoch']:.2f}): "
-                f"train_loss {metrics['train_loss']:.4f} val_loss {val['loss']:.4f} "
-                f"val_accuracy {val['accuracy']:.4f} val_macro_f1 {val['macro_f1']:.4f} "
-                f"val_roc_auc {val['roc_auc']:.4f}"
+                f"train_loss {metrics['train_loss']:.4f} {task.summary(val)}"
                 + (" (best)" if improved else "")
                 + (f" - early stop: no gain for {state.stale} evaluations" if stop else "")
             )
         if on_evaluation is not None:
-            extra = {k: val[k] for k in ("confusion", "probs", "targets")}
-            on_evaluation({**metrics, **extra}, improved, state)
+            on_evaluation({**metrics, PLOT_INPUTS: task.plot_inputs(val)}, improved, state)
         return stop
 
     while state.epoch < s.epochs and not state.stopped_early:
@@ -257,13 +253,14 @@ def run_training(
             # the epoch's short last batch weighs what its rows weigh, not a full batch's.
             per_example = example_weight(sum(len(i) for i in micro), multi, world_size, device)
             for j, index in enumerate(micro):
-                batch = collate(rows.sequences(index), rows.labels[index], pad_id)
+                batch = task.collate(rows.sequences(index), rows.targets[index], pad_id)
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 with gradient_sync(model, not multi or j == len(micro) - 1), precision.autocast():
                     out = model(**batch)
-                loss = out.loss.float() * (len(index) * per_example)
+                mean_loss = task.loss(out, batch)
+                loss = mean_loss.float() * (len(index) * per_example)
                 (scaler.scale(loss) if scaler else loss).backward()
-                loss_sum += out.loss.detach().double().cpu() * len(index)
+                loss_sum += mean_loss.detach().double().cpu() * len(index)
             if scaler:
                 scaler.unscale_(optimizer)
             if s.max_grad_norm:

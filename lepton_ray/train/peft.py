@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 from lepton_ray.config import PeftSection
-
-PEFT_TASK_TYPES = {"sequence_classification": "SEQ_CLS"}
+from lepton_ray.tasks import get_task
 
 
 def apply_peft(model, cfg: PeftSection, task: str):
-    """Wrap ``model`` in a PEFT adapter; the classifier head stays fully trainable."""
+    """Wrap ``model`` in a PEFT adapter of the task's type (a classifier's head stays fully
+    trainable)."""
     if cfg.method == "none":
         return model
     from peft import LoraConfig, TaskType, get_peft_model
 
     _check_targets(model, list(cfg.lora.target_modules))
     lora = LoraConfig(
-        task_type=TaskType[PEFT_TASK_TYPES[task]],
+        task_type=TaskType[get_task(task).peft_task_type],
         r=cfg.lora.r,
         lora_alpha=cfg.lora.lora_alpha,
         lora_dropout=cfg.lora.lora_dropout,

@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from lepton_ray.artifacts import ModelMeta, build_model, load_tokenizer
 from lepton_ray.config import ExperimentConfig
 from lepton_ray.errors import StageError
-from lepton_ray.evaluation import collate
-from lepton_ray.models import ModelMeta, build_model, load_tokenizer
+from lepton_ray.tasks import Task, get_task
 from lepton_ray.train.batching import TokenRows
 from lepton_ray.train.checkpoint import (
     artifact_meta,
@@ -41,6 +41,7 @@ from lepton_ray.train.precision import Precision, resolve_precision
 @dataclass
 class Recipe:
     cfg: ExperimentConfig
+    task: Task
     labels: list[str]
     model: torch.nn.Module
     export: torch.nn.Module | None  # rank 0's unsharded copy under FSDP (checkpoints)
@@ -104,6 +105,7 @@ def setup_recipe(
         )
     return Recipe(
         cfg,
+        get_task(cfg.task),
         labels,
         model,
         export,
@@ -118,11 +120,13 @@ def setup_recipe(
     )
 
 
-def eval_batches_of(rows: TokenRows, batch_size: int, pad_id: int) -> Callable[[], list]:
+def eval_batches_of(
+    task: Task, rows: TokenRows, batch_size: int, pad_id: int
+) -> Callable[[], list]:
     """Validation batches, longest first (little padding); the same list on every rank."""
     order = np.argsort(-rows.lengths, kind="stable")
     cuts = [order[i : i + batch_size] for i in range(0, len(rows), batch_size)]
-    batches = [collate(rows.sequences(cut), rows.labels[cut], pad_id) for cut in cuts]
+    batches = [task.collate(rows.sequences(cut), rows.targets[cut], pad_id) for cut in cuts]
     return lambda: batches
 
 
@@ -142,7 +146,8 @@ def read_split(cfg: ExperimentConfig, split: str) -> TokenRows:
     """A preprocessed split from the data folder (the standalone path; Ray passes datasets)."""
     import pandas as pd
 
-    return TokenRows.from_frames([pd.read_parquet(split_folder(cfg, split))])
+    frame = pd.read_parquet(split_folder(cfg, split))
+    return TokenRows.from_frames([frame], get_task(cfg.task).target_column)
 
 
 RESUMED_AT_STEP = "resumed_at_step"
@@ -211,8 +216,11 @@ def train_recipe(
             recipe.scheduler,
             rows,
             pad_id=pad_id,
-            eval_batches=eval_batches_of(validation, cfg.train.eval_batch_size, pad_id),
-            num_labels=len(recipe.labels),
+            eval_batches=eval_batches_of(
+                recipe.task, validation, cfg.train.eval_batch_size, pad_id
+            ),
+            task=recipe.task,
+            labels=recipe.labels,
             settings=recipe.settings,
             state=state,
             device=device,

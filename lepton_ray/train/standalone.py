@@ -69,7 +69,7 @@ def train_standalone(cfg, manifest: dict[str, Any], out: Path, log=print) -> dic
 
 def main() -> None:
     from lepton_ray.config import load_experiment
-    from lepton_ray.data.pipeline import load_manifest
+    from lepton_ray.data.preprocess import load_manifest
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config")

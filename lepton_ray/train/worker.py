@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from lepton_ray.config import ExperimentConfig, validate_experiment
+from lepton_ray.tasks import get_task
 from lepton_ray.train.batching import TokenRows
+from lepton_ray.train.loop import PLOT_INPUTS
 
 
 def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
@@ -27,8 +29,9 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(threads)
     device = ray.train.torch.get_device()
 
-    rows = shard_rows(ray.train.get_dataset_shard("train"))
-    validation = shard_rows(ray.train.get_dataset_shard("validation"))
+    target = get_task(cfg.task).target_column
+    rows = shard_rows(ray.train.get_dataset_shard("train"), target)
+    validation = shard_rows(ray.train.get_dataset_shard("validation"), target)
     recipe = setup_recipe(cfg, manifest, len(rows), device, rank, world)
     nodes = worker_nodes(world)
     tracker = _RankZeroTracker(cfg, loop_config.get("mlflow_run_id"), recipe) if rank == 0 else None
@@ -82,10 +85,10 @@ def worker_nodes(world: int) -> list[str]:
     return [str(n) for n in gathered]
 
 
-_NOT_REPORTED = ("confusion", "probs", "targets")
+_NOT_REPORTED = (PLOT_INPUTS,)
 
 
-def shard_rows(shard) -> TokenRows:
+def shard_rows(shard, target: str) -> TokenRows:
     """A worker's share of a split, read once into memory in a canonical order.
 
     The split reaches the worker through Ray Data (no shared filesystem needed); its
@@ -93,7 +96,7 @@ def shard_rows(shard) -> TokenRows:
     a restarted worker sees exactly the batches it would have seen.
     """
     return TokenRows.from_frames(
-        shard.iter_batches(batch_size=8192, batch_format="pandas"), sort_by_text=True
+        shard.iter_batches(batch_size=8192, batch_format="pandas"), target, sort_by_text=True
     )
 
 
@@ -106,6 +109,7 @@ class _RankZeroTracker:
         self.run_id = run_id
         self.uri = cfg.tracking.tracking_uri
         self.labels = recipe.labels
+        self.task = recipe.task
         self.history: list[dict[str, Any]] = []
         if run_id:
             from lepton_ray.tracking.mlflow import log_metrics
@@ -161,10 +165,9 @@ class _RankZeroTracker:
                 step,
             )
             title = f"Validation (best: step {step}, epoch {metrics['epoch']:.2f})"
-            fig = plots.confusion_matrix(metrics["confusion"], self.labels, title)
-            log_figure(self.uri, self.run_id, fig, "plots/confusion_matrix_val.png")
-            fig = plots.roc_curve(metrics["probs"], metrics["targets"], self.labels, title)
-            log_figure(self.uri, self.run_id, fig, "plots/roc_curve_val.png")
+            figures = self.task.plots(metrics[PLOT_INPUTS], self.labels, title)
+            for name, fig in figures.items():
+                log_figure(self.uri, self.run_id, fig, f"plots/{name}_val.png")
 
 
 def ray_storage(cfg: ExperimentConfig) -> str:

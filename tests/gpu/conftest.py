@@ -50,4 +50,6 @@ def learnable_rows(n: int, seed: int = 0):
         for label in labels
     ]
     # A dict of columns stands in for a pandas frame (pandas need not be installed).
-    return TokenRows.from_frames([{"input_ids": ids, "label_id": labels}], sort_by_text=False)
+    return TokenRows.from_frames(
+        [{"input_ids": ids, "label_id": labels}], "label_id", sort_by_text=False
+    )

@@ -7,7 +7,8 @@ import socket
 import pytest
 import torch
 
-from lepton_ray.evaluation import collate
+from lepton_ray.tasks import get_task
+from lepton_ray.tasks.classification_eval import collate
 from lepton_ray.train.loop import (
     LoopSettings,
     LoopState,
@@ -28,12 +29,12 @@ def _train(model, rows, validation, device, precision, **settings):
     scheduler = build_scheduler(optimizer, steps, 0.1)
     eval_batches = [
         collate(validation.sequences(range(i, min(i + 32, len(validation)))),
-                validation.labels[i : i + 32], 0)
+                validation.targets[i : i + 32], 0)
         for i in range(0, len(validation), 32)
     ]  # fmt: skip
     state = run_training(
         model, optimizer, scheduler, rows, pad_id=0, eval_batches=lambda: eval_batches,
-        num_labels=2, settings=settings, state=LoopState(), device=device,
+        task=get_task("sequence_classification"), labels=["0", "1"], settings=settings, state=LoopState(), device=device,
         precision=precision, log=lambda _: None,
     )  # fmt: skip
     return state, optimizer
@@ -63,13 +64,13 @@ def test_accumulation_on_the_gpu_gives_the_whole_batchs_gradient(cuda):
     model = tiny_classifier(seed=3).to(cuda)
     reference = copy.deepcopy(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    everything = collate(rows.sequences(range(7)), rows.labels, 0)
+    everything = collate(rows.sequences(range(7)), rows.targets, 0)
     settings = LoopSettings(
         epochs=1, batch_size=3, accumulation=3, max_grad_norm=None, group_by_length=False
     )
     run_training(
         model, optimizer, build_scheduler(optimizer, 1, 0.0, "constant"), rows, pad_id=0,
-        eval_batches=lambda: [everything], num_labels=2, settings=settings, state=LoopState(),
+        eval_batches=lambda: [everything], task=get_task("sequence_classification"), labels=["0", "1"], settings=settings, state=LoopState(),
         device=cuda, precision=resolve_precision("fp32", cuda), log=lambda _: None,
     )  # fmt: skip
     reference.train()

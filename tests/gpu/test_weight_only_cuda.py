@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lepton_ray.compress.modules import CudaModel, quantize_weight_only
-from lepton_ray.evaluation import collate
+from lepton_ray.tasks.classification_eval import collate
 from tests.gpu.conftest import learnable_rows, tiny_classifier
 
 pytestmark = pytest.mark.gpu

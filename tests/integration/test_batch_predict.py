@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from lepton_ray.batch_predict import format_table
 from lepton_ray.cli import app
 from lepton_ray.data.sample import write_reviews_csv
+from lepton_ray.tasks import get_task
 from tests.conftest import mlflow_store, register_tiny, smoke_config, write_yaml
 
 pytestmark = pytest.mark.slow
@@ -27,14 +28,14 @@ KEY_ENV = "LEPTON_BATCH_PREDICT_TEST_KEY"
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, ray_session, tiny_artifact):
     """An experiment whose registered model 'reg' has a @champion (a tiny random BERT)."""
-    from lepton_ray import registry
-    from lepton_ray.models import load_model_artifact
+    from lepton_ray.compress.formats import load_model_artifact
+    from lepton_ray.registry import versions
 
     tmp = tmp_path_factory.mktemp("batch")
     (tmp / "mlruns").mkdir()
     store = mlflow_store(tmp / "mlruns")
     version = register_tiny(store, tiny_artifact, 0.5)
-    registry.promote(store["uri"], "reg", version, force=True, log=lambda _: None)
+    versions.promote(store["uri"], "reg", version, force=True, log=lambda _: None)
     raw = smoke_config(
         tmp,
         write_reviews_csv(tmp / "reviews.csv", n=40, seed=5),
@@ -49,9 +50,8 @@ def trained(tmp_path_factory, ray_session, tiny_artifact):
 
 
 def classify_texts(loaded, texts):
-    from lepton_ray.predict import classify
-
-    return classify(*loaded, texts)
+    model, tokenizer, meta = loaded
+    return get_task(meta.task).predict(model, tokenizer, meta, texts)
 
 
 def check_predictions(out: pd.DataFrame, loaded, version: str) -> None:
@@ -187,7 +187,9 @@ def test_format_table_cuts_long_texts():
         {"label": "positive", "probabilities": {"positive": 0.91234, "negative": 0.08766}},
         {"label": "neg", "probabilities": {"pos": 0.4, "neg": 0.6}, "truncated": True},
     ]
-    lines = format_table(["x" * 100, "short\ttext"], answers).splitlines()
+    lines = format_table(
+        ["x" * 100, "short\ttext"], answers, get_task("sequence_classification")
+    ).splitlines()
     assert len({len(re.split(r"\s{2,}", line)) for line in lines}) == 1
     first, second = (re.split(r"\s{2,}", line) for line in lines[1:])
     assert first == ["x" * 57 + "...", "positive", "0.9123", "no"]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from lepton_ray.runtime import RECORD_FILE, free_port
+from lepton_ray.runtime.cluster import RECORD_FILE, free_port
 from tests.conftest import ROOT
 from tests.integration.two_nodes import _stop_session
 

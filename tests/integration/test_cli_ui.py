@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from lepton_ray.config import validate_experiment
-from lepton_ray.runtime import free_port
+from lepton_ray.runtime.cluster import free_port
 from lepton_ray.tracking.mlflow import client, ensure_experiment
 from tests.conftest import smoke_config, write_yaml
 from tests.integration.two_nodes import _stop_session

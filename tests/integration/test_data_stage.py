@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from lepton_ray.cli import app
 from lepton_ray.config import validate_experiment
-from lepton_ray.data.pipeline import run_preprocess
+from lepton_ray.data.preprocess import run_preprocess
 from tests.conftest import smoke_config, write_yaml
 
 pytestmark = pytest.mark.usefixtures("ray_session")

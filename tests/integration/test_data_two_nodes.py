@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from lepton_ray.config import validate_experiment
-from lepton_ray.data.pipeline import run_preprocess
+from lepton_ray.data.preprocess import run_preprocess
 from tests.conftest import ROOT, smoke_config
 from tests.integration.test_data_stage import _dirty_rows, _write_csv
 
@@ -23,7 +23,7 @@ TWO_NODES = textwrap.dedent(
     import ray
     from ray.cluster_utils import Cluster
     from lepton_ray.config import validate_experiment
-    from lepton_ray.data.pipeline import run_preprocess
+    from lepton_ray.data.preprocess import run_preprocess
 
     cluster = Cluster(
         initialize_head=True,

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import pytest
 
-from lepton_ray import pipeline, registry
 from lepton_ray.config import validate_experiment
-from lepton_ray.data.pipeline import run_preprocess
+from lepton_ray.data.preprocess import run_preprocess
 from lepton_ray.data.sample import write_reviews_csv
 from lepton_ray.data.split_files import read_split_frame
+from lepton_ray.registry import gate, versions
 from lepton_ray.tracking.mlflow import client, ensure_experiment, get_version_by_alias
 from tests.conftest import TINY_BERT, TINY_LABELS, smoke_config
 
@@ -73,7 +73,8 @@ def _trained_artifact(folder, tokenizer, frame, max_length: int, cleaning: dict 
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    from lepton_ray.models import ModelMeta, encode_texts, save_model_artifact
+    from lepton_ray.artifacts import ModelMeta, save_model_artifact
+    from lepton_ray.tasks.base import encode_texts
     from lepton_ray.text import DEFAULT_CLEANING
 
     torch.manual_seed(0)
@@ -104,7 +105,7 @@ def _trained_artifact(folder, tokenizer, frame, max_length: int, cleaning: dict 
 
 @pytest.fixture(scope="module")
 def models(experiment):
-    from lepton_ray.models import load_tokenizer
+    from lepton_ray.artifacts import load_tokenizer
 
     tmp, frame = experiment["tmp"], experiment["train"]
     own = _trained_artifact(
@@ -121,14 +122,14 @@ def models(experiment):
 def _register(cfg, artifact, split: str, metrics: dict[str, float]) -> str:
     uri, name = cfg.tracking.tracking_uri, cfg.registered_model_name
     run = client(uri).create_run(ensure_experiment(cfg.tracking, cfg.experiment_name))
-    candidate = registry.Candidate(
+    candidate = versions.Candidate(
         metrics=metrics,
         metric_name=cfg.tune.metric,
         metric_mode=cfg.tune.mode,
         eval_split=split,
         peft_method="none",
     )
-    version = registry.register(
+    version = versions.register(
         uri, name, run.info.run_id, artifact, {"lepton.config_hash": "c0ffee"}, candidate, log=quiet
     )
     return str(version.version)
@@ -143,22 +144,22 @@ def test_a_champion_with_another_tokenizer_is_scored_through_its_own(
     experiment, models, tiny_artifact
 ):
     cfg = _config(experiment, "own-tokenizer")
-    this_split = pipeline.eval_split_id(experiment["manifest"])
+    this_split = gate.eval_split_id(experiment["manifest"])
     champion = _register(cfg, models["own_tokenizer"], OTHER_SPLIT, {"val_loss": 0.3})
-    assert pipeline.settle(cfg, champion, log=quiet)  # the first version
+    assert gate.settle(cfg, champion, log=quiet)  # the first version
     # A random model, however good the loss it claims on this experiment's split.
     challenger = _register(cfg, tiny_artifact, this_split, {"val_loss": 0.01})
 
     frame = read_split_frame(cfg, "validation", columns=["text", "label_id"])
     uri_of = f"models:/{cfg.registered_model_name}/{{}}".format
-    scored, labels = pipeline.score_version(cfg, uri_of(champion), [frame])
+    scored, labels = gate.score_version(cfg, uri_of(champion), [frame])
     assert labels == TINY_LABELS and scored["examples"] == len(frame)
     assert scored["accuracy"] >= 0.8, scored  # read through its own words, lowercased
-    random_scored, _ = pipeline.score_version(cfg, uri_of(challenger), [frame])
+    random_scored, _ = gate.score_version(cfg, uri_of(challenger), [frame])
     assert random_scored["loss"] > scored["loss"]
 
     logged = []
-    assert not pipeline.settle(cfg, challenger, log=logged.append)
+    assert not gate.settle(cfg, challenger, log=logged.append)
     assert _champion(cfg) == champion
     reason = " ".join(logged)
     assert "not promoted" in reason and "each by its own preprocessing" in reason, reason
@@ -167,24 +168,24 @@ def test_a_champion_with_another_tokenizer_is_scored_through_its_own(
 
 def test_a_worse_challenger_is_refused_and_a_better_one_passes(experiment, models, tiny_artifact):
     cfg = _config(experiment, "worse-better")
-    this_split = pipeline.eval_split_id(experiment["manifest"])
+    this_split = gate.eval_split_id(experiment["manifest"])
     name, uri = cfg.registered_model_name, cfg.tracking.tracking_uri
     good = _register(cfg, models["minilm"], OTHER_SPLIT, {"val_loss": 0.9})
-    assert pipeline.settle(cfg, good, log=quiet)
+    assert gate.settle(cfg, good, log=quiet)
     worse = _register(cfg, tiny_artifact, this_split, {"val_loss": 0.01})
-    assert not pipeline.settle(cfg, worse, log=quiet)
+    assert not gate.settle(cfg, worse, log=quiet)
     assert _champion(cfg) == good
     # The other way round: the trained model beats a random champion.
-    registry.promote(uri, name, worse, force=True, log=quiet)
+    versions.promote(uri, name, worse, force=True, log=quiet)
     better = _register(cfg, models["minilm"], OTHER_SPLIT, {"val_loss": 0.9})
-    assert pipeline.settle(cfg, better, log=quiet)
+    assert gate.settle(cfg, better, log=quiet)
     assert _champion(cfg) == better
 
 
 def test_a_champion_with_other_labels_is_refused_naming_both(experiment, models, tmp_path):
     import shutil
 
-    from lepton_ray.models import ModelMeta
+    from lepton_ray.artifacts import ModelMeta
 
     cfg = _config(experiment, "other-labels")
     other = tmp_path / "other-labels"
@@ -193,11 +194,11 @@ def test_a_champion_with_other_labels_is_refused_naming_both(experiment, models,
     meta.labels = ["bad", "good"]
     meta.save(other)
     champion = _register(cfg, other, OTHER_SPLIT, {"val_loss": 0.5})
-    assert pipeline.settle(cfg, champion, log=quiet)
-    this_split = pipeline.eval_split_id(experiment["manifest"])
+    assert gate.settle(cfg, champion, log=quiet)
+    this_split = gate.eval_split_id(experiment["manifest"])
     challenger = _register(cfg, models["minilm"], this_split, {"val_loss": 0.4})
     logged = []
-    assert not pipeline.settle(cfg, challenger, log=logged.append)
+    assert not gate.settle(cfg, challenger, log=logged.append)
     assert _champion(cfg) == champion
     reason = " ".join(logged)
     assert "['bad', 'good']" in reason and "['negative', 'positive']" in reason, reason

@@ -18,9 +18,9 @@ from urllib.parse import urlsplit
 import pytest
 from mlflow.tracking import MlflowClient
 
-from lepton_ray import pipeline, registry
 from lepton_ray.config import validate_experiment
 from lepton_ray.errors import StageError
+from lepton_ray.registry import gate, versions
 from tests.conftest import register_tiny, smoke_config
 from tests.integration.two_nodes import MlflowServer
 
@@ -114,7 +114,7 @@ def store(server, tiny_artifact, monkeypatch):
     experiment = c.get_experiment_by_name("reg").experiment_id
     store = {"uri": server.uri, "client": c, "experiment": experiment}
     v1 = register_tiny(store, tiny_artifact, 0.80)
-    registry.promote(server.uri, "reg", v1, log=quiet)
+    versions.promote(server.uri, "reg", v1, log=quiet)
     v2 = register_tiny(store, tiny_artifact, 0.99)
     return store | {"v1": v1, "v2": v2}
 
@@ -128,7 +128,7 @@ def test_a_registry_failing_mid_gate_stops_the_promotion(store, failures):
     relay = FailingRelay(store["uri"], CANDIDATE_READ, failures)
     try:
         with pytest.raises(StageError) as refused:
-            registry.promote(relay.uri, "reg", store["v2"], log=quiet)
+            versions.promote(relay.uri, "reg", store["v2"], log=quiet)
     finally:
         relay.close()
     message = str(refused.value)
@@ -147,7 +147,7 @@ def test_the_manual_policy_is_not_bypassed_by_a_failing_registry(store, tmp_path
     cfg = validate_experiment(raw)
     try:
         with pytest.raises(StageError, match="could not read"):
-            pipeline.settle(cfg, store["v2"], log=quiet)
+            gate.settle(cfg, store["v2"], log=quiet)
     finally:
         relay.close()
     assert relay.failed == 1

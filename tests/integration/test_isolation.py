@@ -3,7 +3,7 @@
 import os
 from pathlib import Path
 
-from lepton_ray.runtime import local_cluster_address, ray_temp_root
+from lepton_ray.runtime.cluster import local_cluster_address, ray_temp_root
 from tests.conftest import TEST_RAY_TMP
 
 
@@ -44,7 +44,7 @@ def test_workers_query_the_state_api_of_their_own_ray(ray_session):
 
 
 def test_cli_workers_are_pinned_too(monkeypatch):
-    from lepton_ray.runtime import API_SERVER_ENV, worker_env
+    from lepton_ray.runtime.cluster import API_SERVER_ENV, worker_env
 
     monkeypatch.delenv(API_SERVER_ENV, raising=False)
     assert worker_env("http://127.0.0.1:8265")[API_SERVER_ENV] == "http://127.0.0.1:8265"

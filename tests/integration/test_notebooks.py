@@ -135,7 +135,7 @@ def test_quickstart_notebook(workspace):
 def test_sweep_register_serve_notebook(workspace):
     from mlflow.tracking import MlflowClient
 
-    from lepton_ray.runtime import serve_applications
+    from lepton_ray.runtime.cluster import serve_applications
 
     nb = execute("02_sweep_register_serve.ipynb", workspace)
     assert outputs(nb, "text/html"), "the trials and versions tables are displayed"

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from lepton_ray.config import validate_experiment
-from lepton_ray.data.pipeline import run_preprocess
+from lepton_ray.data.preprocess import run_preprocess
 from tests.conftest import ROOT, shared_file
 
 pytestmark = pytest.mark.usefixtures("ray_session")

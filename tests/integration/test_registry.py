@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from lepton_ray import registry
 from lepton_ray.cli import app
 from lepton_ray.errors import StageError
+from lepton_ray.registry import versions
 from lepton_ray.tracking.mlflow import get_version_by_alias
 from tests.conftest import TINY_LABELS, mlflow_store, register_tiny
 
@@ -29,7 +29,7 @@ def store(tmp_path):
 
 
 def _champion(store) -> str | None:
-    found = get_version_by_alias(store["uri"], "reg", registry.CHAMPION)
+    found = get_version_by_alias(store["uri"], "reg", versions.CHAMPION)
     return str(found.version) if found else None
 
 
@@ -42,23 +42,23 @@ def test_gate_promote_and_rollback(store, tiny_artifact):
     assert version.tags["lepton.run_id"] == version.run_id
     assert store["client"].get_model_version_by_alias("reg", "challenger").version == int(v1)
 
-    assert registry.promote(uri, "reg", v1, log=quiet).passed  # no champion yet
+    assert versions.promote(uri, "reg", v1, log=quiet).passed  # no champion yet
     assert _champion(store) == v1
     assert "challenger" not in store["client"].get_registered_model("reg").aliases
 
     v2 = register_tiny(store, tiny_artifact, 0.78)
-    refused = registry.promote(uri, "reg", v2, log=quiet)
+    refused = versions.promote(uri, "reg", v2, log=quiet)
     assert not refused.passed and "0.7800" in refused.reason and "0.8000" in refused.reason
     assert _champion(store) == v1  # unchanged
     # Within the tolerance it passes.
-    assert registry.promote(uri, "reg", v2, tolerance=0.03, log=quiet).passed
+    assert versions.promote(uri, "reg", v2, tolerance=0.03, log=quiet).passed
     assert _champion(store) == v2
 
     # Rollback goes back one champion at a time, then refuses, leaving the alias alone.
-    assert registry.rollback(uri, "reg", log=quiet) == v1
+    assert versions.rollback(uri, "reg", log=quiet) == v1
     assert _champion(store) == v1
     with pytest.raises(StageError, match="no previous champion"):
-        registry.rollback(uri, "reg", log=quiet)
+        versions.rollback(uri, "reg", log=quiet)
     assert _champion(store) == v1
 
 
@@ -66,9 +66,9 @@ def test_gate_needs_one_split(store, tiny_artifact):
     """Without the experiment's data the gate cannot score versions of two splits: refused."""
     uri, quiet = store["uri"], (lambda _: None)
     v1 = register_tiny(store, tiny_artifact, 0.70)
-    registry.promote(uri, "reg", v1, log=quiet)
+    versions.promote(uri, "reg", v1, log=quiet)
     v2 = register_tiny(store, tiny_artifact, 0.99, split="fingerprint-b:validation")
-    result = registry.promote(uri, "reg", v2, log=quiet)
+    result = versions.promote(uri, "reg", v2, log=quiet)
     assert not result.passed and "different splits" in result.reason
     assert _champion(store) == v1
 
@@ -76,9 +76,9 @@ def test_gate_needs_one_split(store, tiny_artifact):
 def test_a_compression_of_the_champion_is_gated_by_max_drop_not_by_tolerance(store, tiny_artifact):
     uri, quiet = store["uri"], (lambda _: None)
     v1 = register_tiny(store, tiny_artifact, 0.90)
-    registry.promote(uri, "reg", v1, log=quiet)
+    versions.promote(uri, "reg", v1, log=quiet)
     v2 = register_tiny(store, tiny_artifact, 0.895, quantization="dynamic_int8", source_version=v1)
-    result = registry.promote(uri, "reg", v2, log=quiet)
+    result = versions.promote(uri, "reg", v2, log=quiet)
     assert result.passed and "compression of champion" in result.reason
     assert store["client"].get_model_version("reg", v2).tags["lepton.source_version"] == v1
 
@@ -93,14 +93,14 @@ def test_reads_leave_a_legacy_registry_as_it_is_and_writes_migrate_it(store, tin
     for args in (["models", "list"], ["models", "list", "reg"], ["models", "show", "reg"]):
         result = runner.invoke(app, [*args, "--tracking-uri", uri])
         assert result.exit_code == 0, result.output
-    assert str(registry.resolve(uri, "reg").version) == v1  # NAME means NAME@champion
+    assert str(versions.resolve(uri, "reg").version) == v1  # NAME means NAME@champion
     assert dict(c.get_registered_model("reg").aliases) == before  # reads wrote nothing
     # A write migrates first: @champion moves to the served compression, @serving goes, and
     # rollback knows the old champion.
-    assert registry.rollback(uri, "reg", log=lambda _: None) == v1
+    assert versions.rollback(uri, "reg", log=lambda _: None) == v1
     aliases = c.get_registered_model("reg").aliases
     assert str(aliases.get("champion")) == v1 and "serving" not in aliases
-    assert registry.history(uri, "reg") == [v1]
+    assert versions.history(uri, "reg") == [v1]
 
 
 def test_models_cli(store, tiny_artifact):
@@ -184,7 +184,7 @@ def test_a_version_is_a_standard_mlflow_model(reader, tiny_artifact, tmp_path):
 
     store = reader
     v1 = register_tiny(store, tiny_artifact, 0.8)
-    registry.promote(store["uri"], "reg", v1, log=lambda _: None)
+    versions.promote(store["uri"], "reg", v1, log=lambda _: None)
     model = mlflow.pyfunc.load_model("models:/reg@champion")
     out = model.predict(["a fine lamp", "x " * 40])
     assert list(out.columns) == ["label", "truncated", "prob_negative", "prob_positive"]

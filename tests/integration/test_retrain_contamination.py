@@ -19,7 +19,7 @@ import pytest
 from lepton_ray.config import validate_experiment
 from lepton_ray.data.report import data_metrics
 from lepton_ray.data.split import split_of, text_key
-from lepton_ray.retrain import TAG_TRAINED_ON, prepare_retrain_data, retrain_config
+from lepton_ray.registry.retrain import TAG_TRAINED_ON, prepare_retrain_data, retrain_config
 from tests.conftest import smoke_config
 
 pytestmark = pytest.mark.usefixtures("ray_session")

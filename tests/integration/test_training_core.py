@@ -16,10 +16,10 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from lepton_ray.cli import app
+from lepton_ray.compress.formats import load_model_artifact
 from lepton_ray.config import validate_experiment
-from lepton_ray.data.pipeline import run_preprocess
+from lepton_ray.data.preprocess import run_preprocess
 from lepton_ray.data.sample import write_reviews_csv
-from lepton_ray.models import load_model_artifact
 from tests.conftest import ROOT, smoke_config, write_yaml
 
 pytestmark = pytest.mark.slow

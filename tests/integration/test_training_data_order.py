@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from lepton_ray.config import validate_experiment
-from lepton_ray.data.pipeline import run_preprocess
+from lepton_ray.data.preprocess import run_preprocess
 from lepton_ray.train.batching import epoch_batches
 from lepton_ray.train.driver import load_split_dataset
 from lepton_ray.train.recipe import read_split

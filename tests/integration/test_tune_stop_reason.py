@@ -4,7 +4,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from lepton_ray.config import validate_experiment
-from lepton_ray.data.pipeline import run_preprocess
+from lepton_ray.data.preprocess import run_preprocess
 from lepton_ray.data.sample import write_reviews_csv
 from tests.conftest import smoke_config
 

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lepton_ray.runtime import free_port
+from lepton_ray.runtime.cluster import free_port
 
 BIN = Path(sys.executable).parent
 NODE_LAUNCHER = """

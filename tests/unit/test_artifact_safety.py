@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from lepton_ray.artifacts import ModelMeta, build_model, load_tokenizer
+from lepton_ray.compress.formats import load_model_artifact
 from lepton_ray.config import ModelConfig, validate_experiment
 from lepton_ray.errors import StageError
-from lepton_ray.models import ModelMeta, build_model, load_model_artifact, load_tokenizer
 from lepton_ray.train.checkpoint import (
     STATE_FILE,
     TRAINABLE_FILE,

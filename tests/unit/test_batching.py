@@ -3,7 +3,7 @@
 import numpy as np
 import pandas as pd
 
-from lepton_ray.evaluation import collate
+from lepton_ray.tasks.classification_eval import collate
 from lepton_ray.train.batching import TokenRows, epoch_batches, padding_fraction
 
 
@@ -20,23 +20,23 @@ def _frame(n=1000, seed=0) -> pd.DataFrame:
 
 
 def _rows(n=1000, seed=0) -> TokenRows:
-    return TokenRows.from_frames([_frame(n, seed)])
+    return TokenRows.from_frames([_frame(n, seed)], "label_id")
 
 
 def test_rows_round_trip_and_canonical_order():
     frame = _frame(50)
-    rows = TokenRows.from_frames([frame])
+    rows = TokenRows.from_frames([frame], "label_id")
     # The order rows arrive in (files, blocks, splits) does not matter: text order.
-    backwards = TokenRows.from_frames([frame.iloc[:20], frame.iloc[20:]][::-1])
+    backwards = TokenRows.from_frames([frame.iloc[:20], frame.iloc[20:]][::-1], "label_id")
     assert np.array_equal(backwards.ids, rows.ids)
-    assert np.array_equal(backwards.labels, rows.labels)
+    assert np.array_equal(backwards.targets, rows.targets)
     first = frame.sort_values("text").iloc[0]
     assert rows.ids[: rows.offsets[1]].tolist() == list(first["input_ids"])
-    batch = collate(rows.sequences(np.array([0, 1, 2])), rows.labels[:3], pad_id=0)
+    batch = collate(rows.sequences(np.array([0, 1, 2])), rows.targets[:3], pad_id=0)
     lengths = rows.lengths[:3]
     assert batch["input_ids"].shape == (3, lengths.max())
     assert batch["attention_mask"].sum(dim=1).tolist() == lengths.tolist()
-    assert batch["labels"].tolist() == rows.labels[:3].tolist()
+    assert batch["labels"].tolist() == rows.targets[:3].tolist()
 
 
 def test_every_row_once_per_epoch_and_orders_are_seeded():

@@ -10,20 +10,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
+from lepton_ray.artifacts import ModelMeta, build_model, load_tokenizer, save_float_artifact
+from lepton_ray.compress.formats import (
+    INT8_WEIGHTS,
+    load_model_artifact,
+    quantize_dynamic_int8,
+    save_int8_artifact,
+)
 from lepton_ray.compress.modules import Int8Embedding
 from lepton_ray.config import ModelConfig
 from lepton_ray.errors import StageError
-from lepton_ray.models import (
-    INT8_WEIGHTS,
-    ModelMeta,
-    build_model,
-    encode_texts,
-    load_model_artifact,
-    load_tokenizer,
-    quantize_dynamic_int8,
-    save_float_artifact,
-    save_int8_artifact,
-)
+from lepton_ray.tasks.base import encode_texts
 from tests.conftest import TINY_BERT
 
 LABELS = ["neg", "pos"]

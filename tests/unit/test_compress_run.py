@@ -13,19 +13,14 @@ import pandas as pd
 import pytest
 import torch
 
-from lepton_ray import registry
+from lepton_ray.artifacts import META_FILE, ModelMeta, load_tokenizer, save_model_artifact
 from lepton_ray.compress import quantize
+from lepton_ray.compress.formats import load_model_artifact
 from lepton_ray.config import REPORTED_METRICS, validate_experiment
 from lepton_ray.errors import StageError
-from lepton_ray.evaluation import metrics_from_confusion
-from lepton_ray.models import (
-    META_FILE,
-    ModelMeta,
-    load_model_artifact,
-    load_tokenizer,
-    save_model_artifact,
-)
 from lepton_ray.pipeline import _compressed_metrics
+from lepton_ray.registry import versions
+from lepton_ray.tasks.classification_eval import metrics_from_confusion
 from tests.conftest import smoke_config
 from tests.unit.test_compress_formats import LABELS, TASK, tiny_bert
 
@@ -201,8 +196,8 @@ def test_an_adapter_that_does_not_match_its_base_is_one_stage_error(tmp_path, to
     """A LoRA adapter trained on another base (other hidden size): one line, no traceback."""
     from peft import LoraConfig, get_peft_model
 
+    from lepton_ray.artifacts import build_model
     from lepton_ray.config import ModelConfig
-    from lepton_ray.models import build_model
 
     other = build_model(
         ModelConfig(
@@ -301,7 +296,7 @@ def test_the_compressed_candidate_carries_every_metric_tune_metric_may_name(
     for name in gate_metrics:
         assert f"{name}_fp32" in m and f"{name}_compressed" in m, name
     # What the registry records on the compressed version, under the names the gate reads.
-    candidate = registry.Candidate(
+    candidate = versions.Candidate(
         metrics=_compressed_metrics(m),
         metric_name=cfg.tune.metric,
         metric_mode=cfg.tune.mode,
@@ -310,9 +305,9 @@ def test_the_compressed_candidate_carries_every_metric_tune_metric_may_name(
         quantization=result.method,
     )
     tags = candidate.tags()
-    assert tags[registry.TAG_METRIC_NAME] == "val_macro_precision"
+    assert tags[versions.TAG_METRIC_NAME] == "val_macro_precision"
     for name in gate_metrics:
-        assert float(tags[f"{registry.METRIC_PREFIX}{name}"]) == pytest.approx(
+        assert float(tags[f"{versions.METRIC_PREFIX}{name}"]) == pytest.approx(
             m[f"{name}_compressed"], rel=1e-5
         ), name
     # The float model's macro precision is the one its confusion matrix gives.
@@ -360,4 +355,4 @@ def test_a_compression_that_keeps_accuracy_but_loses_the_gate_metric_is_refused(
     assert logged["folders"] == [] and logged["metrics"][0]["accepted"] == 0.0
     assert any(line.startswith("[compress] refused:") for line in lines)
     # Judged on accuracy only, the same compression passes: the gate metric refused it.
-    assert quantize.judge(m, "dynamic_int8", "val_accuracy", 1.0)[0]
+    assert quantize.judge(m, "dynamic_int8", "val_accuracy", 1.0, "accuracy")[0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from lepton_ray import config_docs
+from lepton_ray.config import docs as config_docs
 from tests.conftest import ROOT
 
 DOCS = ROOT / "docs" / "configuration.md"
@@ -13,7 +13,7 @@ DOCS = ROOT / "docs" / "configuration.md"
 
 def test_committed_reference_matches_the_schema():
     problem = config_docs.check_file(DOCS)
-    assert problem is None, f"{problem}\n(run `python -m lepton_ray.config_docs --write`)"
+    assert problem is None, f"{problem}\n(run `python -m lepton_ray.config.docs --write`)"
 
 
 def test_reference_documents_nested_keys_types_defaults_and_constraints():
@@ -37,7 +37,7 @@ def test_check_fails_with_the_command_to_run(tmp_path, capsys):
     stale.write_text(config_docs.render_reference().replace("train.lr", "train.lrr"))
     assert config_docs.main(["--check", "--path", str(stale)]) == 1
     err = capsys.readouterr().err
-    assert "out of date" in err and "python -m lepton_ray.config_docs --write" in err
+    assert "out of date" in err and "python -m lepton_ray.config.docs --write" in err
     assert config_docs.main(["--check", "--path", str(tmp_path / "missing.md")]) == 1
 
     assert config_docs.main(["--write", "--path", str(stale)]) == 0
@@ -46,7 +46,7 @@ def test_check_fails_with_the_command_to_run(tmp_path, capsys):
 
 def test_generator_imports_neither_torch_nor_ray():
     code = (
-        "import sys, lepton_ray.config_docs as d; d.render_reference(); "
+        "import sys, lepton_ray.config.docs as d; d.render_reference(); "
         "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'ray', 'transformers'}); "
         "print(','.join(heavy))"
     )

@@ -21,6 +21,7 @@ from lepton_ray.console import (
     stage_line,
     unique_path,
 )
+from lepton_ray.tasks import get_task
 
 STEP = "[train] epoch 1/2 step 24/50 loss 0.6123 lr 2.50e-04 112.4 samples/s"
 
@@ -106,7 +107,7 @@ def test_the_training_loop_prints_lines_the_bar_understands():
     torch = pytest.importorskip("torch")
     import pandas as pd
 
-    from lepton_ray.evaluation import collate
+    from lepton_ray.tasks.classification_eval import collate
     from lepton_ray.train.batching import TokenRows
     from lepton_ray.train.loop import LoopSettings, LoopState, run_training
     from lepton_ray.train.precision import Precision
@@ -128,7 +129,7 @@ def test_the_training_loop_prints_lines_the_bar_understands():
             "label_id": [i % 2 for i in range(40)],
         }
     )
-    rows = TokenRows.from_frames([frame])
+    rows = TokenRows.from_frames([frame], "label_id")
     model = Toy()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
@@ -139,8 +140,9 @@ def test_the_training_loop_prints_lines_the_bar_understands():
         sched,
         rows,
         pad_id=0,
-        eval_batches=lambda: [collate(rows.sequences(range(8)), rows.labels[:8], 0)],
-        num_labels=2,
+        eval_batches=lambda: [collate(rows.sequences(range(8)), rows.targets[:8], 0)],
+        task=get_task("sequence_classification"),
+        labels=["0", "1"],
         settings=LoopSettings(epochs=2, batch_size=4, log_every_steps=2),
         state=LoopState(),
         device=torch.device("cpu"),

@@ -122,7 +122,7 @@ def spec():
 
 
 def test_fast_tokenizer_json_matches_transformers(spec):
-    from lepton_ray.models import load_tokenizer
+    from lepton_ray.artifacts import load_tokenizer
 
     texts = ["Hello, World!", "naïve café — ÜBER", "x " * 200, "What is the capital of Peru ?"]
     expected = load_tokenizer("minilm")(texts, truncation=True, max_length=16)["input_ids"]
@@ -140,7 +140,8 @@ def test_tokenize_skips_dropped_rows_and_finalize_counts_exactly(spec):
     )
     result = finalize_partition(
         table,
-        label_map={"neg": 0, "pos": 1},
+        task="sequence_classification",
+        labels=["neg", "pos"],
         drops=frozenset(),
         augment=None,
         tokenizer=spec,

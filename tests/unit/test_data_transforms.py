@@ -4,7 +4,7 @@ import pytest
 
 from lepton_ray.data.clean import clean_batch, normalize_label, normalize_text
 from lepton_ray.data.split import assign_split_batch, split_of
-from lepton_ray.evaluation import metrics_from_confusion
+from lepton_ray.tasks.classification_eval import metrics_from_confusion
 
 
 def test_normalize_text_unicode_whitespace_and_controls():

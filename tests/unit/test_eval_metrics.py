@@ -11,7 +11,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
-from lepton_ray.evaluation import (
+from lepton_ray.tasks.classification_eval import (
     binary_auc,
     collate,
     evaluate,

@@ -228,12 +228,12 @@ def test_plot_images_and_show_logged_plots(cfg, experiment, monkeypatch):
 @pytest.fixture
 def registered(tmp_path, tiny_artifact):
     """A store with two versions of 'reg' (v1 champion), and a config that points at it."""
-    from lepton_ray import registry
+    from lepton_ray.registry import versions
 
     store = mlflow_store(tmp_path / "store")
     register_tiny(store, tiny_artifact, 0.7)
     register_tiny(store, tiny_artifact, 0.8, extra_tags={TAG_TRIAL_ID: "t9"})
-    registry.promote(store["uri"], "reg", "1", force=True, log=lambda _: None)
+    versions.promote(store["uri"], "reg", "1", force=True, log=lambda _: None)
     raw = smoke_config(
         tmp_path,
         DATA,

@@ -9,7 +9,7 @@ import pytest
 
 from lepton_ray.config import REPORTED_METRICS, apply_overrides, metric_mode, validate_experiment
 from lepton_ray.errors import ConfigError
-from lepton_ray.registry import gate
+from lepton_ray.registry.versions import gate
 from tests.conftest import ROOT, smoke_config
 
 DATA = ROOT / "experiments" / "data" / "reviews.csv"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lepton_ray import jobs
 from lepton_ray.errors import LeptonError
+from lepton_ray.runtime import jobs
 from tests.conftest import ROOT
 
 

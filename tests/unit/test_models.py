@@ -7,20 +7,16 @@ import pytest
 import torch
 from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
-from lepton_ray.config import ModelConfig, PeftSection, validate_experiment
-from lepton_ray.errors import ConfigError, StageError
-from lepton_ray.models import (
+from lepton_ray.artifacts import META_FILE, ModelMeta, build_model, load_tokenizer
+from lepton_ray.compress.formats import (
     INT8_WEIGHTS,
-    META_FILE,
-    ModelMeta,
-    build_model,
-    encode_texts,
     load_model_artifact,
-    load_tokenizer,
     quantize_dynamic_int8,
-    resolve_model_path,
     save_int8_artifact,
 )
+from lepton_ray.config import ModelConfig, PeftSection, resolve_model_path, validate_experiment
+from lepton_ray.errors import ConfigError, StageError
+from lepton_ray.tasks.base import encode_texts
 from lepton_ray.text import DEFAULT_CLEANING
 from lepton_ray.train.checkpoint import (
     STATE_FILE,

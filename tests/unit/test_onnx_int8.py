@@ -11,11 +11,12 @@ import pytest
 import torch
 from onnx import helper
 
+from lepton_ray.artifacts import ModelMeta, load_tokenizer
+from lepton_ray.compress.formats import ONNX_FILE, load_model_artifact
 from lepton_ray.compress.onnx_int8 import EXPORT_ATOL, check_export, float_linear_nodes
 from lepton_ray.compress.quantize import build_compressed
 from lepton_ray.config import validate_experiment
 from lepton_ray.errors import StageError
-from lepton_ray.models import ONNX_FILE, ModelMeta, load_model_artifact, load_tokenizer
 from tests.conftest import smoke_config
 from tests.unit.test_compress_formats import LABELS, TASK, tiny_bert
 

@@ -7,9 +7,10 @@ import contextlib
 import pytest
 import torch
 
+from lepton_ray import hardware
 from lepton_ray.errors import ConfigError, LeptonError
-from lepton_ray.train import precision as prec
-from lepton_ray.train.precision import CpuFeatures, Precision, cpu_features, resolve_precision
+from lepton_ray.hardware import CpuFeatures, cpu_features
+from lepton_ray.train.precision import Precision, resolve_precision
 
 _BASE = (
     "fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat sse sse2 ht syscall "
@@ -83,13 +84,13 @@ def test_missing_cpuinfo(monkeypatch):
     def missing(self, *args, **kwargs):
         raise FileNotFoundError(str(self))
 
-    monkeypatch.setattr(prec.Path, "read_text", missing)
-    monkeypatch.setattr(prec.platform, "processor", lambda: "arm")
+    monkeypatch.setattr(hardware.Path, "read_text", missing)
+    monkeypatch.setattr(hardware.platform, "processor", lambda: "arm")
     f = cpu_features()
     assert f.flags == frozenset() and f.model_name == "arm" and f.vendor == ""
     assert not f.bf16_native
     assert resolve_precision("auto", CPU, f).name == "fp32"
-    monkeypatch.setattr(prec.platform, "processor", lambda: "")
+    monkeypatch.setattr(hardware.platform, "processor", lambda: "")
     assert cpu_features().model_name == "unknown CPU"
     assert cpu_features("").model_name == "unknown CPU"
 

@@ -4,9 +4,9 @@ import pandas as pd
 import pytest
 
 from lepton_ray.errors import LeptonError
-from lepton_ray.registry import Candidate, GateResult, gate
+from lepton_ray.registry.pyfunc_model import _texts
+from lepton_ray.registry.versions import Candidate, GateResult, gate
 from lepton_ray.tracking.mlflow import parse_spec
-from lepton_ray.tracking.pyfunc_model import _texts
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lepton_ray.config import validate_experiment
-from lepton_ray.data.pipeline import MANIFEST
+from lepton_ray.data.preprocess import MANIFEST
 from tests.conftest import ROOT, smoke_config
 
 PEAK = """
@@ -23,7 +23,7 @@ import json, sys
 from pathlib import Path
 import pyarrow as pa
 from lepton_ray.config import validate_experiment
-from lepton_ray.retrain import write_replay
+from lepton_ray.registry.retrain import write_replay
 cfg = validate_experiment(json.loads(sys.argv[1]), "replay", check_files=False)
 rows = write_replay(cfg, ["negative", "positive"], 0.02, Path(sys.argv[2]), seed=5)
 print(json.dumps({"rows": rows, "peak": pa.default_memory_pool().max_memory()}))

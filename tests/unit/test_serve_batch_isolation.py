@@ -8,20 +8,24 @@ from lepton_ray.serve.app import _classify_isolated, _TextFailed, check_texts
 
 
 def _loaded(monkeypatch, fail_on: str):
-    """A loaded model whose classify fails on one text (the real batching code around it)."""
-    import lepton_ray.predict
+    """A loaded model whose task's predict fails on one text (the real batching code around
+    it)."""
+    from lepton_ray.tasks.classification import SequenceClassification
 
     calls = []
 
-    def classify(model, tokenizer, meta, texts):
-        calls.append(list(texts))
-        if fail_on in texts:
-            raise RuntimeError("tokenizer exploded")
-        return [{"label": "ok", "probabilities": {"ok": 1.0}, "truncated": False} for _ in texts]
+    class Exploding(SequenceClassification):
+        def predict(self, model, tokenizer, meta, texts):
+            calls.append(list(texts))
+            if fail_on in texts:
+                raise RuntimeError("tokenizer exploded")
+            return [
+                {"label": "ok", "probabilities": {"ok": 1.0}, "truncated": False} for _ in texts
+            ]
 
-    monkeypatch.setattr(lepton_ray.predict, "classify", classify)
     loaded = object.__new__(app._Loaded)
     loaded.model = loaded.tokenizer = loaded.meta = None
+    loaded.task = Exploding()
     return loaded, calls
 
 

@@ -3,7 +3,8 @@ and the tracking URI's credentials never travel in the deployment's arguments as
 
 import pytest
 
-from lepton_ray.serve.app import ServeArgs, app_builder, build_app, key_digest
+from lepton_ray.serve.app import ServeArgs, app_builder, build_app
+from lepton_ray.serve.guards import key_digest
 
 MODEL = {"model_uri": "models:/m/1", "model_name": "m", "model_version": "1"}
 

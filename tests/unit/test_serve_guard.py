@@ -1,6 +1,6 @@
 """Pure pieces of the serving path: HAProxy's loopback rewrite, route labels, key digests."""
 
-from lepton_ray.serve.app import _route_label, key_digest
+from lepton_ray.serve.guards import _route_label, key_digest
 from lepton_ray.serve.haproxy_loopback import loopback_binds
 
 RAY_TEMPLATE_BINDS = """\
@@ -64,6 +64,7 @@ def test_the_guard_refuses_with_json_and_counts_what_it_refused(monkeypatch):
     import json
 
     from lepton_ray.serve import app as module
+    from lepton_ray.serve import guards
 
     reached = []
 
@@ -73,10 +74,10 @@ def test_the_guard_refuses_with_json_and_counts_what_it_refused(monkeypatch):
     settings = module.ServeArgs(
         tracking_uri="sqlite:///x.db", api_key_sha256=key_digest("k"), body_timeout_s=0.2
     )
-    metrics = module._Metrics()
-    monkeypatch.setattr(module._replica, "settings", settings)
-    monkeypatch.setattr(module._replica, "metrics", metrics)
-    guard = module._Guard(inner)
+    metrics = guards._Metrics()
+    monkeypatch.setattr(guards._replica, "settings", settings)
+    monkeypatch.setattr(guards._replica, "metrics", metrics)
+    guard = guards._Guard(inner)
     scope = {"type": "http", "method": "GET", "path": "/v1/model", "root_path": "", "headers": []}
 
     status, headers, body = _call(guard, scope, [])
@@ -103,13 +104,14 @@ def test_the_guard_refuses_with_json_and_counts_what_it_refused(monkeypatch):
 def _ready(monkeypatch, **settings):
     """The middleware's replica state, as a ready replica sets it; returns its metrics."""
     from lepton_ray.serve import app as module
+    from lepton_ray.serve import guards
 
-    metrics = module._Metrics()
+    metrics = guards._Metrics()
     args = module.ServeArgs(tracking_uri="sqlite:///x.db", **settings)
-    monkeypatch.setattr(module._replica, "settings", args)
-    monkeypatch.setattr(module._replica, "metrics", metrics)
-    monkeypatch.setattr(module._replica, "body_bytes", 0)
-    monkeypatch.setattr(module._replica, "body_bytes_peak", 0)
+    monkeypatch.setattr(guards._replica, "settings", args)
+    monkeypatch.setattr(guards._replica, "metrics", metrics)
+    monkeypatch.setattr(guards._replica, "body_bytes", 0)
+    monkeypatch.setattr(guards._replica, "body_bytes_peak", 0)
     return metrics
 
 
@@ -128,12 +130,12 @@ def test_before_the_replica_is_ready_every_request_gets_503_and_no_route_is_reac
 ):
     import json
 
-    from lepton_ray.serve import app as module
+    from lepton_ray.serve import guards
 
-    monkeypatch.setattr(module._replica, "settings", None)
-    monkeypatch.setattr(module._replica, "metrics", None)
+    monkeypatch.setattr(guards._replica, "settings", None)
+    monkeypatch.setattr(guards._replica, "metrics", None)
     reached = []
-    guard = module._Guard(_inner(reached))
+    guard = guards._Guard(_inner(reached))
     for path in ("/v1/predict", "/v1/model", "/healthz"):
         scope = {"type": "http", "method": "GET", "path": path, "root_path": "", "headers": []}
         status, headers, body = _call(guard, scope, [])
@@ -154,12 +156,12 @@ def test_bodies_are_admitted_before_they_are_read_within_the_byte_cap(monkeypatc
     import asyncio
     import json
 
-    from lepton_ray.serve import app as module
+    from lepton_ray.serve import guards
 
     cap = 100_000
     metrics = _ready(monkeypatch, api_key_sha256=key_digest("k"), max_body_bytes_in_flight=cap)
     reached = []
-    guard = module._Guard(_inner(reached))
+    guard = guards._Guard(_inner(reached))
 
     async def burst():
         """Two uploads of 60 kB that stall after their first chunk, then a third one."""
@@ -180,7 +182,7 @@ def test_bodies_are_admitted_before_they_are_read_within_the_byte_cap(monkeypatc
 
         first = asyncio.create_task(guard(_post(60_000), stalling_receive, send))
         await asyncio.sleep(0)  # the first holds its 60 kB from its Content-Length on
-        assert module._replica.body_bytes == 60_000
+        assert guards._replica.body_bytes == 60_000
         third = []
 
         async def send_third(message):
@@ -203,7 +205,7 @@ def test_bodies_are_admitted_before_they_are_read_within_the_byte_cap(monkeypatc
     assert next(m for m in sent if m["type"] == "http.response.start")["status"] == 200
     assert reached == [60_000]
     # Released once answered; the peak never exceeded the cap.
-    assert module._replica.body_bytes == 0 and module._replica.body_bytes_peak == 60_000
+    assert guards._replica.body_bytes == 0 and guards._replica.body_bytes_peak == 60_000
     exposed = metrics.exposition().decode()
     assert "lepton_serve_body_bytes_in_flight 0.0" in exposed
     assert "lepton_serve_body_bytes_in_flight_peak 60000.0" in exposed
@@ -217,14 +219,14 @@ def test_bodies_are_admitted_before_they_are_read_within_the_byte_cap(monkeypatc
         {"type": "http.request", "body": b"z" * 50_001, "more_body": False},
     ]
     status, _, body = _call(guard, _post(None), chunks)
-    assert status == 413 and module._replica.body_bytes == 0
+    assert status == 413 and guards._replica.body_bytes == 0
     assert reached == [60_000]
 
 
 def test_a_key_check_comes_before_the_body_is_admitted(monkeypatch):
-    from lepton_ray.serve import app as module
+    from lepton_ray.serve import guards
 
     _ready(monkeypatch, api_key_sha256=key_digest("k"), max_body_bytes_in_flight=70_000)
-    guard = module._Guard(_inner([]))
+    guard = guards._Guard(_inner([]))
     status, _, _ = _call(guard, _post(60_000, key=b"Bearer wrong"), [])
-    assert status == 401 and module._replica.body_bytes_peak == 0
+    assert status == 401 and guards._replica.body_bytes_peak == 0

@@ -33,7 +33,7 @@ unmarked = pytest.main({COLLECT!r} + ["-m", "not gpu"])
 import torch.distributed.fsdp
 import lepton_ray.compress.modules
 import lepton_ray.train.parallel
-from lepton_ray.evaluation import collate
+from lepton_ray.tasks.classification_eval import collate
 from tests.gpu.conftest import learnable_rows, tiny_classifier
 
 rows = learnable_rows(4)

@@ -8,9 +8,11 @@ import pandas as pd
 import pytest
 import torch
 
+from lepton_ray.artifacts import load_tokenizer
+from lepton_ray.compress.formats import load_model_artifact
 from lepton_ray.config import validate_experiment
 from lepton_ray.data.sample import make_reviews
-from lepton_ray.models import load_model_artifact, load_tokenizer
+from lepton_ray.tasks import get_task
 from lepton_ray.train.loop import build_scheduler, is_better, lr_factor
 from lepton_ray.train.standalone import train_standalone
 from tests.conftest import smoke_config
@@ -222,7 +224,7 @@ def _tiny_no_dropout(seed: int = 0):
 
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=50, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        vocab_size=50, task=get_task("sequence_classification"), labels=["0", "1"], hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
         **TINY_BERT,
     )  # fmt: skip
     return BertForSequenceClassification(config)
@@ -241,13 +243,13 @@ def _uneven_rows(index=range(7)):
     rng = np.random.default_rng(0)
     ids = [rng.integers(5, 50, size=k).tolist() for k in UNEVEN_LENGTHS]
     columns = {"input_ids": [ids[i] for i in index], "label_id": [UNEVEN_LABELS[i] for i in index]}
-    return TokenRows.from_frames([columns], sort_by_text=False)
+    return TokenRows.from_frames([columns], "label_id", sort_by_text=False)
 
 
 def _sgd_step(model, rows, batch_size, accumulation, rank=0, world_size=1):
     """One optimizer step of run_training over all of ``rows``: SGD, lr 1, no clipping, so
     every weight moves by minus its gradient."""
-    from lepton_ray.evaluation import collate
+    from lepton_ray.tasks.classification_eval import collate
     from lepton_ray.train.loop import LoopSettings, LoopState, run_training
     from lepton_ray.train.precision import Precision
 
@@ -256,10 +258,10 @@ def _sgd_step(model, rows, batch_size, accumulation, rank=0, world_size=1):
         epochs=1, batch_size=batch_size, accumulation=accumulation, max_grad_norm=None,
         group_by_length=False,
     )  # fmt: skip
-    everything = collate(rows.sequences(range(len(rows))), rows.labels, pad_id=0)
+    everything = collate(rows.sequences(range(len(rows))), rows.targets, pad_id=0)
     state = run_training(
         model, opt, build_scheduler(opt, 1, 0.0, "constant"), rows, pad_id=0,
-        eval_batches=lambda: [everything], num_labels=2, settings=settings, state=LoopState(),
+        eval_batches=lambda: [everything], task=get_task("sequence_classification"), labels=["0", "1"], settings=settings, state=LoopState(),
         device=torch.device("cpu"), precision=Precision("fp32", "cpu", "test"), rank=rank,
         world_size=world_size, log=lambda _: None,
     )  # fmt: skip
@@ -267,12 +269,12 @@ def _sgd_step(model, rows, batch_size, accumulation, rank=0, world_size=1):
 
 
 def _assert_moved_by_the_full_batch_gradient(after: dict) -> None:
-    from lepton_ray.evaluation import collate
+    from lepton_ray.tasks.classification_eval import collate
 
     reference = _tiny_no_dropout()
     rows = _uneven_rows()
     reference.train()
-    reference(**collate(rows.sequences(range(7)), rows.labels, pad_id=0)).loss.backward()
+    reference(**collate(rows.sequences(range(7)), rows.targets, pad_id=0)).loss.backward()
     for name, before in reference.named_parameters():  # the mean over all 7 examples
         assert torch.allclose(before.detach() - after[name], before.grad, atol=1e-6), name
 
@@ -307,7 +309,7 @@ def test_ddp_weighs_every_example_of_the_step_alike_across_ranks(tmp_path):
     the mean over all 7 examples, not the mean of the ranks' (or micro-batches') means."""
     import torch.multiprocessing as mp
 
-    from lepton_ray.runtime import free_port
+    from lepton_ray.runtime.cluster import free_port
 
     out = tmp_path / "after.pt"
     mp.spawn(_ddp_step, args=(free_port(), str(out)), nprocs=2, join=True)

@@ -48,6 +48,7 @@ from lepton_ray.data.rows import (
 from lepton_ray.data.sources import TASK_CPUS, Source, detect_format, read_source, root_cause
 from lepton_ray.data.split import KEY, SPLITS
 from lepton_ray.errors import DataError, StageError
+from lepton_ray.tasks import get_task
 
 MANIFEST = "manifest.json"
 DROPPED_SAMPLE = "dropped_sample.jsonl"
@@ -155,12 +156,10 @@ def run_preprocess(
         raise DataError(
             f"data {data.source_name}: no usable rows ({n_read} read, dropped {dropped})"
         )
-    labels = _sorted_labels({key.split("|", 1)[1] for key in per_class})
-    if len(labels) < 2:
-        raise DataError(
-            f"data.label_column '{data.label_column}' in {data.source_name} has a single class "
-            f"({labels[0]!r}); classification needs at least 2"
-        )
+    labels = get_task(cfg.task).vocabulary(
+        {key.split("|", 1)[1] for key in per_class},
+        f"data.label_column '{data.label_column}' in {data.source_name}",
+    )
     split_counts: dict[str, int] = {}
     for key, n in per_class.items():
         split = key.split("|", 1)[0]
@@ -183,7 +182,8 @@ def run_preprocess(
             resolved,
             tmp,
             dict(
-                label_map=label_map,
+                task=cfg.task,
+                labels=labels,
                 drops=drops,
                 augment=augment,
                 tokenizer=tokenizer,
@@ -574,13 +574,6 @@ def _run(make, source: str):
         raise
     except Exception as err:  # noqa: BLE001 - Ray wraps reader errors; name the file
         raise DataError(f"data {source}: {root_cause(err)}") from None
-
-
-def _sorted_labels(values) -> list[str]:
-    values = sorted(set(values))
-    if all(v.lstrip("-").isdigit() for v in values):
-        return sorted(values, key=int)
-    return values
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:

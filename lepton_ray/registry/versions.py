@@ -126,15 +126,15 @@ def _requirements(meta_weights: str) -> list[str]:
 def package_pyfunc(artifact: Path, dst: Path) -> Path:
     """Wrap a lepton-ray model artifact folder as an MLflow pyfunc model folder at ``dst``.
 
-    The pyfunc is defined by code (``tracking/pyfunc_model.py``), not by a pickled object;
+    The pyfunc is defined by code (``registry/pyfunc_model.py``), not by a pickled object;
     the lepton-ray package goes along in ``code/`` so a reader needs only MLflow and the
     pinned libraries.
     """
     import mlflow.pyfunc
 
     import lepton_ray
-    from lepton_ray.models import ModelMeta
-    from lepton_ray.tracking import pyfunc_model
+    from lepton_ray.artifacts import ModelMeta
+    from lepton_ray.registry import pyfunc_model
 
     meta = ModelMeta.load(artifact)
     with tempfile.TemporaryDirectory(prefix="lepton-code-") as tmp:
@@ -148,7 +148,7 @@ def package_pyfunc(artifact: Path, dst: Path) -> Path:
             artifacts={pyfunc_model.ARTIFACT_KEY: str(artifact)},
             code_paths=[str(code)],
             pip_requirements=_requirements(meta.weights),
-            signature=pyfunc_model.signature(meta.labels),
+            signature=pyfunc_model.signature(meta.task, meta.labels),
         )
     return dst
 

@@ -41,23 +41,23 @@ version it continues), one per line: the next retrain keeps them out of evaluati
 
 def _trainable_source(uri: str, spec: str, name: str):
     """The registered version to continue from (a compression's float source)."""
-    from lepton_ray import registry
+    from lepton_ray.registry import versions
 
-    version = registry.resolve(uri, spec)
+    version = versions.resolve(uri, spec)
     if version.name != name:
         raise ConfigError(
             f"--from {spec} names registered model '{version.name}', but this experiment "
             f"registers '{name}'"
         )
     tags = version.tags or {}
-    if tags.get(registry.TAG_QUANTIZATION, "none") != "none":
-        origin = tags.get(registry.TAG_SOURCE_VERSION)
+    if tags.get(versions.TAG_QUANTIZATION, "none") != "none":
+        origin = tags.get(versions.TAG_SOURCE_VERSION)
         if not origin:
             raise StageError(
-                f"{name} v{version.version} is compressed ({tags[registry.TAG_QUANTIZATION]}) "
+                f"{name} v{version.version} is compressed ({tags[versions.TAG_QUANTIZATION]}) "
                 "and names no float source version to continue from"
             )
-        version = registry.resolve(uri, f"{name}/{origin}")
+        version = versions.resolve(uri, f"{name}/{origin}")
     return version
 
 
@@ -93,11 +93,12 @@ def write_replay(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from lepton_ray.data.pipeline import load_manifest
+    from lepton_ray.data.preprocess import load_manifest
     from lepton_ray.data.split_files import open_split
-    from lepton_ray.train.driver import TOKEN_COLUMNS
+    from lepton_ray.train.driver import token_columns
 
-    train = open_split(old_cfg, "train", TOKEN_COLUMNS)
+    columns = token_columns(old_cfg.task)
+    train = open_split(old_cfg, "train", columns)
     if train is None:
         raise StageError(
             f"--replay: the experiment's training split in {old_cfg.data_dir} is empty"
@@ -113,10 +114,10 @@ def write_replay(
     for old in folder.glob("*.parquet"):
         old.unlink()
     schema = pq.read_schema(train.files[0])
-    schema = pa.schema([schema.field(c) for c in TOKEN_COLUMNS])
+    schema = pa.schema([schema.field(c) for c in columns])
     with pq.ParquetWriter(folder / "replay.parquet", schema) as writer:
         for table in train.sample_tables(rows, seed):
-            writer.write_table(table.select(TOKEN_COLUMNS))
+            writer.write_table(table.select(columns))
     (folder / "replay.json").write_text(json.dumps({"rows": rows, "fraction": fraction}))
     return rows
 
@@ -145,7 +146,7 @@ def prepare_retrain_data(
     """Preprocess the new data, its evaluation splits free of texts ``source`` trained on,
     and write the replay sample. Returns (manifest, replay folder, replay rows, the
     training folders checked)."""
-    from lepton_ray.data.pipeline import run_preprocess
+    from lepton_ray.data.preprocess import run_preprocess
 
     if not cfg.data_dir.joinpath("train").exists():
         run_preprocess(cfg, log=log)  # the experiment's training texts, to check against
@@ -177,8 +178,8 @@ def run_retrain(
     swap: bool = True,
 ) -> dict[str, Any]:
     """Continue fine-tuning ``source_spec`` (default ``NAME@champion``) on ``data``."""
-    from lepton_ray import registry
     from lepton_ray.pipeline import _connect, register_trained, run_compress_stage, settle
+    from lepton_ray.registry import versions
     from lepton_ray.tracking.mlflow import (
         TAG_STAGE,
         download_model,
@@ -197,7 +198,7 @@ def run_retrain(
         raise ConfigError(f"--data {data}: no such file")
     started = time.time()
     uri, name = cfg.tracking.tracking_uri, cfg.registered_model_name
-    spec = source_spec or f"{name}@{registry.CHAMPION}"
+    spec = source_spec or f"{name}@{versions.CHAMPION}"
     source = _trainable_source(uri, spec, name)
     key = hashlib.sha256(f"{data}:{replay}:{source.version}".encode()).hexdigest()[:10]
     # Under the shared storage root: the replay rows and the new shards are read by workers.
@@ -261,7 +262,7 @@ def run_retrain(
 def _swap_endpoint(cfg: ExperimentConfig, log) -> dict[str, Any] | None:
     """Point the experiment's running endpoint at the new champion (in place)."""
     from lepton_ray.pipeline import serving_model_uri
-    from lepton_ray.runtime import serve_applications
+    from lepton_ray.runtime.cluster import serve_applications
     from lepton_ray.serve.client import deploy
 
     app_name = cfg.serve.app_name or cfg.name

@@ -18,25 +18,24 @@ from __future__ import annotations
 import mlflow
 from mlflow.pyfunc import PythonModel
 
-ARTIFACT_KEY = "lepton_model"
+from lepton_ray.artifacts import ARTIFACT_KEY
 
 
-def output_columns(labels) -> list[str]:
-    return ["label", "truncated", *(f"prob_{label}" for label in labels)]
-
-
-def signature(labels):
-    """The MLflow signature of a version predicting ``labels``.
+def signature(task: str, labels):
+    """The MLflow signature of a version of ``task`` predicting ``labels``.
 
     Input: one string column, unnamed (as MLflow's own text pipelines declare it), so a list
-    of strings, a Series and a one-column frame all pass. Output: ``label`` (string),
-    ``truncated`` (boolean) and ``prob_<label>`` (double) per label.
+    of strings, a Series and a one-column frame all pass. Output: the task's prediction
+    table (a classifier: ``label`` (string), ``truncated`` (boolean) and ``prob_<label>``
+    (double) per label).
     """
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, Schema
 
-    kinds = [DataType.string, DataType.boolean, *([DataType.double] * len(labels))]
-    outputs = Schema([ColSpec(k, n) for k, n in zip(kinds, output_columns(labels), strict=True)])
+    from lepton_ray.tasks import get_task
+
+    columns = get_task(task).prediction_schema(labels)
+    outputs = Schema([ColSpec(getattr(DataType, kind), name) for name, kind in columns])
     return ModelSignature(inputs=Schema([ColSpec(DataType.string)]), outputs=outputs)
 
 
@@ -60,25 +59,18 @@ def _texts(model_input) -> list[str]:
 
 class LeptonTextClassifier(PythonModel):
     def load_context(self, context) -> None:
-        from lepton_ray.models import load_model_artifact
+        from lepton_ray.compress.formats import load_model_artifact
 
         self.model, self.tokenizer, self.meta = load_model_artifact(context.artifacts[ARTIFACT_KEY])
 
     def predict(self, context, model_input, params=None):
         import pandas as pd
 
-        from lepton_ray.predict import classify_batched
-
-        answers = classify_batched(self.model, self.tokenizer, self.meta, _texts(model_input))
-        rows = [
-            {
-                "label": a["label"],
-                "truncated": a["truncated"],
-                **{f"prob_{label}": p for label, p in a["probabilities"].items()},
-            }
-            for a in answers
-        ]
-        return pd.DataFrame(rows, columns=output_columns(self.meta.labels))
+        answers = self.task.predict_batched(
+            self.model, self.tokenizer, self.meta, _texts(model_input)
+        )
+        columns = [name for name, _ in self.task.prediction_schema(self.meta.labels)]
+        return pd.DataFrame([self.task.prediction_row(a) for a in answers], columns=columns)
 
 
 mlflow.models.set_model(LeptonTextClassifier())

@@ -1,8 +1,8 @@
 """The configuration reference (docs/configuration.md), generated from the pydantic schema.
 
-    python -m lepton_ray.config_docs            # print the reference
-    python -m lepton_ray.config_docs --write    # regenerate docs/configuration.md
-    python -m lepton_ray.config_docs --check    # exit 1 if docs/configuration.md is stale
+    python -m lepton_ray.config.docs            # print the reference
+    python -m lepton_ray.config.docs --write    # regenerate docs/configuration.md
+    python -m lepton_ray.config.docs --check    # exit 1 if docs/configuration.md is stale
 
 Only pydantic and ``lepton_ray.config`` are imported (no torch, no Ray), so the check runs in
 a second on any machine. The output is deterministic: same schema, same bytes.
@@ -27,7 +27,7 @@ from pydantic_core import PydanticUndefined
 from lepton_ray import config as schema
 
 DEFAULT_PATH = Path("docs") / "configuration.md"
-REGENERATE = "python -m lepton_ray.config_docs --write"
+REGENERATE = "python -m lepton_ray.config.docs --write"
 
 _CONSTRAINTS = (
     ("gt", ">"),
@@ -183,7 +183,7 @@ def _text(text: str | None) -> str:
 
 # --------------------------------------------------------------------------------- walking
 def _extra_rules() -> dict[str, str]:
-    """Rules the validators enforce that no field annotation shows (read from config.py)."""
+    """Rules the validators enforce that no field annotation shows (read from the schema)."""
     rules = {}
     metrics = getattr(schema, "REPORTED_METRICS", None)
     if metrics:
@@ -257,7 +257,7 @@ def render_reference() -> str:
     out = [
         "# Configuration reference",
         "",
-        f"<!-- Generated from lepton_ray/config.py by `{REGENERATE}`; do not edit by hand. -->",
+        f"<!-- Generated from lepton_ray/config/ by `{REGENERATE}`; do not edit by hand. -->",
         "",
         "One YAML file per experiment (`experiments/*.yaml`). Every section rejects unknown keys, "
         "and any key can be overridden on the command line with its dotted name, e.g. "
@@ -284,12 +284,12 @@ def check_file(path: Path) -> str | None:
         actual.splitlines(), expected.splitlines(), str(path), "generated", lineterm="", n=0
     )
     shown = "\n".join(list(diff)[:20])
-    return f"{path} is out of date with lepton_ray/config.py; run `{REGENERATE}`\n{shown}"
+    return f"{path} is out of date with lepton_ray/config/; run `{REGENERATE}`\n{shown}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m lepton_ray.config_docs", description=__doc__.splitlines()[0]
+        prog="python -m lepton_ray.config.docs", description=__doc__.splitlines()[0]
     )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--write", action="store_true", help="write the reference to --path")

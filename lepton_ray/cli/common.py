@@ -1,0 +1,87 @@
+"""What the command groups share: the common options, the terminal (``_say``, ``_fail``, the
+console's log file), the one-line errors and their exit codes, and loading a config."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lepton_ray import console
+from lepton_ray.errors import LeptonError, terminate_as_interrupt
+
+ConfigArg = Annotated[
+    Path, typer.Argument(help="Experiment YAML, e.g. experiments/quickstart.yaml.")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a key: --set train.lr=3e-4 (repeatable)."),
+]
+VerboseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--verbose",
+        "-v",
+        help="Show Ray's and the libraries' output too (also: lepton-ray -v COMMAND).",
+    ),
+]
+_OPTIONS = {"verbose": False}
+"""The root options (``lepton-ray -v COMMAND``), set by the root app's callback."""
+
+
+def _say(message: str) -> None:
+    console.say(message)
+
+
+def _fail(message: str, code: int) -> None:
+    console.error(f"error: {message}")
+    raise typer.Exit(code)
+
+
+def _start_console(command: str, cfg=None, verbose: bool = False) -> None:
+    """Send everything but the stage lines to a log file; call before importing Ray."""
+    console.start(
+        command,
+        cfg.output_dir / cfg.name if cfg is not None else None,
+        verbose=verbose or _OPTIONS["verbose"],
+    )
+
+
+def handle_errors(fn):
+    """One line and a non-zero exit for user errors; a short line for crashes too."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        terminate_as_interrupt()
+        try:
+            return fn(*args, **kwargs)
+        except LeptonError as err:
+            console.log_exception(err)
+            _fail(str(err), err.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except typer.Exit:
+            raise
+        except Exception as err:  # noqa: BLE001 - last resort: no traceback unless asked
+            console.log_exception(err)
+            if os.environ.get("LEPTON_DEBUG"):
+                console.release()  # the traceback goes to the real terminal
+                raise
+            _fail(
+                f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
+                "(set LEPTON_DEBUG=1 for the traceback)",
+                1,
+            )
+        finally:
+            console.finish()
+
+    return wrapper
+
+
+def _load(config: Path, overrides: list[str] | None):
+    from lepton_ray.config import load_experiment
+
+    return load_experiment(config, overrides or [])

@@ -1,0 +1,24 @@
+"""The ``peft`` section: parameter-efficient fine-tuning (``peft.lora`` = ``peft.LoraConfig``)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from lepton_ray.config.base import Section
+
+
+class LoraSection(Section):
+    """Fields of ``peft.LoraConfig``."""
+
+    r: int = Field(8, ge=1, le=512, description="LoRA rank.")
+    lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["query", "value"])
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+
+class PeftSection(Section):
+    method: Literal["none", "lora"] = Field("lora", description="'none' fine-tunes every weight.")
+    lora: LoraSection = Field(default_factory=LoraSection)

@@ -1,0 +1,1 @@
+"""The model registry: versions and aliases, the promotion gate, and retraining."""

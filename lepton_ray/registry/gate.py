@@ -1,0 +1,131 @@
+"""The promotion gate's side of the experiment: what a registered version scores on this
+experiment's validation split, and ``registry.promotion`` applied to a new version.
+
+The gate itself (compare, move ``@champion``) is ``registry.versions.promote``; here each
+version is scored through its own preprocessing and its task's ``evaluate``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from lepton_ray.config import ExperimentConfig
+from lepton_ray.errors import StageError
+from lepton_ray.tasks import get_task
+
+
+def eval_split_id(manifest: dict[str, Any]) -> str:
+    """Names the validation split a metric was measured on (the gate compares like with like)."""
+    return f"{manifest.get('fingerprint', 'unknown')}:validation"
+
+
+def eval_columns(cfg: ExperimentConfig) -> list[str]:
+    """The columns of a split that scoring a version reads: the text and the task's target."""
+    return ["text", get_task(cfg.task).target_column]
+
+
+def settle(cfg: ExperimentConfig, version: str, log=print) -> bool:
+    """Apply ``registry.promotion`` to a new version; True when it became the champion.
+
+    A registry that cannot say whether there is a champion stops here with a ``StageError``
+    (under ``manual`` too): only a registry that answers "no champion" lets a first version
+    through ungated.
+    """
+    from lepton_ray.registry import versions
+    from lepton_ray.tracking.mlflow import get_version_by_alias
+
+    uri, name = cfg.tracking.tracking_uri, cfg.registered_model_name
+    policy = cfg.registry.promotion
+    if policy == "manual" and get_version_by_alias(uri, name, versions.CHAMPION) is not None:
+        log(
+            f"[registry] {name} v{version} stays @{versions.CHALLENGER} (registry.promotion: "
+            f"manual); promote it with: lepton-ray models promote {name}/{version}"
+        )
+        return False
+    result = versions.promote(
+        uri,
+        name,
+        version,
+        tolerance=cfg.registry.tolerance,
+        force=policy == "always",
+        evaluate=lambda v: validation_metric(cfg, v),
+        log=log,
+    )
+    return result.passed
+
+
+def _text_batches(frames, tokenizer, meta, target: str, batch_size: int):
+    """Batches of a split's texts (``text`` and the task's ``target`` column) as ``meta``'s
+    model reads them, from frames streamed in order (one frame at a time is held, never the
+    split)."""
+    import torch
+
+    from lepton_ray.tasks.base import encode_texts
+
+    def batch(texts, targets):
+        encoded, _ = encode_texts(tokenizer, meta, texts)
+        return {**encoded, "labels": torch.as_tensor(targets)}
+
+    texts, targets = [], []
+    for frame in frames:
+        texts += frame["text"].tolist()
+        targets += frame[target].tolist()
+        while len(texts) >= batch_size:
+            yield batch(texts[:batch_size], targets[:batch_size])
+            del texts[:batch_size], targets[:batch_size]
+    if texts:
+        yield batch(texts, targets)
+
+
+def score_version(cfg: ExperimentConfig, model_uri: str, frames) -> tuple[dict[str, Any], list]:
+    """Evaluate a registered version on a split's texts; returns (metrics, its labels).
+
+    ``frames``: the split's ``text`` and target (``eval_columns``) as frames in order (a
+    ``data.split_files.SplitRows`` streams them from the split's files). Each version reads the
+    texts through its own preprocessing, the cleaning, tokenizer and ``max_length`` its
+    artifact carries (as it does when served), never through this experiment's token ids: a
+    champion trained with another tokenizer is scored as it answers, not on ids it never saw.
+    (The texts are the data stage's, cleaned by ``data.clean``; each version's cleaning then
+    applies on top, as serving applies it to what a client sends.)
+
+    Raises:
+        StageError: the version's labels are not this experiment's.
+    """
+    from lepton_ray.compress.formats import load_model_artifact
+    from lepton_ray.data.preprocess import load_manifest
+    from lepton_ray.tracking.mlflow import download_model
+
+    task = get_task(cfg.task)
+    labels = list(load_manifest(cfg)["labels"])
+    with tempfile.TemporaryDirectory(prefix="lepton-eval-") as tmp:
+        artifact = download_model(cfg.tracking.tracking_uri, model_uri, Path(tmp))
+        model, tokenizer, meta = load_model_artifact(artifact)
+        if list(meta.labels) != labels:
+            raise StageError(
+                f"{model_uri} predicts the labels {list(meta.labels)} but this experiment's "
+                f"data has the labels {labels}; it cannot be scored on this data"
+            )
+        if meta.task != cfg.task:
+            raise StageError(
+                f"{model_uri} is a {meta.task} model and this experiment's task is {cfg.task}; "
+                "it cannot be scored on this data"
+            )
+        batches = _text_batches(
+            frames, tokenizer, meta, task.target_column, cfg.train.eval_batch_size
+        )
+        result = task.evaluate(model, batches, labels)
+        return {**result, **task.gate_scores(result)}, labels
+
+
+def validation_metric(cfg: ExperimentConfig, version) -> float | None:
+    """``tune.metric`` of a registered version on this experiment's validation split."""
+    from lepton_ray.data.split_files import open_split
+
+    split = open_split(cfg, "validation", columns=eval_columns(cfg))
+    if split is None:
+        return None
+    result, _ = score_version(cfg, f"models:/{version.name}/{version.version}", split)
+    value = result.get(cfg.tune.metric.removeprefix("val_"))
+    return float(value) if value is not None else None
