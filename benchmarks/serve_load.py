@@ -7,7 +7,7 @@ One text per request, SST-2 dev sentences in order, a closed-loop asyncio client
 (``lepton_ray.serve.load``) on loopback. For each load level (1, 8, 32, 64 clients) the
 endpoint and the bare server are measured in turn, each after a short warm-up, in one run on
 one machine, with both servers up. The bare server is FastAPI + uvicorn in its own process
-running the same registered model through the same ``classify``, one request at a time, no
+running the same registered model through the same task ``predict``, one request at a time, no
 batching. The offline figure is the same model over the same texts in batches of 32 in this
 process. Then: knob variants at 32 clients (each one redeploys the endpoint), 1,000
 malformed requests 16 at a time with valid ones mixed in, and a replica killed under load.
@@ -44,16 +44,17 @@ def dev_texts(path: Path) -> list[str]:
 
 # ------------------------------------------------------------------------------- bare server
 def bare_server(folder: str, port: int, threads: int) -> None:
-    """FastAPI + uvicorn, the same model and classify, no batching: the baseline."""
+    """FastAPI + uvicorn, the same model and task ``predict``, no batching: the baseline."""
     import torch
     import uvicorn
     from fastapi import FastAPI
-    from lepton_ray.predict import classify
 
     from lepton_ray.compress.formats import load_model_artifact
+    from lepton_ray.tasks import get_task
 
     torch.set_num_threads(threads)
     model, tokenizer, meta = load_model_artifact(Path(folder))
+    classify = get_task(meta.task).predict
     app = FastAPI()
 
     @app.get("/healthz")
@@ -127,12 +128,13 @@ def replica_pid() -> int:
 
 def offline(folder: Path, texts: list[str], threads: int, batch: int = 32) -> dict:
     import torch
-    from lepton_ray.predict import classify_batched
 
     from lepton_ray.compress.formats import load_model_artifact
+    from lepton_ray.tasks import get_task
 
     torch.set_num_threads(threads)
     model, tokenizer, meta = load_model_artifact(folder)
+    classify_batched = get_task(meta.task).predict_batched
     classify_batched(model, tokenizer, meta, texts[:64], batch_size=batch)  # warm-up
     rates = []
     for _ in range(3):

@@ -68,6 +68,7 @@ def run_batch_predict(
     from lepton_ray.data.preprocess import source_config
     from lepton_ray.data.sources import TASK_CPUS, is_uri, read_files
     from lepton_ray.pipeline import _connect
+    from lepton_ray.tasks import get_task
 
     started = time.time()
     output = Path(output).expanduser().resolve()
@@ -81,7 +82,10 @@ def run_batch_predict(
     log(f"[predict] model {shown} (version {version})")
 
     data = source_config(cfg, input if is_uri(input) else Path(input).expanduser().resolve())
-    required = [("data.text_column", data.text_columns)]
+    task = get_task(cfg.task)
+    required = task.source_columns(data, with_label=False)
+    target = [c for _, names in task.source_columns(data) for c in names]
+    target = [c for c in target if all(c not in names for _, names in required)]
     if id_column:
         required.append(("--id-column", [id_column]))
     _connect(cfg, log, storage=False)
@@ -93,9 +97,9 @@ def run_batch_predict(
     context.execution_options.preserve_order = True
     context.enable_progress_bars = True
     try:
-        source = read_files(data, required, optional=[data.label_column], include_paths=True)
+        source = read_files(data, required, optional=target, include_paths=True)
         names = short_names(source.files)
-        keep_label = data.label_column in source.columns
+        keep_label = bool(target) and all(c in source.columns for c in target)
         log(
             f"[predict] reading {source.n_rows} rows from {data.source_name} "
             f"({len(names)} file{'s' if len(names) != 1 else ''})"
@@ -108,12 +112,7 @@ def run_batch_predict(
             prediction_input,
             batch_format="pyarrow",
             num_cpus=TASK_CPUS,
-            fn_kwargs=dict(
-                text_columns=data.text_columns,
-                sep=data.text_join,
-                label_column=data.label_column if keep_label else None,
-                id_column=id_column,
-            ),
+            fn_kwargs=dict(task=task, data=data, keep_label=keep_label, id_column=id_column),
         ).map_batches(
             Predictor,
             batch_size=batch_size,
@@ -199,18 +198,16 @@ def short_names(files: Sequence[str]) -> dict[str, str]:
     return {b.lstrip("/"): os.path.relpath(b, common) if common else b for b in bare}
 
 
-def prediction_input(
-    batch, text_columns: list[str], sep: str, label_column: str | None, id_column: str | None
-):
-    """(in Ray Data tasks) The columns to predict from: ``text`` joined as in training,
-    Ray's ``path``, and ``label_true`` and ``id`` when asked for."""
+def prediction_input(batch, task, data, keep_label: bool, id_column: str | None):
+    """(in Ray Data tasks) The columns to predict from: ``text`` formatted as in training
+    (``task.format_rows``), Ray's ``path``, and ``label_true`` and ``id`` when asked for."""
     import pyarrow as pa
 
-    from lepton_ray.data.sources import as_strings, to_text_label
+    from lepton_ray.text import as_strings
 
-    table = to_text_label(batch, text_columns, label_column, sep)
+    table = task.format_rows(batch, data, with_label=keep_label)
     columns = {"text": table.column("text"), "path": as_strings(batch, "path")}
-    if label_column:
+    if keep_label:
         columns["label_true"] = table.column("label")
     if id_column:
         columns["id"] = as_strings(batch, id_column)

@@ -17,6 +17,7 @@ One text is cleaned in this order (:func:`normalize_text`):
 from __future__ import annotations
 
 import html
+import json
 import re
 import unicodedata
 from collections.abc import Iterable, Mapping
@@ -437,3 +438,31 @@ def clean_texts(texts: Iterable[str], cleaning: Mapping[str, Any] | None) -> lis
     s = cleaning_settings(cleaning)
     form, lower, html_, pii = s["unicode_form"], s["lowercase"], s["strip_html"], s["mask_pii"]
     return [normalize_text(t, form, lower, html_, pii) for t in texts]
+
+
+def json_to_str(value: Any) -> str | None:
+    # Matches pyarrow's cast to string, which read_json's columns go through.
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
+def as_strings(batch, column: str):
+    """A column of a pyarrow batch as strings (all null where the batch lacks it)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if column not in batch.column_names:  # a JSONL block where no line has the key
+        return pa.nulls(batch.num_rows, pa.string())
+    values = batch.column(column)
+    if pa.types.is_string(values.type):
+        return values
+    if pa.types.is_nested(values.type):
+        return pa.array([json_to_str(v) for v in values.to_pylist()], pa.string())
+    return pc.cast(values, pa.string())

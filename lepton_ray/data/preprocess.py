@@ -320,9 +320,10 @@ def source_config(cfg: ExperimentConfig, path):
 
 def _read_sources(cfg: ExperimentConfig) -> list[tuple[str | None, Source]]:
     """(preset split or None, source) for data.path/hf and every data.split.files entry."""
-    sources = [(None, read_source(cfg.data))]
+    task = get_task(cfg.task)
+    sources = [(None, read_source(cfg.data, task))]
     for split, path in cfg.data.split.files.items():
-        sources.append((split, read_source(source_config(cfg, path))))
+        sources.append((split, read_source(source_config(cfg, path), task)))
     return sources
 
 

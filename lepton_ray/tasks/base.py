@@ -5,7 +5,8 @@ artifact's (``get_task(meta.task)``) what it needs:
 
 - config: ``validate`` (cross-section rules) and ``metrics`` (what ``tune.metric`` may name,
   and the direction each is optimised in);
-- data: ``vocabulary`` (the labels found in the kept rows, with the task's checks) and
+- data: ``source_columns`` and ``format_rows`` (a source's columns -> the task's rows),
+  ``vocabulary`` (the labels found in the kept rows, with the task's checks) and
   ``encode_targets`` (each row's training target, stored beside ``input_ids`` in the column
   ``target_column``);
 - training: ``build_model`` and ``peft_task_type``, ``collate``, ``loss`` (None: the model's
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     import torch
 
     from lepton_ray.artifacts import ModelMeta
-    from lepton_ray.config import ExperimentConfig, ModelConfig
+    from lepton_ray.config import DataConfig, ExperimentConfig, ModelConfig
 
 Mode = Literal["max", "min"]
 
@@ -99,6 +100,19 @@ class Task(ABC):
         return self.metrics.get(metric)
 
     # ------------------------------------------------------------------ data
+    @abstractmethod
+    def source_columns(
+        self, data: DataConfig, with_label: bool = True
+    ) -> list[tuple[str, list[str]]]:
+        """(the YAML key that names them, columns) a source must have for this task; without
+        the training target's columns when ``with_label`` is false (prediction input)."""
+
+    @abstractmethod
+    def format_rows(self, batch, data: DataConfig, with_label: bool = True):
+        """(in Ray Data tasks) A pyarrow batch of the source -> the task's rows, a pyarrow
+        table with ``text`` (what is cleaned, deduplicated and split on) and, ``with_label``,
+        ``label`` (the raw target, cleaned by the data stage)."""
+
     @abstractmethod
     def vocabulary(self, found: Iterable[str], where: str) -> list[str]:
         """The labels (in their stored order) from those found in the kept rows; raises

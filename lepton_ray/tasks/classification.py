@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from lepton_ray.errors import DataError
 from lepton_ray.tasks.base import Mode, Task, encode_texts
+from lepton_ray.text import as_strings
 
 if TYPE_CHECKING:
-    from lepton_ray.config import ModelConfig
+    from lepton_ray.config import DataConfig, ModelConfig
 
 #: ``evaluate``'s scalar scores, by name; each is reported to Tune and MLflow as ``val_<name>``.
 SCORES = ("loss", "accuracy", "macro_f1", "macro_precision", "macro_recall", "roc_auc")
@@ -48,6 +49,34 @@ class SequenceClassification(Task):
     gate_score: ClassVar[str] = "accuracy"
 
     # ------------------------------------------------------------------ data
+    def source_columns(
+        self, data: DataConfig, with_label: bool = True
+    ) -> list[tuple[str, list[str]]]:
+        columns = [("data.text_column", data.text_columns)]
+        if with_label:
+            columns.append(("data.label_column", [data.label_column]))
+        return columns
+
+    def format_rows(self, batch, data: DataConfig, with_label: bool = True):
+        """``text``: the text columns joined by ``data.text_join``, blanks skipped (all blank
+        stays missing, null, as a lone column's empty cell would be); ``label`` as strings."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        texts = [as_strings(batch, c) for c in data.text_columns]
+        text = texts[0]
+        if len(texts) > 1:
+            null = pa.scalar(None, pa.string())
+            parts = [pc.if_else(pc.equal(t, ""), null, t) for t in texts]
+            text = parts[0]
+            for part in parts[1:]:
+                joined = pc.binary_join_element_wise(text, part, data.text_join)
+                text = pc.coalesce(joined, text, part)
+        columns = {"text": text}
+        if with_label:
+            columns["label"] = as_strings(batch, data.label_column)
+        return pa.table(columns)
+
     def vocabulary(self, found: Iterable[str], where: str) -> list[str]:
         labels = sorted_labels(found)
         if len(labels) < 2:

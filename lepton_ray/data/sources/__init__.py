@@ -10,7 +10,7 @@ file's columns and hashes its bytes for the fingerprint.
 from __future__ import annotations
 
 from lepton_ray.config import DataConfig
-from lepton_ray.data.sources.columns import as_strings, to_text_label
+from lepton_ray.data.sources.columns import _required_columns, task_rows
 from lepton_ray.data.sources.common import MAX_BAD_ROWS_KEPT, TASK_CPUS, Source, root_cause
 from lepton_ray.data.sources.files import (
     FileScan,
@@ -29,6 +29,8 @@ from lepton_ray.data.sources.hub import (
     hf_to_ray,
 )
 from lepton_ray.data.sources.locate import SUFFIX_FORMATS, detect_format, is_uri, source_files
+from lepton_ray.tasks import Task
+from lepton_ray.text import as_strings
 
 __all__ = [
     "HF_CHUNK_ROWS",
@@ -51,7 +53,7 @@ __all__ = [
     "scan_file",
     "skip_invalid_row",
     "source_files",
-    "to_text_label",
+    "task_rows",
 ]
 
 
@@ -63,24 +65,21 @@ def fingerprint(cfg: DataConfig) -> str:
     return file_digests(source_files(cfg.path))
 
 
-def read_source(cfg: DataConfig) -> Source:
-    """Scan, then lazily read the source as a Ray Dataset of ``text`` and ``label``.
+def read_source(cfg: DataConfig, task: Task) -> Source:
+    """Scan, then lazily read the source as a Ray Dataset of the task's rows (a
+    classifier's ``text`` and ``label``; ``task.format_rows``).
 
     Raises:
         DataError: one line naming the file (and line) at fault, or the missing column.
     """
-    source = _read_hf(cfg) if cfg.hf is not None else read_files(cfg)
+    required = _required_columns(cfg, task)
+    source = _read_hf(cfg, required) if cfg.hf is not None else read_files(cfg, required)
     source.ds = source.ds.map_batches(
-        to_text_label,
+        task_rows,
         num_cpus=TASK_CPUS,
         batch_format="pyarrow",
         zero_copy_batch=True,
-        fn_kwargs=dict(
-            text_columns=cfg.text_columns,
-            label_column=cfg.label_column,
-            sep=cfg.text_join,
-            split_column=cfg.split.column,
-        ),
+        fn_kwargs=dict(task=task, data=cfg),
     )
     if cfg.max_rows:
         # The first max_rows rows in file order, the same ones every run (the cache's

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from lepton_ray.config import DataConfig
-from lepton_ray.data.sources.columns import _check_columns, _json_to_str, _required_columns
+from lepton_ray.data.sources.columns import _check_columns
 from lepton_ray.data.sources.common import MAX_BAD_ROWS_KEPT, TASK_CPUS, Source, root_cause
 from lepton_ray.data.sources.locate import _filesystem, _open, detect_format, source_files
 from lepton_ray.errors import DataError
+from lepton_ray.text import json_to_str
 
 _BLOCK = 1 << 22  # bytes per CSV block: one record must fit in it
 _BOM = b"\xef\xbb\xbf"
@@ -321,15 +322,15 @@ def file_digests(files: Sequence[str]) -> str:
 
 def read_files(
     cfg: DataConfig,
-    required: list[tuple[str, list[str]]] | None = None,
+    required: list[tuple[str, list[str]]],
     optional: Sequence[str] = (),
     include_paths: bool = False,
 ) -> Source:
     """Scan data.path's files, then read them lazily with Ray Data, as they are.
 
     Args:
-        required: (the key that names them, columns) that every file must have; default:
-            data.text_column, data.label_column and data.split.column.
+        required: (the key that names them, columns) that every file must have
+            (``columns._required_columns``: the task's and the split column).
         optional: more columns, read when every file has them.
         include_paths: add Ray's ``path`` column, the file each row comes from.
 
@@ -345,7 +346,6 @@ def read_files(
     if not cfg.header and fmt not in ("csv", "tsv"):
         raise DataError(f"data.header and data.column_names apply to CSV and TSV, not {fmt}")
     scans = _scan_all(cfg, files, fmt)
-    required = _required_columns(cfg) if required is None else required
     for scan in scans:
         _check_columns(required, scan.columns, scan.file)
     found = [c for c in optional if all(c in scan.columns for scan in scans)]
@@ -433,7 +433,7 @@ def parse_jsonl_files(batch, columns: list[str]):
             if row is None:
                 continue
             for column in columns:
-                values[column].append(_json_to_str(row.get(column)))
+                values[column].append(json_to_str(row.get(column)))
             row_paths.append(path)
     if has_paths:
         values["path"] = row_paths

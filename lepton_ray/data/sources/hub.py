@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lepton_ray.config import DataConfig
-from lepton_ray.data.sources.columns import _check_columns, _required_columns
+from lepton_ray.data.sources.columns import _check_columns
 from lepton_ray.data.sources.common import Source, root_cause
 from lepton_ray.data.sources.files import _utf8_error
 from lepton_ray.data.sources.locate import is_uri
@@ -64,9 +64,9 @@ def _hf_fingerprint(cfg: DataConfig, loaded) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def _read_hf(cfg: DataConfig) -> Source:
+def _read_hf(cfg: DataConfig, required: list[tuple[str, list[str]]]) -> Source:
     loaded = _load_hf(cfg)
-    _check_columns(_required_columns(cfg), list(loaded.column_names), cfg.source_name)
+    _check_columns(required, list(loaded.column_names), cfg.source_name)
     if len(loaded) == 0:
         raise DataError(f"data.hf {cfg.source_name}: the split holds no rows")
     return Source(
