@@ -60,8 +60,10 @@ def _texts(model_input) -> list[str]:
 class LeptonTextClassifier(PythonModel):
     def load_context(self, context) -> None:
         from lepton_ray.compress.formats import load_model_artifact
+        from lepton_ray.tasks import get_task
 
         self.model, self.tokenizer, self.meta = load_model_artifact(context.artifacts[ARTIFACT_KEY])
+        self.task = get_task(self.meta.task)
 
     def predict(self, context, model_input, params=None):
         import pandas as pd

@@ -9,7 +9,10 @@ from lepton_ray.data.preprocess import run_preprocess
 from lepton_ray.train.batching import epoch_batches
 from lepton_ray.train.driver import load_split_dataset
 from lepton_ray.train.recipe import read_split
+from lepton_ray.tasks import get_task
 from lepton_ray.train.worker import shard_rows
+
+TARGET = get_task("sequence_classification").target_column
 from tests.conftest import smoke_config
 
 pytestmark = pytest.mark.slow
@@ -48,13 +51,13 @@ def test_written_train_blocks_mix_the_classes(sorted_by_class):
 
 def _first_batches(rows, cfg, epoch: int, rank: int = 0, n: int = 4):
     batches = epoch_batches(rows, cfg.train.batch_size, cfg.train.seed, epoch, rank)
-    return [rows.labels[b].tolist() for b in batches[:n]]
+    return [rows.targets[b].tolist() for b in batches[:n]]
 
 
 def test_worker_batches_mix_the_classes_and_reshuffle_every_epoch(sorted_by_class):
     """What a Ray Train worker trains on: its shard from Ray Data, in a seeded order."""
     cfg, _ = sorted_by_class
-    rows = shard_rows(load_split_dataset(cfg, "train").iterator())
+    rows = shard_rows(load_split_dataset(cfg, "train").iterator(), TARGET)
     firsts = []
     for epoch in range(2):
         batches = _first_batches(rows, cfg, epoch)
@@ -67,12 +70,12 @@ def test_ray_data_and_the_bare_loop_hand_over_the_same_rows(sorted_by_class):
     """Through Ray Data or read from the folder, in any block order: the same rows, in
     the same canonical order, so both paths train on identical batches."""
     cfg, _ = sorted_by_class
-    via_ray = shard_rows(load_split_dataset(cfg, "train").iterator())
-    again = shard_rows(load_split_dataset(cfg, "train", block_rows=37).iterator())
+    via_ray = shard_rows(load_split_dataset(cfg, "train").iterator(), TARGET)
+    again = shard_rows(load_split_dataset(cfg, "train", block_rows=37).iterator(), TARGET)
     bare = read_split(cfg, "train")
     for other in (again, bare):
         assert np.array_equal(via_ray.ids, other.ids)
-        assert np.array_equal(via_ray.labels, other.labels)
+        assert np.array_equal(via_ray.targets, other.targets)
 
 
 def test_two_workers_get_equal_disjoint_shards_every_time(sorted_by_class):
@@ -84,7 +87,7 @@ def test_two_workers_get_equal_disjoint_shards_every_time(sorted_by_class):
         out = [None, None]
 
         def one(i):
-            out[i] = shard_rows(its[i])
+            out[i] = shard_rows(its[i], TARGET)
 
         threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
         for t in threads:
