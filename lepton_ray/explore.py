@@ -347,7 +347,8 @@ def evaluate_version(
     cfg: ExperimentConfig, model_uri: str | None = None, split: str = "test"
 ) -> dict[str, Any]:
     """Score a registered version on one of this experiment's preprocessed splits, its texts
-    read through the version's own cleaning, tokenizer and ``max_length``.
+    (the raw ones where the split kept them: ``registry.gate.score_version``) read through the
+    version's own cleaning, tokenizer and ``max_length``.
 
     ``model_uri``: ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` (default: the
     champion). Returns ``model_uri``, ``split``, ``labels``, ``metrics`` (``loss``,
@@ -359,15 +360,14 @@ def evaluate_version(
         StageError: the split was not preprocessed (or is empty), the version is missing, or
             its labels are not the experiment's.
     """
-    from lepton_ray.data.split_files import open_split
     from lepton_ray.pipeline import serving_model_uri
-    from lepton_ray.registry.gate import eval_columns, score_version
+    from lepton_ray.registry.gate import open_eval_split, score_version
 
     if not (cfg.data_dir / split).is_dir():
         raise StageError(
             f"no preprocessed '{split}' split in {cfg.data_dir}; run the data stage first"
         )
-    rows = open_split(cfg, split, columns=eval_columns(cfg))
+    rows = open_eval_split(cfg, split)
     if rows is None:
         raise StageError(f"the '{split}' split in {cfg.data_dir} has no rows")
     model_uri = model_uri or serving_model_uri(cfg)

@@ -52,7 +52,7 @@ from lepton_ray.tasks import get_task
 
 MANIFEST = "manifest.json"
 DROPPED_SAMPLE = "dropped_sample.jsonl"
-VERSION = 3
+VERSION = 4
 """Bumped when the stage's output changes for the same config (invalidates caches)."""
 LENGTH_BINS = 16
 ROWS_PER_BLOCK = 100_000
@@ -99,15 +99,19 @@ def run_preprocess(
     )
     hashed = {s: getattr(data.split, s) for s in EVAL_SPLITS if s not in data.split.files}
     names = data.split.split_names() if data.split.column else None
+    # Evaluation rows keep their raw text (the gate cleans it as each version does), unless
+    # mask_pii asks that nothing unmasked outlives cleaning.
+    keep_raw = not data.clean.mask_pii
+    if not keep_raw:
+        log("[data] data.clean.mask_pii is set: no raw_text kept (the gate scores cleaned text)")
+    kwargs = dict(clean=clean, seed=data.split.seed, hashed=hashed, names=names, keep_raw=keep_raw)
     prepared = None
     for preset, source in sources:
         part = source.ds.map_batches(
             prepare_batch,
             num_cpus=TASK_CPUS,
             batch_format="pandas",
-            fn_kwargs=dict(
-                clean=clean, seed=data.split.seed, hashed=hashed, preset=preset, names=names
-            ),
+            fn_kwargs=dict(kwargs, preset=preset),
         )
         prepared = part if prepared is None else prepared.union(part)
     # Tokenized in the same streaming pass as the read: the actors start while files are
@@ -188,6 +192,7 @@ def run_preprocess(
                 augment=augment,
                 tokenizer=tokenizer,
                 max_length=data.max_length,
+                keep_raw=keep_raw,
             ),
             labels,
         )
@@ -211,6 +216,7 @@ def run_preprocess(
             "label_map": label_map,
             "model": cfg.model.name,
             "max_length": data.max_length,
+            "raw_eval_text": keep_raw,
             "rows_read": n_read,
             "dropped": dropped,
             "kept": n_kept,

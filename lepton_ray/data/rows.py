@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from lepton_ray.data.clean import KEEP, clean_batch
+from lepton_ray.data.clean import KEEP, _missing, clean_batch
 from lepton_ray.data.split import KEY, assign_split_batch, text_key
 
 SAMPLE_PER_REASON = 20
@@ -24,6 +24,10 @@ EVAL_SPLITS = ("validation", "test")
 MASKED = ("email", "url", "phone")
 SEEN_IN_TRAINING = "seen_in_training"
 """Drop reason of an evaluation row whose text a model already trained on (``trained_on``)."""
+RAW_TEXT = "raw_text"
+"""Column of the validation and test files holding each row's text before ``data.clean``
+(the gate scores every version from it through its own cleaning). Written only with
+``keep_raw``: never for training rows, never when ``data.clean.mask_pii`` is set."""
 
 
 def prepare_batch(
@@ -33,12 +37,15 @@ def prepare_batch(
     hashed: dict[str, float] | None = None,
     preset: str | None = None,
     names: dict[str, str] | None = None,
+    keep_raw: bool = False,
 ) -> pd.DataFrame:
     """Clean a batch, tag drop reasons, and give each row its hash key and split.
 
     The split is ``preset`` (a file given for that split), the split column's value mapped
     through ``names`` (an unknown value drops the row as ``unknown_split``), or the hash split
-    (``split.assign_split_batch``) with the fractions in ``hashed``.
+    (``split.assign_split_batch``) with the fractions in ``hashed``. With ``keep_raw``, the
+    column :data:`RAW_TEXT` holds the text before cleaning for validation and test rows (''
+    for training rows and missing texts), always a string.
     """
     hashed = hashed or {}
     out = assign_split_batch(
@@ -54,6 +61,11 @@ def prepare_batch(
         unknown = pd.Series([m is None for m in mapped], index=out.index)
         out.loc[unknown & (out["drop_reason"] == KEEP), "drop_reason"] = "unknown_split"
         out["split"] = [m or "" for m in mapped]
+    if keep_raw:
+        out[RAW_TEXT] = [
+            "" if split not in EVAL_SPLITS or _missing(text) else str(text)
+            for text, split in zip(batch["text"].tolist(), out["split"].tolist(), strict=True)
+        ]
     return out
 
 
@@ -236,10 +248,12 @@ def finalize_partition(
     augment: dict[str, Any] | None,
     tokenizer: str,
     max_length: int,
+    keep_raw: bool = False,
 ) -> dict[str, Any]:
     """Kept rows of one partition (an Arrow table) -> the task's training targets (column
     ``target_column``, from each row's label among ``labels``) and augmented copies; Arrow
-    tables per split.
+    tables per split. With ``keep_raw`` (the table has :data:`RAW_TEXT`, from
+    ``prepare_batch``), the validation and test tables keep that column; training tables never.
 
     Returns ``{"tables": {split: table}, "stats": {...}}`` with the per-split row, class,
     augmented and token-length counts (lengths as a 1-token histogram, merged exactly).
@@ -253,14 +267,17 @@ def finalize_partition(
     kind = get_task(task)
     frame = tag_near_duplicates(light_frame(table), drops).reset_index(drop=True)
     keep = np.flatnonzero((frame["drop_reason"] == KEEP).to_numpy())
-    rows = frame.loc[keep, ["text", "label", KEY, "split"]].reset_index(drop=True)
+    base = ["text", "label", KEY, "split"]
+    rows = frame.loc[keep, base + ([RAW_TEXT] if keep_raw else [])].reset_index(drop=True)
     ids = table.column("input_ids").take(pa.array(keep)).combine_chunks()
     rows["augmented"] = False
     if augment and len(rows):
         from lepton_ray.data.augment import augment_batch
 
-        extra = augment_batch(rows.loc[rows["split"] == "train", rows.columns[:4]], **augment)
+        extra = augment_batch(rows.loc[rows["split"] == "train", base], **augment)
         if len(extra):
+            if keep_raw:
+                extra[RAW_TEXT] = ""  # training rows: never written
             encoded = _cached_encoder(tokenizer, max_length)(extra["text"].tolist())
             ids = pa.concat_arrays([ids, list_array(encoded)])
             rows = pd.concat([rows, extra[rows.columns]], ignore_index=True)
@@ -269,9 +286,13 @@ def finalize_partition(
         split_ids = ids.take(pa.array(part.index.to_numpy()))
         lengths = pc.list_value_length(split_ids).to_numpy().astype(np.int32)
         targets = kind.encode_targets(part["label"].tolist(), labels)
+        raw = {}
+        if keep_raw and split in EVAL_SPLITS:
+            raw[RAW_TEXT] = pa.array(part[RAW_TEXT].tolist(), pa.string())
         tables[split] = pa.table(
             {
                 "text": pa.array(part["text"].tolist(), pa.string()),
+                **raw,
                 "label": pa.array(part["label"].tolist(), pa.string()),
                 kind.target_column: pa.array(targets),
                 "input_ids": split_ids,

@@ -2,12 +2,14 @@
 experiment's validation split, and ``registry.promotion`` applied to a new version.
 
 The gate itself (compare, move ``@champion``) is ``registry.versions.promote``; here each
-version is scored through its own preprocessing and its task's ``evaluate``.
+version is scored through its own preprocessing and its task's ``evaluate``, from the split's
+raw texts (``raw_text``, before ``data.clean``) where the data stage kept them.
 """
 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +23,33 @@ def eval_split_id(manifest: dict[str, Any]) -> str:
     return f"{manifest.get('fingerprint', 'unknown')}:validation"
 
 
-def eval_columns(cfg: ExperimentConfig) -> list[str]:
-    """The columns of a split that scoring a version reads: the text and the task's target."""
-    return ["text", get_task(cfg.task).target_column]
+RAW_TEXT = "raw_text"
+"""The column of the validation/test files with each row's text before ``data.clean``
+(``lepton_ray.data.rows.RAW_TEXT``)."""
+
+
+def eval_columns(cfg: ExperimentConfig, files: Sequence[Path] = ()) -> list[str]:
+    """The columns of a split that scoring a version reads: the text and the task's target.
+
+    The text is ``raw_text`` when every one of the split's ``files`` has it, else ``text``
+    (the data stage's cleaned text: ``data.clean.mask_pii`` was set, or the data folder was
+    written before the column existed; no ``files`` given also means ``text``).
+    """
+    import pyarrow.parquet as pq
+
+    target = get_task(cfg.task).target_column
+    has_raw = bool(files) and all(RAW_TEXT in pq.read_schema(f).names for f in files)
+    return [RAW_TEXT if has_raw else "text", target]
+
+
+def open_eval_split(cfg: ExperimentConfig, split: str = "validation"):
+    """A split of ``cfg`` streaming what scoring reads (``eval_columns``); None when empty."""
+    from lepton_ray.data.split_files import open_split
+
+    rows = open_split(cfg, split)
+    if rows is not None:
+        rows.columns = eval_columns(cfg, rows.files)
+    return rows
 
 
 def settle(cfg: ExperimentConfig, version: str, log=print) -> bool:
@@ -57,9 +83,9 @@ def settle(cfg: ExperimentConfig, version: str, log=print) -> bool:
 
 
 def _text_batches(frames, tokenizer, meta, target: str, batch_size: int):
-    """Batches of a split's texts (``text`` and the task's ``target`` column) as ``meta``'s
-    model reads them, from frames streamed in order (one frame at a time is held, never the
-    split)."""
+    """Batches of a split's texts (``raw_text`` where a frame has it, else ``text``, and the
+    task's ``target`` column) as ``meta``'s model reads them, from frames streamed in order
+    (one frame at a time is held, never the split)."""
     import torch
 
     from lepton_ray.tasks.base import encode_texts
@@ -70,7 +96,7 @@ def _text_batches(frames, tokenizer, meta, target: str, batch_size: int):
 
     texts, targets = [], []
     for frame in frames:
-        texts += frame["text"].tolist()
+        texts += frame[RAW_TEXT if RAW_TEXT in frame.columns else "text"].tolist()
         targets += frame[target].tolist()
         while len(texts) >= batch_size:
             yield batch(texts[:batch_size], targets[:batch_size])
@@ -82,13 +108,19 @@ def _text_batches(frames, tokenizer, meta, target: str, batch_size: int):
 def score_version(cfg: ExperimentConfig, model_uri: str, frames) -> tuple[dict[str, Any], list]:
     """Evaluate a registered version on a split's texts; returns (metrics, its labels).
 
-    ``frames``: the split's ``text`` and target (``eval_columns``) as frames in order (a
-    ``data.split_files.SplitRows`` streams them from the split's files). Each version reads the
-    texts through its own preprocessing, the cleaning, tokenizer and ``max_length`` its
-    artifact carries (as it does when served), never through this experiment's token ids: a
-    champion trained with another tokenizer is scored as it answers, not on ids it never saw.
-    (The texts are the data stage's, cleaned by ``data.clean``; each version's cleaning then
-    applies on top, as serving applies it to what a client sends.)
+    ``frames``: the split's text and target (``eval_columns``) as frames in order (a
+    ``data.split_files.SplitRows`` streams them from the split's files, ``open_eval_split``).
+    Each version reads the texts through its own preprocessing, the cleaning, tokenizer and
+    ``max_length`` its artifact carries (as it does when served), never through this
+    experiment's token ids: a champion trained with another tokenizer is scored as it
+    answers, not on ids it never saw.
+
+    The texts are the raw ones (``raw_text``, before ``data.clean``) when the frames have
+    that column, so each version's own cleaning is the only one applied, as serving applies
+    it to what a client sends. Without it (``data.clean.mask_pii`` set: the data stage keeps
+    no unmasked text; or a data folder written before the column existed) they are the
+    ``text`` column, already cleaned by ``data.clean``, and each version's cleaning applies
+    on top of that.
 
     Raises:
         StageError: the version's labels are not this experiment's.
@@ -121,9 +153,7 @@ def score_version(cfg: ExperimentConfig, model_uri: str, frames) -> tuple[dict[s
 
 def validation_metric(cfg: ExperimentConfig, version) -> float | None:
     """``tune.metric`` of a registered version on this experiment's validation split."""
-    from lepton_ray.data.split_files import open_split
-
-    split = open_split(cfg, "validation", columns=eval_columns(cfg))
+    split = open_eval_split(cfg, "validation")
     if split is None:
         return None
     result, _ = score_version(cfg, f"models:/{version.name}/{version.version}", split)

@@ -249,3 +249,69 @@ def test_headerless_news_csv_from_the_cli_with_report(tmp_path):
     names = {a.path for a in client.list_artifacts(run.info.run_id, "data")}
     assert {"data/manifest.json", "data/label_distribution.png", "data/token_lengths.png"} <= names
     assert run.data.metrics["data_rows_read"] == 240
+
+
+def _cased_rows(seed: int, email: bool) -> list[dict]:
+    """Cased reviews, some with HTML, every one with an e-mail address when ``email``."""
+    rng = random.Random(seed)
+    rows = []
+    for i, lab in enumerate(["pos", "neg"] * 100):
+        words = _sentence(rng, lab).split()
+        text = " ".join(w.title() if j % 2 else w.upper() for j, w in enumerate(words))
+        if i % 3 == 0:
+            text = f"<p>{text} <b>Row {i}</b> &amp; More</p>"
+        if email:
+            text += f" Write To Jo.{i}@Example.COM"
+        rows.append({"review": f"  {text} ", "sentiment": lab})
+    return rows
+
+
+def test_evaluation_splits_keep_the_raw_text_unless_pii_is_masked(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lepton_ray.text import clean_texts
+
+    rows = _cased_rows(5, email=False)
+    originals = {r["review"] for r in rows}
+    clean = {"lowercase": True, "strip_html": True}
+    cfg = _config(tmp_path, _write_csv(tmp_path / "cased.csv", rows), clean=clean)
+    manifest = run_preprocess(cfg, log=lambda _: None)
+    assert manifest["raw_eval_text"] is True and manifest["version"] >= 4
+    train = pd.read_parquet(cfg.data_dir / "train")
+    assert "raw_text" not in train.columns
+    cleaning = {"unicode_form": "NFKC", **clean}
+    for split in ("validation", "test"):
+        frame = pd.read_parquet(cfg.data_dir / split)
+        assert len(frame) == manifest["splits"][split] > 0
+        assert set(frame["raw_text"]) <= originals  # the source's text, spaces and all
+        assert (frame["text"] == frame["text"].str.lower()).all()
+        assert (frame["raw_text"] != frame["raw_text"].str.lower()).all()  # still cased
+        assert frame["raw_text"].str.contains("<p>").any()
+        # Cleaning the raw text as the data stage does gives the written text back.
+        assert clean_texts(frame["raw_text"].tolist(), cleaning) == frame["text"].tolist()
+
+    rows = _cased_rows(6, email=True)
+    logged = []
+    masked = _config(
+        tmp_path,
+        _write_csv(tmp_path / "mails.csv", rows),
+        clean={**clean, "mask_pii": ["email"]},
+    )
+    manifest = run_preprocess(masked, log=logged.append)
+    assert manifest["raw_eval_text"] is False
+    assert manifest["masked"]["email"] == len(rows)
+    assert any("mask_pii" in line and "raw_text" in line for line in logged), logged
+    texts = []
+    for path in sorted(masked.data_dir.rglob("*")):
+        if path.suffix == ".parquet":
+            table = pq.read_table(path)
+            assert "raw_text" not in table.column_names, path
+            for name in table.column_names:
+                kind = table.schema.field(name).type
+                if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+                    texts += [str(v) for v in table.column(name).to_pylist()]
+        elif path.is_file():
+            texts.append(path.read_text())
+    assert any("[EMAIL]" in t for t in texts)
+    assert not any("@" in t or "example.com" in t.lower() for t in texts)

@@ -89,6 +89,9 @@ def _trained_artifact(folder, tokenizer, frame, max_length: int, cleaning: dict 
     # As many embedding rows as MiniLM has ids, so that MiniLM's ids are valid input.
     config = BertConfig(vocab_size=30522, num_labels=2, **TINY_BERT)
     model = BertForSequenceClassification(config)
+    # The split's files come in the order Ray wrote them, which the cluster's size changes:
+    # train in a seeded order of the rows' own, the same wherever the test runs.
+    frame = frame.sort_values("text", kind="stable").sample(frac=1.0, random_state=0)
     texts, targets = frame["text"].tolist(), frame["label_id"].tolist()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     model.train()
@@ -202,3 +205,96 @@ def test_a_champion_with_other_labels_is_refused_naming_both(experiment, models,
     assert _champion(cfg) == champion
     reason = " ".join(logged)
     assert "['bad', 'good']" in reason and "['negative', 'positive']" in reason, reason
+
+
+def _html(text: str) -> str:
+    return f"<div><b>{text}</b></div>"
+
+
+@pytest.fixture(scope="module")
+def html_experiment(tmp_path_factory, ray_session):
+    """An experiment that strips HTML from reviews that all carry some, and a champion
+    trained on the reviews with their HTML (its own cleaning keeps it)."""
+    import pandas as pd
+
+    from lepton_ray.artifacts import load_tokenizer
+
+    tmp = tmp_path_factory.mktemp("gate-html")
+    csv = write_reviews_csv(tmp / "reviews.csv", n=300, seed=3)
+    reviews = pd.read_csv(csv, keep_default_na=False)
+    reviews["review"] = reviews["review"].map(_html)
+    reviews.to_csv(tmp / "html.csv", index=False)
+    raw = smoke_config(
+        tmp,
+        tmp / "html.csv",
+        data={"clean": {"strip_html": True}},
+        tune={"enabled": False, "metric": "val_loss"},
+    )
+    cfg = validate_experiment(raw)
+    manifest = run_preprocess(cfg, log=quiet)
+    assert manifest["raw_eval_text"] is True
+    train = read_split_frame(cfg, "train")
+    train["text"] = train["text"].map(_html)  # what the champion's own data held
+    champion = _trained_artifact(
+        tmp / "html-kept", load_tokenizer("minilm"), train, 48, cleaning={"strip_html": False}
+    )
+    return {"tmp": tmp, "raw": raw, "manifest": manifest, "champion": champion}
+
+
+def test_a_champion_with_other_cleaning_is_scored_on_the_raw_texts(
+    html_experiment, tiny_artifact, tmp_path
+):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+    import torch.nn.functional as F
+
+    from lepton_ray.compress.formats import load_model_artifact
+    from lepton_ray.tasks.base import encode_texts
+
+    cfg = _config(html_experiment, "other-cleaning")
+    split = gate.open_eval_split(cfg, "validation")
+    assert split.columns == ["raw_text", "label_id"]
+    frame = read_split_frame(cfg, "validation", columns=["text", "raw_text", "label_id"])
+    assert frame["raw_text"].str.startswith("<div><b>").all()
+    assert not frame["text"].str.contains("<").any()  # this experiment stripped the HTML
+
+    model, tokenizer, meta = load_model_artifact(html_experiment["champion"])
+    assert meta.cleaning["strip_html"] is False
+    targets = torch.as_tensor(frame["label_id"].tolist())
+
+    def direct(texts):
+        encoded, _ = encode_texts(tokenizer, meta, texts)
+        with torch.inference_mode():
+            logits = model.eval()(**encoded).logits.float()
+        loss = F.cross_entropy(logits, targets).item()
+        return loss, (logits.argmax(dim=1) == targets).double().mean().item()
+
+    raw_loss, raw_accuracy = direct(frame["raw_text"].tolist())
+    cleaned_loss, _ = direct(frame["text"].tolist())
+    assert abs(raw_loss - cleaned_loss) > 1e-3  # its cleaning keeps the HTML: other token ids
+
+    this_split = gate.eval_split_id(html_experiment["manifest"])
+    champion = _register(cfg, html_experiment["champion"], OTHER_SPLIT, {"val_loss": 0.3})
+    assert gate.settle(cfg, champion, log=quiet)
+    uri = f"models:/{cfg.registered_model_name}/{champion}"
+    scored, _ = gate.score_version(cfg, uri, split)
+    assert scored["examples"] == len(frame)
+    assert scored["loss"] == pytest.approx(raw_loss, abs=1e-4)
+    assert scored["accuracy"] == pytest.approx(raw_accuracy)
+    # What the gate read before: this experiment's cleaned texts, its own cleaning on top.
+    on_cleaned, _ = gate.score_version(cfg, uri, [frame[["text", "label_id"]]])
+    assert on_cleaned["loss"] == pytest.approx(cleaned_loss, abs=1e-4)
+
+    challenger = _register(cfg, tiny_artifact, this_split, {"val_loss": 0.01})
+    logged = []
+    assert not gate.settle(cfg, challenger, log=logged.append)
+    assert f"{scored['loss']:.4f}" in " ".join(logged), logged
+
+    # A data folder without the column (mask_pii set, or written before it existed): text.
+    old = tmp_path / "old.parquet"
+    pq.write_table(pa.table({"text": ["a"], "label_id": [0]}), old)
+    assert gate.eval_columns(cfg, split.files) == ["raw_text", "label_id"]
+    assert gate.eval_columns(cfg, [old]) == ["text", "label_id"]
+    assert gate.eval_columns(cfg, [*split.files, old]) == ["text", "label_id"]
+    assert gate.eval_columns(cfg) == ["text", "label_id"]

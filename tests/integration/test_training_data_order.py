@@ -6,14 +6,14 @@ import pytest
 
 from lepton_ray.config import validate_experiment
 from lepton_ray.data.preprocess import run_preprocess
+from lepton_ray.tasks import get_task
 from lepton_ray.train.batching import epoch_batches
 from lepton_ray.train.driver import load_split_dataset
 from lepton_ray.train.recipe import read_split
-from lepton_ray.tasks import get_task
 from lepton_ray.train.worker import shard_rows
+from tests.conftest import smoke_config
 
 TARGET = get_task("sequence_classification").target_column
-from tests.conftest import smoke_config
 
 pytestmark = pytest.mark.slow
 LABELS = ["animal", "city", "number", "person"]

@@ -9,6 +9,7 @@ import pytest
 
 from lepton_ray.data.clean import clean_batch
 from lepton_ray.data.rows import (
+    RAW_TEXT,
     SEEN_IN_TRAINING,
     Tokenize,
     batch_encoder,
@@ -152,3 +153,62 @@ def test_tokenize_skips_dropped_rows_and_finalize_counts_exactly(spec):
     assert train["label_id"] == [1] and train["length"] == [len(ids[0])]
     assert result["stats"]["test"]["classes"] == [1, 0]
     assert sum(result["stats"]["train"]["lengths"]) == 1
+
+
+def test_prepare_batch_keeps_the_raw_text_of_evaluation_rows_only():
+    texts = [f"  <b>Text</b> {i} " for i in range(200)] + [None]
+    batch = pd.DataFrame({"text": texts, "label": ["a"] * 201})
+    clean = dict(unicode_form="NFKC", lowercase=True, min_chars=1, strip_html=True)
+    hashed = {"validation": 0.3, "test": 0.2}
+    out = prepare_batch(batch, clean, seed=3, hashed=hashed, keep_raw=True)
+    evaluation = out["split"].isin(["validation", "test"]) & (out["drop_reason"] == "")
+    assert evaluation.any() and (out["split"] == "train").any()
+    assert out.loc[evaluation, RAW_TEXT].tolist() == [
+        texts[i] for i in evaluation[evaluation].index
+    ]
+    assert (out.loc[evaluation, "text"] != out.loc[evaluation, RAW_TEXT]).all()  # cleaned
+    assert (out.loc[out["split"] == "train", RAW_TEXT] == "").all()
+    assert out[RAW_TEXT].iloc[-1] == ""  # the missing text
+    assert all(isinstance(t, str) for t in out[RAW_TEXT])
+    assert RAW_TEXT not in prepare_batch(batch, clean, seed=3, hashed=hashed).columns
+
+
+@pytest.mark.parametrize("keep_raw", [True, False])
+def test_finalize_writes_raw_text_for_evaluation_splits_only(spec, keep_raw):
+    rows = [
+        ("good film", "pos", "train"),
+        ("bad film", "neg", "validation"),
+        ("great film", "pos", "test"),
+    ]
+    frame = _rows(rows)
+    raw = ["", "<i>Bad</i> FILM", "Great   Film"]
+    if keep_raw:
+        frame[RAW_TEXT] = raw
+    table = Tokenize(spec, 8)(frame)
+    table = table.append_column("conflict_text", pa.array([0, 0, 0])).append_column(
+        "contaminated", pa.array([False] * 3)
+    )
+    augment = dict(copies=1, deletion_rate=1.0, swap_rate=0.0, seed=0)
+    result = finalize_partition(
+        table,
+        task="sequence_classification",
+        labels=["neg", "pos"],
+        drops=frozenset(),
+        augment=augment,
+        tokenizer=spec,
+        max_length=8,
+        keep_raw=keep_raw,
+    )
+    tables = result["tables"]
+    assert set(tables) == {"train", "validation", "test"}
+    assert tables["train"].num_rows == 2  # with an augmented copy
+    assert RAW_TEXT not in tables["train"].column_names
+    for split, text in (("validation", raw[1]), ("test", raw[2])):
+        names = tables[split].column_names
+        assert (RAW_TEXT in names) == keep_raw, (split, names)
+        if keep_raw:
+            assert tables[split].column(RAW_TEXT).to_pylist() == [text]
+            assert tables[split].schema.field(RAW_TEXT).type == pa.string()
+        assert tables[split].column("text").to_pylist() == [
+            rows[1 if split == "validation" else 2][0]
+        ]
