@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from lepton_ray.cli.common import VerboseOpt, _say, _start_console, handle_errors
+from lepton_ray.cli.common import VerboseOpt, handle_errors, say, start_console
 from lepton_ray.errors import LeptonError
 
 app = typer.Typer(no_args_is_help=True, help="Start, stop or inspect a local Ray cluster.")
@@ -38,7 +38,7 @@ def cluster_up(
         raise LeptonError(
             f"--serve-ingress must be 'auto', 'haproxy' or 'proxy', got {serve_ingress!r}"
         )
-    _start_console("cluster-up", None, verbose)
+    start_console("cluster-up", None, verbose)
     from lepton_ray.runtime.cluster import cluster_up as start
 
     address = start(
@@ -47,9 +47,9 @@ def cluster_up(
         serve_ingress=serve_ingress,
         port=port,
         dashboard_port=dashboard_port,
-        log=_say,
+        log=say,
     )
-    _say(f"stop it with: lepton-ray cluster down   (address {address})")
+    say(f"stop it with: lepton-ray cluster down   (address {address})")
 
 
 @app.command("down")
@@ -58,7 +58,7 @@ def cluster_down() -> None:
     """Stop the cluster `cluster up` started, and the Serve endpoint on it (no other Ray)."""
     from lepton_ray.runtime.cluster import cluster_down as stop
 
-    stop(log=_say)
+    stop(log=say)
 
 
 @app.command("status")
@@ -68,6 +68,6 @@ def cluster_status() -> None:
     from lepton_ray.runtime.cluster import local_cluster_address
 
     address = local_cluster_address()
-    _say(f"running at {address}" if address else "no local cluster is running")
+    say(f"running at {address}" if address else "no local cluster is running")
     if not address:
         raise typer.Exit(1)

@@ -1,4 +1,4 @@
-"""What the command groups share: the common options, the terminal (``_say``, ``_fail``, the
+"""What the command groups share: the common options, the terminal (``say``, ``fail``, the
 console's log file), the one-line errors and their exit codes, and loading a config."""
 
 from __future__ import annotations
@@ -32,16 +32,16 @@ _OPTIONS = {"verbose": False}
 """The root options (``lepton-ray -v COMMAND``), set by the root app's callback."""
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
     console.say(message)
 
 
-def _fail(message: str, code: int) -> None:
+def fail(message: str, code: int) -> None:
     console.error(f"error: {message}")
     raise typer.Exit(code)
 
 
-def _start_console(command: str, cfg=None, verbose: bool = False) -> None:
+def start_console(command: str, cfg=None, verbose: bool = False) -> None:
     """Send everything but the stage lines to a log file; call before importing Ray."""
     console.start(
         command,
@@ -60,9 +60,9 @@ def handle_errors(fn):
             return fn(*args, **kwargs)
         except LeptonError as err:
             console.log_exception(err)
-            _fail(str(err), err.exit_code)
+            fail(str(err), err.exit_code)
         except KeyboardInterrupt:
-            _fail("interrupted", 130)
+            fail("interrupted", 130)
         except typer.Exit:
             raise
         except Exception as err:  # noqa: BLE001 - last resort: no traceback unless asked
@@ -70,7 +70,7 @@ def handle_errors(fn):
             if os.environ.get("LEPTON_DEBUG"):
                 console.release()  # the traceback goes to the real terminal
                 raise
-            _fail(
+            fail(
                 f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
                 "(set LEPTON_DEBUG=1 for the traceback)",
                 1,

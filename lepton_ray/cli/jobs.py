@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from lepton_ray.cli.common import ConfigArg, SetOpt, _say, handle_errors
+from lepton_ray.cli.common import ConfigArg, SetOpt, handle_errors, say
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -49,7 +49,7 @@ def _write_raw(text: str) -> None:
 
 def _job_result(job_id: str, status: str, jobs) -> None:
     if status == "SUCCEEDED":
-        _say(f"[jobs] {job_id} SUCCEEDED")
+        say(f"[jobs] {job_id} SUCCEEDED")
         return
     from lepton_ray.runtime.jobs import JobFailed, describe, first_line
 
@@ -87,11 +87,9 @@ def submit(
     there, with the cluster's interpreter)."""
     from lepton_ray.runtime.jobs import submit as send
 
-    jobs, job_id = send(
-        config, address, set_, auth, project, runtime_env, command=command, log=_say
-    )
+    jobs, job_id = send(config, address, set_, auth, project, runtime_env, command=command, log=say)
     if not follow:
-        _say(f"follow it with: lepton-ray jobs logs {job_id} --follow --address {jobs.address}")
+        say(f"follow it with: lepton-ray jobs logs {job_id} --follow --address {jobs.address}")
         return
     _job_result(job_id, jobs.follow(job_id, _write_raw), jobs)
 
@@ -114,11 +112,11 @@ def jobs_list(
             _write_raw(json.dumps(row) + "\n")
         return
     if not rows:
-        _say("no jobs on this cluster")
+        say("no jobs on this cluster")
         return
-    _say(f"{'ID':<44} {'STATUS':<10} {'EXPERIMENT':<20} {'STARTED':<19}  ENTRYPOINT")
+    say(f"{'ID':<44} {'STATUS':<10} {'EXPERIMENT':<20} {'STARTED':<19}  ENTRYPOINT")
     for r in rows:
-        _say(
+        say(
             f"{r['id']:<44} {r['status']:<10} {r['experiment'][:20]:<20} {r['started']:<19}  "
             f"{r['entrypoint']}"
         )
@@ -131,8 +129,8 @@ def jobs_status(job_id: JobIdArg, address: AddressOpt = None, auth: AuthOpt = "a
     from lepton_ray.runtime.jobs import Jobs, describe
 
     row = describe(Jobs(address, auth).info(job_id))
-    _say(f"{row['id']}: {row['status']}" + (f" ({row['message']})" if row["message"] else ""))
-    _say(f"  entrypoint: {row['entrypoint']}")
+    say(f"{row['id']}: {row['status']}" + (f" ({row['message']})" if row["message"] else ""))
+    say(f"  entrypoint: {row['entrypoint']}")
     if row["status"] in ("FAILED", "STOPPED"):
         raise typer.Exit(1)
     if row["status"] != "SUCCEEDED":
@@ -172,7 +170,7 @@ def jobs_stop(
 
     jobs = Jobs(address, auth)
     if not jobs.stop(job_id):
-        _say(f"{job_id} had already ended ({jobs.status(job_id)})")
+        say(f"{job_id} had already ended ({jobs.status(job_id)})")
         return
     status = jobs.wait(job_id, timeout_s=wait_s) if wait_s > 0 else jobs.status(job_id)
-    _say(f"{job_id}: {status}" + ("" if status in TERMINAL else " (stop requested)"))
+    say(f"{job_id}: {status}" + ("" if status in TERMINAL else " (stop requested)"))

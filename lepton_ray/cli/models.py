@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from lepton_ray.cli.common import _fail, _load, _say, handle_errors
+from lepton_ray.cli.common import _load, fail, handle_errors, say
 from lepton_ray.errors import LeptonError
 
 app = typer.Typer(
@@ -67,16 +67,16 @@ def models_list(
     uri, _ = _registry_target(config, tracking_uri)
     rows = versions.list_versions(uri, name)
     if not rows:
-        _say("no registered models")
+        say("no registered models")
         return
-    _say(
+    say(
         f"{'model':<24} {'ver':>4}  {'aliases':<22} {'quantization':<14} {'peft':<6} {'metric':<22} run"
     )
     for r in rows:
         metric_name = r["lineage"].get(versions.TAG_METRIC_NAME, "val_accuracy")
         value = r["metrics"].get(metric_name)
         metric = f"{metric_name}={value}" if value is not None else "-"
-        _say(
+        say(
             f"{r['name']:<24} {r['version']:>4}  {','.join('@' + a for a in r['aliases']) or '-':<22} "
             f"{r['quantization']:<14} {r['peft_method'] or '-':<6} {metric:<22} {r['run_id'] or '-'}"
         )
@@ -103,7 +103,7 @@ def models_show(
     ]
     info = versions.describe(version, sorted(aliases))
     info["model_uri"] = f"models:/{version.name}/{version.version}"
-    _say(json.dumps(info, indent=2, default=str))
+    say(json.dumps(info, indent=2, default=str))
 
 
 @app.command("promote")
@@ -139,10 +139,10 @@ def models_promote(
         tolerance=tolerance,
         force=force,
         evaluate=evaluate,
-        log=_say,
+        log=say,
     )
     if not result.passed:
-        _fail(f"not promoted: {result.reason}", 1)
+        fail(f"not promoted: {result.reason}", 1)
 
 
 @app.command("rollback")
@@ -156,4 +156,4 @@ def models_rollback(
     from lepton_ray.registry import versions
 
     uri, _ = _registry_target(config, tracking_uri)
-    versions.rollback(uri, name, log=_say)
+    versions.rollback(uri, name, log=say)

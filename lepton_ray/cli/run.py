@@ -18,9 +18,9 @@ from lepton_ray.cli.common import (
     SetOpt,
     VerboseOpt,
     _load,
-    _say,
-    _start_console,
     handle_errors,
+    say,
+    start_console,
 )
 from lepton_ray.errors import LeptonError
 
@@ -54,7 +54,7 @@ def _quiet_libraries() -> None:
 def validate(config: ConfigArg, set_: SetOpt = None) -> None:
     """Check a config (keys, types, ranges, files) without running anything."""
     cfg = _load(config, set_)
-    _say(
+    say(
         f"ok: {config} is a valid '{cfg.task}' experiment named '{cfg.name}' "
         f"(config hash {cfg.fingerprint()})"
     )
@@ -73,13 +73,13 @@ def preprocess(
 ) -> None:
     """Ray Data: read, clean, deduplicate, split, augment, tokenize; write Parquet and a report."""
     cfg = _load(config, set_)
-    _start_console("preprocess", cfg, verbose)
+    start_console("preprocess", cfg, verbose)
     from lepton_ray.data.report import summary_table
     from lepton_ray.pipeline import run_preprocess_stage
 
     _quiet_libraries()
-    manifest = run_preprocess_stage(cfg, log=_say, force=force)
-    _say(summary_table(manifest))
+    manifest = run_preprocess_stage(cfg, log=say, force=force)
+    say(summary_table(manifest))
 
 
 @root.command()
@@ -92,12 +92,12 @@ def train(
 
     Re-running the same command after a crash resumes from the latest checkpoint."""
     cfg = _load(config, set_)
-    _start_console("train", cfg, verbose)
+    start_console("train", cfg, verbose)
     from lepton_ray.pipeline import run_train_stage
 
     _quiet_libraries()
-    best = run_train_stage(cfg, log=_say, new=new)
-    _say(f"done: run {best['run_id']}, registered version {best['version']}{_promoted(best)}")
+    best = run_train_stage(cfg, log=say, new=new)
+    say(f"done: run {best['run_id']}, registered version {best['version']}{_promoted(best)}")
 
 
 @root.command()
@@ -105,12 +105,12 @@ def train(
 def tune(config: ConfigArg, set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
     """Ray Tune + Optuna + ASHA sweep; register the best trial's model, promote it if gated in."""
     cfg = _load(config, set_)
-    _start_console("tune", cfg, verbose)
+    start_console("tune", cfg, verbose)
     from lepton_ray.pipeline import run_tune_stage
 
     _quiet_libraries()
-    best = run_tune_stage(cfg, log=_say)
-    _say(f"done: best run {best['run_id']}, registered version {best['version']}{_promoted(best)}")
+    best = run_tune_stage(cfg, log=say)
+    say(f"done: best run {best['run_id']}, registered version {best['version']}{_promoted(best)}")
 
 
 @root.command()
@@ -127,15 +127,15 @@ def compress(
     """Merge adapters, quantize, evaluate before/after; register it if the accuracy gate
     passes, and promote it to @champion per the registry policy."""
     cfg = _load(config, set_)
-    _start_console("compress", cfg, verbose)
+    start_console("compress", cfg, verbose)
     from lepton_ray.pipeline import run_compress_stage
 
     _quiet_libraries()
-    result = run_compress_stage(cfg, model_uri=model_uri, log=_say)
+    result = run_compress_stage(cfg, model_uri=model_uri, log=say)
     if result["compressed_version"] is None:
-        _say(f"done: compression refused ({result['reason']})")
+        say(f"done: compression refused ({result['reason']})")
     else:
-        _say(f"done: registered version {result['version']}{_promoted(result)}")
+        say(f"done: registered version {result['version']}{_promoted(result)}")
 
 
 @root.command()
@@ -165,15 +165,15 @@ def retrain(
     """Continue fine-tuning the champion on new data; register it as @challenger, gate it
     against the champion on the new data's held-out split, and swap a running endpoint."""
     cfg = _load(config, set_)
-    _start_console("retrain", cfg, verbose)
+    start_console("retrain", cfg, verbose)
     from lepton_ray.registry.retrain import run_retrain
 
     _quiet_libraries()
-    summary = run_retrain(cfg, data, source_spec=from_, replay=replay, log=_say, swap=not no_swap)
+    summary = run_retrain(cfg, data, source_spec=from_, replay=replay, log=say, swap=not no_swap)
     served = summary.get("serve")
     tail = f"; the endpoint now serves {served['model_uri']}" if served else ""
     verdict = "promoted to @champion" if summary["promoted"] else "not promoted (stays @challenger)"
-    _say(
+    say(
         f"done: v{summary['candidate_version']} (continued from v{summary['source_version']}, "
         f"{summary['replay_rows']} replayed rows) {verdict}{tail}"
     )
@@ -188,11 +188,11 @@ def run(
 ) -> None:
     """Every stage in order: preprocess, train/tune, register, compress, serve."""
     cfg = _load(config, set_)
-    _start_console("run", cfg, verbose)
+    start_console("run", cfg, verbose)
     from lepton_ray.pipeline import run as run_pipeline
 
     _quiet_libraries()
-    summary = run_pipeline(cfg, log=_say, new=new)
+    summary = run_pipeline(cfg, log=say, new=new)
     _print_summary(cfg, summary, config)
     if summary.get("serve", {}).get("ray") == "in-process":
         _serve_forever(summary["serve"]["url"])
@@ -209,17 +209,17 @@ def serve(
 ) -> None:
     """Ray Serve: deploy the registered model behind HTTP on serve.host:serve.port."""
     cfg = _load(config, set_)
-    _start_console("serve-stop" if stop else "serve", cfg, verbose)
+    start_console("serve-stop" if stop else "serve", cfg, verbose)
     from lepton_ray.pipeline import run_serve_stage, run_serve_stop
 
     _quiet_libraries()
     if stop:
-        if not run_serve_stop(cfg, log=_say):
-            _say(f"no Serve application '{cfg.serve.app_name or cfg.name}' is running")
+        if not run_serve_stop(cfg, log=say):
+            say(f"no Serve application '{cfg.serve.app_name or cfg.name}' is running")
         return
-    result = run_serve_stage(cfg, model_uri=model_uri, log=_say)
+    result = run_serve_stage(cfg, model_uri=model_uri, log=say)
     _print_answers(cfg.serve.example_texts, result["answers"])
-    _say(f"query it:  {_curl_hint(result['url'])}")
+    say(f"query it:  {_curl_hint(result['url'])}")
     if result["ray"] == "in-process":
         _serve_forever(result["url"])
 
@@ -284,17 +284,17 @@ def predict(
 
         answers = http_predict(url or endpoint_url(cfg), texts, key=api_key(cfg))
         if json_lines:
-            _say(format_json_lines(texts, answers))
+            say(format_json_lines(texts, answers))
         else:
-            _say(format_table(texts, answers, get_task(cfg.task)))
+            say(format_table(texts, answers, get_task(cfg.task)))
         return
     _check_usage(
         output, "--input needs --output FILE (.parquet, .csv or .jsonl)", texts, url, json_lines
     )
-    _start_console("predict", cfg, verbose)
+    start_console("predict", cfg, verbose)
     _quiet_libraries()
     run_batch_predict(
-        cfg, input_, output, model_spec=model, log=_say, id_column=id_column, batch_size=batch_size
+        cfg, input_, output, model_spec=model, log=say, id_column=id_column, batch_size=batch_size
     )
 
 
@@ -320,9 +320,9 @@ def ui(
     to the experiment's runs table and to its registered model."""
     cfg = _load(config, set_)
     base = f"http://127.0.0.1:{port}"
-    _say(f"MLflow UI on {base} (Ctrl-C to stop)")
+    say(f"MLflow UI on {base} (Ctrl-C to stop)")
     for line in _ui_links(cfg, base, config):
-        _say(f"  {line}")
+        say(f"  {line}")
     mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
     cmd = [
         mlflow_bin,
@@ -382,7 +382,7 @@ def sample_data(
     """Write the quickstart's review dataset (columns: review, sentiment)."""
     from lepton_ray.data.sample import write_reviews_csv
 
-    _say(f"wrote {write_reviews_csv(path, rows, seed)}")
+    say(f"wrote {write_reviews_csv(path, rows, seed)}")
 
 
 def _promoted(result: dict) -> str:
@@ -393,7 +393,7 @@ def _promoted(result: dict) -> str:
 
 def _print_answers(texts: list[str], answers: list[dict]) -> None:
     for text, answer in zip(texts, answers):
-        _say(f"  {text!r:<60} -> {answer['label']} {json.dumps(answer['probabilities'])}")
+        say(f"  {text!r:<60} -> {answer['label']} {json.dumps(answer['probabilities'])}")
 
 
 def _curl_hint(url: str) -> str:
@@ -403,10 +403,10 @@ def _curl_hint(url: str) -> str:
 
 def _print_summary(cfg, summary: dict, config: Path) -> None:
     best = summary.get("best", {})
-    _say("")
-    _say(f"== {cfg.name}: done in {summary.get('seconds', 0):.0f} s ==")
+    say("")
+    say(f"== {cfg.name}: done in {summary.get('seconds', 0):.0f} s ==")
     if best:
-        _say(
+        say(
             f"best run      {best['run_id']} (registered as {cfg.registered_model_name} v{best['version']})"
         )
     comp = summary.get("compress")
@@ -418,22 +418,22 @@ def _print_summary(cfg, summary: dict, config: Path) -> None:
             f"{m.get('val_accuracy_compressed', float('nan')):.4f}"
         )
         if comp["compressed_version"] is not None:
-            _say(f"compressed    v{comp['compressed_version']} ({comp['method']}): {sizes}, {accs}")
+            say(f"compressed    v{comp['compressed_version']} ({comp['method']}): {sizes}, {accs}")
         else:
-            _say(f"compressed    refused: {comp['reason']}")
+            say(f"compressed    refused: {comp['reason']}")
     if "candidate_version" in summary:
         state = "promoted to @champion" if summary.get("promoted") else "not promoted (gate)"
-        _say(f"candidate     v{summary['candidate_version']}: {state}")
+        say(f"candidate     v{summary['candidate_version']}: {state}")
     srv = summary.get("serve")
     if srv:
-        _say(f"serving       {srv['model_uri']} at {srv['url']}/v1/predict")
+        say(f"serving       {srv['model_uri']} at {srv['url']}/v1/predict")
         _print_answers(cfg.serve.example_texts, srv["answers"])
-        _say(f"query it:     {_curl_hint(srv['url'])}")
-    _say(f"MLflow UI:    lepton-ray ui {config}   (it prints the runs table's link)")
+        say(f"query it:     {_curl_hint(srv['url'])}")
+    say(f"MLflow UI:    lepton-ray ui {config}   (it prints the runs table's link)")
 
 
 def _serve_forever(url: str) -> None:
-    _say(
+    say(
         f"serving from this process's Ray instance at {url}; Ctrl-C stops it "
         "(start a cluster with `lepton-ray cluster up` to keep it running in the background)"
     )
@@ -441,4 +441,4 @@ def _serve_forever(url: str) -> None:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        _say("stopped")
+        say("stopped")

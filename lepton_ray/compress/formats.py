@@ -134,7 +134,7 @@ def quantize_dynamic_int8(
     return qmodel.eval()
 
 
-def _quantized_linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+def quantized_linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
     return {n: m for n, m in model.named_modules() if isinstance(m, DynamicLinear)}
@@ -162,7 +162,7 @@ def save_int8_artifact(model, tokenizer, meta: ModelMeta, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(folder)
     model.config.save_pretrained(folder / INT8_CONFIG_DIR)
-    quantized = _quantized_linears(model)
+    quantized = quantized_linears(model)
     tensors: dict[str, torch.Tensor] = {}
     layout: dict[str, dict[str, Any]] = {}
     for name, module in quantized.items():
@@ -267,7 +267,7 @@ def _load_int8(folder: Path, auto_cls) -> torch.nn.Module:
         replace_module(
             model, name, Int8Embedding(old.num_embeddings, old.embedding_dim, old.padding_idx)
         )
-    quantized = _quantized_linears(model)
+    quantized = quantized_linears(model)
 
     def take(key: str, dtype: torch.dtype) -> torch.Tensor:
         value = tensors.pop(key, None)

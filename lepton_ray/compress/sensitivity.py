@@ -46,7 +46,7 @@ def rank_linears(
     layer stays float32 and every other is int8 (as ``quantize_dynamic_int8`` with the
     same recipe makes them).
     """
-    from lepton_ray.compress.formats import _quantized_linears, quantize_dynamic_int8
+    from lepton_ray.compress.formats import quantize_dynamic_int8, quantized_linears
     from lepton_ray.compress.modules import replace_module
 
     model = model.eval()
@@ -56,7 +56,7 @@ def rank_linears(
     )
     base = _kl(reference, qmodel, batches)
     scores = []
-    for name, quantized in _quantized_linears(qmodel).items():
+    for name, quantized in quantized_linears(qmodel).items():
         replace_module(qmodel, name, model.get_submodule(name))
         scores.append((name, base - _kl(reference, qmodel, batches)))
         replace_module(qmodel, name, quantized)

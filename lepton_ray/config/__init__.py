@@ -32,8 +32,7 @@ from lepton_ray.config.experiment import (
 )
 from lepton_ray.config.model import MODEL_ALIASES, ModelConfig, position_limit, resolve_model_path
 from lepton_ray.config.peft import LoraSection, PeftSection
-from lepton_ray.config.serve import ServeSection, serve_slots
-from lepton_ray.config.serve import _is_loopback as _is_loopback  # for lepton_ray.serve.guards
+from lepton_ray.config.serve import ServeSection, is_loopback, serve_slots
 from lepton_ray.config.tracking import RegistrySection, TrackingSection
 from lepton_ray.config.train import EarlyStoppingSection, ScalingSection, TrainConfig
 from lepton_ray.config.tune import (
@@ -83,6 +82,7 @@ __all__ = [
     "apply_overrides",
     "checking_files",
     "dump_yaml",
+    "is_loopback",
     "load_experiment",
     "metric_mode",
     "parse_override",

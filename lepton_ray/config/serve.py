@@ -108,7 +108,7 @@ class ServeSection(Section):
 
     @model_validator(mode="after")
     def _exposed_needs_a_key(self) -> ServeSection:
-        if not _is_loopback(self.host) and not self.api_key_env:
+        if not is_loopback(self.host) and not self.api_key_env:
             raise ValueError(
                 f"serve.host {self.host!r} is reachable from other machines, and the endpoint has "
                 "no API key: set serve.api_key_env to the name of an environment variable that "
@@ -141,7 +141,7 @@ def serve_slots(
     return ongoing, queued or ongoing
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     import ipaddress
 
     if host == "localhost":

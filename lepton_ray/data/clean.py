@@ -25,7 +25,7 @@ MASK_COLUMNS = {"email": "masked_email", "url": "masked_url", "phone": "masked_p
 
 def normalize_label(value: Any) -> str | None:
     """Labels become strings: 1, 1.0 and "1" are the same class; blanks are missing."""
-    if _missing(value):
+    if is_missing(value):
         return None
     if isinstance(value, float) and value.is_integer():
         value = int(value)
@@ -66,7 +66,7 @@ def clean_batch(
             label = label_of[type(raw_label), raw_label] = normalize_label(raw_label)
         except TypeError:  # unhashable
             label = normalize_label(raw_label)
-        if _missing(raw_text):
+        if is_missing(raw_text):
             text, reason = "", "missing_text"
         else:
             text, counts = _normalize(str(raw_text), unicode_form, lowercase, strip_html, kinds)
@@ -90,7 +90,7 @@ def clean_batch(
     return out
 
 
-def _missing(value: Any) -> bool:
+def is_missing(value: Any) -> bool:
     """None, NaN and pandas' NA (pandas 3 strings use it) all mean a missing cell."""
     if value is None or value is pd.NA:
         return True

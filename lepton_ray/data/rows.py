@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from lepton_ray.data.clean import KEEP, _missing, clean_batch
+from lepton_ray.data.clean import KEEP, clean_batch, is_missing
 from lepton_ray.data.split import KEY, assign_split_batch, text_key
 
 SAMPLE_PER_REASON = 20
@@ -63,7 +63,7 @@ def prepare_batch(
         out["split"] = [m or "" for m in mapped]
     if keep_raw:
         out[RAW_TEXT] = [
-            "" if split not in EVAL_SPLITS or _missing(text) else str(text)
+            "" if split not in EVAL_SPLITS or is_missing(text) else str(text)
             for text, split in zip(batch["text"].tolist(), out["split"].tolist(), strict=True)
         ]
     return out

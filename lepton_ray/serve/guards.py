@@ -29,7 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lepton_ray.config import _is_loopback
+from lepton_ray.config import is_loopback
 from lepton_ray.serve.metrics import _Metrics
 
 
@@ -283,7 +283,7 @@ def _replay(body: bytes, receive):
 
 def check_exposure(host: str | None, args: GuardSettings) -> None:
     """Refuse to serve without an API key on anything but loopback (``None``: unknown)."""
-    if args.api_key_sha256 is None and (host is None or not _is_loopback(host)):
+    if args.api_key_sha256 is None and (host is None or not is_loopback(host)):
         where = f"on {host}, which other machines reach" if host else "on an unknown host"
         raise ValueError(
             f"the endpoint would listen {where}, with no API key: set serve.api_key_env "

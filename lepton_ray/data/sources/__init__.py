@@ -10,7 +10,7 @@ file's columns and hashes its bytes for the fingerprint.
 from __future__ import annotations
 
 from lepton_ray.config import DataConfig
-from lepton_ray.data.sources.columns import _required_columns, task_rows
+from lepton_ray.data.sources.columns import required_columns, task_rows
 from lepton_ray.data.sources.common import MAX_BAD_ROWS_KEPT, TASK_CPUS, Source, root_cause
 from lepton_ray.data.sources.files import (
     FileScan,
@@ -72,7 +72,7 @@ def read_source(cfg: DataConfig, task: Task) -> Source:
     Raises:
         DataError: one line naming the file (and line) at fault, or the missing column.
     """
-    required = _required_columns(cfg, task)
+    required = required_columns(cfg, task)
     source = _read_hf(cfg, required) if cfg.hf is not None else read_files(cfg, required)
     source.ds = source.ds.map_batches(
         task_rows,

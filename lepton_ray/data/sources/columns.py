@@ -12,13 +12,13 @@ def _split_column(cfg: DataConfig) -> list[str]:
     return [cfg.split.column] if cfg.split.column else []
 
 
-def _required_columns(cfg: DataConfig, task) -> list[tuple[str, list[str]]]:
+def required_columns(cfg: DataConfig, task) -> list[tuple[str, list[str]]]:
     """(the YAML key that names them, columns) every file must have: the task's own
     (``task.source_columns``) and the split column."""
     return [*task.source_columns(cfg), ("data.split.column", _split_column(cfg))]
 
 
-def _check_columns(required: list[tuple[str, list[str]]], columns: list[str], where: str) -> None:
+def check_columns(required: list[tuple[str, list[str]]], columns: list[str], where: str) -> None:
     for key, names in required:
         for column in names:
             if column not in columns:

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from lepton_ray.config import DataConfig
-from lepton_ray.data.sources.columns import _check_columns
+from lepton_ray.data.sources.columns import check_columns
 from lepton_ray.data.sources.common import MAX_BAD_ROWS_KEPT, TASK_CPUS, Source, root_cause
-from lepton_ray.data.sources.locate import _filesystem, _open, detect_format, source_files
+from lepton_ray.data.sources.locate import _open, detect_format, filesystem, source_files
 from lepton_ray.errors import DataError
 from lepton_ray.text import json_to_str
 
@@ -155,7 +155,7 @@ def _scan_csv(scan: FileScan, reader, fmt: str, header: bool, names, stop: bool)
     except (pa.ArrowInvalid, UnicodeDecodeError) as err:
         message = str(err)
         if isinstance(err, UnicodeDecodeError) or "UTF8" in message:
-            raise DataError(_utf8_error(scan.file)) from None
+            raise DataError(utf8_error(scan.file)) from None
         if message.startswith("Empty CSV file"):
             raise DataError(f"data.path {scan.file}: the file is empty") from None
         if not (stop and bad.n):  # anything but the stop our handler asked for
@@ -214,7 +214,7 @@ def _byte_lines(stream):
         yield rest
 
 
-def _utf8_error(file: str) -> str:
+def utf8_error(file: str) -> str:
     """One line naming the file, line and byte where UTF-8 decoding fails."""
     with _open(file) as stream:
         for line_no, line in enumerate(_byte_lines(stream), start=1):
@@ -271,7 +271,7 @@ def parse_json_object(text: str) -> tuple[dict | None, str | None]:
 def _scan_parquet(scan: FileScan) -> None:
     import pyarrow.parquet as pq
 
-    fs, path = _filesystem(scan.file)
+    fs, path = filesystem(scan.file)
     with fs.open_input_file(path) as handle:
         meta = pq.ParquetFile(handle)
         scan.rows = meta.metadata.num_rows
@@ -330,7 +330,7 @@ def read_files(
 
     Args:
         required: (the key that names them, columns) that every file must have
-            (``columns._required_columns``: the task's and the split column).
+            (``columns.required_columns``: the task's and the split column).
         optional: more columns, read when every file has them.
         include_paths: add Ray's ``path`` column, the file each row comes from.
 
@@ -347,7 +347,7 @@ def read_files(
         raise DataError(f"data.header and data.column_names apply to CSV and TSV, not {fmt}")
     scans = _scan_all(cfg, files, fmt)
     for scan in scans:
-        _check_columns(required, scan.columns, scan.file)
+        check_columns(required, scan.columns, scan.file)
     found = [c for c in optional if all(c in scan.columns for scan in scans)]
     needed = list(dict.fromkeys([c for _, names in required for c in names] + found))
     n_rows, n_bad = sum(s.rows for s in scans), sum(s.n_bad for s in scans)

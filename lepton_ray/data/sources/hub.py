@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from lepton_ray.config import DataConfig
-from lepton_ray.data.sources.columns import _check_columns
+from lepton_ray.data.sources.columns import check_columns
 from lepton_ray.data.sources.common import Source, root_cause
-from lepton_ray.data.sources.files import _utf8_error
+from lepton_ray.data.sources.files import utf8_error
 from lepton_ray.data.sources.locate import is_uri
 from lepton_ray.errors import DataError
 
@@ -40,7 +40,7 @@ def _load_hf(cfg: DataConfig):
             cause = cause.__cause__ or cause.__context__
         if isinstance(cause, UnicodeDecodeError) and hf.data_files:
             for file in _local_data_files(hf.data_files):
-                message = _utf8_error(file)
+                message = utf8_error(file)
                 if "line" in message:
                     raise DataError(message) from None
         raise DataError(f"data.hf {cfg.source_name}: cannot load it: {root_cause(err)}") from None
@@ -66,7 +66,7 @@ def _hf_fingerprint(cfg: DataConfig, loaded) -> str:
 
 def _read_hf(cfg: DataConfig, required: list[tuple[str, list[str]]]) -> Source:
     loaded = _load_hf(cfg)
-    _check_columns(required, list(loaded.column_names), cfg.source_name)
+    check_columns(required, list(loaded.column_names), cfg.source_name)
     if len(loaded) == 0:
         raise DataError(f"data.hf {cfg.source_name}: the split holds no rows")
     return Source(

@@ -51,7 +51,7 @@ def _uri_files(uri: str) -> list[str]:
     glob_at = min((rest.find(c) for c in "*?[" if c in rest), default=-1)
     root = (rest if glob_at < 0 else rest[:glob_at].rsplit("/", 1)[0]).rstrip("/")
     try:
-        fs, base = _filesystem(f"{scheme}://{root}")
+        fs, base = filesystem(f"{scheme}://{root}")
         info = fs.get_file_info(base)
         if info.type == pafs.FileType.File and glob_at < 0:
             return [uri]
@@ -107,7 +107,7 @@ def _glob_regex(pattern: str):
     return re.compile("".join(out))
 
 
-def _filesystem(uri: str):
+def filesystem(uri: str):
     """(pyarrow filesystem, path in it); ``local://`` is Ray's name for the driver's disk."""
     import pyarrow.fs as pafs
 
@@ -119,7 +119,7 @@ def _filesystem(uri: str):
 
 
 def _open(file: str):
-    fs, path = _filesystem(file)
+    fs, path = filesystem(file)
     return fs.open_input_stream(path)
 
 
