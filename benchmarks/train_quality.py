@@ -218,7 +218,8 @@ def main() -> None:
 
         from lepton_ray.compress.formats import load_model_artifact
         from lepton_ray.data.preprocess import run_preprocess
-        from lepton_ray.tasks.classification_eval import evaluate, frame_batches
+        from lepton_ray.tasks import get_task
+        from lepton_ray.tasks.classification_eval import evaluate
 
         cfg = build(args, tmp, args.max_steps)
         manifest = run_preprocess(cfg, log=log, force=True)
@@ -235,7 +236,9 @@ def main() -> None:
         test = pd.read_parquet(cfg.data_dir / "test")
         torch.set_num_threads(args.threads)
         started = time.perf_counter()
-        batches = frame_batches(test, args.eval_batch, tokenizer.pad_token_id or 0)
+        batches = get_task(meta.task).frame_batches(
+            test, args.eval_batch, tokenizer.pad_token_id or 0
+        )
         scores = evaluate(model, batches, len(meta.labels))
         eval_s = time.perf_counter() - started
 

@@ -350,20 +350,15 @@ def format_table(texts: Sequence[str], answers: Sequence[dict[str, Any]], task) 
     """Columns ``text`` and the task's answer cells (a classifier: ``label``, ``probability``
     of that label, ``truncated``), two spaces apart; a text is shown on one line, cut at
     ``TABLE_TEXT_WIDTH`` characters; numbers are right-aligned."""
-    rows: list[tuple[str, ...]] = []
-    header: tuple[str, ...] = ("text",)
-    numeric: set[int] = set()
+    shape = task.answer_cells(None)
+    header = ("text", *shape)
+    numeric = {i + 1 for i, value in enumerate(shape.values()) if not isinstance(value, str)}
+    rows: list[tuple[str, ...]] = [header]
     for text, answer in zip(texts, answers, strict=True):
         shown = " ".join(text.split())
         if len(shown) > TABLE_TEXT_WIDTH:
             shown = shown[: TABLE_TEXT_WIDTH - 3] + "..."
-        cells = task.answer_cells(answer)
-        header = ("text", *cells)
-        numeric = {i + 1 for i, value in enumerate(cells.values()) if not isinstance(value, str)}
-        rows.append((shown, *(_cell(v) for v in cells.values())))
-    if not rows:
-        header = ("text", *task.answer_cells(None))
-    rows.insert(0, header)
+        rows.append((shown, *(_cell(v) for v in task.answer_cells(answer).values())))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join(
         "  ".join(

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lepton_ray.config import ExperimentConfig
+from lepton_ray.data.rows import RAW_TEXT
 from lepton_ray.errors import StageError
 from lepton_ray.tasks import get_task
 
@@ -21,11 +22,6 @@ from lepton_ray.tasks import get_task
 def eval_split_id(manifest: dict[str, Any]) -> str:
     """Names the validation split a metric was measured on (the gate compares like with like)."""
     return f"{manifest.get('fingerprint', 'unknown')}:validation"
-
-
-RAW_TEXT = "raw_text"
-"""The column of the validation/test files with each row's text before ``data.clean``
-(``lepton_ray.data.rows.RAW_TEXT``)."""
 
 
 def eval_columns(cfg: ExperimentConfig, files: Sequence[Path] = ()) -> list[str]:
@@ -123,7 +119,7 @@ def score_version(cfg: ExperimentConfig, model_uri: str, frames) -> tuple[dict[s
     on top of that.
 
     Raises:
-        StageError: the version's labels are not this experiment's.
+        StageError: the version's task or labels are not this experiment's.
     """
     from lepton_ray.compress.formats import load_model_artifact
     from lepton_ray.data.preprocess import load_manifest
@@ -134,21 +130,20 @@ def score_version(cfg: ExperimentConfig, model_uri: str, frames) -> tuple[dict[s
     with tempfile.TemporaryDirectory(prefix="lepton-eval-") as tmp:
         artifact = download_model(cfg.tracking.tracking_uri, model_uri, Path(tmp))
         model, tokenizer, meta = load_model_artifact(artifact)
-        if list(meta.labels) != labels:
-            raise StageError(
-                f"{model_uri} predicts the labels {list(meta.labels)} but this experiment's "
-                f"data has the labels {labels}; it cannot be scored on this data"
-            )
         if meta.task != cfg.task:
             raise StageError(
                 f"{model_uri} is a {meta.task} model and this experiment's task is {cfg.task}; "
                 "it cannot be scored on this data"
             )
+        if list(meta.labels) != labels:
+            raise StageError(
+                f"{model_uri} predicts the labels {list(meta.labels)} but this experiment's "
+                f"data has the labels {labels}; it cannot be scored on this data"
+            )
         batches = _text_batches(
             frames, tokenizer, meta, task.target_column, cfg.train.eval_batch_size
         )
-        result = task.evaluate(model, batches, labels)
-        return {**result, **task.gate_scores(result)}, labels
+        return task.evaluate(model, batches, labels), labels
 
 
 def validation_metric(cfg: ExperimentConfig, version) -> float | None:

@@ -3,8 +3,7 @@
 A stage never names a task. It asks the experiment's task (``get_task(cfg.task)``) or an
 artifact's (``get_task(meta.task)``) what it needs:
 
-- config: ``validate`` (cross-section rules) and ``metrics`` (what ``tune.metric`` may name,
-  and the direction each is optimised in);
+- config: ``validate`` (cross-section rules) and ``metrics`` (what ``tune.metric`` may name);
 - data: ``source_columns`` and ``format_rows`` (a source's columns -> the task's rows),
   ``vocabulary`` (the labels found in the kept rows, with the task's checks) and
   ``encode_targets`` (each row's training target, stored beside ``input_ids`` in the column
@@ -28,7 +27,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from lepton_ray.text import clean_texts
 
@@ -37,8 +36,6 @@ if TYPE_CHECKING:
 
     from lepton_ray.artifacts import ModelMeta
     from lepton_ray.config import DataConfig, ExperimentConfig, ModelConfig
-
-Mode = Literal["max", "min"]
 
 
 def encode_texts(
@@ -81,10 +78,9 @@ class Task(ABC):
     peft_task_type: ClassVar[str]
     #: Column of the tokenized splits that holds each row's training target.
     target_column: ClassVar[str]
-    #: Reported metrics ``tune.metric`` may name -> the direction each is optimised in.
-    metrics: ClassVar[dict[str, Mode]]
-    #: What ``tune.metric`` defaults to.
-    default_metric: ClassVar[str]
+    #: Reported metrics ``tune.metric`` may name (the direction of each follows from its
+    #: name: ``config.metric_mode``).
+    metrics: ClassVar[tuple[str, ...]]
     #: Modules compression keeps in float unless ``compress.keep_float`` says otherwise.
     keep_float: ClassVar[tuple[str, ...]] = ()
     #: The score ``compress.max_drop`` always judges (``tune.metric`` is judged as well).
@@ -94,10 +90,6 @@ class Task(ABC):
     def validate(self, cfg: ExperimentConfig) -> list[str]:
         """Cross-section problems of ``cfg`` for this task, each naming the YAML keys."""
         return []
-
-    def metric_mode(self, metric: str) -> Mode | None:
-        """The direction ``metric`` is optimised in; None for a name this task does not report."""
-        return self.metrics.get(metric)
 
     # ------------------------------------------------------------------ data
     @abstractmethod

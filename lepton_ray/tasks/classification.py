@@ -13,7 +13,7 @@ from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from lepton_ray.errors import DataError
-from lepton_ray.tasks.base import Mode, Task, encode_texts
+from lepton_ray.tasks.base import Task, encode_texts
 from lepton_ray.text import as_strings
 
 if TYPE_CHECKING:
@@ -36,15 +36,14 @@ class SequenceClassification(Task):
     auto_class: ClassVar[str] = "AutoModelForSequenceClassification"
     peft_task_type: ClassVar[str] = "SEQ_CLS"
     target_column: ClassVar[str] = "label_id"
-    metrics: ClassVar[dict[str, Mode]] = {
-        "val_accuracy": "max",
-        "val_macro_f1": "max",
-        "val_macro_precision": "max",
-        "val_macro_recall": "max",
-        "val_loss": "min",
-        "train_loss": "min",
-    }
-    default_metric: ClassVar[str] = "val_accuracy"
+    metrics: ClassVar[tuple[str, ...]] = (
+        "val_accuracy",
+        "val_macro_f1",
+        "val_macro_precision",
+        "val_macro_recall",
+        "val_loss",
+        "train_loss",
+    )
     keep_float: ClassVar[tuple[str, ...]] = ("classifier",)
     gate_score: ClassVar[str] = "accuracy"
 

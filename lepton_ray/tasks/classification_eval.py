@@ -6,7 +6,7 @@ Pure torch: no Ray, so the same code runs under torchrun or on a GPU box without
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -33,13 +33,6 @@ def collate(input_ids: Sequence[Sequence[int]], label_ids: Sequence[int] | None,
     if label_ids is not None:
         batch["labels"] = torch.from_numpy(np.array(label_ids, dtype=np.int64))
     return batch
-
-
-def frame_batches(frame, batch_size: int, pad_id: int) -> Iterator[dict[str, Any]]:
-    """Batches from a pandas frame with ``input_ids`` and ``label_id`` columns."""
-    ids, labels = list(frame["input_ids"]), list(frame["label_id"])
-    for start in range(0, len(ids), batch_size):
-        yield collate(ids[start : start + batch_size], labels[start : start + batch_size], pad_id)
 
 
 def metrics_from_confusion(matrix: np.ndarray) -> dict[str, float]:
