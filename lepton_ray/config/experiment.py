@@ -22,7 +22,13 @@ from lepton_ray.config.peft import PeftSection
 from lepton_ray.config.serve import ServeSection
 from lepton_ray.config.tracking import RegistrySection, TrackingSection
 from lepton_ray.config.train import ScalingSection, TrainConfig
-from lepton_ray.config.tune import TUNABLE_SECTIONS, UNTUNABLE_KEYS, UNTUNABLE_REASON, TuneSection
+from lepton_ray.config.tune import (
+    TUNABLE_KEYS,
+    TUNABLE_SECTIONS,
+    UNTUNABLE_KEYS,
+    UNTUNABLE_REASON,
+    TuneSection,
+)
 from lepton_ray.errors import ConfigError
 from lepton_ray.tasks import TASKS, get_task
 
@@ -125,7 +131,8 @@ class ExperimentConfig(Section):
     @model_validator(mode="after")
     def _space_keys_exist(self) -> ExperimentConfig:
         for key in self.tune.space:
-            if key.split(".")[0] not in TUNABLE_SECTIONS or key in UNTUNABLE_KEYS:
+            tunable = key.split(".")[0] in TUNABLE_SECTIONS or key in TUNABLE_KEYS
+            if not tunable or key in UNTUNABLE_KEYS:
                 raise ValueError(f"tune.space key '{key}' cannot be searched: {UNTUNABLE_REASON}")
             try:
                 _check_dotted_key(ExperimentConfig, key, where="tune.space")

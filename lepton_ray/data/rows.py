@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from lepton_ray.data.clean import KEEP, clean_batch, is_missing
-from lepton_ray.data.split import KEY, assign_split_batch, text_key
+from lepton_ray.data.split import KEY, KEY_TEXT, assign_split_batch, text_key
 
 SAMPLE_PER_REASON = 20
 """Dropped rows kept per reason for the data report."""
@@ -38,6 +38,7 @@ def prepare_batch(
     preset: str | None = None,
     names: dict[str, str] | None = None,
     keep_raw: bool = False,
+    task: str | None = None,
 ) -> pd.DataFrame:
     """Clean a batch, tag drop reasons, and give each row its hash key and split.
 
@@ -48,8 +49,13 @@ def prepare_batch(
     for training rows and missing texts), always a string.
     """
     hashed = hashed or {}
+    cleaned = None
+    if task is not None:
+        from lepton_ray.tasks import get_task
+
+        cleaned = get_task(task).clean(batch[["text", "label"]], clean)
     out = assign_split_batch(
-        clean_batch(batch[["text", "label"]], **clean),
+        cleaned if cleaned is not None else clean_batch(batch[["text", "label"]], **clean),
         validation=hashed.get("validation", 0.0),
         test=hashed.get("test", 0.0),
         seed=seed,
@@ -117,9 +123,10 @@ def resolve_duplicates(
         dup = out[live].duplicated(subset=subset, keep="first")
         out.loc[dup[dup].index, "drop_reason"] = "duplicate"
     live = out["drop_reason"] == KEEP
-    train_texts = set(out.loc[live & (out["split"] == "train"), "text"])
+    keyed = KEY_TEXT if KEY_TEXT in out else "text"  # a language model: its prompt
+    train_texts = set(out.loc[live & (out["split"] == "train"), keyed])
     if train_texts:
-        hit = live & out["split"].isin(EVAL_SPLITS) & out["text"].isin(train_texts)
+        hit = live & out["split"].isin(EVAL_SPLITS) & out[keyed].isin(train_texts)
         out.loc[hit, "contaminated"] = True
         if contamination == "remove":
             out.loc[hit, "drop_reason"] = "contaminated"
@@ -206,20 +213,46 @@ class Tokenize:
     A class so that each actor loads the tokenizer once. Dropped rows get no tokens.
     """
 
-    def __init__(self, tokenizer: str, max_length: int):
-        self.encode = batch_encoder(tokenizer, max_length)
+    def __init__(
+        self,
+        tokenizer: str,
+        max_length: int,
+        task: str | None = None,
+        model: str | None = None,
+        options: dict[str, Any] | None = None,
+    ):
+        self.encode = self.task_encode = None
+        if task is not None:
+            from lepton_ray.tasks import get_task
+
+            self.task_encode = get_task(task).encoder(model, max_length, options or {})
+        if self.task_encode is None:
+            self.encode = batch_encoder(tokenizer, max_length)
 
     def __call__(self, batch: pd.DataFrame):
         import numpy as np
         import pyarrow as pa
 
         live = np.flatnonzero((batch["drop_reason"] == KEEP).to_numpy())
-        encoded = self.encode(batch["text"].iloc[live].tolist())
-        ids: list[list[int]] = [[] for _ in range(len(batch))]
-        for pos, row_ids in zip(live, encoded):
-            ids[pos] = row_ids
+        texts = batch["text"].iloc[live].tolist()
+        if self.task_encode is None:
+            columns = {"input_ids": self.encode(texts)}
+        else:
+            # A task's own tokens and per-token targets; a row it cannot fit is dropped.
+            columns = self.task_encode(texts)
+            drops = columns.pop("drop")
+            reasons = batch["drop_reason"].to_numpy(dtype=object).copy()
+            for pos, reason in zip(live, drops):
+                if reason:
+                    reasons[pos] = reason
+            batch = batch.assign(drop_reason=reasons)
         table = pa.Table.from_pandas(batch, preserve_index=False)
-        return table.append_column("input_ids", list_array(ids))
+        for name, encoded in columns.items():
+            full: list[list[int]] = [[] for _ in range(len(batch))]
+            for pos, row in zip(live, encoded):
+                full[pos] = row
+            table = table.append_column(name, list_array(full))
+        return table
 
 
 def list_array(rows: list):
@@ -234,9 +267,13 @@ def list_array(rows: list):
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
 
 
+TOKEN_LISTS = ("input_ids", "labels", "parts")
+"""Per-token list columns of the tokenized rows (kept in Arrow, never in pandas)."""
+
+
 def light_frame(table) -> pd.DataFrame:
-    """The columns other than token ids of an Arrow block, as pandas (ids stay in Arrow)."""
-    names = [c for c in table.column_names if c != "input_ids"]
+    """The columns other than token lists of an Arrow block, as pandas (lists stay in Arrow)."""
+    names = [c for c in table.column_names if c not in TOKEN_LISTS]
     return table.select(names).to_pandas()
 
 
@@ -268,8 +305,13 @@ def finalize_partition(
     frame = tag_near_duplicates(light_frame(table), drops).reset_index(drop=True)
     keep = np.flatnonzero((frame["drop_reason"] == KEEP).to_numpy())
     base = ["text", "label", KEY, "split"]
-    rows = frame.loc[keep, base + ([RAW_TEXT] if keep_raw else [])].reset_index(drop=True)
+    keyed = [KEY_TEXT] if KEY_TEXT in frame else []
+    rows = frame.loc[keep, base + keyed + ([RAW_TEXT] if keep_raw else [])].reset_index(drop=True)
     ids = table.column("input_ids").take(pa.array(keep)).combine_chunks()
+    token_targets = {
+        name: table.column(name).take(pa.array(keep)).combine_chunks()
+        for name in (kind.target_columns if kind.token_targets else ())
+    }
     rows["augmented"] = False
     if augment and len(rows):
         from lepton_ray.data.augment import augment_batch
@@ -285,8 +327,16 @@ def finalize_partition(
     for split, part in rows.groupby("split"):
         split_ids = ids.take(pa.array(part.index.to_numpy()))
         lengths = pc.list_value_length(split_ids).to_numpy().astype(np.int32)
-        targets = kind.encode_targets(part["label"].tolist(), labels)
+        where = pa.array(part.index.to_numpy())
+        if kind.token_targets:
+            targets = {name: column.take(where) for name, column in token_targets.items()}
+        else:
+            targets = {
+                kind.target_column: pa.array(kind.encode_targets(part["label"].tolist(), labels))
+            }
         raw = {}
+        if keyed:
+            raw[KEY_TEXT] = pa.array(part[KEY_TEXT].tolist(), pa.string())
         if keep_raw and split in EVAL_SPLITS:
             raw[RAW_TEXT] = pa.array(part[RAW_TEXT].tolist(), pa.string())
         tables[split] = pa.table(
@@ -294,7 +344,7 @@ def finalize_partition(
                 "text": pa.array(part["text"].tolist(), pa.string()),
                 **raw,
                 "label": pa.array(part["label"].tolist(), pa.string()),
-                kind.target_column: pa.array(targets),
+                **targets,
                 "input_ids": split_ids,
                 "length": pa.array(lengths),
                 "augmented": pa.array(part["augmented"].to_numpy(dtype=bool)),
@@ -306,6 +356,16 @@ def finalize_partition(
             "classes": part["label"].value_counts().reindex(labels, fill_value=0).tolist(),
             "lengths": np.bincount(lengths, minlength=max_length + 1).tolist(),
         }
+        if "parts" in targets:  # a language model: prompt and response lengths apart
+            parts = targets["parts"]
+            flat = pc.list_flatten(parts).to_numpy(zero_copy_only=False)
+            parent = pc.list_parent_indices(parts).to_numpy(zero_copy_only=False)
+            response = np.bincount(parent, weights=flat > 0, minlength=len(part)).astype(np.int64)
+            prompt = lengths - response
+            stats[split]["prompt_lengths"] = np.bincount(prompt, minlength=max_length + 1).tolist()
+            stats[split]["response_lengths"] = np.bincount(
+                response, minlength=max_length + 1
+            ).tolist()
     return {"tables": tables, "stats": stats}
 
 
@@ -327,7 +387,9 @@ def trained_key_parts(path: str, seed: int, parts: int):
     import numpy as np
     import pyarrow.parquet as pq
 
-    texts = pq.ParquetFile(path).iter_batches(columns=["text"])
+    file = pq.ParquetFile(path)
+    keyed = KEY_TEXT if KEY_TEXT in file.schema_arrow.names else "text"
+    texts = file.iter_batches(columns=[keyed])
     keys = np.fromiter(
         (text_key(t, seed) for batch in texts for t in batch.column(0).to_pylist()),
         dtype=np.int64,

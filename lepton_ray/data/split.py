@@ -16,6 +16,9 @@ import pandas as pd
 
 SPLITS = ("train", "validation", "test")
 KEY = "_key"
+KEY_TEXT = "prompt"
+"""Column a task's cleaned rows may add to be split, partitioned and checked for
+contamination by (a language model's prompt turns) instead of the whole text."""
 """Column holding the row's 63-bit hash key (split and write order)."""
 
 _SCALE = float(2**63)
@@ -39,8 +42,11 @@ def split_of(key: int, validation: float, test: float) -> str:
 def assign_split_batch(
     batch: pd.DataFrame, validation: float, test: float, seed: int
 ) -> pd.DataFrame:
-    """Add ``split`` and the hash key to a batch of cleaned ``text``/``label`` rows."""
-    keys = [text_key(text, seed) for text in batch["text"]]
+    """Add ``split`` and the hash key to a batch of cleaned ``text``/``label`` rows; keyed
+    by :data:`KEY_TEXT` where the task's rows have it (a language model's prompt: every
+    example of one prompt lands in one split), else by the text."""
+    keyed = batch[KEY_TEXT] if KEY_TEXT in batch else batch["text"]
+    keys = [text_key(text, seed) for text in keyed]
     out = batch.copy()
     out[KEY] = pd.Series(keys, index=batch.index, dtype="int64")
     out["split"] = [split_of(k, validation, test) for k in keys]

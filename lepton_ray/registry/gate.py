@@ -33,9 +33,11 @@ def eval_columns(cfg: ExperimentConfig, files: Sequence[Path] = ()) -> list[str]
     """
     import pyarrow.parquet as pq
 
-    target = get_task(cfg.task).target_column
+    task = get_task(cfg.task)
     has_raw = bool(files) and all(RAW_TEXT in pq.read_schema(f).names for f in files)
-    return [RAW_TEXT if has_raw else "text", target]
+    # A per-token target is rebuilt from the text by each version's own tokenizer.
+    targets = [] if task.token_targets else [task.target_column]
+    return [RAW_TEXT if has_raw else "text", *targets]
 
 
 def open_eval_split(cfg: ExperimentConfig, split: str = "validation"):
@@ -78,27 +80,9 @@ def settle(cfg: ExperimentConfig, version: str, log=print) -> bool:
     return result.passed
 
 
-def _text_batches(frames, tokenizer, meta, target: str, batch_size: int):
-    """Batches of a split's texts (``raw_text`` where a frame has it, else ``text``, and the
-    task's ``target`` column) as ``meta``'s model reads them, from frames streamed in order
-    (one frame at a time is held, never the split)."""
-    import torch
-
-    from lepton_ray.tasks.base import encode_texts
-
-    def batch(texts, targets):
-        encoded, _ = encode_texts(tokenizer, meta, texts)
-        return {**encoded, "labels": torch.as_tensor(targets)}
-
-    texts, targets = [], []
-    for frame in frames:
-        texts += frame[RAW_TEXT if RAW_TEXT in frame.columns else "text"].tolist()
-        targets += frame[target].tolist()
-        while len(texts) >= batch_size:
-            yield batch(texts[:batch_size], targets[:batch_size])
-            del texts[:batch_size], targets[:batch_size]
-    if texts:
-        yield batch(texts, targets)
+def _texts_of(frame) -> list[str]:
+    """A frame's texts as scoring reads them: ``raw_text`` where it has it, else ``text``."""
+    return frame[RAW_TEXT if RAW_TEXT in frame.columns else "text"].tolist()
 
 
 def score_version(cfg: ExperimentConfig, model_uri: str, frames) -> tuple[dict[str, Any], list]:
@@ -140,10 +124,8 @@ def score_version(cfg: ExperimentConfig, model_uri: str, frames) -> tuple[dict[s
                 f"{model_uri} predicts the labels {list(meta.labels)} but this experiment's "
                 f"data has the labels {labels}; it cannot be scored on this data"
             )
-        batches = _text_batches(
-            frames, tokenizer, meta, task.target_column, cfg.train.eval_batch_size
-        )
-        return task.evaluate(model, batches, labels), labels
+        data = task.scoring_data(frames, _texts_of, tokenizer, meta, cfg)
+        return task.evaluate(model, data, labels), labels
 
 
 def validation_metric(cfg: ExperimentConfig, version) -> float | None:

@@ -6,11 +6,13 @@ artifact (safetensors weights, tokenizer, ``lepton_model.json``) in ``artifacts/
 
     mlflow.pyfunc.load_model("models:/NAME@champion").predict(["a raw text", ...])
 
-works with MLflow's own tools and no lepton-ray code of the reader's. Input: a list of
-strings, a pandas Series, or a DataFrame whose first column holds the texts. Output: a
-DataFrame with ``label``, ``truncated`` and one ``prob_<label>`` column per label. Every
-version records both as its MLflow signature (:func:`signature`), which MLflow's UI shows and
-``mlflow.pyfunc`` / ``mlflow models serve`` enforce on the input.
+works with MLflow's own tools and no lepton-ray code of the reader's. What goes in and
+comes out is the task's (``Task.pyfunc_predict``): a classifier takes a list of strings, a
+Series, or a DataFrame whose first column holds the texts, and returns ``label``,
+``truncated`` and one ``prob_<label>`` column per label; a language model takes a DataFrame
+of ``prompt`` strings or ``messages`` lists (and the parameter ``max_new_tokens``) and
+returns the generated ``text``. Every version records both as its MLflow signature
+(:func:`signature`), which MLflow's UI shows and ``mlflow.pyfunc`` enforces on the input.
 """
 
 from __future__ import annotations
@@ -22,42 +24,18 @@ from lepton_ray.artifacts import ARTIFACT_KEY
 
 
 def signature(task: str, labels):
-    """The MLflow signature of a version of ``task`` predicting ``labels``.
-
-    Input: one string column, unnamed (as MLflow's own text pipelines declare it), so a list
-    of strings, a Series and a one-column frame all pass. Output: the task's prediction
-    table (a classifier: ``label`` (string), ``truncated`` (boolean) and ``prob_<label>``
-    (double) per label).
-    """
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, DataType, Schema
-
+    """The MLflow signature of a version of ``task`` predicting ``labels``: the task's input
+    columns, prediction table and parameters (``Task.pyfunc_signature``). A classifier takes
+    one string column, unnamed (as MLflow's own text pipelines declare it), so a list of
+    strings, a Series and a one-column frame all pass; it returns ``label``, ``truncated``
+    and ``prob_<label>`` per label. A language model takes prompts or message lists and
+    ``max_new_tokens``, and returns the generated text."""
     from lepton_ray.tasks import get_task
 
-    columns = get_task(task).prediction_schema(labels)
-    outputs = Schema([ColSpec(getattr(DataType, kind), name) for name, kind in columns])
-    return ModelSignature(inputs=Schema([ColSpec(DataType.string)]), outputs=outputs)
+    return get_task(task).pyfunc_signature(labels)
 
 
-def _texts(model_input) -> list[str]:
-    import pandas as pd
-
-    if isinstance(model_input, pd.DataFrame):
-        column = "text" if "text" in model_input.columns else model_input.columns[0]
-        values = model_input[column].tolist()
-    elif isinstance(model_input, pd.Series):
-        values = model_input.tolist()
-    elif isinstance(model_input, str):
-        values = [model_input]
-    else:
-        values = list(model_input)
-    bad = [i for i, v in enumerate(values) if not isinstance(v, str)]
-    if bad:
-        raise ValueError(f"texts must be strings; item {bad[0]} is {type(values[bad[0]]).__name__}")
-    return values
-
-
-class LeptonTextClassifier(PythonModel):
+class LeptonModel(PythonModel):
     def load_context(self, context) -> None:
         from lepton_ray.compress.formats import load_model_artifact
         from lepton_ray.tasks import get_task
@@ -66,13 +44,9 @@ class LeptonTextClassifier(PythonModel):
         self.task = get_task(self.meta.task)
 
     def predict(self, context, model_input, params=None):
-        import pandas as pd
-
-        answers = self.task.predict_batched(
-            self.model, self.tokenizer, self.meta, _texts(model_input)
+        return self.task.pyfunc_predict(
+            self.model, self.tokenizer, self.meta, model_input, params or {}
         )
-        columns = [name for name, _ in self.task.prediction_schema(self.meta.labels)]
-        return pd.DataFrame([self.task.prediction_row(a) for a in answers], columns=columns)
 
 
-mlflow.models.set_model(LeptonTextClassifier())
+mlflow.models.set_model(LeptonModel())

@@ -4,9 +4,10 @@ experiment's ``task:`` (or an artifact's ``lepton_model.json``) names; see ``bas
 from __future__ import annotations
 
 from lepton_ray.tasks.base import Task
+from lepton_ray.tasks.causal_lm import CausalLM
 from lepton_ray.tasks.classification import SequenceClassification
 
-TASKS: dict[str, Task] = {task.name: task for task in (SequenceClassification(),)}
+TASKS: dict[str, Task] = {task.name: task for task in (SequenceClassification(), CausalLM())}
 
 
 def get_task(name: str) -> Task:

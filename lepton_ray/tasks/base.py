@@ -78,6 +78,9 @@ class Task(ABC):
     peft_task_type: ClassVar[str]
     #: Column of the tokenized splits that holds each row's training target.
     target_column: ClassVar[str]
+    #: Every target column; more than one (or list columns) means per-token targets that
+    #: the task's tokenizer writes beside ``input_ids`` (a language model's labels, parts).
+    target_columns: ClassVar[tuple[str, ...]] = ()
     #: Reported metrics ``tune.metric`` may name (the direction of each follows from its
     #: name: ``config.metric_mode``).
     metrics: ClassVar[tuple[str, ...]]
@@ -105,6 +108,27 @@ class Task(ABC):
         table with ``text`` (what is cleaned, deduplicated and split on) and, ``with_label``,
         ``label`` (the raw target, cleaned by the data stage)."""
 
+    def clean(self, batch, clean: dict[str, Any]):
+        """(in Ray Data tasks) Clean the rows of ``format_rows`` and tag drop reasons; None:
+        the data stage's text cleaning (``data.clean.clean_batch``)."""
+        return None
+
+    def encoder(self, model_name: str, max_length: int, options: dict[str, Any]):
+        """(in Ray Data actors) texts -> ``{"input_ids": [...], <target column>: [...],
+        "drop": [reason or '']}`` for tasks with per-token targets; None: the data stage's
+        plain tokenizer (ids only, truncated at ``max_length``)."""
+        return None
+
+    @property
+    def token_targets(self) -> bool:
+        """Whether the targets are per token (written by ``encoder``), not per row."""
+        return bool(self.target_columns)
+
+    def stored_targets(self) -> str | tuple[str, ...]:
+        """The target column(s) of the tokenized splits, as ``TokenRows.from_frames`` takes
+        them: a column of a value per row, or a tuple of per-token list columns."""
+        return self.target_columns or self.target_column
+
     @abstractmethod
     def vocabulary(self, found: Iterable[str], where: str) -> list[str]:
         """The labels (in their stored order) from those found in the kept rows; raises
@@ -125,6 +149,14 @@ class Task(ABC):
     def model_config(self, path: str, labels: list[str], overrides: dict[str, Any]):
         """The transformers config of ``path`` for this task (a head for ``labels``)."""
 
+    def prepare_tokenizer(self, tokenizer, cfg: ExperimentConfig):
+        """The tokenizer as training uses it and the artifact saves it."""
+        return tokenizer
+
+    def meta_extra(self, tokenizer, cfg: ExperimentConfig) -> dict[str, Any]:
+        """What the artifact's ``lepton_model.json`` records for this task (``extra``)."""
+        return {}
+
     def load_class(self):
         """The transformers class that loads this task's saved weights."""
         import transformers
@@ -136,9 +168,18 @@ class Task(ABC):
     def collate(self, input_ids: Sequence[Sequence[int]], targets, pad_id: int) -> dict:
         """Pad a batch of token rows (dynamic padding) with their targets as ``labels``."""
 
+    def model_inputs(self, batch: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+        """What the model's forward gets of a collated batch."""
+        return batch
+
     def loss(self, outputs, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The training loss of a forward pass; the model's own unless a task says otherwise."""
         return outputs.loss
+
+    def weight(self, targets) -> int:
+        """How much a batch with these targets weighs in a step's mean loss (its examples;
+        a language model's trained tokens)."""
+        return len(targets)
 
     # ------------------------------------------------------------------ evaluation
     @abstractmethod
@@ -178,9 +219,56 @@ class Task(ABC):
         """How often two models' ``evaluate`` results answer alike (None: not defined)."""
         return None
 
+    def evaluation_data(self, rows, batch_size: int, pad_id: int, tokenizer, cfg):
+        """What ``evaluate`` gets of validation ``rows`` (``TokenRows``): collated batches,
+        longest first (little padding); the same on every rank."""
+        import numpy as np
+
+        order = np.argsort(-rows.lengths, kind="stable")
+        cuts = [order[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+        return [self.collate(rows.sequences(cut), rows.targets_of(cut), pad_id) for cut in cuts]
+
+    def frame_targets(self, frame) -> list:
+        """Each row's targets of a frame of a tokenized split: a value per row, or for
+        per-token targets a ``(tokens, columns)`` array per row."""
+        import numpy as np
+
+        if not self.token_targets:
+            return list(frame[self.target_column])
+        columns = [frame[c].tolist() for c in self.target_columns]
+        return [np.stack([np.asarray(c[i]) for c in columns], axis=1) for i in range(len(frame))]
+
+    def scoring_data(self, frames, texts_of: Callable, tokenizer, meta: ModelMeta, cfg):
+        """What ``evaluate`` gets to score a loaded artifact on a split's raw texts (the
+        gate, compression): batches encoded by the artifact's own cleaning, tokenizer and
+        ``max_length``, streamed from ``frames`` (one frame held at a time).
+        ``texts_of(frame)``: the texts of a frame to read."""
+        import torch
+
+        size = cfg.train.eval_batch_size
+
+        def batch(texts, targets):
+            encoded, _ = encode_texts(tokenizer, meta, texts)
+            return {**encoded, "labels": torch.as_tensor(targets)}
+
+        texts: list[str] = []
+        targets: list = []
+        for frame in frames:
+            texts += texts_of(frame)
+            targets += frame[self.target_column].tolist()
+            while len(texts) >= size:
+                yield batch(texts[:size], targets[:size])
+                del texts[:size], targets[:size]
+        if texts:
+            yield batch(texts, targets)
+
+    def tables(self, inputs: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+        """Tables of an evaluation by name (``plot_inputs``; logged with ``mlflow.log_table``)."""
+        return {}
+
     def frame_batches(self, frame, batch_size: int, pad_id: int):
-        """Collated batches of a pandas frame with ``input_ids`` and ``target_column``."""
-        ids, targets = list(frame["input_ids"]), list(frame[self.target_column])
+        """Collated batches of a pandas frame with ``input_ids`` and the target columns."""
+        ids, targets = list(frame["input_ids"]), self.frame_targets(frame)
         for start in range(0, len(ids), batch_size):
             end = start + batch_size
             yield self.collate(ids[start:end], targets[start:end], pad_id)
@@ -198,6 +286,38 @@ class Task(ABC):
         for start in range(0, len(texts), batch_size):
             out.extend(self.predict(model, tokenizer, meta, texts[start : start + batch_size]))
         return out
+
+    def pyfunc_signature(self, labels: Sequence[str]):
+        """The MLflow signature of the task's pyfunc: one unnamed string column in, the
+        ``prediction_schema`` table out."""
+        from mlflow.models import ModelSignature
+        from mlflow.types import ColSpec, DataType, Schema
+
+        columns = self.prediction_schema(labels)
+        outputs = Schema([ColSpec(getattr(DataType, kind), name) for name, kind in columns])
+        return ModelSignature(inputs=Schema([ColSpec(DataType.string)]), outputs=outputs)
+
+    def pyfunc_predict(self, model, tokenizer, meta, model_input, params: dict[str, Any]):
+        """The pyfunc's ``predict``: texts (a list, Series, or a frame's ``text`` or first
+        column) -> a frame of ``prediction_schema``."""
+        import pandas as pd
+
+        if isinstance(model_input, pd.DataFrame):
+            column = "text" if "text" in model_input.columns else model_input.columns[0]
+            values = model_input[column].tolist()
+        elif isinstance(model_input, pd.Series):
+            values = model_input.tolist()
+        elif isinstance(model_input, str):
+            values = [model_input]
+        else:
+            values = list(model_input)
+        bad = [i for i, v in enumerate(values) if not isinstance(v, str)]
+        if bad:
+            kind = type(values[bad[0]]).__name__
+            raise ValueError(f"texts must be strings; item {bad[0]} is {kind}")
+        answers = self.predict_batched(model, tokenizer, meta, values)
+        columns = [name for name, _ in self.prediction_schema(meta.labels)]
+        return pd.DataFrame([self.prediction_row(a) for a in answers], columns=columns)
 
     @abstractmethod
     def prediction_schema(self, labels: Sequence[str]) -> list[tuple[str, str]]:

@@ -194,6 +194,18 @@ def log_figure(tracking_uri: str, run_id: str, figure, path: str) -> None:
     plt.close(figure)
 
 
+def log_table(tracking_uri: str, run_id: str, rows: list[dict[str, Any]], path: str) -> None:
+    """A table (``mlflow.log_table``: the UI's artifact view and evaluation tab read it)."""
+    columns: dict[str, list[Any]] = {}
+    for row in rows:
+        for key in row:
+            columns.setdefault(key, [])
+    for row in rows:
+        for key, values in columns.items():
+            values.append(row.get(key))
+    client(tracking_uri).log_table(run_id, data=columns, artifact_file=path)
+
+
 def log_folder(tracking_uri: str, run_id: str, folder: Path, artifact_path: str) -> None:
     client(tracking_uri).log_artifacts(run_id, str(folder), artifact_path)
 

@@ -23,7 +23,9 @@ def learning_curves(history: list[dict[str, float]]):
     """
     plt = _pyplot()
     x_key = "step" if history and all("step" in h for h in history) else "epoch"
-    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(9, 3.5))
+    perplexity = any("val_perplexity" in h for h in history)
+    fig, axes = plt.subplots(1, 3 if perplexity else 2, figsize=(13.5 if perplexity else 9, 3.5))
+    ax_loss, ax_metric = axes[0], axes[1]
 
     def draw(ax, key: str, label: str) -> None:
         points = [(h[x_key], h[key]) for h in history if key in h and x_key in h]
@@ -33,11 +35,17 @@ def learning_curves(history: list[dict[str, float]]):
 
     for key, label in (("train_loss", "train"), ("val_loss", "validation")):
         draw(ax_loss, key, label)
-    for key in ("val_accuracy", "val_macro_f1", "val_roc_auc"):
+    for key in (
+        "val_accuracy", "val_macro_f1", "val_roc_auc",
+        "val_token_accuracy", "val_rouge_l", "val_exact_match", "val_gsm8k",
+    ):  # fmt: skip
         draw(ax_metric, key, key)
     ax_loss.set(xlabel=x_key, ylabel="cross-entropy", title="Loss")
     ax_metric.set(xlabel=x_key, ylim=(0, 1.02), title="Validation")
-    for ax in (ax_loss, ax_metric):
+    if perplexity:
+        draw(axes[2], "val_perplexity", "validation")
+        axes[2].set(xlabel=x_key, ylabel="perplexity", title="Perplexity (response tokens)")
+    for ax in axes:
         if ax.get_lines():
             ax.legend()
     fig.tight_layout()

@@ -18,7 +18,7 @@ and which texts meet in a batch, stays random from epoch to epoch.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,15 +30,27 @@ enough that a window still holds a random sample of the epoch."""
 
 @dataclass(frozen=True)
 class TokenRows:
-    """Token id sequences, stored flat (``ids[offsets[i]:offsets[i+1]]``), and each row's
-    training target (the task's ``target_column``: a classifier's class id)."""
+    """Token id sequences, stored flat (``ids[offsets[i]:offsets[i+1]]``), and the training
+    targets: one per row (a classifier's class id, shape ``(rows,)``) or one row of target
+    columns per token (a language model's labels and parts, shape ``(tokens, k)``, stored
+    flat like the ids)."""
 
     ids: np.ndarray
     offsets: np.ndarray
     targets: np.ndarray
 
     def __len__(self) -> int:
-        return len(self.targets)
+        return len(self.offsets) - 1
+
+    @property
+    def per_token(self) -> bool:
+        return self.targets.ndim == 2
+
+    def targets_of(self, index) -> np.ndarray | list[np.ndarray]:
+        """The targets of rows ``index``: values, or per-token arrays (views)."""
+        if not self.per_token:
+            return self.targets[index]
+        return [self.targets[self.offsets[i] : self.offsets[i + 1]] for i in index]
 
     @property
     def lengths(self) -> np.ndarray:
@@ -49,30 +61,51 @@ class TokenRows:
         return int(self.offsets[-1])
 
     @classmethod
-    def from_frames(cls, frames: Iterable, target: str, sort_by_text: bool = True) -> TokenRows:
-        """Rows from pandas frames with ``input_ids`` and the ``target`` column (and ``text``).
+    def from_frames(
+        cls, frames: Iterable, target: str | Sequence[str], sort_by_text: bool = True
+    ) -> TokenRows:
+        """Rows from pandas frames with ``input_ids``, the target column(s) and ``text``.
 
-        ``sort_by_text`` puts rows in a canonical order (by text, then target), so the order
-        rows arrived in (files, blocks, streaming splits) cannot change the batches.
+        ``target``: one column of a value per row, or (a tuple) the per-token list columns
+        of a task's ``target_columns``. ``sort_by_text`` puts rows in a canonical order (by
+        text, then target), so the order rows arrived in (files, blocks, streaming splits)
+        cannot change the batches.
         """
+        per_token = not isinstance(target, str)
         seqs: list = []
         labels: list[np.ndarray] = []
+        token_targets: list[list] = []
         texts: list = []
         for frame in frames:
             seqs.extend(frame["input_ids"])
-            labels.append(np.asarray(frame[target], dtype=np.int64))
+            if per_token:
+                token_targets.append([frame[c].tolist() for c in target])
+            else:
+                labels.append(np.asarray(frame[target], dtype=np.int64))
             if sort_by_text and "text" in frame:
                 texts.extend(frame["text"])
-        label_arr = np.concatenate(labels) if labels else np.zeros(0, np.int64)
         lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
         offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         flat = np.zeros(int(offsets[-1]), dtype=np.int32)
         for i, seq in enumerate(seqs):
             flat[offsets[i] : offsets[i + 1]] = seq
+        if per_token:
+            label_arr = np.zeros((int(offsets[-1]), len(target)), dtype=np.int32)
+            row = 0
+            for columns in token_targets:
+                for k in range(len(columns[0]) if columns else 0):
+                    a, b = offsets[row], offsets[row + 1]
+                    for j, column in enumerate(columns):
+                        label_arr[a:b, j] = column[k]
+                    row += 1
+            sort_keys: tuple = ()
+        else:
+            label_arr = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+            sort_keys = (label_arr,)
         rows = cls(flat, offsets, label_arr)
         if sort_by_text and len(texts) == len(seqs) and len(seqs) > 1:
-            order = np.lexsort((label_arr, np.asarray(texts, dtype=object).astype(str)))
+            order = np.lexsort((*sort_keys, np.asarray(texts, dtype=object).astype(str)))
             rows = rows.take(order)
         return rows
 
@@ -87,7 +120,8 @@ class TokenRows:
             )
         else:
             gather = np.zeros(0, dtype=np.int64)
-        return TokenRows(self.ids[gather], offsets, self.targets[index])
+        targets = self.targets[gather] if self.per_token else self.targets[index]
+        return TokenRows(self.ids[gather], offsets, targets)
 
     def shard(self, rank: int, world: int) -> TokenRows:
         """Every ``world``-th row from ``rank``, the same count on every rank (torchrun)."""

@@ -21,7 +21,8 @@ def token_columns(task: str) -> list[str]:
     """The columns of a tokenized split that training reads (the task's target among them)."""
     from lepton_ray.tasks import get_task
 
-    return ["text", get_task(task).target_column, "input_ids"]
+    targets = get_task(task).stored_targets()
+    return ["text", *([targets] if isinstance(targets, str) else targets), "input_ids"]
 
 
 """The columns of a preprocessed split that training reads (and a replay folder holds)."""

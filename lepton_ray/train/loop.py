@@ -248,19 +248,22 @@ def run_training(
             torch.manual_seed(step_seed(s.seed, rank, state.step))
             started = time.perf_counter()
             loss_sum = torch.zeros((), dtype=torch.float64)
-            # Each micro-batch's mean loss counts by its examples, so the step's gradient is
-            # that of the mean over all of the step's examples (on every rank together):
-            # the epoch's short last batch weighs what its rows weigh, not a full batch's.
-            per_example = example_weight(sum(len(i) for i in micro), multi, world_size, device)
+            # Each micro-batch's mean loss counts by its weight (examples; a language model's
+            # trained tokens), so the step's gradient is that of the mean over all of the
+            # step's examples (tokens) on every rank together: the epoch's short last batch
+            # weighs what its rows weigh, not a full batch's.
+            targets = [rows.targets_of(index) for index in micro]
+            weights = [task.weight(t) for t in targets]
+            per_example = example_weight(sum(weights), multi, world_size, device)
             for j, index in enumerate(micro):
-                batch = task.collate(rows.sequences(index), rows.targets[index], pad_id)
+                batch = task.collate(rows.sequences(index), targets[j], pad_id)
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 with gradient_sync(model, not multi or j == len(micro) - 1), precision.autocast():
-                    out = model(**batch)
-                mean_loss = task.loss(out, batch)
-                loss = mean_loss.float() * (len(index) * per_example)
+                    out = model(**task.model_inputs(batch, model))
+                    mean_loss = task.loss(out, batch)
+                loss = mean_loss.float() * (weights[j] * per_example)
                 (scaler.scale(loss) if scaler else loss).backward()
-                loss_sum += mean_loss.detach().double().cpu() * len(index)
+                loss_sum += mean_loss.detach().double().cpu() * weights[j]
             if scaler:
                 scaler.unscale_(optimizer)
             if s.max_grad_norm:
@@ -274,7 +277,7 @@ def run_training(
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             state.batch = first + len(micro)
-            window.add(micro, lengths, loss_sum, time.perf_counter() - started)
+            window.add(micro, lengths, loss_sum, time.perf_counter() - started, sum(weights))
             if rank == 0 and state.step % s.log_every_steps == 0:
                 lr = scheduler.get_last_lr()[0]
                 log(
@@ -330,30 +333,33 @@ class _Window:
         self.reset()
 
     def reset(self) -> None:
-        self.sums = torch.zeros(5, dtype=torch.float64)  # loss*n, rows, tokens, slots, seconds
+        # loss*weight, rows, tokens, slots, seconds, weight
+        self.sums = torch.zeros(6, dtype=torch.float64)
         self.reduced: torch.Tensor | None = None
         self.seconds = 0.0
         self._recent: list[float] = []
 
-    def add(self, micro, lengths, loss_sum, seconds: float) -> None:
+    def add(self, micro, lengths, loss_sum, seconds: float, weight: float | None = None) -> None:
         rows = sum(len(i) for i in micro)
+        weight = rows if weight is None else weight
         tokens = sum(int(lengths[i].sum()) for i in micro)
         slots = sum(int(lengths[i].max()) * len(i) for i in micro if len(i))
         self.sums += torch.tensor(
-            [float(loss_sum), rows, tokens, slots, seconds], dtype=torch.float64
+            [float(loss_sum), rows, tokens, slots, seconds, weight], dtype=torch.float64
         )
         self.seconds += seconds
-        self._recent.append(float(loss_sum) / max(rows, 1))
+        self._recent.append(float(loss_sum) / max(weight, 1))
 
     def reduce(self, multi: bool) -> None:
         total = self.sums.clone()
         if multi:
             # Seconds: the slowest rank sets the pace; the rest are summed.
             seconds = total[4].clone().to(self.device)
-            rest = total[:4].to(self.device)
+            rest = torch.cat([total[:4], total[5:]]).to(self.device)
             torch.distributed.all_reduce(rest)
             torch.distributed.all_reduce(seconds, op=torch.distributed.ReduceOp.MAX)
-            total = torch.cat([rest.cpu(), seconds.cpu().view(1)])
+            rest = rest.cpu()
+            total = torch.cat([rest[:4], seconds.cpu().view(1), rest[4:]])
         self.reduced = total
         self.seconds = float(total[4])
 
@@ -362,7 +368,7 @@ class _Window:
 
     def loss(self) -> float:
         t = self._total()
-        return float(t[0] / t[1]) if t[1] else float("nan")
+        return float(t[0] / t[5]) if t[5] else float("nan")
 
     def samples_per_s(self) -> float:
         t = self._total()

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from lepton_ray.artifacts import ModelMeta, build_model, load_tokenizer
@@ -82,6 +81,10 @@ def setup_recipe(
     if base_travels(cfg) and rank == 0:
         base_dir = Path(tempfile.mkdtemp(prefix="lepton-base-"))
         model.save_pretrained(base_dir, safe_serialization=True)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model.config, "use_cache"):
+            model.config.use_cache = False
     model = apply_peft(model, cfg.peft, cfg.task)
     counts = parameter_counts(model)
     strategy = cfg.train.strategy
@@ -103,31 +106,48 @@ def setup_recipe(
             f"[train] {strategy} x {world_size} on {device.type}, {precision.reason}; "
             f"{counts['params_trainable']:,} of {counts['params_total']:,} weights trainable"
         )
+    task = get_task(cfg.task)
+    tokenizer = task.prepare_tokenizer(load_tokenizer(cfg.model.name), cfg)
+    meta = artifact_meta(cfg, labels)
+    meta.extra.update(task.meta_extra(tokenizer, cfg))
     return Recipe(
         cfg,
-        get_task(cfg.task),
+        task,
         labels,
         model,
         export,
-        load_tokenizer(cfg.model.name),
+        tokenizer,
         optimizer,
         scheduler,
         precision,
         settings,
-        artifact_meta(cfg, labels),
+        meta,
         base_dir,
         counts,
     )
 
 
 def eval_batches_of(
-    task: Task, rows: TokenRows, batch_size: int, pad_id: int
-) -> Callable[[], list]:
-    """Validation batches, longest first (little padding); the same list on every rank."""
-    order = np.argsort(-rows.lengths, kind="stable")
-    cuts = [order[i : i + batch_size] for i in range(0, len(rows), batch_size)]
-    batches = [task.collate(rows.sequences(cut), rows.targets[cut], pad_id) for cut in cuts]
-    return lambda: batches
+    task: Task, rows: TokenRows, batch_size: int, pad_id: int, tokenizer=None, cfg=None
+) -> Callable[[], Any]:
+    """What every evaluation scores (``task.evaluation_data``); the same on every rank."""
+    data = task.evaluation_data(rows, batch_size, pad_id, tokenizer, cfg)
+    return lambda: data
+
+
+def training_rows(cfg: ExperimentConfig, rows: TokenRows, log: Callable[[str], None] = print):
+    """A worker's training rows as the loop batches them: packed into rows of
+    ``data.max_length`` tokens with ``data.packing``."""
+    if not cfg.data.packing:
+        return rows
+    from lepton_ray.train.packing import pack_rows
+
+    packed = pack_rows(rows, cfg.data.max_length)
+    log(
+        f"[train] packing: {len(rows)} examples in {len(packed)} rows of "
+        f"{cfg.data.max_length} tokens ({rows.tokens / max(1, len(packed) * cfg.data.max_length):.0%} real)"
+    )
+    return packed
 
 
 def split_folder(cfg: ExperimentConfig, split: str):
@@ -147,7 +167,7 @@ def read_split(cfg: ExperimentConfig, split: str) -> TokenRows:
     import pandas as pd
 
     frame = pd.read_parquet(split_folder(cfg, split))
-    return TokenRows.from_frames([frame], get_task(cfg.task).target_column)
+    return TokenRows.from_frames([frame], get_task(cfg.task).stored_targets())
 
 
 RESUMED_AT_STEP = "resumed_at_step"
@@ -217,7 +237,7 @@ def train_recipe(
             rows,
             pad_id=pad_id,
             eval_batches=eval_batches_of(
-                recipe.task, validation, cfg.train.eval_batch_size, pad_id
+                recipe.task, validation, cfg.train.eval_batch_size, pad_id, recipe.tokenizer, cfg
             ),
             task=recipe.task,
             labels=recipe.labels,

@@ -18,7 +18,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from lepton_ray.train.recipe import setup_recipe, train_recipe
+    from lepton_ray.train.recipe import setup_recipe, train_recipe, training_rows
 
     # Not re-checked here: the data files are the driver's (CHECK_FILES).
     cfg = validate_experiment(loop_config["experiment"], "worker", check_files=False)
@@ -29,8 +29,9 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(threads)
     device = ray.train.torch.get_device()
 
-    target = get_task(cfg.task).target_column
+    target = get_task(cfg.task).stored_targets()
     rows = shard_rows(ray.train.get_dataset_shard("train"), target)
+    rows = training_rows(cfg, rows, log=print if rank == 0 else (lambda _: None))
     validation = shard_rows(ray.train.get_dataset_shard("validation"), target)
     recipe = setup_recipe(cfg, manifest, len(rows), device, rank, world)
     nodes = worker_nodes(world)
@@ -88,7 +89,7 @@ def worker_nodes(world: int) -> list[str]:
 _NOT_REPORTED = (PLOT_INPUTS,)
 
 
-def shard_rows(shard, target: str) -> TokenRows:
+def shard_rows(shard, target: str | tuple[str, ...]) -> TokenRows:
     """A worker's share of a split, read once into memory in a canonical order.
 
     The split reaches the worker through Ray Data (no shared filesystem needed); its
@@ -142,9 +143,12 @@ class _RankZeroTracker:
         if not self.run_id:
             return
         from lepton_ray.tracking import plots
-        from lepton_ray.tracking.mlflow import log_figure, log_folder, log_metrics
+        from lepton_ray.tracking.mlflow import log_figure, log_folder, log_metrics, log_table
 
         step = int(metrics["step"])
+        for name, rows in self.task.tables(metrics[PLOT_INPUTS]).items():
+            rows = [{"step": step, "epoch": round(float(metrics["epoch"]), 3), **r} for r in rows]
+            log_table(self.uri, self.run_id, rows, f"{name}/step_{step:06d}.json")
         scalars = {k: v for k, v in metrics.items() if k not in _NOT_REPORTED}
         log_metrics(self.uri, self.run_id, scalars, step)
         self.history.append({k: v for k, v in scalars.items() if k != "improved"})

@@ -1,0 +1,597 @@
+"""Causal language modelling: instructions and chats in, generated text out.
+
+Examples are read in one of four formats (``data.chat.format``, see ``tasks/chat.py``),
+rendered through the chat template that travels in the model artifact, and trained on the
+assistant's tokens only (unless ``data.chat.train_on_prompt``). Each token row carries per
+token targets (labels, parts; positions when packed), so its loss is next-token
+cross-entropy over trained positions, averaged over every trained token of a step.
+Evaluation: loss, perplexity and token accuracy on response tokens, and greedy generation
+on a fixed sample of validation prompts scored by exact match, ROUGE-L and an optional task
+scorer. Answers are generated text.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, suppress
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from lepton_ray.errors import DataError, StageError
+from lepton_ray.tasks.base import Task
+from lepton_ray.tasks.chat import (
+    KEPT,
+    ChatEncoder,
+    TemplateError,
+    canonical,
+    install_template,
+    parse,
+    prompt_of,
+    row_turns,
+    stop_token_ids,
+    template_digest,
+)
+
+if TYPE_CHECKING:
+    from lepton_ray.config import DataConfig, ExperimentConfig, ModelConfig
+
+PROMPT = "prompt"
+"""Column of the rows (and the files) with each example's prompt turns as canonical JSON:
+splits and contamination are keyed by it, so one prompt never trains and evaluates."""
+PACKING_VERIFIED = (
+    "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo",
+    "olmo2", "granite", "smollm3",
+)  # fmt: skip
+"""Model types whose attention takes the block-diagonal mask or varlen positions."""
+CHAT_FORMATS = ("alpaca", "messages")
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+def chat_tokenizer(model_name: str, template: str, chat_format: str):
+    """The model's tokenizer with the configured template installed (what the artifact
+    saves and every prompt is rendered from)."""
+    from lepton_ray.artifacts import load_tokenizer
+
+    tokenizer = load_tokenizer(model_name)
+    install_template(tokenizer, template, chat_format in CHAT_FORMATS)
+    return tokenizer
+
+
+class CausalLM(Task):
+    name: ClassVar[str] = "causal_lm"
+    auto_class: ClassVar[str] = "AutoModelForCausalLM"
+    peft_task_type: ClassVar[str] = "CAUSAL_LM"
+    target_column: ClassVar[str] = "labels"
+    target_columns: ClassVar[tuple[str, ...]] = ("labels", "parts")
+    metrics: ClassVar[tuple[str, ...]] = (
+        "val_loss",
+        "val_perplexity",
+        "val_token_accuracy",
+        "val_exact_match",
+        "val_rouge_l",
+        "val_gsm8k",
+        "train_loss",
+    )
+    keep_float: ClassVar[tuple[str, ...]] = ("lm_head",)
+    gate_score: ClassVar[str] = "perplexity"
+
+    # ------------------------------------------------------------------ config
+    def validate(self, cfg: ExperimentConfig) -> list[str]:
+        from lepton_ray.config import position_limit
+
+        problems = []
+        data = cfg.data
+        if data.augment.enabled:
+            problems.append("data.augment: word-level augmentation is for classifiers; drop it")
+        gen = cfg.train.generation
+        if cfg.tune.metric in ("val_exact_match", "val_rouge_l", "val_gsm8k") and not gen.samples:
+            problems.append(
+                f"tune.metric {cfg.tune.metric} is a generation score; set "
+                "train.generation.samples above 0"
+            )
+        if cfg.tune.metric == "val_gsm8k" and gen.scorer != "gsm8k":
+            problems.append("tune.metric val_gsm8k needs train.generation.scorer: gsm8k")
+        if data.packing:
+            model_type = _model_type(cfg.model)
+            if model_type is not None and model_type not in PACKING_VERIFIED:
+                problems.append(
+                    f"data.packing: model type '{model_type}' is not known to honour example "
+                    "boundaries in packed rows (attention would cross examples); set "
+                    f"data.packing: false (verified: {', '.join(PACKING_VERIFIED)})"
+                )
+        if position_limit(cfg.model) is None and data.max_length > 4096:
+            problems.append("data.max_length: the model's positions are unknown")
+        if data.chat.format in CHAT_FORMATS or data.chat.template != "tokenizer":
+            try:
+                chat_tokenizer(cfg.model.name, data.chat.template, data.chat.format)
+            except TemplateError as err:
+                problems.append(f"data.chat.template: {err}")
+            except OSError:
+                pass  # a hub model not cached here: the data stage loads it and says so
+        return problems
+
+    # ------------------------------------------------------------------ data
+    def source_columns(
+        self, data: DataConfig, with_label: bool = True
+    ) -> list[tuple[str, list[str]]]:
+        cols, fmt = data.chat.columns, data.chat.format
+        needed = {
+            "alpaca": [cols.instruction, cols.output] if with_label else [cols.instruction],
+            "messages": [cols.messages],
+            "prompt_completion": [cols.prompt, cols.completion] if with_label else [cols.prompt],
+            "text": [cols.text],
+        }[fmt]
+        out = [(f"data.chat.columns ({fmt})", needed)]
+        if cols.system:
+            out.append(("data.chat.columns.system", [cols.system]))
+        return out
+
+    def format_rows(self, batch, data: DataConfig, with_label: bool = True):
+        """``text``: each row's turns as canonical JSON (null when a field is missing);
+        ``label``: '' (a language model has no class)."""
+        import pyarrow as pa
+
+        chat = data.chat
+        wanted = [c for _, names in self.source_columns(data) for c in names]
+        if chat.format == "alpaca":
+            wanted.append(chat.columns.input)
+        present = [c for c in dict.fromkeys(wanted) if c in batch.schema.names]
+        columns = {c: batch.column(c).to_pylist() for c in present}
+        texts: list[str | None] = []
+        for i in range(batch.num_rows):
+            row = {c: values[i] for c, values in columns.items()}
+            where = f"data {data.source_name}: row {_preview(row)}"
+            turns = row_turns(row, chat, where)
+            texts.append(None if turns is None else canonical(turns))
+        return pa.table(
+            {
+                "text": pa.array(texts, pa.string()),
+                "label": pa.array([""] * batch.num_rows, pa.string()),
+            }
+        )
+
+    def clean(self, batch, clean: dict[str, Any]):
+        """Each turn's content is cleaned (layout kept); the roles and turns stay. A turn
+        cleaned down to nothing drops the row as ``empty_text``; a row over
+        ``max_chars`` in all as ``too_long``. Adds :data:`PROMPT`."""
+        import numpy as np
+        import pandas as pd
+
+        from lepton_ray.text import PII_KINDS, normalize_layout_counted, pii_kinds
+
+        kinds = pii_kinds(clean["mask_pii"])
+        n = len(batch)
+        texts, prompts, reasons = [], [], []
+        masked = {kind: np.zeros(n, dtype=np.int64) for kind in PII_KINDS}
+        for i, raw in enumerate(batch["text"].tolist()):
+            if not isinstance(raw, str):  # None, NaN or NA: a missing field
+                texts.append("")
+                prompts.append("")
+                reasons.append("missing_text")
+                continue
+            turns = parse(raw)
+            reason = KEPT
+            for turn in turns:
+                text, counts = normalize_layout_counted(
+                    turn["content"],
+                    clean["unicode_form"],
+                    clean["lowercase"],
+                    clean["strip_html"],
+                    kinds,
+                )
+                for kind, count in counts.items():
+                    masked[kind][i] += count
+                turn["content"] = text
+                if len(text) < clean["min_chars"]:
+                    reason = "empty_text"
+            total = sum(len(t["content"]) for t in turns)
+            if reason == KEPT and clean["max_chars"] is not None and total > clean["max_chars"]:
+                reason = "too_long"
+            texts.append(canonical(turns))
+            prompts.append(canonical(prompt_of(turns)) if turns[0]["role"] != "text" else "")
+            reasons.append(reason)
+        out = pd.DataFrame(
+            {"text": texts, "label": [""] * n, "drop_reason": reasons, PROMPT: prompts}
+        )
+        # A plain text has no prompt: it is keyed by itself.
+        out[PROMPT] = [p or t for p, t in zip(out[PROMPT], out["text"])]
+        for kind in PII_KINDS:
+            out[f"masked_{kind}"] = masked[kind]
+        return out
+
+    def vocabulary(self, found: Iterable[str], where: str) -> list[str]:
+        return []
+
+    def encode_targets(self, labels: Sequence[str], vocabulary: Sequence[str]):
+        raise NotImplementedError("a language model's targets come with its tokens")
+
+    def encoder(self, model_name: str, max_length: int, options: dict[str, Any]):
+        """texts (canonical JSON) -> ``input_ids``, ``labels``, ``parts`` and the reason an
+        example is dropped ('' when kept) under the ``too_long`` policy."""
+        tokenizer = chat_tokenizer(model_name, options["template"], options["format"])
+        enc = ChatEncoder(tokenizer, max_length, options["train_on_prompt"], options["too_long"])
+
+        def encode(texts: Sequence[str]) -> dict[str, list]:
+            out: dict[str, list] = {"input_ids": [], "labels": [], "parts": [], "drop": []}
+            for text in texts:
+                try:
+                    fitted, reason = enc.fit(*enc.encode(parse(text)))
+                except TemplateError as err:
+                    raise DataError(f"data.chat.template: {err}") from None
+                ids, labels, parts = fitted if fitted else ([], [], [])
+                if fitted and all(x == -100 for x in labels[1:]):
+                    reason, ids, labels, parts = "no_trained_tokens", [], [], []
+                for key, value in (("input_ids", ids), ("labels", labels), ("parts", parts)):
+                    out[key].append(value)
+                out["drop"].append(reason or "")
+            return out
+
+        return encode
+
+    # ------------------------------------------------------------------ model
+    def model_config(self, path: str, labels: list[str], overrides: dict[str, Any]):
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(path, **overrides)
+
+    def build_model(self, path: str, cfg: ModelConfig, labels: list[str], seed: int = 0):
+        import torch
+
+        hf_config = self.model_config(path, labels, cfg.config_overrides)
+        if cfg.random_init:
+            torch.manual_seed(seed)
+            return self.load_class().from_config(hf_config)
+        return self.load_class().from_pretrained(path, config=hf_config, dtype=torch.float32)
+
+    def prepare_tokenizer(self, tokenizer, cfg: ExperimentConfig):
+        install_template(tokenizer, cfg.data.chat.template, cfg.data.chat.format in CHAT_FORMATS)
+        return tokenizer
+
+    def meta_extra(self, tokenizer, cfg: ExperimentConfig) -> dict[str, Any]:
+        """What the artifact records of the chat: how prompts are rendered and answers end."""
+        return {
+            "chat": {
+                "format": cfg.data.chat.format,
+                "template_sha": template_digest(getattr(tokenizer, "chat_template", None)),
+                "has_template": bool(getattr(tokenizer, "chat_template", None)),
+                "stop_token_ids": stop_token_ids(tokenizer),
+                "max_new_tokens": cfg.train.generation.max_new_tokens,
+                "train_on_prompt": cfg.data.chat.train_on_prompt,
+                "too_long": cfg.data.chat.too_long,
+            }
+        }
+
+    # ------------------------------------------------------------------ batches and loss
+    def collate(self, input_ids, targets, pad_id: int) -> dict:
+        from lepton_ray.tasks.causal_lm_eval import collate
+
+        return collate(input_ids, targets, pad_id)
+
+    def model_inputs(self, batch: dict, model) -> dict:
+        from lepton_ray.tasks.causal_lm_eval import model_inputs
+
+        return model_inputs(batch, model)
+
+    def loss(self, outputs, batch):
+        from lepton_ray.tasks.causal_lm_eval import token_loss
+
+        return token_loss(outputs.logits, batch["labels"])
+
+    def weight(self, targets) -> int:
+        from lepton_ray.tasks.causal_lm_eval import trained_tokens
+
+        return trained_tokens(targets)
+
+    def evaluation_data(self, rows, batch_size: int, pad_id: int, tokenizer, cfg):
+        """Validation batches (longest first) and the generation sample."""
+        from lepton_ray.tasks.causal_lm_eval import EvalData
+
+        batches = list(super().evaluation_data(rows, batch_size, pad_id, tokenizer, cfg))
+        examples = (
+            (rows.sequences([i])[0], rows.targets[rows.offsets[i] : rows.offsets[i + 1], 1])
+            for i in range(len(rows))
+        )
+        return EvalData(
+            batches,
+            _sample(examples, tokenizer, pad_id, cfg),
+            {"scorer": cfg.train.generation.scorer},
+        )
+
+    def scoring_data(self, frames, texts_of, tokenizer, meta, cfg):
+        """A version's evaluation on raw conversations: each cleaned by the artifact's
+        cleaning and rendered by its own template (``check_tokenizer``), as it is served."""
+        import numpy as np
+
+        from lepton_ray.tasks.causal_lm_eval import EvalData
+        from lepton_ray.text import clean_turns
+
+        self.check_tokenizer(tokenizer, meta)
+        chat = meta.extra["chat"]
+        enc = ChatEncoder(
+            tokenizer,
+            meta.max_length,
+            bool(chat.get("train_on_prompt")),
+            chat.get("too_long", "drop"),
+        )
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        examples = []
+        for frame in frames:
+            for text in texts_of(frame):
+                turns = parse(text)
+                cleaned = clean_turns([t["content"] for t in turns], meta.cleaning)
+                if not all(c.strip() for c in cleaned):
+                    continue
+                fitted, _ = enc.fit(
+                    *enc.encode([{**t, "content": c} for t, c in zip(turns, cleaned)])
+                )
+                if fitted is not None:
+                    ids, labels, parts = fitted
+                    examples.append((ids, np.stack([labels, parts], axis=1)))
+        size = cfg.train.eval_batch_size
+        order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))
+        batches = [
+            self.collate([examples[i][0] for i in cut], [examples[i][1] for i in cut], pad)
+            for cut in (order[k : k + size] for k in range(0, len(order), size))
+        ]
+        sample = _sample(((ids, t[:, 1]) for ids, t in examples), tokenizer, pad, cfg)
+        return EvalData(batches, sample, {"scorer": cfg.train.generation.scorer})
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(
+        self,
+        model,
+        batches: Iterable[dict[str, Any]],
+        labels: Sequence[str],
+        device=None,
+        rank: int = 0,
+        world_size: int = 1,
+        autocast: Callable[[], AbstractContextManager] | None = None,
+    ) -> dict[str, Any]:
+        from lepton_ray.tasks.causal_lm_eval import evaluate
+
+        scorer = getattr(batches, "extra", {}).get("scorer", "none")
+        return evaluate(model, batches, device, rank, world_size, autocast, scorer)
+
+    def reported(self, result: dict[str, Any]) -> dict[str, float]:
+        names = ["loss", "perplexity", "token_accuracy", "exact_match", "rouge_l"]
+        names += ["gsm8k"] if "gsm8k" in result else []
+        return {name: float(result[name]) for name in names}
+
+    def summary(self, result: dict[str, Any]) -> str:
+        line = (
+            f"val_loss {result['loss']:.4f} val_perplexity {result['perplexity']:.3f} "
+            f"val_token_accuracy {result['token_accuracy']:.4f}"
+        )
+        if result["generations"]:
+            line += (
+                f" val_rouge_l {result['rouge_l']:.3f} val_exact_match {result['exact_match']:.3f}"
+            )
+        return line
+
+    def plot_inputs(self, result: dict[str, Any]) -> dict[str, Any]:
+        return {"generations": result.get("generations", [])}
+
+    def tables(self, inputs: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+        rows = inputs.get("generations") or []
+        return {"generations": rows} if rows else {}
+
+    def agreement(self, before: dict[str, Any], after: dict[str, Any]) -> float | None:
+        a, b = before.get("generations") or [], after.get("generations") or []
+        if not a or len(a) != len(b):
+            return None
+        return sum(x["output"] == y["output"] for x, y in zip(a, b)) / len(a)
+
+    # ------------------------------------------------------------------ prediction
+    def prompt_turns(self, meta, prompt: Any) -> list[dict[str, str]]:
+        """A prompt as turns: a list of ``{role, content}`` (or its JSON), or plain text (one
+        user turn; the raw prompt of a prompt_completion/text model)."""
+        chat = (meta.extra or {}).get("chat", {})
+        if isinstance(prompt, str) and prompt.lstrip().startswith("["):
+            with suppress(json.JSONDecodeError):
+                prompt = json.loads(prompt)
+        if hasattr(prompt, "tolist"):
+            prompt = prompt.tolist()
+        if isinstance(prompt, list):
+            if chat.get("format") not in CHAT_FORMATS:
+                raise ValueError("this model takes plain-text prompts, not message lists")
+            turns = []
+            for k, turn in enumerate(prompt):
+                if not isinstance(turn, dict) or turn.get("role") not in (
+                    "system",
+                    "user",
+                    "assistant",
+                ):
+                    raise ValueError(f"message {k} needs a role of system, user or assistant")
+                if not isinstance(turn.get("content"), str) or not turn["content"].strip():
+                    raise ValueError(f"message {k} has an empty content")
+                turns.append({"role": turn["role"], "content": turn["content"]})
+            if not turns or turns[-1]["role"] == "assistant":
+                raise ValueError("the messages must end with a user turn")
+            return turns
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("a prompt must be a non-empty string or a list of messages")
+        if chat.get("format") in CHAT_FORMATS:
+            return [{"role": "user", "content": prompt}]
+        return [{"role": "prompt", "content": prompt}]
+
+    def check_tokenizer(self, tokenizer, meta) -> None:
+        """Fail closed: the artifact's tokenizer must carry the template it was trained with."""
+        chat = (meta.extra or {}).get("chat")
+        if chat is None:
+            raise StageError("the artifact records no chat settings (lepton_model.json extra.chat)")
+        found = template_digest(getattr(tokenizer, "chat_template", None))
+        if chat.get("has_template") and found != chat.get("template_sha"):
+            raise StageError(
+                "the artifact's chat template differs from the one it was trained with "
+                f"(sha {found} != {chat.get('template_sha')}); refusing to render prompts"
+            )
+
+    def generate_answers(
+        self,
+        model,
+        tokenizer,
+        meta,
+        prompts: Sequence[Any],
+        max_new_tokens: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Greedy answers to ``prompts`` rendered from the artifact's own template."""
+        import torch
+
+        from lepton_ray.tasks.causal_lm_eval import generate
+        from lepton_ray.text import clean_turns
+
+        self.check_tokenizer(tokenizer, meta)
+        chat = meta.extra["chat"]
+        limit = int(max_new_tokens or chat.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
+        enc = ChatEncoder(tokenizer, meta.max_length, False, "truncate_prompt")
+        encoded, truncated = [], []
+        for prompt in prompts:
+            turns = self.prompt_turns(meta, prompt)
+            cleaned = clean_turns([t["content"] for t in turns], meta.cleaning)
+            turns = [{**t, "content": c} for t, c in zip(turns, cleaned)]
+            ids = enc.prompt_ids(turns)
+            room = max(1, meta.max_length - 1)
+            truncated.append(len(ids) > room)
+            encoded.append(ids[-room:])
+        device = next(model.parameters()).device
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        with torch.inference_mode():
+            results = generate(model, encoded, chat["stop_token_ids"], pad, limit, device)
+        out = []
+        for ids, (tokens, why), cut in zip(encoded, results, truncated, strict=True):
+            out.append(
+                {
+                    "text": tokenizer.decode(tokens, skip_special_tokens=True),
+                    "finish_reason": why,
+                    "prompt_tokens": len(ids),
+                    "completion_tokens": len(tokens) + (1 if why == "stop" else 0),
+                    "truncated": bool(cut),
+                }
+            )
+        return out
+
+    def predict(self, model, tokenizer, meta, texts: Sequence[str]) -> list[dict[str, Any]]:
+        return self.generate_answers(model, tokenizer, meta, texts)
+
+    def pyfunc_signature(self, labels: Sequence[str]):
+        """In: ``prompt`` (a string) or ``messages`` (a list of ``{role, content}``), one
+        per row; the parameter ``max_new_tokens``. Out: the generated text and its counts."""
+        from mlflow.models import ModelSignature
+        from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+        from mlflow.types.schema import Array, Object, Property
+
+        turn = Object([Property("role", DataType.string), Property("content", DataType.string)])
+        inputs = Schema(
+            [
+                ColSpec(DataType.string, "prompt", required=False),
+                ColSpec(Array(turn), "messages", required=False),
+            ]
+        )
+        columns = self.prediction_schema(labels)
+        outputs = Schema([ColSpec(getattr(DataType, kind), name) for name, kind in columns])
+        params = ParamSchema([ParamSpec("max_new_tokens", DataType.long, DEFAULT_MAX_NEW_TOKENS)])
+        return ModelSignature(inputs=inputs, outputs=outputs, params=params)
+
+    def pyfunc_predict(self, model, tokenizer, meta, model_input, params: dict[str, Any]):
+        import pandas as pd
+
+        if isinstance(model_input, pd.DataFrame):
+            prompts = []
+            for i in range(len(model_input)):
+                messages = model_input["messages"].iloc[i] if "messages" in model_input else None
+                if messages is not None and not (
+                    isinstance(messages, float) and messages != messages
+                ):
+                    prompts.append(list(messages))
+                elif "prompt" in model_input and isinstance(model_input["prompt"].iloc[i], str):
+                    prompts.append(model_input["prompt"].iloc[i])
+                else:
+                    raise ValueError(f"row {i} has neither a prompt nor messages")
+        elif isinstance(model_input, str):
+            prompts = [model_input]
+        else:
+            prompts = list(model_input)
+        limit = params.get("max_new_tokens")
+        answers = []
+        for start in range(0, len(prompts), 8):
+            answers.extend(
+                self.generate_answers(model, tokenizer, meta, prompts[start : start + 8], limit)
+            )
+        columns = [name for name, _ in self.prediction_schema(meta.labels)]
+        return pd.DataFrame([self.prediction_row(a) for a in answers], columns=columns)
+
+    def prediction_schema(self, labels: Sequence[str]) -> list[tuple[str, str]]:
+        return [
+            ("text", "string"),
+            ("finish_reason", "string"),
+            ("prompt_tokens", "long"),
+            ("completion_tokens", "long"),
+            ("truncated", "boolean"),
+        ]
+
+    def prediction_row(self, answer: dict[str, Any]) -> dict[str, Any]:
+        return {name: answer[name] for name, _ in self.prediction_schema([])}
+
+    def answer_cells(self, answer: dict[str, Any] | None) -> dict[str, str | float]:
+        if answer is None:
+            return {"answer": "", "finish": "", "tokens": 0.0}
+        return {
+            "answer": str(answer["text"]),
+            "finish": str(answer["finish_reason"]),
+            "tokens": float(answer["completion_tokens"]),
+        }
+
+    def prediction_arrays(
+        self, labels: Sequence[str], n: int, rows: Sequence[int], answers: Sequence[dict]
+    ) -> dict[str, Any]:
+        import pyarrow as pa
+
+        text: list[str | None] = [None] * n
+        finish: list[str | None] = [None] * n
+        tokens: list[int | None] = [None] * n
+        for i, answer in zip(rows, answers, strict=True):
+            text[i], finish[i] = answer["text"], answer["finish_reason"]
+            tokens[i] = answer["completion_tokens"]
+        return {
+            "generated": pa.array(text, pa.string()),
+            "finish_reason": pa.array(finish, pa.string()),
+            "completion_tokens": pa.array(tokens, pa.int64()),
+        }
+
+
+def _sample(examples, tokenizer, pad_id: int, cfg):
+    """The generation sample of ``train.generation`` from ``(ids, parts)`` examples."""
+    from lepton_ray.tasks.causal_lm_eval import generation_sample
+
+    gen = cfg.train.generation
+    if not gen.samples or tokenizer is None:
+        return None
+    return generation_sample(
+        examples,
+        gen.samples,
+        lambda ids: tokenizer.decode([int(t) for t in ids], skip_special_tokens=True),
+        lambda ids: tokenizer.decode([int(t) for t in ids], skip_special_tokens=False),
+        stop_ids=stop_token_ids(tokenizer),
+        pad_id=pad_id,
+        max_new_tokens=gen.max_new_tokens,
+        batch_size=gen.batch_size,
+        scorer=gen.scorer,
+    )
+
+
+def _preview(row: dict[str, Any], limit: int = 80) -> str:
+    text = json.dumps(row, ensure_ascii=False, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _model_type(cfg: ModelConfig) -> str | None:
+    from pathlib import Path
+
+    from lepton_ray.config import resolve_model_path
+    from lepton_ray.errors import ConfigError
+
+    try:
+        path = Path(resolve_model_path(cfg.name)) / "config.json"
+        return str(json.loads(path.read_text()).get("model_type"))
+    except (ConfigError, OSError, ValueError):
+        return None
