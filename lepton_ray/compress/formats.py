@@ -2,10 +2,12 @@
 
 Compressed kinds (``weights`` in ``lepton_model.json``):
 
-    int8             torch dynamic int8: ``config/config.json`` rebuilds the structure and
+    int8             torch dynamic int8: ``config/config.json`` rebuilds the structure (and
+                     ``config/generation_config.json`` a text generator's defaults) and
                      ``model_int8.safetensors`` holds every quantized Linear as int8 weight,
                      scale(s), zero point(s) and float bias, every int8 embedding table as
-                     int8 rows and per-row scales, and every other tensor as is
+                     int8 rows and per-row scales, and every other tensor as is (a tensor
+                     that two modules share, tied embeddings and head, once: ``tied``)
     onnx_int8        ``model.onnx``: an ONNX Runtime graph with int8 weights
     gpu_weight_only  ``model/`` in bfloat16, quantized to int8 or int4 weight-only on the
                      GPU when loaded there
@@ -42,6 +44,7 @@ FLOAT_KINDS = ("adapter", "full", "bf16")
 
 INT8_WEIGHTS = "model_int8.safetensors"
 INT8_CONFIG_DIR = "config"
+GENERATION_CONFIG = "generation_config.json"
 INT8_FORMAT = "lepton-int8-dynamic-v2"
 # v1 (every Linear quantized, nothing else) is read as well; it is a special case of v2.
 INT8_FORMATS = ("lepton-int8-dynamic-v1", INT8_FORMAT)
@@ -57,8 +60,10 @@ def load_model_artifact(folder: str | Path, merge: bool = True):
     ``artifacts.load_float_artifact``); a compressed one comes back compressed (int8, or an
     ONNX Runtime session wrapped to answer like one; gpu_weight_only on the GPU). Every kind
     is called the same way: ``model(**encoded)`` returns an object with ``.logits`` (a torch
-    tensor; bfloat16 for a bf16 artifact). Only safetensors weights are read: an artifact
-    that holds pickled weights (``*.bin``, ``*.pt``) is refused with a ``StageError``.
+    tensor; bfloat16 for a bf16 artifact). A model that generates text (float, bf16, int8 or
+    gpu_weight_only; compress never makes an onnx_int8 one) also has ``model.generate``, so
+    ``task.predict`` answers with it. Only safetensors weights are read: an artifact that
+    holds pickled weights (``*.bin``, ``*.pt``) is refused with a ``StageError``.
     """
     from transformers import AutoTokenizer
 
@@ -102,7 +107,8 @@ def quantize_dynamic_int8(
     ``per_channel``: one weight scale per output row instead of one per matrix.
     ``keep_float``: names of Linear (or embedding) modules left in float32, exactly or as a
     prefix (``classifier`` keeps the head). ``embeddings``: every ``nn.Embedding`` not kept
-    becomes an int8 table with per-row scales (``Int8Embedding``). The model is copied,
+    becomes an int8 table with per-row scales (``Int8Embedding``), except one tied to a
+    module that stays float (a language model's head, when kept). The model is copied,
     not changed. Defaults: every Linear, per-tensor scales, float embeddings.
     """
     import copy
@@ -128,8 +134,17 @@ def quantize_dynamic_int8(
     if embeddings:
         from lepton_ray.compress.modules import Int8Embedding, replace_module
 
+        # A table tied to a module that stays float (a language model's output head, kept
+        # float) stays float too: as int8 it would be stored twice, once each way.
+        shared = {
+            id(p)
+            for m in qmodel.modules()
+            if not isinstance(m, torch.nn.Embedding)
+            for p in m.parameters(recurse=False)
+        }
         for name, module in list(qmodel.named_modules()):
-            if isinstance(module, torch.nn.Embedding) and not kept(name):
+            embedding = isinstance(module, torch.nn.Embedding)
+            if embedding and not kept(name) and id(module.weight) not in shared:
                 replace_module(qmodel, name, Int8Embedding.from_float(module))
     return qmodel.eval()
 
@@ -154,7 +169,9 @@ def save_int8_artifact(model, tokenizer, meta: ModelMeta, folder: Path) -> None:
     per-tensor qscheme, one per channel for a per-channel one - and ``name.bias``; its qscheme
     and axis go into the file's metadata. An int8 embedding table is its state as is
     (``name.weight_int8``, ``name.scale``), marked ``kind: embedding_int8`` in the metadata.
-    Every other state-dict tensor (Linear layers kept in float among them) is stored as is.
+    Every other state-dict tensor (Linear layers kept in float among them) is stored as is,
+    once: a tensor shared with an earlier key (tied embeddings and head) is named in the
+    metadata's ``tied`` (key -> the stored key) instead.
     """
     import torch
     from safetensors.torch import save_file
@@ -162,6 +179,8 @@ def save_int8_artifact(model, tokenizer, meta: ModelMeta, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(folder)
     model.config.save_pretrained(folder / INT8_CONFIG_DIR)
+    if _generates(model):  # how it generates by default (stop tokens, lengths) travels too
+        model.generation_config.save_pretrained(folder / INT8_CONFIG_DIR)
     quantized = quantized_linears(model)
     tensors: dict[str, torch.Tensor] = {}
     layout: dict[str, dict[str, Any]] = {}
@@ -194,18 +213,32 @@ def save_int8_artifact(model, tokenizer, meta: ModelMeta, folder: Path) -> None:
             "shape": [module.num_embeddings, module.embedding_dim],
         }
     prefixes = tuple(f"{name}." for name in quantized)
+    stored: dict[tuple, str] = {}
+    tied: dict[str, str] = {}
     for key, value in model.state_dict().items():
         if key.startswith(prefixes):
             continue
         if not isinstance(value, torch.Tensor) or value.is_quantized:
             raise StageError(f"{key}: cannot store {type(value).__name__} in safetensors")
+        # A tensor shared by two modules (tied embeddings and head) is stored once.
+        same = (value.data_ptr(), value.dtype, tuple(value.shape), value.stride())
+        if value.numel() and same in stored:
+            tied[key] = stored[same]
+            continue
+        stored[same] = key
         tensors[key] = value.detach().cpu().clone().contiguous()
-    save_file(
-        tensors,
-        str(folder / INT8_WEIGHTS),
-        metadata={"format": INT8_FORMAT, "quantized": json.dumps(layout, sort_keys=True)},
-    )
+    header = {"format": INT8_FORMAT, "quantized": json.dumps(layout, sort_keys=True)}
+    if tied:
+        header["tied"] = json.dumps(tied, sort_keys=True)
+    save_file(tensors, str(folder / INT8_WEIGHTS), metadata=header)
     meta.save(folder)
+
+
+def _generates(model) -> bool:
+    check = getattr(model, "can_generate", None)
+    return (
+        callable(check) and bool(check()) and getattr(model, "generation_config", None) is not None
+    )
 
 
 def _load_int8(folder: Path, auto_cls) -> torch.nn.Module:
@@ -239,6 +272,14 @@ def _load_int8(folder: Path, auto_cls) -> torch.nn.Module:
         raise StageError(f"{path}: metadata 'quantized' is missing or not JSON") from None
     if not isinstance(layout, dict) or not all(isinstance(v, dict) for v in layout.values()):
         raise StageError(f"{path}: metadata 'quantized' must map module names to objects")
+    try:
+        tied = json.loads(header.get("tied", "{}"))
+    except json.JSONDecodeError:
+        raise StageError(f"{path}: metadata 'tied' is not JSON") from None
+    if not isinstance(tied, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and v in tensors for k, v in tied.items()
+    ):
+        raise StageError(f"{path}: metadata 'tied' must map tensor names to stored tensors")
     kinds = {name: entry.get("kind", "linear_dynamic_int8") for name, entry in layout.items()}
     unknown = sorted(set(kinds.values()) - {"linear_dynamic_int8", "embedding_int8"})
     if unknown:
@@ -262,6 +303,15 @@ def _load_int8(folder: Path, auto_cls) -> torch.nn.Module:
         absent = sorted(all_linears - set(linears))[:3]
         raise StageError(f"{path} does not match its config: missing quantized modules {absent}")
     model = quantize_dynamic_int8(float_model, keep_float=sorted(all_linears - set(linears)))
+    if _generates(model) and (config_dir / GENERATION_CONFIG).is_file():
+        from transformers import GenerationConfig
+
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(config_dir)
+        except (OSError, ValueError, TypeError) as err:
+            raise StageError(
+                f"{config_dir / GENERATION_CONFIG}: not a generation config ({err})"
+            ) from None
     for name in embeddings:
         old = float_modules[name]
         replace_module(
@@ -310,6 +360,7 @@ def _load_int8(folder: Path, auto_cls) -> torch.nn.Module:
         raise StageError(f"{path} does not match its config: unexpected {stray[:3]}")
     current = model.state_dict()
     merged = OrderedDict(tensors)
+    merged.update((key, tensors[target]) for key, target in tied.items())
     merged.update((k, v) for k, v in current.items() if k.startswith(own))
     merged._metadata = current._metadata  # module versions: tells quantized Linear its format
     try:

@@ -1,5 +1,6 @@
 """Runtime pieces of the compressed formats, loaded by ``lepton_ray.artifacts`` wherever a
-compressed artifact is served: an int8 embedding table and an ONNX Runtime classifier.
+compressed artifact is served: an int8 embedding table, an ONNX Runtime classifier and a
+GPU model's wrapper.
 
 Nothing heavy is imported at module import; torch is (the caller has it already).
 """
@@ -134,14 +135,34 @@ def quantize_weight_only(model: nn.Module, method: str) -> nn.Module:
 
 
 class CudaModel(nn.Module):
-    """A model on the GPU that takes CPU tensors and answers with CPU logits."""
+    """A model on the GPU that takes tensors on any device and answers on theirs: CPU
+    tensors in (a Serve replica, a classifier's evaluation), CPU logits out; tensors already
+    on the GPU (an evaluation that moves its batches to the model's device) stay there.
+    A model that generates text generates through it the same way (``generate``)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model.eval()
         self.device = next(model.parameters()).device
 
-    def forward(self, **inputs):
+    @property
+    def config(self):
+        return self.model.config
+
+    def can_generate(self) -> bool:
+        check = getattr(self.model, "can_generate", None)
+        return bool(check()) if callable(check) else False
+
+    def _moved(self, inputs: dict) -> tuple[dict, torch.device]:
+        given = next((v.device for v in inputs.values() if torch.is_tensor(v)), None)
         moved = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        return moved, given or torch.device("cpu")
+
+    def forward(self, **inputs):
+        moved, device = self._moved(inputs)
         out = self.model(**moved)
-        return SimpleNamespace(logits=out.logits.float().cpu())
+        return SimpleNamespace(logits=out.logits.float().to(device))
+
+    def generate(self, **inputs):
+        moved, device = self._moved(inputs)
+        return self.model.generate(**moved).to(device)

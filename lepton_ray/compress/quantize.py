@@ -1,20 +1,25 @@
 """``run_compress``: merge adapters into the base, compress, measure what it cost, gate it.
 
 The method comes from ``compress.method``/``compress.target`` and the hardware
-(``lepton_ray.compress.select``). The compressed artifact is written, loaded back the way a
-Serve replica loads it, and that loaded model is what is measured: on validation (and test)
-every score ``evaluate`` gives (so every ``val_*`` that ``tune.metric`` may name, under the
-names the promotion gate reads), size, and speed at batch 32 and batch 1, against the float
-model. A compression whose validation accuracy, or ``tune.metric``, is more than
-``compress.max_drop`` points worse is refused: no folder, and the caller keeps the
-uncompressed model.
+(``lepton_ray.compress.select``); a method that cannot serve the model (``onnx_int8`` for a
+model that generates text) is refused before anything is made. The compressed artifact is
+written, loaded back the way a Serve replica loads it, and that loaded model is what is
+measured: on validation (and test) every score ``evaluate`` gives (so every ``val_*`` that
+``tune.metric`` may name, under the names the promotion gate reads), size, and speed
+(``lepton_ray.compress.measure``: batch 32 and batch 1 forward passes; for a model that
+generates, greedy tokens per second at batch 1 and 8), against the float model. A
+compression whose validation gate score (the task's ``gate_score``: a classifier's
+accuracy, a language model's perplexity), or ``tune.metric``, is worse than allowed is
+refused: no folder, and the caller keeps the uncompressed model. A perplexity may rise by
+``compress.max_ppl_increase`` (relative); any other score may lose ``compress.max_drop``
+points.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import math
+import shutil
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,14 +30,19 @@ from lepton_ray.compress.formats import (
     quantize_dynamic_int8,
     save_int8_artifact,
 )
+from lepton_ray.compress.measure import (
+    GENERATION_BATCHES,
+    SPEED_BATCH,
+    calibration_batches,
+    evaluation_set,
+    pad_id,
+    speed,
+)
+from lepton_ray.compress.measure import evaluate as _evaluate
 from lepton_ray.config import ExperimentConfig, metric_mode
-from lepton_ray.data.split_files import open_split
-from lepton_ray.tasks import Task, get_task
+from lepton_ray.errors import ConfigError
+from lepton_ray.tasks import get_task
 
-SPEED_BATCH = 32
-"""Batch size of the evaluation passes whose throughput is logged (``samples_per_s_*``)."""
-LATENCY_ROWS = 32
-"""Single-row forward passes timed for ``latency_ms_batch1_*``."""
 WEIGHT_KINDS = {
     "dynamic_int8": "int8",
     "onnx_int8": "onnx_int8",
@@ -42,60 +52,9 @@ WEIGHT_KINDS = {
 }
 
 
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id or 0
-
-
-class _SplitBatches:
-    """A split's token batches, streamed from its files again each time they are iterated:
-    the float and the compressed model are both scored on it, and it is never held whole."""
-
-    def __init__(self, task: Task, rows, pad_id: int):
-        self.task, self.rows, self.pad_id = task, rows, pad_id
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        for frame in self.rows:
-            yield from self.task.frame_batches(frame, SPEED_BATCH, self.pad_id)
-
-
-def _evaluate(task: Task, model, batches: Iterable[dict[str, Any]], labels) -> dict[str, Any]:
-    """The task's scores (``gate_scores``, every score a gate may compare) and throughput;
-    ``result`` keeps the raw evaluation (agreement, plots)."""
-    started = time.perf_counter()
-    result = task.evaluate(model, batches, labels)
-    seconds = time.perf_counter() - started
-    scores = task.gate_scores(result)
-    return {"scores": scores, "samples_per_s": result["examples"] / seconds, "result": result}
-
-
 def lower_is_better(score: str) -> bool:
     """A score whose worsening is a rise (a loss), logged as ``*_<score>_rise``."""
     return metric_mode(score) == "min"
-
-
-def _latency_ms(model, batches: Iterable[dict[str, Any]]) -> float:
-    """Median milliseconds of a one-row forward pass over up to LATENCY_ROWS rows."""
-    import torch
-
-    rows = []
-    for batch in batches:
-        for i in range(len(batch["input_ids"])):
-            length = int(batch["attention_mask"][i].sum())
-            rows.append({k: v[i : i + 1, :length] for k, v in batch.items() if k != "labels"})
-            if len(rows) >= LATENCY_ROWS:
-                break
-        if len(rows) >= LATENCY_ROWS:
-            break
-    if not rows:
-        return float("nan")
-    times = []
-    with torch.inference_mode():
-        model(**rows[0])  # warm-up
-        for row in rows:
-            started = time.perf_counter()
-            model(**row)
-            times.append(time.perf_counter() - started)
-    return 1000.0 * statistics.median(times)
 
 
 @dataclass
@@ -114,14 +73,8 @@ def _cuda_name() -> str | None:
 
 
 def _calibration_batches(cfg: ExperimentConfig, tokenizer) -> list[dict[str, Any]]:
-    """``compress.calibration_rows`` seeded rows of the training split (never validation:
-    that split judges the result), read by row group: the split is never held whole."""
-    task = get_task(cfg.task)
-    train = open_split(cfg, "train", ["input_ids", task.target_column])
-    frame = None if train is None else train.sample(cfg.compress.calibration_rows, cfg.train.seed)
-    if frame is None:
-        return []
-    return list(task.frame_batches(frame, SPEED_BATCH, _pad_id(tokenizer)))
+    """``compress.calibration_rows`` seeded rows of the training split (``measure``)."""
+    return calibration_batches(cfg, get_task(cfg.task), tokenizer)
 
 
 def compressed_meta(meta: ModelMeta, method: str, details: dict[str, Any]) -> ModelMeta:
@@ -166,7 +119,14 @@ def build_compressed(
             if not calibration:
                 log("[compress] no training split to rank layers on: sensitive_layers ignored")
             else:
-                ranked = rank_linears(model, calibration, keep, per_channel=comp.per_channel)
+                ranked = rank_linears(
+                    model,
+                    calibration,
+                    keep,
+                    per_channel=comp.per_channel,
+                    embeddings=comp.quantize_embeddings,
+                    inputs=get_task(meta.task).model_inputs,
+                )
                 chosen = [name for name, _ in ranked[: comp.sensitive_layers]]
                 log(
                     f"[compress] kept in float32 (most sensitive on {sum(len(b['input_ids']) for b in calibration)} "
@@ -229,14 +189,28 @@ def _weights_mb(folder: Path) -> float:
     return folder_size_mb(folder, "*.safetensors") + folder_size_mb(folder, "*.onnx")
 
 
+def refusal(method: str, model) -> str | None:
+    """Why ``method`` cannot make a working artifact of ``model`` (None: it can)."""
+    from lepton_ray.compress.measure import can_generate
+
+    if method == "onnx_int8" and can_generate(model):
+        return (
+            "compress.method onnx_int8 exports one forward pass to logits, and this model "
+            "generates text (a decoding loop with a KV cache, which the ONNX graph and its "
+            "loader do not have); use dynamic_int8 or bf16 on a CPU (or compress.method: "
+            "auto), int8_weight_only/int4_weight_only on a GPU"
+        )
+    return None
+
+
 def run_compress(
     cfg: ExperimentConfig, model_dir: Path, out: Path, run_id: str, log=print
 ) -> CompressResult:
     """Compress the artifact in ``model_dir`` into ``out``; log before/after metrics to ``run_id``.
 
-    A compression whose validation accuracy or ``tune.metric`` is more than
-    ``compress.max_drop`` points worse (``judge``) is refused (``accepted`` False, no
-    folder): the uncompressed model is kept.
+    A compression that scores worse on validation than ``judge`` allows is refused
+    (``accepted`` False, its folder removed): the uncompressed model is kept. A method that
+    cannot serve the model is a ``ConfigError`` before anything is written.
     """
     from lepton_ray.compress.modules import ort_available
     from lepton_ray.compress.select import choose_method
@@ -255,10 +229,13 @@ def run_compress(
         log(f"[compress] skipped: {choice.reason}")
         return CompressResult("none", None, False, choice.reason, {})
     method = choice.method
-    log(f"[compress] {method}: {choice.reason}")
 
     model, tokenizer, meta = load_model_artifact(model_dir, merge=True)
     model = model.float()
+    why_not = refusal(method, model)
+    if why_not:
+        raise ConfigError(why_not)
+    log(f"[compress] {method}: {choice.reason}")
     labels = meta.labels
     fp32_dir = out / "fp32"
     model.save_pretrained(fp32_dir, safe_serialization=True)
@@ -269,12 +246,9 @@ def run_compress(
             f"{metrics['size_mb_fp32']:.1f} MB fp32"
         )
 
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     task = get_task(meta.task)
-    splits = {}
-    for split in ("validation", "test"):
-        rows = open_split(cfg, split, ["input_ids", task.target_column])
-        splits[split] = None if rows is None else _SplitBatches(task, rows, pad)
+    splits = {s: evaluation_set(cfg, task, s, tokenizer, meta) for s in ("validation", "test")}
 
     def measure(m) -> dict[str, dict | None]:
         return {s: None if b is None else _evaluate(task, m, b, labels) for s, b in splits.items()}
@@ -303,7 +277,8 @@ def run_compress(
                 continue
             for score, value in res["scores"].items():
                 metrics[f"{short}_{score}_{tag}"] = value
-            metrics[f"{short}_samples_per_s_{tag}"] = res["samples_per_s"]
+            if "samples_per_s" in res:
+                metrics[f"{short}_samples_per_s_{tag}"] = res["samples_per_s"]
         if before[split] is not None:
             was, now = before[split], after[split]
             for score in was["scores"]:
@@ -313,18 +288,18 @@ def run_compress(
             agree = task.agreement(was["result"], now["result"])
             if agree is not None:
                 metrics[f"{short}_prediction_agreement"] = agree
-    timing = splits["validation"] if splits["validation"] is not None else splits["test"]
-    if timing is not None:
-        short = "val" if splits["validation"] is not None else "test"
-        for tag, m in (("fp32", model), ("compressed", cmodel)):
-            metrics[f"samples_per_s_{tag}"] = metrics[f"{short}_samples_per_s_{tag}"]
-            metrics[f"latency_ms_batch{SPEED_BATCH}_{tag}"] = (
-                1000.0 * SPEED_BATCH / metrics[f"samples_per_s_{tag}"]
-            )
-            metrics[f"latency_ms_batch1_{tag}"] = _latency_ms(m, timing)
-        metrics["speedup"] = metrics["samples_per_s_compressed"] / metrics["samples_per_s_fp32"]
+    timed = "validation" if splits["validation"] is not None else "test"
+    if splits[timed] is not None:
+        for tag, m, res in (("fp32", model, before), ("compressed", cmodel, after)):
+            figures = speed(task, m, splits[timed], pad, res[timed])
+            metrics.update({f"{name}_{tag}": value for name, value in figures.items()})
+        key = "samples_per_s" if "samples_per_s_fp32" in metrics else _generation_speed_key()
+        if f"{key}_fp32" in metrics:
+            metrics["speedup"] = metrics[f"{key}_compressed"] / metrics[f"{key}_fp32"]
 
-    accepted, reason = judge(metrics, method, cfg.tune.metric, comp.max_drop, task.gate_score)
+    accepted, reason = judge(
+        metrics, method, cfg.tune.metric, comp.max_drop, task.gate_score, comp.max_ppl_increase
+    )
     metrics["accepted"] = float(accepted)
     log_metrics(uri, run_id, metrics, step=0)
     for split in ("validation", "test"):
@@ -334,29 +309,55 @@ def run_compress(
                 log_figure(uri, run_id, fig, f"plots/{name}_{split}_{method}.png")
     if accepted:
         log_folder(uri, run_id, folder, "model")
+    else:
+        shutil.rmtree(folder, ignore_errors=True)  # a refused artifact is never left behind
     log(_summary(method, metrics, task.gate_score))
+    scores = _scores_line(metrics)
+    if scores:
+        log(scores)
     if not accepted:
         log(f"[compress] refused: {reason}; the uncompressed model is kept")
     return CompressResult(method, folder if accepted else None, accepted, reason, metrics)
 
 
+def _generation_speed_key() -> str:
+    return f"tokens_per_s_batch{max(GENERATION_BATCHES)}"
+
+
+def relative_score(score: str) -> bool:
+    """A score judged by its relative rise (``compress.max_ppl_increase``): a perplexity,
+    which grows exponentially with the loss, so points of it mean nothing."""
+    return "perplexity" in score
+
+
 def _worsening_key(short: str, score: str) -> str:
+    if relative_score(score):
+        return f"{short}_{score}_increase"
     return f"{short}_{score}_{'rise' if lower_is_better(score) else 'drop'}"
 
 
 def _worsening(score: str, before: float, after: float) -> float:
-    """How much worse the compressed model scores (a drop, or for a loss a rise)."""
+    """How much worse the compressed model scores: a drop, for a loss a rise, for a
+    perplexity its relative rise (0.05: 5% higher)."""
+    if relative_score(score):
+        return (after - before) / before if before > 0 else float("nan")
     return after - before if lower_is_better(score) else before - after
 
 
 def judge(
-    metrics: dict[str, float], method: str, gate_metric: str, max_drop: float, always: str
+    metrics: dict[str, float],
+    method: str,
+    gate_metric: str,
+    max_drop: float,
+    always: str,
+    max_ppl_increase: float = 0.05,
 ) -> tuple[bool, str]:
-    """The ``compress.max_drop`` gate on the validation scores in ``metrics``: ``always`` (the
-    task's ``gate_score``, a classifier's accuracy) and ``gate_metric`` (``tune.metric``,
-    when it is a validation score) may each be at most ``max_drop`` points (0.01 of the
-    score each) worse. A score that is nan after compression (a diverged model, or one class
-    only) fails. Returns (accepted, why)."""
+    """The compression gate on the validation scores in ``metrics``: ``always`` (the task's
+    ``gate_score``) and ``gate_metric`` (``tune.metric``, when it is a validation score) may
+    each be at most so much worse: a perplexity ``max_ppl_increase`` higher (relative, 0.05
+    = 5%), any other score ``max_drop`` points (0.01 of the score each; for a loss, a rise).
+    A score that is nan after compression (a diverged model, or one class only) fails.
+    Returns (accepted, why)."""
     if _worsening_key("val", always) not in metrics:
         return True, f"{method}: no validation split to check the {always} on; accepted unchecked"
     judged = [always]
@@ -366,19 +367,26 @@ def judge(
     checks = []
     for name in judged:
         key = _worsening_key("val", name)
-        points = 100.0 * metrics[key]
-        text = f"{key.removeprefix('val_').replace('_', ' ')} {points:.2f} points"
-        checks.append((points <= max_drop + 1e-9, text))
-    measured = ", ".join(text for _, text in checks)
+        label = key.removeprefix("val_").replace("_", " ")
+        value = metrics[key]
+        if relative_score(name):
+            limit = f"compress.max_ppl_increase {max_ppl_increase:g}"
+            text = f"{label} {100.0 * value:.2f}%"
+            ok = not math.isnan(value) and value <= max_ppl_increase + 1e-12
+        else:
+            limit = f"compress.max_drop {max_drop:g}"
+            text = f"{label} {100.0 * value:.2f} points"
+            ok = 100.0 * value <= max_drop + 1e-9
+        checks.append((ok, text, limit))
+    measured = ", ".join(text for _, text, _ in checks)
     if len(judged) == 1 and gate_metric != f"val_{always}":
         measured += f" (tune.metric {gate_metric} is not measured on validation rows)"
-    if all(ok for ok, _ in checks):
-        return True, f"{method}: validation {measured}, within compress.max_drop {max_drop:g}"
-    worse = " and ".join(text for ok, text in checks if not ok)
-    return False, (
-        f"{method}: validation {worse}: more than compress.max_drop {max_drop:g} "
-        f"(measured: {measured})"
-    )
+    if all(ok for ok, _, _ in checks):
+        limits = " and ".join(dict.fromkeys(limit for _, _, limit in checks))
+        return True, f"{method}: validation {measured}, within {limits}"
+    worse = " and ".join(text for ok, text, _ in checks if not ok)
+    limits = " and ".join(dict.fromkeys(limit for ok, _, limit in checks if not ok))
+    return False, f"{method}: validation {worse}: more than {limits} (measured: {measured})"
 
 
 def _summary(method: str, m: dict[str, float], score: str) -> str:
@@ -388,6 +396,12 @@ def _summary(method: str, m: dict[str, float], score: str) -> str:
             f"{m['samples_per_s_fp32']:.0f} -> {m['samples_per_s_compressed']:.0f} samples/s "
             f"at batch {SPEED_BATCH} ({m['speedup']:.2f}x)"
         )
+    for batch in GENERATION_BATCHES:
+        key = f"tokens_per_s_batch{batch}"
+        if f"{key}_fp32" in m:
+            parts.append(
+                f"{m[f'{key}_fp32']:.1f} -> {m[f'{key}_compressed']:.1f} tokens/s at batch {batch}"
+            )
     if f"val_{score}_fp32" in m:
         parts.append(
             f"val {score.replace('_', ' ')} {m[f'val_{score}_fp32']:.4f} -> "
@@ -396,3 +410,17 @@ def _summary(method: str, m: dict[str, float], score: str) -> str:
     else:
         parts.append("no validation split")
     return f"[compress] {method}: " + "; ".join(parts)
+
+
+def _scores_line(m: dict[str, float]) -> str:
+    """Every validation score before -> after (a language model's generation scores among
+    them); nan scores (not measured) are left out."""
+    names = [k[4:-5] for k in m if k.startswith("val_") and k.endswith("_fp32")]
+    shown = [
+        f"{n.replace('_', ' ')} {m[f'val_{n}_fp32']:.4f} -> {m[f'val_{n}_compressed']:.4f}"
+        for n in names
+        if f"val_{n}_compressed" in m
+        and "samples_per_s" not in n
+        and not (math.isnan(m[f"val_{n}_fp32"]) and math.isnan(m[f"val_{n}_compressed"]))
+    ]
+    return "[compress] validation " + ", ".join(shown) if shown else ""

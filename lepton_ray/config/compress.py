@@ -39,7 +39,15 @@ class CompressSection(Section):
         le=100.0,
         description="Refuse a compression whose validation accuracy, or tune.metric, is more "
         "than this many points (0.01 of the score each; for a loss, a rise) worse than the "
-        "uncompressed model's; it is kept instead.",
+        "uncompressed model's; it is kept instead. A perplexity is judged by "
+        "max_ppl_increase instead.",
+    )
+    max_ppl_increase: float = Field(
+        0.05,
+        ge=0.0,
+        description="Refuse a compression whose validation perplexity (a language model's "
+        "gate score, or tune.metric val_perplexity) is more than this much higher than the "
+        "uncompressed model's, relative to it (0.05: 5% higher); it is kept instead.",
     )
     per_channel: bool = Field(
         True, description="int8 weights with one scale per output channel, not per matrix."

@@ -15,7 +15,12 @@ class LoraSection(Section):
     r: int = Field(8, ge=1, le=512, description="LoRA rank.")
     lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
     lora_dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(default_factory=lambda: ["query", "value"])
+    target_modules: list[str] | Literal["attention", "all-linear"] = Field(
+        default_factory=lambda: ["query", "value"],
+        description="Layer names to adapt, or a preset resolved against the real model: "
+        "attention (the attention block's Linear layers) or all-linear (every Linear layer "
+        "but the output head).",
+    )
     bias: Literal["none", "all", "lora_only"] = "none"
 
 

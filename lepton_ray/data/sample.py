@@ -1,4 +1,5 @@
-"""The quickstart's own dataset: seeded, templated product reviews with realistic dirt.
+"""The examples' own datasets: seeded, templated product reviews with realistic dirt (the
+quickstart's), and small instruction conversations (the causal-LM tests').
 
 It is small enough to fine-tune on two CPU cores in a minute, and carries the problems the
 cleaning stage exists for: duplicates, stray whitespace, odd unicode and empty rows.
@@ -7,6 +8,7 @@ cleaning stage exists for: duplicates, stray whitespace, odd unicode and empty r
 from __future__ import annotations
 
 import csv
+import json
 import random
 from pathlib import Path
 
@@ -101,4 +103,50 @@ def write_reviews_csv(path: Path, n: int = 1200, seed: int = 7) -> Path:
         writer = csv.writer(fh)
         writer.writerow(["review", "sentiment"])
         writer.writerows(make_reviews(n, seed))
+    return path
+
+
+WORDS = [
+    "apple", "river", "stone", "cloud", "music", "table", "garden", "window", "silver",
+    "orange", "forest", "candle", "bridge", "planet", "pencil", "rocket",
+]  # fmt: skip
+
+
+def make_chats(n: int = 300, seed: int = 7) -> list[dict]:
+    """Small instruction conversations a tiny model can learn: sums, upper-casing and
+    spelling (one or two assistant turns, some with a system message), deterministic."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        a, b = rng.randint(1, 60), rng.randint(1, 60)
+        word = rng.choice(WORDS)
+        kind = i % 3
+        if kind == 0:
+            turns = [
+                {"role": "user", "content": f"What is {a} plus {b}?"},
+                {"role": "assistant", "content": f"{a + b}"},
+            ]
+        elif kind == 1:
+            turns = [
+                {"role": "system", "content": "Answer in upper case."},
+                {"role": "user", "content": f"Say {word} {i}."},
+                {"role": "assistant", "content": f"{word.upper()} {i}"},
+            ]
+        else:
+            turns = [
+                {"role": "user", "content": f"Spell {word}."},
+                {"role": "assistant", "content": " ".join(word)},
+                {"role": "user", "content": f"And backwards ({i})?"},
+                {"role": "assistant", "content": " ".join(reversed(word))},
+            ]
+        rows.append({"messages": turns})
+    return rows
+
+
+def write_chats_jsonl(path: Path, n: int = 300, seed: int = 7) -> Path:
+    """:func:`make_chats` as JSONL in the ``messages`` format."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        for row in make_chats(n, seed):
+            handle.write(json.dumps(row) + "\n")
     return path

@@ -67,6 +67,26 @@ def encode_texts(
     return inputs, truncated
 
 
+def input_texts(model_input) -> list[str]:
+    """A pyfunc's texts: a list, a Series, one string, or a frame's ``text`` (else first)
+    column; a ``ValueError`` naming the first item that is not a string."""
+    import pandas as pd
+
+    if isinstance(model_input, pd.DataFrame):
+        column = "text" if "text" in model_input.columns else model_input.columns[0]
+        values = model_input[column].tolist()
+    elif isinstance(model_input, pd.Series):
+        values = model_input.tolist()
+    elif isinstance(model_input, str):
+        values = [model_input]
+    else:
+        values = list(model_input)
+    bad = [i for i, v in enumerate(values) if not isinstance(v, str)]
+    if bad:
+        raise ValueError(f"texts must be strings; item {bad[0]} is {type(values[bad[0]]).__name__}")
+    return values
+
+
 class Task(ABC):
     """One kind of model, from raw rows to answers. Subclasses are stateless singletons."""
 
@@ -302,20 +322,7 @@ class Task(ABC):
         column) -> a frame of ``prediction_schema``."""
         import pandas as pd
 
-        if isinstance(model_input, pd.DataFrame):
-            column = "text" if "text" in model_input.columns else model_input.columns[0]
-            values = model_input[column].tolist()
-        elif isinstance(model_input, pd.Series):
-            values = model_input.tolist()
-        elif isinstance(model_input, str):
-            values = [model_input]
-        else:
-            values = list(model_input)
-        bad = [i for i, v in enumerate(values) if not isinstance(v, str)]
-        if bad:
-            kind = type(values[bad[0]]).__name__
-            raise ValueError(f"texts must be strings; item {bad[0]} is {kind}")
-        answers = self.predict_batched(model, tokenizer, meta, values)
+        answers = self.predict_batched(model, tokenizer, meta, input_texts(model_input))
         columns = [name for name, _ in self.prediction_schema(meta.labels)]
         return pd.DataFrame([self.prediction_row(a) for a in answers], columns=columns)
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractContextManager, suppress
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from lepton_ray.errors import DataError, StageError
+from lepton_ray.errors import DataError
 from lepton_ray.tasks.base import Task
 from lepton_ray.tasks.chat import (
     KEPT,
+    TEMPLATED_FORMATS,
     ChatEncoder,
     TemplateError,
     canonical,
@@ -43,17 +44,17 @@ PACKING_VERIFIED = (
     "olmo2", "granite", "smollm3",
 )  # fmt: skip
 """Model types whose attention takes the block-diagonal mask or varlen positions."""
-CHAT_FORMATS = ("alpaca", "messages")
-DEFAULT_MAX_NEW_TOKENS = 128
 
 
 def chat_tokenizer(model_name: str, template: str, chat_format: str):
     """The model's tokenizer with the configured template installed (what the artifact
     saves and every prompt is rendered from)."""
-    from lepton_ray.artifacts import load_tokenizer
+    from transformers import AutoTokenizer
 
-    tokenizer = load_tokenizer(model_name)
-    install_template(tokenizer, template, chat_format in CHAT_FORMATS)
+    from lepton_ray.config.model import resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_name))
+    install_template(tokenizer, template, chat_format in TEMPLATED_FORMATS)
     return tokenizer
 
 
@@ -77,8 +78,6 @@ class CausalLM(Task):
 
     # ------------------------------------------------------------------ config
     def validate(self, cfg: ExperimentConfig) -> list[str]:
-        from lepton_ray.config import position_limit
-
         problems = []
         data = cfg.data
         if data.augment.enabled:
@@ -99,9 +98,7 @@ class CausalLM(Task):
                     "boundaries in packed rows (attention would cross examples); set "
                     f"data.packing: false (verified: {', '.join(PACKING_VERIFIED)})"
                 )
-        if position_limit(cfg.model) is None and data.max_length > 4096:
-            problems.append("data.max_length: the model's positions are unknown")
-        if data.chat.format in CHAT_FORMATS or data.chat.template != "tokenizer":
+        if data.chat.format in TEMPLATED_FORMATS or data.chat.template != "tokenizer":
             try:
                 chat_tokenizer(cfg.model.name, data.chat.template, data.chat.format)
             except TemplateError as err:
@@ -140,7 +137,7 @@ class CausalLM(Task):
         texts: list[str | None] = []
         for i in range(batch.num_rows):
             row = {c: values[i] for c, values in columns.items()}
-            where = f"data {data.source_name}: row {_preview(row)}"
+            where = f"row {_preview(row)}"
             turns = row_turns(row, chat, where)
             texts.append(None if turns is None else canonical(turns))
         return pa.table(
@@ -208,7 +205,10 @@ class CausalLM(Task):
     def encoder(self, model_name: str, max_length: int, options: dict[str, Any]):
         """texts (canonical JSON) -> ``input_ids``, ``labels``, ``parts`` and the reason an
         example is dropped ('' when kept) under the ``too_long`` policy."""
-        tokenizer = chat_tokenizer(model_name, options["template"], options["format"])
+        try:
+            tokenizer = chat_tokenizer(model_name, options["template"], options["format"])
+        except TemplateError as err:
+            raise DataError(f"data.chat.template: {err}") from None
         enc = ChatEncoder(tokenizer, max_length, options["train_on_prompt"], options["too_long"])
 
         def encode(texts: Sequence[str]) -> dict[str, list]:
@@ -244,7 +244,9 @@ class CausalLM(Task):
         return self.load_class().from_pretrained(path, config=hf_config, dtype=torch.float32)
 
     def prepare_tokenizer(self, tokenizer, cfg: ExperimentConfig):
-        install_template(tokenizer, cfg.data.chat.template, cfg.data.chat.format in CHAT_FORMATS)
+        install_template(
+            tokenizer, cfg.data.chat.template, cfg.data.chat.format in TEMPLATED_FORMATS
+        )
         return tokenizer
 
     def meta_extra(self, tokenizer, cfg: ExperimentConfig) -> dict[str, Any]:
@@ -383,142 +385,34 @@ class CausalLM(Task):
 
     # ------------------------------------------------------------------ prediction
     def prompt_turns(self, meta, prompt: Any) -> list[dict[str, str]]:
-        """A prompt as turns: a list of ``{role, content}`` (or its JSON), or plain text (one
-        user turn; the raw prompt of a prompt_completion/text model)."""
-        chat = (meta.extra or {}).get("chat", {})
-        if isinstance(prompt, str) and prompt.lstrip().startswith("["):
-            with suppress(json.JSONDecodeError):
-                prompt = json.loads(prompt)
-        if hasattr(prompt, "tolist"):
-            prompt = prompt.tolist()
-        if isinstance(prompt, list):
-            if chat.get("format") not in CHAT_FORMATS:
-                raise ValueError("this model takes plain-text prompts, not message lists")
-            turns = []
-            for k, turn in enumerate(prompt):
-                if not isinstance(turn, dict) or turn.get("role") not in (
-                    "system",
-                    "user",
-                    "assistant",
-                ):
-                    raise ValueError(f"message {k} needs a role of system, user or assistant")
-                if not isinstance(turn.get("content"), str) or not turn["content"].strip():
-                    raise ValueError(f"message {k} has an empty content")
-                turns.append({"role": turn["role"], "content": turn["content"]})
-            if not turns or turns[-1]["role"] == "assistant":
-                raise ValueError("the messages must end with a user turn")
-            return turns
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError("a prompt must be a non-empty string or a list of messages")
-        if chat.get("format") in CHAT_FORMATS:
-            return [{"role": "user", "content": prompt}]
-        return [{"role": "prompt", "content": prompt}]
+        """A prompt as turns (see ``causal_lm_predict.prompt_turns``)."""
+        from lepton_ray.tasks.causal_lm_predict import prompt_turns
+
+        return prompt_turns(self, meta, prompt)
 
     def check_tokenizer(self, tokenizer, meta) -> None:
-        """Fail closed: the artifact's tokenizer must carry the template it was trained with."""
-        chat = (meta.extra or {}).get("chat")
-        if chat is None:
-            raise StageError("the artifact records no chat settings (lepton_model.json extra.chat)")
-        found = template_digest(getattr(tokenizer, "chat_template", None))
-        if chat.get("has_template") and found != chat.get("template_sha"):
-            raise StageError(
-                "the artifact's chat template differs from the one it was trained with "
-                f"(sha {found} != {chat.get('template_sha')}); refusing to render prompts"
-            )
+        from lepton_ray.tasks.causal_lm_predict import check_tokenizer
 
-    def generate_answers(
-        self,
-        model,
-        tokenizer,
-        meta,
-        prompts: Sequence[Any],
-        max_new_tokens: int | None = None,
-    ) -> list[dict[str, Any]]:
+        check_tokenizer(self, tokenizer, meta)
+
+    def generate_answers(self, model, tokenizer, meta, prompts, max_new_tokens=None):
         """Greedy answers to ``prompts`` rendered from the artifact's own template."""
-        import torch
+        from lepton_ray.tasks.causal_lm_predict import generate_answers
 
-        from lepton_ray.tasks.causal_lm_eval import generate
-        from lepton_ray.text import clean_turns
-
-        self.check_tokenizer(tokenizer, meta)
-        chat = meta.extra["chat"]
-        limit = int(max_new_tokens or chat.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
-        enc = ChatEncoder(tokenizer, meta.max_length, False, "truncate_prompt")
-        encoded, truncated = [], []
-        for prompt in prompts:
-            turns = self.prompt_turns(meta, prompt)
-            cleaned = clean_turns([t["content"] for t in turns], meta.cleaning)
-            turns = [{**t, "content": c} for t, c in zip(turns, cleaned)]
-            ids = enc.prompt_ids(turns)
-            room = max(1, meta.max_length - 1)
-            truncated.append(len(ids) > room)
-            encoded.append(ids[-room:])
-        device = next(model.parameters()).device
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        with torch.inference_mode():
-            results = generate(model, encoded, chat["stop_token_ids"], pad, limit, device)
-        out = []
-        for ids, (tokens, why), cut in zip(encoded, results, truncated, strict=True):
-            out.append(
-                {
-                    "text": tokenizer.decode(tokens, skip_special_tokens=True),
-                    "finish_reason": why,
-                    "prompt_tokens": len(ids),
-                    "completion_tokens": len(tokens) + (1 if why == "stop" else 0),
-                    "truncated": bool(cut),
-                }
-            )
-        return out
+        return generate_answers(self, model, tokenizer, meta, prompts, max_new_tokens)
 
     def predict(self, model, tokenizer, meta, texts: Sequence[str]) -> list[dict[str, Any]]:
         return self.generate_answers(model, tokenizer, meta, texts)
 
     def pyfunc_signature(self, labels: Sequence[str]):
-        """In: ``prompt`` (a string) or ``messages`` (a list of ``{role, content}``), one
-        per row; the parameter ``max_new_tokens``. Out: the generated text and its counts."""
-        from mlflow.models import ModelSignature
-        from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
-        from mlflow.types.schema import Array, Object, Property
+        from lepton_ray.tasks.causal_lm_predict import pyfunc_signature
 
-        turn = Object([Property("role", DataType.string), Property("content", DataType.string)])
-        inputs = Schema(
-            [
-                ColSpec(DataType.string, "prompt", required=False),
-                ColSpec(Array(turn), "messages", required=False),
-            ]
-        )
-        columns = self.prediction_schema(labels)
-        outputs = Schema([ColSpec(getattr(DataType, kind), name) for name, kind in columns])
-        params = ParamSchema([ParamSpec("max_new_tokens", DataType.long, DEFAULT_MAX_NEW_TOKENS)])
-        return ModelSignature(inputs=inputs, outputs=outputs, params=params)
+        return pyfunc_signature(self, labels)
 
     def pyfunc_predict(self, model, tokenizer, meta, model_input, params: dict[str, Any]):
-        import pandas as pd
+        from lepton_ray.tasks.causal_lm_predict import pyfunc_predict
 
-        if isinstance(model_input, pd.DataFrame):
-            prompts = []
-            for i in range(len(model_input)):
-                messages = model_input["messages"].iloc[i] if "messages" in model_input else None
-                if messages is not None and not (
-                    isinstance(messages, float) and messages != messages
-                ):
-                    prompts.append(list(messages))
-                elif "prompt" in model_input and isinstance(model_input["prompt"].iloc[i], str):
-                    prompts.append(model_input["prompt"].iloc[i])
-                else:
-                    raise ValueError(f"row {i} has neither a prompt nor messages")
-        elif isinstance(model_input, str):
-            prompts = [model_input]
-        else:
-            prompts = list(model_input)
-        limit = params.get("max_new_tokens")
-        answers = []
-        for start in range(0, len(prompts), 8):
-            answers.extend(
-                self.generate_answers(model, tokenizer, meta, prompts[start : start + 8], limit)
-            )
-        columns = [name for name, _ in self.prediction_schema(meta.labels)]
-        return pd.DataFrame([self.prediction_row(a) for a in answers], columns=columns)
+        return pyfunc_predict(self, model, tokenizer, meta, model_input, params)
 
     def prediction_schema(self, labels: Sequence[str]) -> list[tuple[str, str]]:
         return [
@@ -587,7 +481,7 @@ def _preview(row: dict[str, Any], limit: int = 80) -> str:
 def _model_type(cfg: ModelConfig) -> str | None:
     from pathlib import Path
 
-    from lepton_ray.config import resolve_model_path
+    from lepton_ray.config.model import resolve_model_path
     from lepton_ray.errors import ConfigError
 
     try:

@@ -291,16 +291,25 @@ def evaluate(
     import torch
     import torch.distributed as dist
 
+    was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device
     batches = list(data)
     sums = torch.zeros(3, dtype=torch.float64)  # loss sum, tokens, correct
     multi = world_size > 1 and dist.is_available() and dist.is_initialized()
-    mine = batches[rank::world_size] if multi else batches
+    # Every rank runs the same number of forward passes (under FSDP each is a collective):
+    # a rank out of batches runs a one-row dummy and drops its output.
+    step = world_size if multi else 1
+    rounds = -(-len(batches) // step) if batches else 0
     with torch.inference_mode(), (autocast or nullcontext)():
-        for batch in mine:
+        for r in range(rounds):
+            index = r * step + (rank if multi else 0)
+            dummy = index >= len(batches)
+            batch = {k: v[:1] for k, v in batches[0].items()} if dummy else batches[index]
             batch = {k: v.to(device) for k, v in batch.items()}
             logits = model(**model_inputs(batch, model)).logits
+            if dummy:
+                continue
             labels = batch["labels"]
             shifted = labels[:, 1:]
             live = shifted != IGNORE
@@ -329,4 +338,6 @@ def evaluate(
         table, means = run_generation(model, sample, device, autocast)
         result["generations"] = table
         result.update(means)
+    if was_training:
+        model.train()
     return result

@@ -35,6 +35,8 @@ CONTEXT, RESPONSE, LAST_RESPONSE = 0, 1, 2
 """Parts of a token: the context, an assistant turn, the last assistant turn (the reference
 the generation evaluation compares with)."""
 RAW_ROLES = ("prompt", "completion", "text")
+TEMPLATED_FORMATS = ("alpaca", "messages")
+"""Formats rendered through the chat template (the others are joined as they are)."""
 CHAT_ROLES = ("system", "user", "assistant")
 
 CHATML = (
@@ -160,7 +162,7 @@ def _message_turns(value: Any, chat, where: str) -> list[dict[str, str]]:
         if _blank(content):
             raise DataError(f"{where}: turn {k} ({role}) has an empty '{chat.content_key}'")
         turns.append({"role": role, "content": str(content)})
-    if turns[0]["role"] == "system" and any(t["role"] == "system" for t in turns[1:]):
+    if any(t["role"] == "system" for t in turns[1:]):
         raise DataError(f"{where}: a system turn may only come first")
     if not any(t["role"] == "assistant" for t in turns):
         raise DataError(f"{where}: the conversation has no assistant turn (nothing to learn)")
@@ -301,7 +303,7 @@ class ChatEncoder:
                 labels[: self.max_length],
                 parts[: self.max_length],
             ), None
-        first = next((j for j, p in enumerate(parts) if p != CONTEXT), n)
+        first = next((j for j, p in enumerate(parts) if p == LAST_RESPONSE), n)
         cut = n - self.max_length
         if cut > first:
             return None, "response_too_long"

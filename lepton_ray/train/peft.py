@@ -13,13 +13,13 @@ def apply_peft(model, cfg: PeftSection, task: str):
         return model
     from peft import LoraConfig, TaskType, get_peft_model
 
-    _check_targets(model, list(cfg.lora.target_modules))
+    targets = resolve_targets(model, cfg.lora.target_modules, get_task(task).keep_float)
     lora = LoraConfig(
         task_type=TaskType[get_task(task).peft_task_type],
         r=cfg.lora.r,
         lora_alpha=cfg.lora.lora_alpha,
         lora_dropout=cfg.lora.lora_dropout,
-        target_modules=list(cfg.lora.target_modules),
+        target_modules=targets,
         bias=cfg.lora.bias,
     )
     return get_peft_model(model, lora)
@@ -29,6 +29,45 @@ def parameter_counts(model) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"params_total": total, "params_trainable": trainable}
+
+
+ATTENTION_PARENTS = ("attn", "attention")
+"""A Linear layer belongs to the attention block when a module on its path is named so."""
+
+
+def resolve_targets(model, targets: list[str] | str, heads: tuple[str, ...] = ()) -> list[str]:
+    """The layer names LoRA adapts: a list as given (each must name a layer of the model), or
+    a preset resolved against the model's own Linear layers, as full module paths (so a
+    name shared by attention and MLP layers, BERT's ``dense``, adapts only the chosen ones):
+    ``attention`` (those inside an attention block) or ``all-linear`` (all but the task's
+    output ``heads``, e.g. lm_head or classifier)."""
+    import torch
+
+    from lepton_ray.errors import ConfigError
+
+    linear = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    leaves = {n.rsplit(".", 1)[-1] for n, _ in linear}
+    if isinstance(targets, str):
+        if targets == "attention":
+            chosen = {
+                n
+                for n, _ in linear
+                if any(p in part.lower() for part in n.split(".")[:-1] for p in ATTENTION_PARENTS)
+            }
+        else:
+            chosen = {
+                n
+                for n, _ in linear
+                if not any(n == h or n.startswith(h + ".") or n.endswith("." + h) for h in heads)
+            }
+        if not chosen:
+            raise ConfigError(
+                f"peft.lora.target_modules: the preset '{targets}' matches no layer of the "
+                f"model; its Linear layers are {sorted(leaves)}"
+            )
+        return sorted(chosen)
+    _check_targets(model, list(targets))
+    return list(targets)
 
 
 def _check_targets(model, targets: list[str]) -> None:

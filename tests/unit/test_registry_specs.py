@@ -4,8 +4,8 @@ import pandas as pd
 import pytest
 
 from lepton_ray.errors import LeptonError
-from lepton_ray.registry.pyfunc_model import _texts
 from lepton_ray.registry.versions import Candidate, GateResult, gate
+from lepton_ray.tasks.base import input_texts as _texts
 from lepton_ray.tracking.mlflow import parse_spec
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from lepton_ray.errors import LeptonError
 
 if TYPE_CHECKING:
     import ray.data
@@ -44,8 +47,22 @@ TASK_CPUS = 0.5
 task needs a whole CPU, so actors spread over small nodes can never starve the reads."""
 
 
+_OURS = re.compile(r"^lepton_ray\.errors\.\w+: (.+)$", re.M)
+
+
 def root_cause(err: BaseException) -> str:
-    """The innermost error message, on one line (Ray nests the reader's error)."""
+    """The innermost error message, on one line (Ray nests the reader's error). One of our
+    own errors raised inside a Ray task (a malformed row a task's reader refused) is found
+    in the chain or in the remote traceback Ray prints, and its message is the answer."""
+    chain, seen = err, set()
+    while chain is not None and id(chain) not in seen:
+        seen.add(id(chain))
+        if isinstance(chain, LeptonError):
+            return str(chain).strip().splitlines()[0][:400]
+        found = _OURS.search(str(chain))
+        if found:
+            return found.group(1).strip()[:400]
+        chain = chain.__cause__ or getattr(chain, "cause", None)
     while err.__cause__ is not None:
         err = err.__cause__
     text = str(err).strip().splitlines()

@@ -1,0 +1,194 @@
+"""A causal language model through the stages, from the CLI: preprocess (chat template,
+masks, prompt-keyed split, report), training on Ray (DDP with packing; FSDP2), MLflow
+(perplexity, generations table), the registry's pyfunc (loaded by MLflow alone) and the
+perplexity gate."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from lepton_ray.cli import app
+from lepton_ray.data.sample import write_chats_jsonl
+from tests.conftest import smoke_config, write_yaml
+
+pytestmark = pytest.mark.slow
+runner = CliRunner()
+
+TINY_LLAMA = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+
+
+def lm_config(tmp, source, name: str, data=None, train=None) -> dict:
+    raw = smoke_config(tmp, source, name=name)
+    raw["task"] = "causal_lm"
+    raw["data"] = {
+        "path": str(source),
+        "max_length": 96,
+        "split": {"validation": 0.15, "test": 0.1},
+        "chat": {"format": "messages"},
+        **(data or {}),
+    }
+    raw["model"] = {"name": "smollm2", "random_init": True, "config_overrides": TINY_LLAMA}
+    raw["peft"] = {
+        "method": "lora",
+        "lora": {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]},
+    }
+    raw["train"] = {
+        "epochs": 2,
+        "batch_size": 8,
+        "lr": 5e-3,
+        "max_steps_per_epoch": 6,
+        "generation": {"samples": 3, "max_new_tokens": 6},
+        **(train or {}),
+    }
+    raw["tune"] = {"enabled": False, "metric": "val_perplexity"}
+    return raw
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, ray_session, smollm2_path):
+    tmp = tmp_path_factory.mktemp("causal_lm")
+    data = write_chats_jsonl(tmp / "chats.jsonl", n=240, seed=3)
+    raw = lm_config(tmp, data, name="chatlm", data={"packing": True})
+    path = write_yaml(tmp / "chatlm.yaml", raw)
+    uri = raw["tracking"]["tracking_uri"]
+    return {"tmp": tmp, "path": path, "raw": raw, "client": MlflowClient(uri, registry_uri=uri)}
+
+
+def test_preprocess_keys_splits_by_prompt_and_reports_lengths(setup):
+    result = runner.invoke(app, ["preprocess", str(setup["path"])])
+    assert result.exit_code == 0, result.output
+    folder = setup["tmp"] / "storage" / "chatlm" / "data"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["labels"] == []
+    assert manifest["rows_read"] == manifest["kept"] + sum(manifest["dropped"].values())
+    assert manifest["prompt_lengths"]["counts"] and manifest["response_lengths"]["counts"]
+    packing = manifest["packing"]
+    assert packing["enabled"] is True
+    assert packing["real_share_packed"] > packing["real_share_unpacked"]
+    train = pq.read_table(folder / "train").to_pandas()
+    validation = pq.read_table(folder / "validation").to_pandas()
+    assert {"input_ids", "labels", "parts", "prompt"} <= set(train.columns)
+    assert "label_id" not in train.columns
+    # No prompt is both trained on and evaluated on.
+    assert not set(train["prompt"]) & set(validation["prompt"])
+    # Only assistant tokens are trained; every row trains on something.
+    for ids, labels in zip(train["input_ids"], train["labels"]):
+        trained = [i for i, lab in zip(ids, labels) if lab != -100]
+        assert 0 < len(trained) < len(ids)
+    assert "raw_text" in validation.columns and "raw_text" not in train.columns
+
+
+def test_train_logs_perplexity_and_generations_and_registers_a_pyfunc(setup):
+    path, c = str(setup["path"]), setup["client"]
+    result = runner.invoke(app, ["train", path])
+    assert result.exit_code == 0, result.output
+    assert "packing:" in result.output
+    champion = c.get_model_version_by_alias("chatlm", "champion")
+    run = c.get_run(champion.run_id)
+    metrics = run.data.metrics
+    assert {"val_perplexity", "val_token_accuracy", "val_rouge_l", "val_exact_match"} <= set(
+        metrics
+    )
+    assert metrics["val_perplexity"] > 1.0
+    tables = [a.path for a in c.list_artifacts(run.info.run_id, "generations")]
+    assert len(tables) == 2  # one table per evaluation (2 epochs)
+    local = c.download_artifacts(run.info.run_id, tables[-1], str(setup["tmp"] / "gen"))
+    with open(local) as handle:
+        table = json.load(handle)
+    assert set(table["columns"]) >= {"prompt", "reference", "output", "rouge_l", "step"}
+    assert len(table["data"]) == 3
+    # The registered version predicts with MLflow alone: no lepton_ray import in the caller.
+    script = (
+        "import mlflow, pandas as pd, sys\n"
+        f"mlflow.set_tracking_uri({setup['raw']['tracking']['tracking_uri']!r})\n"
+        "m = mlflow.pyfunc.load_model('models:/chatlm@champion')\n"
+        "df = pd.DataFrame({'prompt': ['What is 2 plus 3?', None], 'messages': [None, "
+        "[{'role': 'user', 'content': 'Spell stone.'}]]})\n"
+        "out = m.predict(df, params={'max_new_tokens': 4})\n"
+        "assert 'lepton_ray' not in sys.modules.get('__main__').__dict__\n"
+        "print(out.to_json(orient='records'))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(rows) == 2
+    assert all(isinstance(r["text"], str) and r["completion_tokens"] >= 1 for r in rows)
+    assert all(r["finish_reason"] in ("stop", "length") for r in rows)
+    signature = champion_signature(c, champion)
+    assert "max_new_tokens" in signature
+
+
+def champion_signature(client, version) -> str:
+    import mlflow
+
+    mlflow.set_tracking_uri(client._tracking_client.tracking_uri)
+    info = mlflow.models.get_model_info(f"models:/{version.name}/{version.version}")
+    return str(info.signature)
+
+
+def test_the_gate_compares_perplexity(setup):
+    result = runner.invoke(app, ["train", str(setup["path"])])
+    assert result.exit_code == 0, result.output
+    assert "val_perplexity" in result.output
+    assert "champion" in result.output
+
+
+def test_fsdp2_trains_a_causal_lm_on_cpu(setup, tmp_path):
+    data = write_chats_jsonl(tmp_path / "chats.jsonl", n=120, seed=4)
+    raw = lm_config(
+        tmp_path,
+        data,
+        name="chatfsdp",
+        train={
+            "epochs": 1,
+            "strategy": "fsdp",
+            "fsdp_min_params_per_worker": 1000,
+            "max_steps_per_epoch": 3,
+            "generation": {"samples": 2, "max_new_tokens": 4},
+        },
+    )
+    raw["peft"] = {"method": "none"}
+    path = write_yaml(tmp_path / "fsdp.yaml", raw)
+    assert runner.invoke(app, ["preprocess", str(path)]).exit_code == 0
+    result = runner.invoke(app, ["train", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "fsdp x 2" in result.output
+    assert "val_perplexity" in result.output
+
+
+@pytest.mark.parametrize(
+    ("turns", "message"),
+    [
+        ([{"role": "user", "content": "hi"}], "no assistant turn"),
+        (
+            [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "x"}],
+            "unknown role",
+        ),
+        ([{"role": "user", "content": " "}, {"role": "assistant", "content": "x"}], "empty"),
+    ],
+)
+def test_a_malformed_conversation_is_one_clear_error(setup, tmp_path, turns, message):
+    data = write_chats_jsonl(tmp_path / "chats.jsonl", n=30, seed=1)
+    with data.open("a") as handle:
+        handle.write(json.dumps({"messages": turns}) + "\n")
+    raw = lm_config(tmp_path, data, name="badchat")
+    path = write_yaml(tmp_path / "bad.yaml", raw)
+    result = runner.invoke(app, ["preprocess", str(path)])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not (tmp_path / "storage" / "badchat" / "data" / "manifest.json").exists()
