@@ -61,7 +61,7 @@ def lower_is_better(score: str) -> bool:
 class CompressResult:
     method: str  # the format made: dynamic_int8, onnx_int8, bf16, ...; "none" if disabled
     folder: Path | None  # the compressed artifact; None when refused or disabled
-    accepted: bool  # False when the accuracy gate refused it (then folder is None)
+    accepted: bool  # False when the gate (judge) refused it (then folder is None)
     reason: str  # one line for the log: why this method / why refused
     metrics: dict[str, float]  # already logged to MLflow by run_compress
 
@@ -105,10 +105,14 @@ def build_compressed(
     """Write the ``method`` artifact of the float ``model`` into ``folder``.
 
     Returns what the recipe did (recorded in the artifact's ``extra["compression"]``).
-    ``validation`` batches check an ONNX export against torch; they choose nothing.
+    ``validation`` batches check an ONNX export against torch; they choose nothing. A method
+    that cannot serve the model (``refusal``) is a ``ConfigError``.
     """
     import torch
 
+    why_not = refusal(method, model)
+    if why_not:
+        raise ConfigError(why_not)
     comp = cfg.compress
     details: dict[str, Any] = {}
     if method in ("dynamic_int8", "onnx_int8"):

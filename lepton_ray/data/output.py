@@ -36,6 +36,9 @@ def token_extras(cfg: ExperimentConfig, stats: dict[str, Any]) -> dict[str, Any]
 
     from lepton_ray.data.packing_stats import real_token_share
 
+    # Examples are never cut at max_length (too_long drops them or cuts the prompt): a
+    # length of max_length is a fit, not a truncation.
+    stats["token_lengths"].pop("truncated", None)
     hist = stats["train_lengths"]
     lengths = np.repeat(np.arange(len(hist)), hist)
     return {

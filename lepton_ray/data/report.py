@@ -284,6 +284,22 @@ def summary_table(manifest: Mapping[str, Any]) -> str:
                 f" at max_length {limit}" if limit else ""
             )
         out.append(line.rstrip())
+    for key, name in (("prompt_lengths", "prompt"), ("response_lengths", "response")):
+        part = _dict(manifest.get(key))
+        if part:
+            figures = "   ".join(
+                f"{k} {_num(part[k])}" for k in ("mean", "p50", "p95", "max") if k in part
+            )
+            out.append(f"  {name:<9} {figures}")
+    packing = _dict(manifest.get("packing"))
+    if packing:
+        out.append(
+            f"  real tokens: {100 * float(packing.get('real_share_unpacked', 0)):.1f}% of "
+            f"{_num(packing.get('rows'))} rows padded to max_length, "
+            f"{100 * float(packing.get('real_share_packed', 0)):.1f}% of "
+            f"{_num(packing.get('packed_rows'))} packed rows"
+            + (" (data.packing on)" if packing.get("enabled") else " (data.packing off)")
+        )
     return "\n".join(out)
 
 
@@ -341,14 +357,17 @@ def label_distribution_figure(manifest: Mapping[str, Any]):
     return fig
 
 
-def length_histogram_figure(manifest: Mapping[str, Any]):
+def length_histogram_figure(
+    manifest: Mapping[str, Any], key: str = "token_lengths", name: str = "Token lengths"
+):
     """Token lengths per split, as a share of the split's rows per length bin.
 
     Bars of the splits stand side by side in each bin; a dashed line marks ``max_length``,
-    where texts were truncated. Without ``token_lengths`` in the manifest the figure says so.
+    where texts were truncated. Without ``key`` (``token_lengths``; a language model's
+    ``prompt_lengths`` and ``response_lengths`` too) in the manifest the figure says so.
     """
     plt = _pyplot()
-    lengths = _dict(manifest.get("token_lengths"))
+    lengths = _dict(manifest.get(key))
     edges = [float(e) for e in lengths.get("edges") or []]
     counts = {s: list(c) for s, c in _dict(lengths.get("counts")).items() if c}
     splits = [s for s in _splits(manifest) if s in counts]
@@ -381,7 +400,7 @@ def length_histogram_figure(manifest: Mapping[str, Any]):
     parts = [f"{k} {_num(lengths[k])}" for k in ("mean", "p50", "p95", "max") if k in lengths]
     if "truncated" in lengths:
         parts.append(f"truncated {_num(lengths['truncated'])}")
-    title = "Token lengths" + (f" (max_length {limit})" if limit else "")
+    title = name + (f" (max_length {limit})" if limit else "")
     ax.set(xlabel="tokens", ylabel="fraction of split", title=title)
     if parts:
         ax.text(
@@ -430,9 +449,21 @@ def log_data_report(
     plt = _pyplot()
     client.log_dict(run_id, dict(manifest), "data/manifest.json")
     client.log_text(run_id, summary_table(manifest) + "\n", "data/summary.txt")
-    figures = [("data/label_distribution.png", label_distribution_figure)]
-    if _dict(manifest.get("token_lengths")).get("counts"):
-        figures.append(("data/token_lengths.png", length_histogram_figure))
+    figures = []
+    if manifest.get("labels"):
+        figures.append(("data/label_distribution.png", label_distribution_figure))
+    for key, name in (
+        ("token_lengths", "Token lengths"),
+        ("prompt_lengths", "Prompt tokens"),
+        ("response_lengths", "Response tokens"),
+    ):
+        if _dict(manifest.get(key)).get("counts"):
+            figures.append(
+                (
+                    f"data/{key}.png",
+                    lambda m, key=key, name=name: length_histogram_figure(m, key, name),
+                )
+            )
     for artifact, build in figures:
         fig = build(manifest)
         try:

@@ -350,13 +350,13 @@ def test_no_chat_template_with_messages_says_to_set_data_chat_template(smollm2_p
 
 def test_the_encoder_refuses_a_model_without_template(smollm2_path, tmp_path):
     """encoder() of a tokenizer without template and format messages: the configured template
-    is refused before any row is read."""
+    is refused before any row is read, as the data stage's one-line error."""
     tok = _fresh(smollm2_path)
     tok.chat_template = None
     tok.save_pretrained(tmp_path / "bare")
     (tmp_path / "bare" / "chat_template.jinja").unlink(missing_ok=True)
     shutil.copy(smollm2_path / "config.json", tmp_path / "bare" / "config.json")
-    with pytest.raises(TemplateError, match="data.chat.template"):
+    with pytest.raises(DataError, match="data.chat.template: the model's tokenizer has no chat"):
         CausalLM().encoder(str(tmp_path / "bare"), 64, _options())
 
 

@@ -276,3 +276,27 @@ def test_onnx_int8_is_refused_for_a_model_that_generates_before_anything_is_writ
     with pytest.raises(ConfigError, match="onnx_int8 exports one forward pass"):
         quantize.run_compress(validate_experiment(raw), source, out, "no-run", log=print)
     assert not Path(out).exists()
+
+
+@pytest.mark.gpu
+def test_gpu_weight_only_int8_scores_and_generates_like_bf16(lm):
+    """int8_weight_only as a gpu_weight_only artifact loads (torchao on the GPU): the
+    evaluation moves its batches to the GPU, generation goes through the wrapper."""
+    pytest.importorskip("torchao", reason="torchao is optional: GPU weight-only formats only")
+    from lepton_ray.compress.modules import quantize_weight_only
+
+    assert torch.cuda.is_available(), "no CUDA device: run the gpu tests on a GPU machine"
+    import copy
+
+    data = measure.evaluation_set(lm["cfg"], TASK, "validation", lm["tokenizer"], lm["meta"])
+
+    def on_gpu():
+        return copy.deepcopy(lm["model"]).to("cuda", torch.bfloat16)
+
+    reference = measure.evaluate(TASK, CudaModel(on_gpu()), data, [])["scores"]["perplexity"]
+    int8 = CudaModel(quantize_weight_only(on_gpu(), "int8_weight_only"))
+    scores = measure.evaluate(TASK, int8, data, [])["scores"]
+    assert abs(scores["perplexity"] - reference) / reference < 0.05
+    figures = measure.speed(TASK, int8, data, measure.pad_id(lm["tokenizer"]))
+    assert figures["tokens_per_s_batch1"] > 0 and figures["tokens_per_s_batch8"] > 0
+    assert all(isinstance(a["text"], str) for a in _answers(int8, lm))
