@@ -16,8 +16,10 @@ AdamW lr 2e-4, linear decay, no warm-up of the schedule, grad-norm clip 1.0, one
 * ``lepton-ray``: ``get_task('causal_lm').encoder`` (ChatEncoder: labels and parts per
   token) -> ``TokenRows.from_frames`` -> (``pack_rows`` with packing) -> ``run_training``
   (collate, ``model_inputs``: a 4D block-diagonal mask when packed, ``token_loss``).
-  Batches in the loop's random order (``group_by_length`` off unless ``--group-by-length``,
-  as TRL's random sampler). Timed by the loop's own per-step seconds.
+  Two orders: lepton-ray's default, ``train.group_by_length: true`` (batches of similar
+  length, in random order), and ``random order`` (as TRL's default sampler), the latter
+  without packing only (a packed row is full either way). Timed by the loop's own per-step
+  seconds.
 * ``trl``: ``SFTTrainer`` on a conversational prompt-completion dataset (TRL masks the
   prompt: ``completion_only_loss`` defaults to on for such data), ``peft_config`` with the
   same LoRA, ``packing=True`` -> TRL's default ``bfd`` strategy, which turns on
@@ -54,6 +56,7 @@ MODEL = "smollm2"
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 LR = 2e-4
+LEPTON, RANDOM = "lepton-ray", "lepton-ray random order"
 LOSSY = "SmolLM2-135M-Instruct from a Q4_1 GGUF, dequantized (a lossy copy of the weights)"
 
 
@@ -134,7 +137,7 @@ def lora_model(precision_name: str):
 
 
 # ------------------------------------------------------------------------------ lepton-ray
-def lepton_run(task, rows, pad_id: int, args, packing: bool, seed: int = 42) -> dict:
+def lepton_run(task, rows, pad_id: int, args, packing: bool, grouped: bool, seed: int = 42) -> dict:
     """Warm-up steps, then ``args.steps`` timed steps of ``run_training`` on a fresh LoRA."""
     import numpy as np
     import torch
@@ -171,7 +174,7 @@ def lepton_run(task, rows, pad_id: int, args, packing: bool, seed: int = 42) -> 
             metric="val_loss",
             mode="min",
             seed=run_seed,
-            group_by_length=args.group_by_length,
+            group_by_length=grouped,
         )
 
     common = dict(
@@ -199,7 +202,7 @@ def lepton_run(task, rows, pad_id: int, args, packing: bool, seed: int = 42) -> 
         model, optimizer, scheduler, train_rows, settings=timed, state=LoopState(), **common
     )
     h = state.history[-1]
-    batches = epoch_batches(train_rows, args.batch_size, seed, 0, 0, args.group_by_length)
+    batches = epoch_batches(train_rows, args.batch_size, seed, 0, 0, grouped)
     batches = batches[: args.steps]
     trained = sum(trained_tokens(train_rows.targets_of(b)) for b in batches)
     real = sum(int(train_rows.lengths[b].sum()) for b in batches)
@@ -328,7 +331,13 @@ def main() -> None:
     p.add_argument("--packing", choices=("on", "off", "both"), default="both")
     p.add_argument("--repeats", type=int, default=1, help="rounds of (lepton-ray, TRL)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--group-by-length", action="store_true", help="lepton-ray's length grouping")
+    p.add_argument(
+        "--order",
+        choices=("grouped", "random", "both"),
+        default="both",
+        help="lepton-ray's batch order without packing: grouped by length (its default), "
+        "random (as TRL), or both (default)",
+    )
     args = p.parse_args()
     if not SHARED.is_dir():
         sys.exit(f"skipped: {SHARED} is absent (this benchmark reads ../shared/data)")
@@ -355,18 +364,20 @@ def main() -> None:
         f"{rows.tokens} tokens (mean {rows.tokens / max(len(rows), 1):.0f})"
     )
     configs = {"on": [True], "off": [False], "both": [False, True]}[args.packing]
+    orders = {"grouped": [True], "random": [False], "both": [True, False]}[args.order]
     results: dict[str, dict[str, list]] = {}
     with tempfile.TemporaryDirectory(prefix="sft-tp-") as tmp:
         for packing in configs:
             name = "packing" if packing else "no packing"
-            results[name] = {"lepton-ray": [], "trl": []}
+            sides = [LEPTON if g else RANDOM for g in (orders if not packing else [True])]
+            results[name] = {side: [] for side in (*sides, "trl")}
             for r in range(args.repeats):
-                for side in ("lepton-ray", "trl"):
+                for side in results[name]:
                     t0 = time.perf_counter()
-                    if side == "lepton-ray":
-                        res = lepton_run(task, rows, pad_id, args, packing)
-                    else:
+                    if side == "trl":
                         res = trl_run(turns, args, packing, Path(tmp) / f"trl-{packing}-{r}")
+                    else:
+                        res = lepton_run(task, rows, pad_id, args, packing, side == LEPTON)
                     res["wall_s"] = time.perf_counter() - t0
                     results[name][side].append(res)
                     log(
@@ -381,23 +392,23 @@ def main() -> None:
         return statistics.median(x[key] for x in results[name][side])
 
     table = []
-    for name in results:
-        lr_tps, trl_tps = med(name, "lepton-ray", "tokens_per_s"), med(name, "trl", "tokens_per_s")
-        lr_tr = med(name, "lepton-ray", "trained_tokens_per_s")
-        trl_tr = med(name, "trl", "trained_tokens_per_s")
-        table.append(
-            {
-                "config": name,
-                "lepton_tokens_per_s": lr_tps,
-                "trl_tokens_per_s": trl_tps,
-                "ratio": lr_tps / trl_tps,
-                "lepton_trained_per_s": lr_tr,
-                "trl_trained_per_s": trl_tr,
-                "trained_ratio": lr_tr / trl_tr,
-                "lepton_loss": med(name, "lepton-ray", "loss"),
-                "trl_loss": med(name, "trl", "loss"),
-            }
-        )
+    for name, sides in results.items():
+        trl_tps, trl_tr = med(name, "trl", "tokens_per_s"), med(name, "trl", "trained_tokens_per_s")
+        for side in (s for s in sides if s != "trl"):
+            lr_tps, lr_tr = med(name, side, "tokens_per_s"), med(name, side, "trained_tokens_per_s")
+            table.append(
+                {
+                    "config": name if side == LEPTON else f"{name}, {side}",
+                    "lepton_tokens_per_s": lr_tps,
+                    "trl_tokens_per_s": trl_tps,
+                    "ratio": lr_tps / trl_tps,
+                    "lepton_trained_per_s": lr_tr,
+                    "trl_trained_per_s": trl_tr,
+                    "trained_ratio": lr_tr / trl_tr,
+                    "lepton_loss": med(name, side, "loss"),
+                    "trl_loss": med(name, "trl", "loss"),
+                }
+            )
     import peft
     import transformers
     import trl

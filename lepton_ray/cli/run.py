@@ -413,9 +413,13 @@ def _print_summary(cfg, summary: dict, config: Path) -> None:
     if comp:
         m = comp["metrics"]
         sizes = f"{m.get('size_mb_fp32', float('nan')):.1f} MB -> {m.get('size_mb_compressed', float('nan')):.1f} MB"
+        # The score the compression was judged on: the sweep's metric where compress
+        # measured it, else the task's headline (accuracy, or a language model's perplexity).
+        names = (cfg.tune.metric, "val_accuracy", "val_perplexity")
+        name = next((n for n in names if f"{n}_fp32" in m), "val_accuracy")
         accs = (
-            f"val accuracy {m.get('val_accuracy_fp32', float('nan')):.4f} -> "
-            f"{m.get('val_accuracy_compressed', float('nan')):.4f}"
+            f"{name.replace('_', ' ')} {m.get(f'{name}_fp32', float('nan')):.4f} -> "
+            f"{m.get(f'{name}_compressed', float('nan')):.4f}"
         )
         if comp["compressed_version"] is not None:
             say(f"compressed    v{comp['compressed_version']} ({comp['method']}): {sizes}, {accs}")

@@ -45,6 +45,12 @@ def token_extras(cfg: ExperimentConfig, stats: dict[str, Any]) -> dict[str, Any]
         "prompt_lengths": stats["prompt_lengths"],
         "response_lengths": stats["response_lengths"],
         "packing": real_token_share(lengths, cfg.data.max_length) | {"enabled": cfg.data.packing},
+        # Examples kept by too_long: truncate_prompt with their prompt's first tokens cut.
+        "prompts_cut": {
+            "policy": cfg.data.chat.too_long,
+            "rows": int(sum(stats.get("prompts_cut", {}).values())),
+            "per_split": dict(stats.get("prompts_cut", {})),
+        },
     }
 
 
@@ -69,8 +75,11 @@ def write_splits(resolved, tmp: Path, options: dict[str, Any], labels: list[str]
         key: {s: np.zeros(max_length + 1, dtype=np.int64) for s in SPLITS}
         for key in ("prompt_lengths", "response_lengths")
     }
+    cut: dict[str, int] = {}
     for part in ray.get(refs):
         for split, st in part.items():
+            if "prompts_cut" in st:
+                cut[split] = cut.get(split, 0) + st["prompts_cut"]
             splits[split] = splits.get(split, 0) + st["rows"]
             augmented += st["augmented"]
             classes[split] += np.asarray(st["classes"], dtype=np.int64)
@@ -90,6 +99,7 @@ def write_splits(resolved, tmp: Path, options: dict[str, Any], labels: list[str]
         | {s: {} for s in SPLITS if not splits.get(s)},
         "token_lengths": _length_summary(lengths, max_length),
         "train_lengths": lengths["train"],
+        **({"prompts_cut": cut} if cut else {}),
         **{
             key: _length_summary(hist, max_length)
             for key, hist in pieces.items()

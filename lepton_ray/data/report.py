@@ -291,6 +291,12 @@ def summary_table(manifest: Mapping[str, Any]) -> str:
                 f"{k} {_num(part[k])}" for k in ("mean", "p50", "p95", "max") if k in part
             )
             out.append(f"  {name:<9} {figures}")
+    cut = _dict(manifest.get("prompts_cut"))
+    if cut.get("policy") == "truncate_prompt":
+        out.append(
+            f"  too long: {_num(cut.get('rows', 0))} kept with the prompt's first tokens cut "
+            "(too_long: truncate_prompt)"
+        )
     packing = _dict(manifest.get("packing"))
     if packing:
         out.append(

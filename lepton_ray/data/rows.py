@@ -241,6 +241,11 @@ class Tokenize:
             # A task's own tokens and per-token targets; a row it cannot fit is dropped.
             columns = self.task_encode(texts)
             drops = columns.pop("drop")
+            cut = columns.pop(PROMPT_CUT, None)
+            if cut is not None:  # tokens a too-long example's prompt lost (0: none)
+                counts = np.zeros(len(batch), dtype=np.int32)
+                counts[live] = cut
+                batch = batch.assign(**{PROMPT_CUT: counts})
             reasons = batch["drop_reason"].to_numpy(dtype=object).copy()
             for pos, reason in zip(live, drops):
                 if reason:
@@ -266,6 +271,9 @@ def list_array(rows: list):
     flat = np.fromiter((i for r in rows for i in r), dtype=np.int32, count=int(offsets[-1]))
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
 
+
+PROMPT_CUT = "prompt_cut"
+"""Tokens ``too_long: truncate_prompt`` cut from the start of an example's prompt."""
 
 TOKEN_LISTS = ("input_ids", "labels", "parts")
 """Per-token list columns of the tokenized rows (kept in Arrow, never in pandas)."""
@@ -312,6 +320,8 @@ def finalize_partition(
         name: table.column(name).take(pa.array(keep)).combine_chunks()
         for name in (kind.target_columns if kind.token_targets else ())
     }
+    # Prompts cut to fit, per kept row (rows past len(keep) are augmented copies).
+    cut = frame[PROMPT_CUT].to_numpy()[keep] > 0 if PROMPT_CUT in frame else None
     rows["augmented"] = False
     if augment and len(rows):
         from lepton_ray.data.augment import augment_batch
@@ -356,6 +366,9 @@ def finalize_partition(
             "classes": part["label"].value_counts().reindex(labels, fill_value=0).tolist(),
             "lengths": np.bincount(lengths, minlength=max_length + 1).tolist(),
         }
+        if cut is not None:
+            own = part.index.to_numpy()
+            stats[split]["prompts_cut"] = int(cut[own[own < len(cut)]].sum())
         if "parts" in targets:  # a language model: prompt and response lengths apart
             parts = targets["parts"]
             flat = pc.list_flatten(parts).to_numpy(zero_copy_only=False)

@@ -203,8 +203,9 @@ class CausalLM(Task):
         raise NotImplementedError("a language model's targets come with its tokens")
 
     def encoder(self, model_name: str, max_length: int, options: dict[str, Any]):
-        """texts (canonical JSON) -> ``input_ids``, ``labels``, ``parts`` and the reason an
-        example is dropped ('' when kept) under the ``too_long`` policy."""
+        """texts (canonical JSON) -> ``input_ids``, ``labels``, ``parts``, the reason an
+        example is dropped ('' when kept) under the ``too_long`` policy, and ``prompt_cut``:
+        the prompt tokens ``truncate_prompt`` cut from a kept example (0 when whole)."""
         try:
             tokenizer = chat_tokenizer(model_name, options["template"], options["format"])
         except TemplateError as err:
@@ -212,10 +213,13 @@ class CausalLM(Task):
         enc = ChatEncoder(tokenizer, max_length, options["train_on_prompt"], options["too_long"])
 
         def encode(texts: Sequence[str]) -> dict[str, list]:
-            out: dict[str, list] = {"input_ids": [], "labels": [], "parts": [], "drop": []}
+            out: dict[str, list] = {
+                "input_ids": [], "labels": [], "parts": [], "drop": [], "prompt_cut": []
+            }  # fmt: skip
             for text in texts:
                 try:
-                    fitted, reason = enc.fit(*enc.encode(parse(text)))
+                    whole = enc.encode(parse(text))
+                    fitted, reason = enc.fit(*whole)
                 except TemplateError as err:
                     raise DataError(f"data.chat.template: {err}") from None
                 ids, labels, parts = fitted if fitted else ([], [], [])
@@ -224,6 +228,7 @@ class CausalLM(Task):
                 for key, value in (("input_ids", ids), ("labels", labels), ("parts", parts)):
                     out[key].append(value)
                 out["drop"].append(reason or "")
+                out["prompt_cut"].append(len(whole[0]) - len(ids) if ids else 0)
             return out
 
         return encode

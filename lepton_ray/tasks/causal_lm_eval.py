@@ -110,12 +110,20 @@ def model_inputs(batch: dict, model) -> dict:
 
 
 def token_loss(logits, labels, reduction: str = "mean"):
-    """Next-token cross-entropy over trained positions (labels shifted by one)."""
+    """Next-token cross-entropy over trained positions (labels shifted by one).
+
+    Only the trained positions' logits are upcast to fp32 and normalised: the prompt and
+    padding rows of a (batch x length x vocab) tensor are never copied, which is most of the
+    memory and a share of the time of a chat batch. A batch with no trained position gives a
+    zero that keeps the graph (every weight still gets a gradient under DDP), not a NaN."""
     import torch.nn.functional as F
 
     shifted = labels[:, 1:].reshape(-1)
-    flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    return F.cross_entropy(flat, shifted, ignore_index=IGNORE, reduction=reduction)
+    live = shifted != IGNORE
+    flat = logits[:, :-1].reshape(-1, logits.shape[-1])[live].float()
+    if flat.shape[0] == 0:
+        return logits.sum() * 0.0
+    return F.cross_entropy(flat, shifted[live], reduction=reduction)
 
 
 def trained_tokens(targets: Sequence[np.ndarray]) -> int:

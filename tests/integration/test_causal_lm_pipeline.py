@@ -192,3 +192,53 @@ def test_a_malformed_conversation_is_one_clear_error(setup, tmp_path, turns, mes
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert not (tmp_path / "storage" / "badchat" / "data" / "manifest.json").exists()
+
+
+def _long_prompt_chats(path, long: int, short: int):
+    """``short`` small conversations and ``long`` ones whose system prompt is ~120 tokens
+    (each different) before a short answer: over max_length 64 only by their prompt."""
+    import random
+
+    rng = random.Random(5)
+    words = ["river", "stone", "maple", "cloud", "amber", "north", "pixel", "ocean", "lemon"]
+    with path.open("w") as handle:
+        for i in range(long + short):
+            turns = [
+                {"role": "user", "content": f"Name item {i}."},
+                {"role": "assistant", "content": f"Item {i}"},
+            ]
+            if i < long:
+                rules = " ".join(rng.choice(words) for _ in range(100))
+                turns.insert(0, {"role": "system", "content": f"Rules {i}: {rules}"})
+            handle.write(json.dumps({"messages": turns}) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("policy", ["drop", "truncate_prompt"])
+def test_too_long_examples_are_dropped_or_cut_and_counted(setup, tmp_path, policy):
+    data = _long_prompt_chats(tmp_path / "long.jsonl", long=12, short=48)
+    raw = lm_config(tmp_path, data, name=f"long-{policy.replace('_', '-')}")
+    raw["data"]["max_length"] = 64
+    raw["data"]["chat"]["too_long"] = policy
+    path = write_yaml(tmp_path / "long.yaml", raw)
+    result = runner.invoke(app, ["preprocess", str(path)])
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "storage" / raw["name"] / "data"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["rows_read"] == manifest["kept"] + sum(manifest["dropped"].values())
+    cut = manifest["prompts_cut"]
+    assert cut["policy"] == policy
+    if policy == "drop":
+        assert manifest["dropped"].get("too_long_tokens") == 12 and cut["rows"] == 0
+        assert manifest["kept"] == 48
+    else:
+        assert "too_long_tokens" not in manifest["dropped"] and manifest["kept"] == 60
+        assert cut["rows"] == 12 and sum(cut["per_split"].values()) == 12
+        assert "12 kept with the prompt's first tokens cut" in result.output
+    for split in ("train", "validation", "test"):
+        if not (folder / split).exists():
+            continue
+        table = pq.read_table(folder / split).to_pandas()
+        for ids, labels in zip(table["input_ids"], table["labels"]):
+            assert len(ids) <= 64
+            assert [t for t in labels if t != -100]  # the answer is always kept whole

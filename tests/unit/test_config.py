@@ -25,7 +25,11 @@ def test_every_shipped_experiment_validates(path, monkeypatch):
         pytest.skip(f"{path.name} reads ../shared/data, which is absent here")
     cfg = load_experiment(path)
     assert cfg.name
-    assert cfg.data.path.exists()
+    if cfg.data.path is not None:
+        assert cfg.data.path.exists()
+    else:  # a local file read through a datasets builder (json)
+        files = cfg.data.hf.data_files
+        assert all(Path(f).exists() for f in ([files] if isinstance(files, str) else files))
 
 
 def test_quickstart_defaults_and_absolute_paths(monkeypatch):

@@ -8,7 +8,7 @@ import sys
 
 from tests.conftest import ROOT
 
-GPU_CHECKS = 8
+GPU_CHECKS = 13
 COLLECT = ["tests/gpu", "--collect-only", "-q", "--confcutdir", "tests/gpu"]
 COLLECT += ["-p", "no:cacheprovider"]
 
@@ -34,8 +34,11 @@ import torch.distributed.fsdp
 import lepton_ray.compress.modules
 import lepton_ray.train.parallel
 from lepton_ray.tasks.classification_eval import collate
+import peft
 from tests.gpu.conftest import learnable_rows, tiny_classifier
+from tests.gpu.test_causal_lm_cuda import tiny_llama
 
+tiny_llama()
 rows = learnable_rows(4)
 tiny_classifier()(**collate(rows.sequences(range(4)), None, 0))
 print("RESULT", rc, unmarked)
@@ -44,7 +47,9 @@ print("RESULT", rc, unmarked)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     collected = [line for line in out.stdout.splitlines() if line.startswith("tests/gpu/")]
     assert len(collected) == GPU_CHECKS, out.stdout
-    for name in ("cuda_is_available", "bf16_matmul", "loop_trains", "fsdp2", "weight_only"):
+    names = ("cuda_is_available", "bf16_matmul", "loop_trains", "fsdp2", "weight_only")
+    names += ("packing_with_sdpa", "flash_attention_2", "lora_llama", "shards_a_llama")
+    for name in names:
         assert any(name in line for line in collected), name
     assert "RESULT 0 5" in out.stdout  # 5: nothing collected, every check is marked gpu
 
