@@ -242,3 +242,57 @@ def test_too_long_examples_are_dropped_or_cut_and_counted(setup, tmp_path, polic
         for ids, labels in zip(table["input_ids"], table["labels"]):
             assert len(ids) <= 64
             assert [t for t in labels if t != -100]  # the answer is always kept whole
+
+
+def test_a_sweep_over_lr_lora_shape_and_packing_minimises_perplexity(setup, tmp_path):
+    """tune with the same YAML: train.lr, peft.lora.r / lora_alpha and data.packing; the
+    metric val_perplexity is minimised; each trial trains what its parameters say (its LoRA size, its row shape)."""
+    from lepton_ray.config import validate_experiment
+    from lepton_ray.data.preprocess import run_preprocess
+    from lepton_ray.tracking.mlflow import tracked_run
+    from lepton_ray.tune.driver import run_tune
+
+    data = write_chats_jsonl(tmp_path / "chats.jsonl", n=160, seed=4)
+    raw = lm_config(tmp_path, data, name="chatsweep", data={"packing": True})
+    raw["train"].update(epochs=1, max_steps_per_epoch=4)
+    raw["scaling"] = {"num_workers": 1, "resources_per_worker": {"CPU": 1}}
+    raw["tune"] = {
+        "enabled": True,
+        "metric": "val_perplexity",
+        "num_samples": 3,
+        "seed": 1,
+        "space": {
+            "train.lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2},
+            "peft.lora.r": {"type": "choice", "values": [4, 8]},
+            "peft.lora.lora_alpha": {"type": "choice", "values": [8, 16]},
+            "data.packing": {"type": "choice", "values": [True, False]},
+        },
+    }
+    cfg = validate_experiment(raw)
+    assert cfg.tune.mode == "min"
+    manifest = run_preprocess(cfg, log=lambda _: None)
+    lines: list[str] = []
+    with tracked_run(cfg, "tune") as parent:
+        result = run_tune(cfg, manifest, parent, log=lines.append)
+    trials = result["trials"]
+    assert len(trials) == 3 and not any(t["error"] for t in trials)
+    scores = [t["metrics"]["val_perplexity"] for t in trials]
+    assert all(1.0 < s < float("inf") for s in scores)
+    assert result["metrics"]["val_perplexity"] == min(scores)
+    client = setup["client"].__class__(cfg.tracking.tracking_uri)
+    row_tokens: dict[bool, list[float]] = {}
+    for trial in trials:
+        params = trial["params"]
+        assert set(cfg.tune.space) <= set(params)
+        run = client.get_run(trial["run_id"])
+        assert run.data.params["data.packing"] == str(params["data.packing"])
+        assert run.data.params["peft.lora.r"] == str(params["peft.lora.r"])
+        # SmolLM2's config fixes head_dim at 64, so q_proj is 64 -> 256 and v_proj 64 -> 128
+        # (2 KV heads); LoRA on both in 2 layers: (320 + 192) * 2 = 1024 weights per rank.
+        assert run.data.metrics["params_trainable"] == 1024 * params["peft.lora.r"]
+        m = run.data.metrics
+        per_row = m["train_tokens_per_s"] / m["train_samples_per_s"]
+        row_tokens.setdefault(params["data.packing"], []).append(per_row)
+    assert set(row_tokens) == {True, False}, row_tokens  # the seed samples both
+    # A packed row holds several examples (up to max_length 96 tokens), an unpacked row one.
+    assert min(row_tokens[True]) > 1.5 * max(row_tokens[False]), row_tokens
