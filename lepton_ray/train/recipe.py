@@ -82,7 +82,13 @@ def setup_recipe(
         base_dir = Path(tempfile.mkdtemp(prefix="lepton-base-"))
         model.save_pretrained(base_dir, safe_serialization=True)
     if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Non-reentrant: a frozen base under LoRA would give the adapter no gradient otherwise.
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.25
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
         if hasattr(model.config, "use_cache"):
             model.config.use_cache = False
     model = apply_peft(model, cfg.peft, cfg.task)
