@@ -6,8 +6,10 @@ perplexity gate."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -296,3 +298,57 @@ def test_a_sweep_over_lr_lora_shape_and_packing_minimises_perplexity(setup, tmp_
     assert set(row_tokens) == {True, False}, row_tokens  # the seed samples both
     # A packed row holds several examples (up to max_length 96 tokens), an unpacked row one.
     assert min(row_tokens[True]) > 1.5 * max(row_tokens[False]), row_tokens
+
+
+def test_a_crashed_packed_run_resumes_mid_epoch_and_ends_as_an_unbroken_one(setup, tmp_path):
+    """The training loop without Ray (a GPU box runs it so): the run dies right after step
+    4's checkpoint; resumed from it, it goes on from step 4, never trains steps 1-4 again,
+    and ends with the losses of a run that was never interrupted (packed rows included)."""
+    from lepton_ray.config import validate_experiment
+    from lepton_ray.data.preprocess import run_preprocess
+    from lepton_ray.train import standalone
+
+    data = write_chats_jsonl(tmp_path / "chats.jsonl", n=160, seed=5)
+    train = {"epochs": 2, "eval_every_steps": 2, "precision": "fp32", "log_every_steps": 1}
+    raw = lm_config(tmp_path, data, name="chatresume", data={"packing": True}, train=train)
+    cfg = validate_experiment(raw)
+    manifest = run_preprocess(cfg, log=lambda _: None)
+    whole = standalone.train_standalone(cfg, manifest, tmp_path / "whole", log=lambda _: None)
+    steps = [h["step"] for h in whole["history"]]
+    assert steps[:2] == [2, 4] and steps[-1] == 12, steps  # 6 steps an epoch
+
+    class Crash(Exception):
+        pass
+
+    saved = []
+    real = standalone.shutil.copytree
+
+    def copy_then_crash(src, dst, *args, **kw):  # dies right after step 4's checkpoint
+        out = real(src, dst, *args, **kw)
+        if Path(dst).name == "last":
+            saved.append(dst)
+            if len(saved) == 2:
+                raise Crash()
+        return out
+
+    standalone.shutil.copytree = copy_then_crash
+    try:
+        with pytest.raises(Crash):
+            standalone.train_standalone(cfg, manifest, tmp_path / "part", log=lambda _: None)
+    finally:
+        standalone.shutil.copytree = real
+
+    resumed = cfg.model_copy(deep=True)
+    resumed.train.resume_from = str(tmp_path / "part" / "last")
+    lines: list[str] = []
+    rest = standalone.train_standalone(resumed, manifest, tmp_path / "rest", log=lines.append)
+    assert any(line.endswith("epoch 1, batch 4, step 4") for line in lines), lines
+    evaluated = [int(m[1]) for line in lines if (m := re.match(r"\[train\] step (\d+) ", line))]
+    assert evaluated == steps[2:]  # nothing up to step 4 ran again
+    pattern = r"\[train\] epoch (\d+)/2 step (\d+)/6 "
+    trained = [(int(m[1]), int(m[2])) for line in lines if (m := re.match(pattern, line))]
+    assert trained[0] == (1, 5) and len(trained) == 12 - 4, trained  # steps 5 to 12
+    assert [h["step"] for h in rest["history"]] == steps
+    for mine, theirs in zip(rest["history"][2:], whole["history"][2:]):
+        assert mine["val_loss"] == pytest.approx(theirs["val_loss"], abs=1e-6)
+        assert mine["val_token_accuracy"] == pytest.approx(theirs["val_token_accuracy"])
