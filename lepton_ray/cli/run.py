@@ -52,8 +52,11 @@ def _quiet_libraries() -> None:
 @root.command()
 @handle_errors
 def validate(config: ConfigArg, set_: SetOpt = None) -> None:
-    """Check a config (keys, types, ranges, files) without running anything."""
+    """Check a config (keys, types, ranges, files, PEFT targets) without running anything."""
     cfg = _load(config, set_)
+    from lepton_ray.train.peft import check_targets_early
+
+    check_targets_early(cfg)
     say(
         f"ok: {config} is a valid '{cfg.task}' experiment named '{cfg.name}' "
         f"(config hash {cfg.fingerprint()})"

@@ -89,7 +89,7 @@ PADDED_POSITION_TYPES = (
 ``max_position_embeddings`` slots hold no text (RoBERTa's 514 hold 512 tokens)."""
 
 
-def _config_json(name: str) -> dict | None:
+def config_json(name: str) -> dict | None:
     """``model.name``'s config.json, without a download or a conversion; None if unreadable."""
     if name.lower() in GGUF_ALIASES:
         from lepton_ray.gguf import smollm2_config
@@ -122,7 +122,7 @@ def position_limit(cfg: ModelConfig) -> tuple[int, int] | None:
     Cheap (one small JSON file), so ``validate`` can check ``data.max_length`` before any
     stage runs instead of the model crashing on the first long text mid-training.
     """
-    hf = _config_json(cfg.name)
+    hf = config_json(cfg.name)
     if hf is None:
         return None
     hf = {**hf, **cfg.config_overrides}

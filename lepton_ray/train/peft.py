@@ -86,3 +86,33 @@ def _check_targets(model, targets: list[str]) -> None:
             f"peft.lora.target_modules: {missing} name no layer of the model; "
             f"its Linear layers are {sorted(linear)}"
         )
+
+
+def check_targets_early(cfg) -> None:
+    """``peft.lora.target_modules`` resolved against the model's layers, built on the meta
+    device from ``model.name``'s config.json (no weights, no download, no conversion), so that
+    ``validate`` refuses a target that matches nothing. Where that file cannot be read
+    without a download, or the model comes from ``model.init_from``, the train stage's
+    preflight checks instead (it builds the real model)."""
+    if cfg.peft.method == "none" or cfg.model.init_from:
+        return
+    import torch
+    import transformers
+
+    from lepton_ray.config.model import config_json
+    from lepton_ray.errors import ConfigError
+
+    hf = config_json(cfg.model.name)
+    if hf is None or "model_type" not in hf:
+        return
+    hf = {**hf, **cfg.model.config_overrides}
+    task = get_task(cfg.task)
+    try:
+        config = transformers.AutoConfig.for_model(**hf)
+        with torch.device("meta"):
+            model = task.load_class().from_config(config)
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(
+            f"model {cfg.model.name}: its config cannot build a model: {err}"
+        ) from None
+    resolve_targets(model, cfg.peft.lora.target_modules, task.keep_float)

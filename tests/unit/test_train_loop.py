@@ -300,6 +300,9 @@ def _ddp_step(rank: int, port: int, out: str) -> None:
         _sgd_step(model, shard, batch_size=2, accumulation=2, rank=rank, world_size=2)
         if rank == 0:
             torch.save({n: p.detach() for n, p in model.module.named_parameters()}, out)
+        # Both ranks leave together: a rank that tears gloo down while its peer still
+        # talks to it aborts the peer ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
