@@ -257,7 +257,7 @@ def run_serve_stage(
 
     ``model_uri`` (an alias or a version) is pinned to its version number at deploy time.
     """
-    from lepton_ray.serve.client import api_key, deploy, predict
+    from lepton_ray.serve.client import api_key, chat, deploy, generates, predict
     from lepton_ray.tracking.mlflow import get_model_version
 
     key = api_key(cfg)  # fail here, clearly, if the variable it names is not set
@@ -265,7 +265,8 @@ def run_serve_stage(
     get_model_version(cfg.tracking.tracking_uri, model_uri)  # fail here, clearly, if it is missing
     mode = _connect(cfg, log, storage=False)  # replicas load from the tracking server
     url, pinned = deploy(cfg, model_uri, log=log)
-    answers = predict(url, cfg.serve.example_texts, key=key) if cfg.serve.example_texts else []
+    ask = chat if generates(cfg) else predict
+    answers = ask(url, cfg.serve.example_texts, key=key) if cfg.serve.example_texts else []
     return {"url": url, "model_uri": pinned, "answers": answers, "ray": mode}
 
 

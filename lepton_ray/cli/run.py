@@ -222,7 +222,7 @@ def serve(
         return
     result = run_serve_stage(cfg, model_uri=model_uri, log=say)
     _print_answers(cfg.serve.example_texts, result["answers"])
-    say(f"query it:  {_curl_hint(result['url'])}")
+    say(f"query it:  {_curl_hint(result['url'], cfg)}")
     if result["ray"] == "in-process":
         _serve_forever(result["url"])
 
@@ -396,10 +396,21 @@ def _promoted(result: dict) -> str:
 
 def _print_answers(texts: list[str], answers: list[dict]) -> None:
     for text, answer in zip(texts, answers):
-        say(f"  {text!r:<60} -> {answer['label']} {json.dumps(answer['probabilities'])}")
+        if "text" in answer:  # a language model's answer
+            say(f"  {text!r:<60} -> {answer['text']!r}")
+        else:
+            say(f"  {text!r:<60} -> {answer['label']} {json.dumps(answer['probabilities'])}")
 
 
-def _curl_hint(url: str) -> str:
+def _curl_hint(url: str, cfg=None) -> str:
+    from lepton_ray.serve.client import generates
+
+    if cfg is not None and generates(cfg):
+        body = '{"messages": [{"role": "user", "content": "Say hello."}], "stream": true}'
+        return (
+            f"curl -N -X POST {url}/v1/chat/completions "
+            f"-H 'Content-Type: application/json' -d '{body}'"
+        )
     body = '{"texts": ["The lamp works perfectly."]}'
     return f"curl -s -X POST {url}/v1/predict -H 'Content-Type: application/json' -d '{body}'"
 
@@ -433,9 +444,11 @@ def _print_summary(cfg, summary: dict, config: Path) -> None:
         say(f"candidate     v{summary['candidate_version']}: {state}")
     srv = summary.get("serve")
     if srv:
-        say(f"serving       {srv['model_uri']} at {srv['url']}/v1/predict")
+        from lepton_ray.serve.client import route
+
+        say(f"serving       {srv['model_uri']} at {srv['url']}{route(cfg)}")
         _print_answers(cfg.serve.example_texts, srv["answers"])
-        say(f"query it:     {_curl_hint(srv['url'])}")
+        say(f"query it:     {_curl_hint(srv['url'], cfg)}")
     say(f"MLflow UI:    lepton-ray ui {config}   (it prints the runs table's link)")
 
 

@@ -97,6 +97,21 @@ class ServeSection(Section):
     max_chars_per_text: int = Field(
         20_000, ge=1, description="Longer texts are refused with 413 before they reach a batch."
     )
+    max_tokens_limit: int = Field(
+        512,
+        ge=1,
+        description="A language model's endpoint: the most max_tokens a request may ask "
+        "(more is a 400).",
+    )
+    default_max_tokens: int = Field(
+        128, ge=1, description="A language model's endpoint: max_tokens when a request gives none."
+    )
+    generation_batch_size: int = Field(
+        8,
+        ge=1,
+        description="A language model's endpoint: sequences decoded together (continuous "
+        "batching: a finished one leaves, a waiting one joins at the next step).",
+    )
     example_texts: list[str] = Field(
         default_factory=list, description="Texts the pipeline sends after it deploys."
     )

@@ -107,6 +107,10 @@ class ServeArgs(BaseModel):
     max_texts_per_request: int = 256
     max_chars_per_text: int = 20_000
     torch_threads: int | None = None
+    # The generation app (a causal LM):
+    max_tokens_limit: int = Field(512, ge=1, description="The most max_tokens a request may ask.")
+    default_max_tokens: int = Field(128, ge=1, description="max_tokens when a request gives none.")
+    generation_batch_size: int = Field(8, ge=1, description="Sequences decoded together.")
 
     @model_validator(mode="after")
     def _credentials_apart(self) -> "ServeArgs":
@@ -387,8 +391,10 @@ def build_app(
     max_ongoing_requests: int | None = None,
     max_queued_requests: int | None = None,
     access_log: bool = False,
+    deployment=None,
 ):
-    """The Serve application for ``args``, behind Serve's HTTP proxy on ``host``.
+    """The Serve application for ``args``, behind Serve's HTTP proxy on ``host``:
+    ``deployment`` (default ``TextClassifier``; the generation app passes its own).
 
     Off loopback (or on an unknown host) ``args`` must carry an API key. The model goes into ``user_config`` and the rest into the constructor, so that
     deploying another version of the same model later swaps it in place. Ray Serve's
@@ -402,15 +408,21 @@ def build_app(
     check_exposure(host, args)
     choice = ModelChoice.model_validate({k: getattr(args, k) for k in MODEL_FIELDS})
     ongoing, queued = serve_slots(args.max_queued_texts, max_ongoing_requests, max_queued_requests)
-    return TextClassifier.options(
-        num_replicas=num_replicas,
-        ray_actor_options={"num_cpus": num_cpus},
-        user_config=choice.model_dump(),
-        max_ongoing_requests=ongoing,
-        max_queued_requests=queued,
-        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=args.retry_after_s),
-        logging_config={"enable_access_log": access_log},
-    ).bind(args.model_dump(exclude=set(MODEL_FIELDS)))
+    return (
+        (deployment or TextClassifier)
+        .options(
+            num_replicas=num_replicas,
+            ray_actor_options={"num_cpus": num_cpus},
+            user_config=choice.model_dump(),
+            max_ongoing_requests=ongoing,
+            max_queued_requests=queued,
+            backpressure_config=BackpressureConfig(
+                status_code=503, retry_after_s=args.retry_after_s
+            ),
+            logging_config={"enable_access_log": access_log},
+        )
+        .bind(args.model_dump(exclude=set(MODEL_FIELDS)))
+    )
 
 
 def app_builder(args: ServeArgs):

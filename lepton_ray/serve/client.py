@@ -34,15 +34,23 @@ def auth_headers(key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
-def predict(
-    base_url: str, texts: list[str], timeout: float = 60.0, key: str | None = None
-) -> list[dict[str, Any]]:
-    """POST texts to ``/v1/predict``; a clear error when the endpoint is down or refuses."""
+def generates(cfg: ExperimentConfig) -> bool:
+    """Whether the experiment's models are served by the generation (OpenAI) API."""
+    from lepton_ray.tasks import get_task
+
+    return get_task(cfg.task).serving == "generate"
+
+
+def route(cfg: ExperimentConfig) -> str:
+    return "/v1/chat/completions" if generates(cfg) else "/v1/predict"
+
+
+def _post(url: str, body: dict, timeout: float, key: str | None) -> dict[str, Any]:
+    """POST JSON; a clear error when the endpoint is down or refuses."""
     import requests
 
-    url = f"{base_url}/v1/predict"
     try:
-        resp = requests.post(url, json={"texts": texts}, timeout=timeout, headers=auth_headers(key))
+        resp = requests.post(url, json=body, timeout=timeout, headers=auth_headers(key))
     except requests.ConnectionError:
         raise LeptonError(
             f"no Serve endpoint answers at {url}; deploy one with `lepton-ray serve CONFIG`"
@@ -50,10 +58,32 @@ def predict(
     if resp.status_code != 200:
         try:
             detail = resp.json().get("error", resp.text)
+            if isinstance(detail, dict):  # OpenAI's shape
+                detail = detail.get("message", detail)
         except ValueError:
             detail = resp.text[:200]
         raise LeptonError(f"{url} answered {resp.status_code}: {detail}")
-    return resp.json()["predictions"]
+    return resp.json()
+
+
+def predict(
+    base_url: str, texts: list[str], timeout: float = 60.0, key: str | None = None
+) -> list[dict[str, Any]]:
+    """POST texts to ``/v1/predict``."""
+    return _post(f"{base_url}/v1/predict", {"texts": texts}, timeout, key)["predictions"]
+
+
+def chat(
+    base_url: str, prompts: list[str], timeout: float = 300.0, key: str | None = None
+) -> list[dict[str, Any]]:
+    """Each prompt as one user message to ``/v1/chat/completions`` (greedy)."""
+    answers = []
+    for prompt in prompts:
+        body = {"messages": [{"role": "user", "content": prompt}], "temperature": 0.0}
+        reply = _post(f"{base_url}/v1/chat/completions", body, timeout, key)
+        choice = reply["choices"][0]
+        answers.append({"text": choice["message"]["content"], **reply["usage"]})
+    return answers
 
 
 def wait_healthy(base_url: str, timeout_s: float = 120.0, version: str | None = None) -> None:
@@ -104,6 +134,7 @@ def deploy(cfg: ExperimentConfig, model_uri: str, log=print) -> tuple[str, str]:
     from ray import serve
 
     from lepton_ray.serve.app import ServeArgs, build_app
+    from lepton_ray.serve.generation_app import build_generation_app
     from lepton_ray.serve.guards import key_digest
     from lepton_ray.tracking.mlflow import get_model_version
 
@@ -140,12 +171,15 @@ def deploy(cfg: ExperimentConfig, model_uri: str, log=print) -> tuple[str, str]:
         max_texts_per_request=s.max_texts_per_request,
         max_chars_per_text=s.max_chars_per_text,
         torch_threads=s.torch_threads,
+        max_tokens_limit=s.max_tokens_limit,
+        default_max_tokens=min(s.default_max_tokens, s.max_tokens_limit),
+        generation_batch_size=s.generation_batch_size,
     )
     app_name = s.app_name or cfg.name
     shown = pinned if pinned == model_uri else f"{model_uri} = {pinned}"
     log(f"[serve] deploying {shown} as application '{app_name}' on http://{s.host}:{s.port}")
     serve.run(
-        build_app(
+        (build_generation_app if generates(cfg) else build_app)(
             args,
             host=s.host,
             num_replicas=s.num_replicas,
@@ -161,7 +195,7 @@ def deploy(cfg: ExperimentConfig, model_uri: str, log=print) -> tuple[str, str]:
     url = endpoint_url(cfg)
     # A running application of the same model swaps in place (user_config): no gap.
     wait_healthy(url, version=str(version.version))
-    log(f"[serve] ready at {url}/v1/predict")
+    log(f"[serve] ready at {url}{route(cfg)}")
     return url, pinned
 
 

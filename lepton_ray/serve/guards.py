@@ -13,7 +13,8 @@ and the middleware (``_Guard``) on its FastAPI object, and its replica fills ``_
   with ``Retry-After`` at once; a body over the per-request limit gets 413;
 - a request body must arrive within ``body_timeout_s`` (408 otherwise), read whole here
   before any route runs;
-- every error is JSON ``{"error": ...}``, with a ``code`` where a refusal carries one;
+- every error is JSON ``{"error": ...}``, with a ``code`` where a refusal carries one (the
+  generation app's are in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``);
 - ``check_exposure`` refuses to build an app without an API key off loopback.
 """
 
@@ -45,10 +46,36 @@ class GuardSettings(Protocol):
 
 
 def _error(
-    status: int, message: str, headers: dict[str, str] | None = None, code: str | None = None
+    status: int,
+    message: str,
+    headers: dict[str, str] | None = None,
+    code: str | None = None,
+    param: str | None = None,
 ) -> JSONResponse:
-    content = {"error": message} | ({"code": code} if code else {})
+    if _replica.openai_errors:
+        content = openai_error(status, message, code, param)
+    else:
+        content = {"error": message} | ({"code": code} if code else {})
     return JSONResponse(status_code=status, content=content, headers=headers)
+
+
+OPENAI_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}
+
+
+def openai_error(
+    status: int, message: str, code: str | None = None, param: str | None = None
+) -> dict:
+    """OpenAI's error body: ``{"error": {"message", "type", "param", "code"}}``; ``param``
+    defaults to the field a ``"field: problem"`` message names."""
+    if param is None and ": " in message and status in (400, 413, 422):
+        head = message.split(": ", 1)[0]
+        param = head if head.replace(".", "").replace("_", "").isalnum() else None
+    kind = OPENAI_ERROR_TYPES.get(status)
+    if kind is None:
+        kind = "server_error" if status >= 500 else "invalid_request_error"
+    if status == 503:
+        kind = "overloaded_error" if code and code.startswith("overloaded") else "server_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 class _Refusal(HTTPException):
@@ -83,7 +110,11 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     if exc.status_code == 400 and "parsing the body" in detail:
         detail = _unparsable(exc.__cause__)
     return _error(
-        exc.status_code, detail, getattr(exc, "headers", None), getattr(exc, "code", None)
+        exc.status_code,
+        detail,
+        getattr(exc, "headers", None),
+        getattr(exc, "code", None),
+        getattr(exc, "param", None),
     )
 
 
@@ -101,6 +132,7 @@ class _ReplicaState:
 
     settings: GuardSettings | None = None
     metrics: _Metrics | None = None
+    openai_errors: bool = False  # the generation app answers errors in OpenAI's shape
     body_bytes: int = 0  # of the bodies admitted and not yet answered
     body_bytes_peak: int = 0
 
@@ -188,6 +220,9 @@ class _Guard:
 
 
 _ROUTES = {
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/models",
     "/v1/predict",
     "/predict",
     "/healthz",

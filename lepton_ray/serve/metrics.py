@@ -53,6 +53,38 @@ class _Metrics:
             "The most body bytes ever in flight at once (never above max_body_bytes_in_flight).",
             registry=self.registry,
         )
+        # A language model's replica (the generation app):
+        self.generated = Counter(
+            "lepton_serve_generated_tokens",
+            "Tokens generated (rate() of it: tokens/s).",
+            registry=self.registry,
+        )
+        self.tokens_per_s = Gauge(
+            "lepton_serve_generated_tokens_per_second",
+            "Tokens generated per second over the last 10 seconds.",
+            registry=self.registry,
+        )
+        self.first_token = Histogram(
+            "lepton_serve_time_to_first_token_seconds",
+            "Seconds from a request's admission to its first generated token.",
+            registry=self.registry,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.cancelled = Counter(
+            "lepton_serve_cancelled_generations",
+            "Generations stopped before their end because the client went away.",
+            registry=self.registry,
+        )
+        self.waiting = Gauge(
+            "lepton_serve_waiting_sequences",
+            "Requests queued for a place in the generation batch.",
+            registry=self.registry,
+        )
+        self.running = Gauge(
+            "lepton_serve_running_sequences",
+            "Requests in the generation batch now.",
+            registry=self.registry,
+        )
         self.model = Gauge(
             "lepton_serve_model_info",
             "1 for the registered version being served.",

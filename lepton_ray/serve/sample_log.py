@@ -41,3 +41,17 @@ class _SampleLog:
             )
         if lines:
             self._file.write("".join(lines))
+
+    def record_generation(self, prompt: str, answer: dict[str, Any], version: str) -> None:
+        """One generation (a language model's replica): prompt hash and size, the token
+        counts, why it ended and its time to first token; never the texts."""
+        if self._file is None or random.random() >= self.rate:
+            return
+        line = {
+            "time": round(time.time(), 3),
+            "prompt_sha256": hashlib.sha256(prompt.encode("utf-8")).hexdigest(),
+            "chars": len(prompt),
+            **answer,
+            "model_version": version,
+        }
+        self._file.write(json.dumps(line) + "\n")

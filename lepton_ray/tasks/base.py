@@ -108,6 +108,9 @@ class Task(ABC):
     keep_float: ClassVar[tuple[str, ...]] = ()
     #: The score ``compress.max_drop`` always judges (``tune.metric`` is judged as well).
     gate_score: ClassVar[str]
+    # Which Serve application answers for this task's models: "predict" (/v1/predict, a
+    # batched forward pass) or "generate" (the OpenAI-compatible generation API).
+    serving: ClassVar[str] = "predict"
 
     # ------------------------------------------------------------------ config
     def validate(self, cfg: ExperimentConfig) -> list[str]:

@@ -75,6 +75,7 @@ class CausalLM(Task):
     )
     keep_float: ClassVar[tuple[str, ...]] = ("lm_head",)
     gate_score: ClassVar[str] = "perplexity"
+    serving: ClassVar[str] = "generate"
 
     # ------------------------------------------------------------------ config
     def validate(self, cfg: ExperimentConfig) -> list[str]:
@@ -399,6 +400,12 @@ class CausalLM(Task):
         from lepton_ray.tasks.causal_lm_predict import check_tokenizer
 
         check_tokenizer(self, tokenizer, meta)
+
+    def prompt_ids(self, tokenizer, meta, prompt: Any) -> list[int]:
+        """A prompt rendered from the artifact's template (see ``causal_lm_predict``)."""
+        from lepton_ray.tasks.causal_lm_predict import prompt_ids
+
+        return prompt_ids(self, tokenizer, meta, prompt)
 
     def generate_answers(self, model, tokenizer, meta, prompts, max_new_tokens=None):
         """Greedy answers to ``prompts`` rendered from the artifact's own template."""

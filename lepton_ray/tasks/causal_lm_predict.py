@@ -61,6 +61,18 @@ def check_tokenizer(task, tokenizer, meta) -> None:
         )
 
 
+def prompt_ids(task, tokenizer, meta, prompt: Any) -> list[int]:
+    """A prompt's token ids as the model was trained to continue them: its turns cleaned
+    as in training and rendered by the artifact's own template, generation prompt added.
+    Batch prediction, the pyfunc and the Serve endpoint all render through here."""
+    from lepton_ray.text import clean_turns
+
+    turns = task.prompt_turns(meta, prompt)
+    cleaned = clean_turns([t["content"] for t in turns], meta.cleaning)
+    turns = [{**t, "content": c} for t, c in zip(turns, cleaned)]
+    return ChatEncoder(tokenizer, meta.max_length, False, "truncate_prompt").prompt_ids(turns)
+
+
 def generate_answers(
     task,
     model,
@@ -73,18 +85,13 @@ def generate_answers(
     import torch
 
     from lepton_ray.tasks.causal_lm_eval import generate
-    from lepton_ray.text import clean_turns
 
     task.check_tokenizer(tokenizer, meta)
     chat = meta.extra["chat"]
     limit = int(max_new_tokens or chat.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
-    enc = ChatEncoder(tokenizer, meta.max_length, False, "truncate_prompt")
     encoded, truncated = [], []
     for prompt in prompts:
-        turns = task.prompt_turns(meta, prompt)
-        cleaned = clean_turns([t["content"] for t in turns], meta.cleaning)
-        turns = [{**t, "content": c} for t, c in zip(turns, cleaned)]
-        ids = enc.prompt_ids(turns)
+        ids = prompt_ids(task, tokenizer, meta, prompt)
         room = max(1, meta.max_length - 1)
         truncated.append(len(ids) > room)
         encoded.append(ids[-room:])

@@ -13,6 +13,7 @@ Randomness needs no saved generator state: batch order and dropout are functions
 
 from __future__ import annotations
 
+import json
 import pickle
 import shutil
 from pathlib import Path
@@ -94,15 +95,10 @@ def write_checkpoint_files(
     rank 0's export copy under FSDP); ``trainable`` and ``optimizer_state`` are whole,
     by parameter name (``parallel.full_state``).
     """
-    from safetensors.torch import save_file
-
     save_model_artifact(model, tokenizer, meta, folder)
     if base_dir is not None:
         shutil.copytree(base_dir, folder / BASE_DIR, dirs_exist_ok=True)
-    save_file(
-        {n: t.detach().cpu().contiguous() for n, t in trainable.items()},
-        str(folder / TRAINABLE_FILE),
-    )
+    save_trainable(trainable, folder)
     torch.save(
         {
             "optimizer": optimizer_state,
@@ -160,17 +156,51 @@ def _load_state(path: Path) -> dict[str, Any]:
     return saved
 
 
+ALIASES_KEY = "lepton_aliases"
+
+
+def _untied(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tied weights once (safetensors refuses tensors that share memory, such as a language
+    model's lm_head and its embeddings): the first name keeps the tensor, the others are
+    recorded as aliases of it."""
+    kept: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, tensor in tensors.items():
+        t = tensor.detach()
+        key = (t.device.type, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        kept[name] = t.cpu().contiguous()
+    return kept, aliases
+
+
+def save_trainable(trainable: dict[str, torch.Tensor], folder: Path) -> None:
+    """``trainable.safetensors``: each tensor once, tied names as aliases in its metadata."""
+    from safetensors.torch import save_file
+
+    kept, aliases = _untied(trainable)
+    save_file(kept, str(folder / TRAINABLE_FILE), metadata={ALIASES_KEY: json.dumps(aliases)})
+
+
 def _load_trainable(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     path = folder / TRAINABLE_FILE
     if not path.is_file():
         raise StageError(f"{path}: trainable weights not found")
     try:
-        return load_file(str(path), device="cpu")
+        tensors = load_file(str(path), device="cpu")
+        with safe_open(str(path), framework="pt") as handle:
+            aliases = json.loads((handle.metadata() or {}).get(ALIASES_KEY) or "{}")
     except (SafetensorError, OSError, ValueError) as err:
         raise StageError(f"{path}: not a valid safetensors file ({err})") from None
+    for name, source in aliases.items():
+        tensors[name] = tensors[source]
+    return tensors
 
 
 def check_checkpoint(folder: Path | str) -> Path:
