@@ -55,6 +55,15 @@ TINY_BERT = {
 }
 
 
+# A tiny random Llama on SmolLM2's config and tokenizer (model.random_init + config_overrides):
+# the fast causal-LM test model. SmolLM2's config fixes head_dim at 64.
+TINY_LLAMA = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
 TINY_LABELS = ["negative", "positive"]
 
 

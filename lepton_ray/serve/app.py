@@ -231,12 +231,14 @@ def _classify_isolated(loaded: _Loaded, texts: list[str]) -> list[dict[str, Any]
         return out
 
 
-# (Above the class: Serve serializes the class when it is decorated.)
+class _Replica:
+    """What every serving replica shares (the classifier's and the generation app's): its
+    arguments, its Prometheus series and the guards' view of them, one folder per loaded
+    model, and the in-place swap of ``reconfigure``. A subclass says how a version loads
+    (``_load``) and adds its routes."""
 
+    openai_errors = False  # the generation app answers errors in OpenAI's shape
 
-@serve.deployment(name="TextClassifier", ray_actor_options={"num_cpus": 1})
-@serve.ingress(api)
-class TextClassifier:
     def __init__(self, args: dict[str, Any]):
         import torch
 
@@ -252,17 +254,11 @@ class TextClassifier:
 
         guards._replica.settings = self.args
         guards._replica.metrics = self.metrics
+        guards._replica.openai_errors = self.openai_errors
         self.samples = _SampleLog(self.args.log_sample_path, self.args.log_sample_rate)
-        self.queued = 0  # texts admitted and not yet answered
 
-        async def run_batch(texts: list[str]) -> list[tuple[Any, ModelChoice]]:
-            return await self._run_batch(texts)
-
-        self._batch = serve.batch(
-            max_batch_size=self.args.max_batch_size,
-            batch_wait_timeout_s=self.args.batch_wait_timeout_s,
-            max_concurrent_batches=self.args.max_concurrent_batches,
-        )(run_batch)
+    def _load(self, choice: ModelChoice) -> _Loaded:
+        return _Loaded(self.args.mlflow_uri(), choice, self.models_root)
 
     async def reconfigure(self, config: dict[str, Any]) -> None:
         """Serve the version in ``config``: load it beside the current one, then switch."""
@@ -271,9 +267,7 @@ class TextClassifier:
             if self.loaded is not None and self.loaded.choice == choice:
                 return
             # In a thread: the event loop keeps answering with the current model meanwhile.
-            loaded = await asyncio.to_thread(
-                _Loaded, self.args.mlflow_uri(), choice, self.models_root
-            )
+            loaded = await asyncio.to_thread(self._load, choice)
             self.metrics.model.clear()
             self.metrics.model.labels(choice.model_uri, choice.model_version).set(1)
             old, self.loaded = self.loaded, loaded
@@ -290,6 +284,26 @@ class TextClassifier:
         if self.loaded is None:
             raise _Refusal(503, "no model loaded yet", NOT_READY, {"Retry-After": "1"})
         return self.loaded
+
+
+# (Above the class: Serve serializes the class when it is decorated.)
+
+
+@serve.deployment(name="TextClassifier", ray_actor_options={"num_cpus": 1})
+@serve.ingress(api)
+class TextClassifier(_Replica):
+    def __init__(self, args: dict[str, Any]):
+        super().__init__(args)
+        self.queued = 0  # texts admitted and not yet answered
+
+        async def run_batch(texts: list[str]) -> list[tuple[Any, ModelChoice]]:
+            return await self._run_batch(texts)
+
+        self._batch = serve.batch(
+            max_batch_size=self.args.max_batch_size,
+            batch_wait_timeout_s=self.args.batch_wait_timeout_s,
+            max_concurrent_batches=self.args.max_concurrent_batches,
+        )(run_batch)
 
     @api.get("/healthz")
     @api.get("/health", include_in_schema=False)

@@ -21,12 +21,8 @@ in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: a limit,
 body or a wrong type is a 400.
 """
 
-import asyncio
 import collections
 import json
-import os
-import shutil
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -39,17 +35,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lepton_ray.serve.app import ModelChoice, ServeArgs, _Loaded
+from lepton_ray.serve.app import ModelChoice, ServeArgs, _Loaded, _Replica
 from lepton_ray.serve.guards import (
-    NOT_READY,
     _crash,
     _Guard,
     _http_error,
     _Refusal,
     openai_error,
 )
-from lepton_ray.serve.metrics import _Metrics
-from lepton_ray.serve.sample_log import _SampleLog
 
 api = FastAPI(
     title="lepton-ray", description="Text generation served by lepton-ray (OpenAI-compatible)."
@@ -193,51 +186,17 @@ class _Reply:
 
 @serve.deployment(name="TextGenerator", ray_actor_options={"num_cpus": 1})
 @serve.ingress(api)
-class TextGenerator:
+class TextGenerator(_Replica):
+    openai_errors = True
+
     def __init__(self, args: dict[str, Any]):
-        import torch
-
-        self.args = ServeArgs.model_validate(args)
-        torch.set_num_threads(self.args.torch_threads or max(1, os.cpu_count() or 1))
-        self.loaded: _Generating | None = None
-        self.models_root = Path(tempfile.mkdtemp(prefix="lepton-serve-"))
-        self._swap = asyncio.Lock()
-        self.metrics = _Metrics()
-        from lepton_ray.serve import guards
-
-        guards._replica.settings = self.args
-        guards._replica.metrics = self.metrics
-        guards._replica.openai_errors = True
-        self.samples = _SampleLog(self.args.log_sample_path, self.args.log_sample_rate)
+        super().__init__(args)
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
 
-    async def reconfigure(self, config: dict[str, Any]) -> None:
-        """Serve the version in ``config``: load it (and its engine) beside the current one,
-        then switch; sequences running on the old engine finish on it."""
-        choice = ModelChoice.model_validate(config)
-        async with self._swap:
-            if self.loaded is not None and self.loaded.choice == choice:
-                return
-            loaded = await asyncio.to_thread(
-                _Generating,
-                self.args.mlflow_uri(),
-                choice,
-                self.models_root,
-                self.args.generation_batch_size,
-            )
-            self.metrics.model.clear()
-            self.metrics.model.labels(choice.model_uri, choice.model_version).set(1)
-            old, self.loaded = self.loaded, loaded
-            if old is not None:
-                old.remove()
-
-    def __del__(self) -> None:
-        shutil.rmtree(self.models_root, ignore_errors=True)
-
-    def _current(self) -> _Generating:
-        if self.loaded is None:
-            raise _Refusal(503, "no model loaded yet", NOT_READY, {"Retry-After": "1"})
-        return self.loaded
+    def _load(self, choice: ModelChoice) -> _Generating:
+        """The version and its engine; sequences running on the old engine finish on it."""
+        args = self.args
+        return _Generating(args.mlflow_uri(), choice, self.models_root, args.generation_batch_size)
 
     @api.get("/healthz")
     @api.get("/health", include_in_schema=False)

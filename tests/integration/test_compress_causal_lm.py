@@ -12,17 +12,10 @@ from lepton_ray.compress.formats import load_model_artifact
 from lepton_ray.config import validate_experiment
 from lepton_ray.data.sample import write_chats_jsonl
 from lepton_ray.tasks import get_task
-from tests.conftest import smoke_config
+from tests.conftest import TINY_LLAMA, smoke_config
 
 pytestmark = pytest.mark.slow
 
-TINY_LLAMA = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-}
 NAME = "lmcompress"
 PROMPTS = ["What is 2 plus 3?", "Say lamp."]
 

@@ -22,20 +22,13 @@ from typer.testing import CliRunner
 
 from lepton_ray.cli import app
 from lepton_ray.data.sample import write_chats_jsonl
-from tests.conftest import smoke_config, write_yaml
+from tests.conftest import TINY_LLAMA, smoke_config, write_yaml
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
 KEY_ENV = "LRT_GEN_KEY"
 KEY = "gen-s3cret"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-TINY_LLAMA = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-}
 CHAT = [
     {"role": "system", "content": "Answer in upper case."},
     {"role": "user", "content": "Say lamp."},

@@ -28,16 +28,9 @@ from lepton_ray.data.split_files import open_split
 from lepton_ray.errors import ConfigError
 from lepton_ray.tasks import get_task
 from lepton_ray.tasks.chat import IGNORE, canonical
-from tests.conftest import smoke_config
+from tests.conftest import TINY_LLAMA, smoke_config
 
 TASK = get_task("causal_lm")
-TINY_LLAMA = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-}
 MAX_LENGTH = 64
 SAMPLES = 3
 CHATS = [

@@ -10,15 +10,7 @@ import torch
 from lepton_ray.config import validate_experiment
 from lepton_ray.data.sample import write_chats_jsonl
 from lepton_ray.train.recipe import setup_recipe
-from tests.conftest import smoke_config
-
-TINY_LLAMA = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-}
+from tests.conftest import TINY_LLAMA, smoke_config
 
 
 def _recipe(tmp_path, checkpointing: bool):
