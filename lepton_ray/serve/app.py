@@ -280,6 +280,17 @@ class _Replica:
         # Serve calls this when it stops the replica: the model folders go with it.
         shutil.rmtree(self.models_root, ignore_errors=True)
 
+    def _shed(self, held: str) -> _Refusal:
+        """503 with Retry-After for a request beyond max_queued_texts (``held`` says what
+        already waits), counted as shed."""
+        self.metrics.shed.inc()
+        return _Refusal(
+            503,
+            f"overloaded: {held} (max_queued_texts {self.args.max_queued_texts}); retry later",
+            "overloaded",
+            {"Retry-After": str(self.args.retry_after_s)},
+        )
+
     def _current(self) -> _Loaded:
         if self.loaded is None:
             raise _Refusal(503, "no model loaded yet", NOT_READY, {"Retry-After": "1"})
@@ -350,14 +361,7 @@ class TextClassifier(_Replica):
         check_texts(texts, self.args.max_texts_per_request, self.args.max_chars_per_text)
         self._current()
         if self.queued and self.queued + len(texts) > self.args.max_queued_texts:
-            self.metrics.shed.inc()
-            raise _Refusal(
-                503,
-                f"overloaded: {self.queued} texts already wait for the model "
-                f"(max_queued_texts {self.args.max_queued_texts}); retry later",
-                "overloaded",
-                {"Retry-After": str(self.args.retry_after_s)},
-            )
+            raise self._shed(f"{self.queued} texts already wait for the model")
         self.queued += len(texts)
         if self.args.adaptive_batch_wait:
             # Alone in the replica: nothing can join this batch, so waiting only adds latency.

@@ -354,10 +354,6 @@ class Engine:
         seq.queue.put_nowait(Event(rest, seq.completion_tokens, why, error))
 
 
-def completion_text(events: Seq[Event]) -> str:
-    return "".join(e.text for e in events)
-
-
 def context_limit(model, meta: Any) -> int:
     """The longest prompt plus completion the model takes: its positions, else max_length."""
     positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)

@@ -96,9 +96,7 @@ class CompletionRequest(_Sampling):
 
 
 def _bad(message: str, param: str | None, code: str | None = None) -> _Refusal:
-    refusal = _Refusal(400, message, code or "invalid_value", {})
-    refusal.param = param
-    return refusal
+    return _Refusal(400, message, code or "invalid_value", {}, param)
 
 
 class _Generating(_Loaded):
@@ -134,7 +132,7 @@ class _Generating(_Loaded):
 class _Reply:
     """OpenAI's response and chunk shapes for one request."""
 
-    def __init__(self, loaded: _Generating, request: _Sampling, chat: bool, prompt_tokens: int):
+    def __init__(self, loaded: _Generating, chat: bool, prompt_tokens: int):
         self.loaded = loaded
         self.chat = chat
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -266,15 +264,14 @@ class TextGenerator(_Replica):
             f"{loaded.choice.model_name}/{loaded.choice.model_version}",
         }
         if request.model is not None and request.model not in names:
-            refusal = _Refusal(
+            raise _Refusal(
                 404,
                 f"model: '{request.model}' is not served here; this endpoint serves "
                 f"'{loaded.choice.model_name}' (version {loaded.choice.model_version})",
                 "model_not_found",
                 {},
+                "model",
             )
-            refusal.param = "model"
-            raise refusal
         if request.n != 1:
             raise _bad("n: only n=1 is supported (one choice per request)", "n")
         asked = request.max_completion_tokens or request.max_tokens
@@ -306,19 +303,12 @@ class TextGenerator(_Replica):
             )
         held = engine.queue_length + len(engine.running)
         if held >= self.args.max_queued_texts:
-            self.metrics.shed.inc()
-            raise _Refusal(
-                503,
-                f"overloaded: {held} requests already wait for or run in the model "
-                f"(max_queued_texts {self.args.max_queued_texts}); retry later",
-                "overloaded",
-                {"Retry-After": str(self.args.retry_after_s)},
-            )
+            raise self._shed(f"{held} requests already wait for or run in the model")
         stop = request.stop
         stops = tuple(s for s in ([stop] if isinstance(stop, str) else stop or []) if s)
         params = SamplingParams(max_tokens, request.temperature, request.top_p, stops, request.seed)
         seq = engine.submit(ids, params)
-        reply = _Reply(loaded, request, chat, len(ids))
+        reply = _Reply(loaded, chat, len(ids))
         if request.stream:
             include_usage = bool((request.stream_options or {}).get("include_usage"))
             return StreamingResponse(

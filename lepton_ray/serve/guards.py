@@ -81,9 +81,17 @@ def openai_error(
 class _Refusal(HTTPException):
     """An HTTP error whose JSON also carries a machine-readable ``code``."""
 
-    def __init__(self, status: int, message: str, code: str, headers: dict[str, str]):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str,
+        headers: dict[str, str],
+        param: str | None = None,
+    ):
         super().__init__(status, message, headers=headers)
         self.code = code
+        self.param = param  # the request field at fault (OpenAI's error shape)
 
 
 def _unparsable(cause: BaseException | None) -> str:
