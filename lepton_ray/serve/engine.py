@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 STOP, LENGTH, CANCELLED, ERROR = "stop", "length", "cancelled", "error"
+POLL_S = 0.004  # how often a waiting stream looks for its next event
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class Sequence:
     prompt: list[int]
     params: SamplingParams
     generator: torch.Generator
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    queue: collections.deque = field(default_factory=collections.deque)
     tokens: list[int] = field(default_factory=list)
     completion_tokens: int = 0  # tokens generated, the stop token included
     sent: int = 0  # characters of the text already sent
@@ -159,7 +160,13 @@ class Engine:
         """The sequence's events until its last; leaving early cancels it."""
         try:
             while True:
-                event = await seq.queue.get()
+                while not seq.queue:
+                    # A timed sleep, not a future the loop's task resolves: Ray Serve cancels
+                    # a request whose client went away by cancelling its task, and a task
+                    # parked on such a future was never woken (Ray 2.60, measured: the
+                    # generation ran to its end); a sleeping one is.
+                    await asyncio.sleep(POLL_S)
+                event = seq.queue.popleft()
                 yield event
                 if event.finish_reason is not None:
                     return
@@ -338,7 +345,7 @@ class Engine:
             elif not text.endswith("\ufffd"):  # never half a character
                 ready = len(text) - held_back(text, seq.params.stop)
                 if ready > seq.sent:
-                    seq.queue.put_nowait(Event(text[seq.sent : ready], seq.completion_tokens))
+                    seq.queue.append(Event(text[seq.sent : ready], seq.completion_tokens))
                     seq.sent = ready
 
     def _finish(self, seq: Sequence, why: str, text: str | None = None, error=None) -> None:
@@ -351,7 +358,7 @@ class Engine:
                 text = text.rstrip("\ufffd")
         rest = text[seq.sent :] if why in (STOP, LENGTH) else ""
         seq.sent = max(seq.sent, len(text))
-        seq.queue.put_nowait(Event(rest, seq.completion_tokens, why, error))
+        seq.queue.append(Event(rest, seq.completion_tokens, why, error))
 
 
 def context_limit(model, meta: Any) -> int:

@@ -316,12 +316,12 @@ class TextGenerator(_Replica):
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
+        events = []
         try:
-            events = [event async for event in engine.events(seq)]
+            async for event in engine.events(seq):
+                events.append(event)
         finally:
-            if seq.finish_reason is None:  # the client went away: stop generating
-                engine.cancel(seq)
-                self.metrics.cancelled.inc()
+            self._abandoned(engine, seq, events)
         last = events[-1]
         if last.error:
             raise _Refusal(
@@ -331,9 +331,11 @@ class TextGenerator(_Replica):
         return reply.whole("".join(e.text for e in events), last)
 
     async def _stream(self, engine, seq, reply: _Reply, include_usage: bool, prompt):
+        events = []
         try:
             yield reply.sse(reply.chunk(role=True))
             async for event in engine.events(seq):
+                events.append(event)
                 if event.error:
                     body = openai_error(500, f"the model failed ({event.error})", "model_error")
                     yield reply.sse(body)
@@ -347,9 +349,13 @@ class TextGenerator(_Replica):
                     self._done(seq, prompt, reply.loaded)
             yield "data: [DONE]\n\n"
         finally:
-            if seq.finish_reason is None and not seq.cancelled:  # the stream was cancelled
-                engine.cancel(seq)
-                self.metrics.cancelled.inc()
+            self._abandoned(engine, seq, events)
+
+    def _abandoned(self, engine, seq, events: list) -> None:
+        """Stop generating for a request whose client went away before its last event."""
+        if not events or events[-1].finish_reason is None:
+            engine.cancel(seq)
+            self.metrics.cancelled.inc()
 
     def _done(self, seq, prompt: Any, loaded: _Generating) -> None:
         self.metrics.generated.inc(seq.completion_tokens)

@@ -270,3 +270,35 @@ def test_metrics_report_tokens_first_token_time_and_queues(endpoint):
     assert re.search(r"^lepton_serve_time_to_first_token_seconds_count [1-9]", text, re.M)
     for series in ("generated_tokens_per_second", "waiting_sequences", "running_sequences"):
         assert f"lepton_serve_{series} " in text
+
+
+def _cancelled(endpoint) -> float:
+    text = requests.get(f"{endpoint['url']}/metrics", headers=AUTH, timeout=5).text
+    found = re.search(r"^lepton_serve_cancelled_generations_total ([0-9.e+]+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_a_client_that_disconnects_mid_stream_stops_its_generation(endpoint):
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(endpoint["url"])
+    before = _cancelled(endpoint)
+    body = json.dumps({"messages": CHAT, "max_tokens": 400, "temperature": 0, "stream": True})
+    request = (
+        f"POST {url.path}/v1/chat/completions HTTP/1.1\r\nHost: {url.netloc}\r\n"
+        f"Authorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n{body}"
+    ).encode()
+    sock = socket.create_connection((url.hostname, url.port), timeout=30)
+    sock.sendall(request)
+    received = b""
+    while received.count(b'"content":"') < 3:  # a few tokens in: the generation runs
+        received += sock.recv(4096)
+    sock.close()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and _cancelled(endpoint) == before:
+        time.sleep(0.2)
+    assert _cancelled(endpoint) == before + 1
+    health = requests.get(f"{endpoint['url']}/healthz", timeout=5).json()
+    assert health["running"] == 0 and health["waiting"] == 0
