@@ -43,8 +43,10 @@ def run_batch_predict(
     log=print,
     id_column: str | None = None,
     batch_size: int = BATCH_SIZE,
+    sampling: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Classify every row of ``input`` with a registered version; write them to ``output``.
+    """Predict for every row of ``input`` with a registered version (a classifier's labels,
+    a language model's generations); write them to ``output``.
 
     Args:
         cfg: The experiment: its data section says how to read ``input``, its registry
@@ -54,7 +56,9 @@ def run_batch_predict(
         model_spec: ``NAME``, ``NAME@ALIAS``, ``NAME/VERSION`` or ``models:/...``; default:
             what ``serve`` deploys (``@champion``). Pinned to its version number once.
         id_column: A column of the input to use as the row id, instead of file:row.
-        batch_size: Texts per forward pass.
+        batch_size: Texts per forward pass (a language model: sequences decoded together).
+        sampling: A language model's ``SamplingParams`` fields (``max_tokens``,
+            ``temperature``, ``top_p``, ``stop``, ``seed``), as the endpoint takes them.
 
     Returns:
         ``rows``, ``output``, ``model_uri`` (pinned), ``model_version``, ``empty`` (rows
@@ -124,9 +128,11 @@ def run_batch_predict(
                 model_uri=model_uri,
                 model_version=version,
                 torch_threads=max(1, round(cpus)),
+                sampling=dict(sampling or {}),
+                batch_size=batch_size,
             ),
         )
-        log(f"[predict] {actors} classifier actor{'s' if actors > 1 else ''}, {cpus:g} CPU each")
+        log(f"[predict] {actors} model actor{'s' if actors > 1 else ''}, {cpus:g} CPU each")
         rows, empty = _write(ds, output, fmt, names, source.n_rows, log)
     finally:
         context.execution_options.preserve_order, context.enable_progress_bars = saved
@@ -205,7 +211,7 @@ def prediction_input(batch, task, data, keep_label: bool, id_column: str | None)
 
     from lepton_ray.text import as_strings
 
-    table = task.format_rows(batch, data, with_label=keep_label)
+    table = task.prediction_rows(batch, data, with_label=keep_label)
     columns = {"text": table.column("text"), "path": as_strings(batch, "path")}
     if keep_label:
         columns["label_true"] = table.column("label")
@@ -218,7 +224,15 @@ class Predictor:
     """Ray Data actor: one loaded model; the task's ``predict`` on each batch (runs on a Ray
     worker)."""
 
-    def __init__(self, tracking_uri: str, model_uri: str, model_version: str, torch_threads: int):
+    def __init__(
+        self,
+        tracking_uri: str,
+        model_uri: str,
+        model_version: str,
+        torch_threads: int,
+        sampling: dict[str, Any] | None = None,
+        batch_size: int = BATCH_SIZE,
+    ):
         import torch
 
         from lepton_ray.compress.formats import load_model_artifact
@@ -231,16 +245,67 @@ class Predictor:
         self.model, self.tokenizer, self.meta = load_model_artifact(artifact)
         self.task = get_task(self.meta.task)
         self.version = model_version
+        self.generator = None
+        if self.task.serving == "generate":
+            self.generator = _Generator(
+                self.model, self.tokenizer, self.meta, self.task, sampling or {}, batch_size
+            )
 
     def __call__(self, batch):
         texts = batch.column("text").to_pylist()
         todo = [i for i, text in enumerate(texts) if text is not None and text.strip()]
-        answers = (
-            self.task.predict(self.model, self.tokenizer, self.meta, [texts[i] for i in todo])
-            if todo
-            else []
-        )
+        prompts = [texts[i] for i in todo]
+        if not todo:
+            answers = []
+        elif self.generator is not None:
+            answers = self.generator(prompts)
+        else:
+            answers = self.task.predict(self.model, self.tokenizer, self.meta, prompts)
         return prediction_columns(batch, self.task, self.meta.labels, todo, answers, self.version)
+
+
+class _Generator:
+    """A language model's answers through the Serve endpoint's engine: the same template,
+    batching, sampling and stops (``lepton_ray.serve.engine``); a prompt too long for the
+    context keeps its end and is marked ``truncated``."""
+
+    def __init__(self, model, tokenizer, meta, task, sampling: dict[str, Any], batch_size: int):
+        from lepton_ray.serve.engine import Engine, SamplingParams, context_limit
+
+        task.check_tokenizer(tokenizer, meta)  # fail closed, as the endpoint does
+        model.eval()
+        chat = meta.extra["chat"]
+        pad = tokenizer.pad_token_id
+        self.engine = Engine(
+            model,
+            tokenizer,
+            chat["stop_token_ids"],
+            pad if pad is not None else 0,
+            context_limit(model, meta),
+            batch_size,
+        )
+        self.params = SamplingParams(**sampling)
+        self.task, self.tokenizer, self.meta = task, tokenizer, meta
+
+    def __call__(self, prompts: Sequence[str]) -> list[dict[str, Any]]:
+        import torch
+
+        from lepton_ray.serve.engine import text_of
+
+        room = max(1, self.engine.max_context - self.params.max_tokens)
+        encoded = [self.task.prompt_ids(self.tokenizer, self.meta, p) for p in prompts]
+        with torch.inference_mode():
+            seqs = self.engine.generate([ids[-room:] for ids in encoded], self.params)
+        return [
+            {
+                "text": text_of(seq),
+                "finish_reason": seq.finish_reason,
+                "prompt_tokens": len(seq.prompt),
+                "completion_tokens": seq.completion_tokens,
+                "truncated": len(ids) > room,
+            }
+            for ids, seq in zip(encoded, seqs, strict=True)
+        ]
 
 
 def prediction_columns(batch, task, labels, rows: list[int], answers, version: str):
@@ -314,6 +379,15 @@ class _Writer:
             self._sink.close()
 
 
+def _without_text(table) -> int:
+    """Rows with no text to predict for (null or blank: the Predictor skips them)."""
+    import pyarrow.compute as pc
+
+    text = table.column("text")
+    blank = pc.equal(pc.utf8_trim_whitespace(pc.fill_null(text, "")), "")
+    return int(pc.sum(blank.cast("int64")).as_py() or 0)
+
+
 def _write(ds, output: Path, fmt: str, names: dict[str, str], total: int, log) -> tuple[int, int]:
     """Stream ``ds`` into ``output`` through a temporary file beside it, renamed once all
     ``total`` rows are in; returns (rows, rows without a prediction)."""
@@ -327,7 +401,7 @@ def _write(ds, output: Path, fmt: str, names: dict[str, str], total: int, log) -
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             table = with_ids(batch, names, counters)
             writer.write(table)
-            empty += table.column("label").null_count
+            empty += _without_text(table)
             before, rows = rows, rows + table.num_rows
             if rows // step > before // step or rows == total:
                 log(f"[predict] {rows}/{total} rows ({100 * rows // max(total, 1)}%)")

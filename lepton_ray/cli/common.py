@@ -67,6 +67,9 @@ def handle_errors(fn):
             raise
         except Exception as err:  # noqa: BLE001 - last resort: no traceback unless asked
             console.log_exception(err)
+            inner = _user_error(err)
+            if inner is not None:  # raised in a Ray task or actor: its own one line
+                fail(str(inner), inner.exit_code)
             if os.environ.get("LEPTON_DEBUG"):
                 console.release()  # the traceback goes to the real terminal
                 raise
@@ -79,6 +82,31 @@ def handle_errors(fn):
             console.finish()
 
     return wrapper
+
+
+def _user_error(err: BaseException) -> LeptonError | None:
+    """The LeptonError that a Ray task's error wraps (its cause, or that cause's cause)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [err]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, LeptonError):
+            return current
+        todo += [getattr(current, "cause", None), current.__cause__, current.__context__]
+    # Pickled across processes, an error loses its __cause__; Ray keeps the remote
+    # traceback's text, whose last line names the error.
+    import re
+
+    from lepton_ray import errors
+
+    found = re.findall(r"^lepton_ray\.errors\.(\w+): (.+)$", str(err), re.M)
+    kind = getattr(errors, found[-1][0], None) if found else None
+    if isinstance(kind, type) and issubclass(kind, LeptonError):
+        return kind(found[-1][1])
+    return None
 
 
 def _load(config: Path, overrides: list[str] | None):

@@ -269,11 +269,36 @@ def predict(
             help="With --input: an input column to use as the row id (default: file:row)."
         ),
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="With --input: texts per forward pass.")] = 64,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            help="With --input: texts per forward pass (a language model: decoded together)."
+        ),
+    ] = 64,
+    max_tokens: Annotated[
+        int | None,
+        typer.Option(
+            help="Language model, --input: tokens to generate at most (default: serve.default_max_tokens)."
+        ),
+    ] = None,
+    temperature: Annotated[
+        float,
+        typer.Option(help="Language model, --input: 0 is greedy (the endpoint's default is 1)."),
+    ] = 1.0,
+    top_p: Annotated[
+        float, typer.Option(help="Language model, --input: nucleus sampling mass.")
+    ] = 1.0,
+    stop: Annotated[
+        list[str] | None, typer.Option(help="Language model, --input: a stop string (repeatable).")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Language model, --input: sampling seed (each row's own).")
+    ] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Classify texts on the running Serve endpoint (a table, or --json lines), or, with
-    --input and --output, a whole dataset offline with the registered model."""
+    --input and --output, predict for a whole dataset offline with the registered model (a
+    language model generates for each prompt, as the endpoint would)."""
     from lepton_ray.batch_predict import format_json_lines, format_table, run_batch_predict
     from lepton_ray.tasks import get_task
 
@@ -296,8 +321,27 @@ def predict(
     )
     start_console("predict", cfg, verbose)
     _quiet_libraries()
+    limit = cfg.serve.max_tokens_limit
+    if max_tokens is not None and not 1 <= max_tokens <= limit:
+        raise LeptonError(f"--max-tokens must be between 1 and serve.max_tokens_limit ({limit})")
+    if not 0.0 <= temperature <= 2.0 or not 0.0 < top_p <= 1.0:
+        raise LeptonError("--temperature must be in [0, 2] and --top-p in (0, 1]")
+    sampling = {
+        "max_tokens": max_tokens or min(cfg.serve.default_max_tokens, limit),
+        "temperature": temperature,
+        "top_p": top_p,
+        "stop": tuple(s for s in stop or [] if s),
+        "seed": seed,
+    }
     run_batch_predict(
-        cfg, input_, output, model_spec=model, log=say, id_column=id_column, batch_size=batch_size
+        cfg,
+        input_,
+        output,
+        model_spec=model,
+        log=say,
+        id_column=id_column,
+        batch_size=batch_size,
+        sampling=sampling,
     )
 
 

@@ -4,6 +4,7 @@ API key, prediction logging)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -105,6 +106,13 @@ class ServeSection(Section):
     )
     default_max_tokens: int = Field(
         128, ge=1, description="A language model's endpoint: max_tokens when a request gives none."
+    )
+    engine: Literal["auto", "hf", "vllm"] = Field(
+        "auto",
+        description="A language model's engine: 'hf' (lepton-ray's own, continuous batching; "
+        "CPUs or GPUs), 'vllm' (ray.serve.llm with vLLM; needs vLLM and a GPU in the cluster, "
+        "and checks no API key, so it refuses to run with api_key_env), 'auto' (vllm where it "
+        "can run and no API key is asked for, else hf). Both answer the same OpenAI routes.",
     )
     generation_batch_size: int = Field(
         8,

@@ -146,9 +146,11 @@ def init_ray(cluster: ClusterSection, log=print) -> str:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     address = cluster.address or os.environ.get("RAY_ADDRESS")
-    if address in (None, "auto", "local"):
-        # A cluster on this machine: keep it on 127.0.0.1. Ray reads this switch when it is
-        # first imported, so it must be set before the import below.
+    if address in (None, "auto", "local") or _on_loopback(address):
+        # A cluster on this machine: keep it on 127.0.0.1 (this driver's node too: without
+        # the switch, a driver given 127.0.0.1:6379 looks for the cluster at the machine's
+        # network address and waits there forever). Ray reads the switch when it is first
+        # imported, so it must be set before the import below.
         bind_to_loopback()
     import ray
 
@@ -203,6 +205,12 @@ def init_ray(cluster: ClusterSection, log=print) -> str:
     )
     _MODE = "in-process"
     return _MODE
+
+
+def _on_loopback(address: str) -> bool:
+    """``127.0.0.1:6379``, ``localhost:6379``, ``ray://127.0.0.1:10001`` and the like."""
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    return host == "localhost" or host.startswith("127.") or host == "::1"
 
 
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"

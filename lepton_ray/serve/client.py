@@ -177,6 +177,8 @@ def deploy(cfg: ExperimentConfig, model_uri: str, log=print) -> tuple[str, str]:
     )
     app_name = s.app_name or cfg.name
     shown = pinned if pinned == model_uri else f"{model_uri} = {pinned}"
+    if generates(cfg) and _engine(cfg, key) == "vllm":
+        return _deploy_vllm(cfg, pinned, version, app_name, shown, log)
     log(f"[serve] deploying {shown} as application '{app_name}' on http://{s.host}:{s.port}")
     serve.run(
         (build_generation_app if generates(cfg) else build_app)(
@@ -197,6 +199,47 @@ def deploy(cfg: ExperimentConfig, model_uri: str, log=print) -> tuple[str, str]:
     wait_healthy(url, version=str(version.version))
     log(f"[serve] ready at {url}{route(cfg)}")
     return url, pinned
+
+
+def _engine(cfg: ExperimentConfig, key: str | None) -> str:
+    """'hf' or 'vllm' (serve.engine, resolved against this cluster's GPUs)."""
+    import ray
+
+    from lepton_ray.serve.vllm_app import choose_engine
+
+    gpus = float(ray.cluster_resources().get("GPU", 0.0))
+    return choose_engine(cfg.serve.engine, gpus, has_key=bool(key))
+
+
+def _deploy_vllm(cfg, pinned: str, version, app_name: str, shown: str, log):
+    """``ray.serve.llm`` over the version exported as a Hugging Face folder."""
+    import requests
+    from ray import serve
+
+    from lepton_ray.serve.vllm_app import build_vllm_app, export_folder
+
+    s = cfg.serve
+    folder = cfg.output_dir / cfg.name / "serve" / f"vllm-{version.name}-{version.version}"
+    log(f"[serve] exporting {pinned} for vLLM to {folder}")
+    export_folder(cfg.tracking.tracking_uri, pinned, folder)
+    log(f"[serve] deploying {shown} with vLLM as application '{app_name}'")
+    serve.run(
+        build_vllm_app(folder, version.name, None, s.num_replicas),
+        name=app_name,
+        route_prefix=s.route_prefix,
+        blocking=False,
+    )
+    url = endpoint_url(cfg)
+    deadline = time.time() + 900  # vLLM loads and compiles the model
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{url}/v1/models", timeout=5).status_code == 200:
+                log(f"[serve] ready at {url}/v1/chat/completions (vLLM)")
+                return url, pinned
+        except requests.RequestException:
+            pass
+        time.sleep(2)
+    raise LeptonError(f"the vLLM endpoint at {url} did not answer /v1/models in 900 s")
 
 
 def undeploy(cfg: ExperimentConfig, log=print) -> bool:

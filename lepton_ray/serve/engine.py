@@ -150,11 +150,25 @@ class Engine:
     # ------------------------------------------------------------------ requests
     def submit(self, prompt: Seq[int], params: SamplingParams) -> Sequence:
         """Queue a sequence; the engine's loop (started on first use) generates it."""
-        seed = params.seed if params.seed is not None else random.getrandbits(63)
-        seq = Sequence(list(prompt), params, torch.Generator().manual_seed(seed))
+        seq = self._sequence(prompt, params)
         self.waiting.append(seq)
         self._ensure_loop()
         return seq
+
+    def generate(self, prompts: Seq[Seq[int]], params: SamplingParams) -> list[Sequence]:
+        """Offline: every prompt to its end, the loop driven here (no event loop needed);
+        each sequence's whole text is ``text_of(seq)``. The endpoint's batching, sampling
+        and stops, so a seeded request gives the same text both ways."""
+        seqs = [self._sequence(prompt, params) for prompt in prompts]
+        self.waiting.extend(seqs)
+        while self.waiting or self.running:
+            self.step()
+        return seqs
+
+    @staticmethod
+    def _sequence(prompt: Seq[int], params: SamplingParams) -> Sequence:
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        return Sequence(list(prompt), params, torch.Generator().manual_seed(seed))
 
     async def events(self, seq: Sequence) -> AsyncIterator[Event]:
         """The sequence's events until its last; leaving early cancels it."""
@@ -359,6 +373,11 @@ class Engine:
         rest = text[seq.sent :] if why in (STOP, LENGTH) else ""
         seq.sent = max(seq.sent, len(text))
         seq.queue.append(Event(rest, seq.completion_tokens, why, error))
+
+
+def text_of(seq: Sequence) -> str:
+    """The text a finished sequence generated (its events' text, for offline use)."""
+    return "".join(event.text for event in seq.queue)
 
 
 def context_limit(model, meta: Any) -> int:

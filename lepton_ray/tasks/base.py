@@ -131,6 +131,11 @@ class Task(ABC):
         table with ``text`` (what is cleaned, deduplicated and split on) and, ``with_label``,
         ``label`` (the raw target, cleaned by the data stage)."""
 
+    def prediction_rows(self, batch, data: DataConfig, with_label: bool = False):
+        """(in Ray Data tasks) What batch prediction feeds the model: ``text``, and with
+        ``with_label`` the ``label`` a row already has. Default: ``format_rows``."""
+        return self.format_rows(batch, data, with_label=with_label)
+
     def clean(self, batch, clean: dict[str, Any]):
         """(in Ray Data tasks) Clean the rows of ``format_rows`` and tag drop reasons; None:
         the data stage's text cleaning (``data.clean.clean_batch``)."""

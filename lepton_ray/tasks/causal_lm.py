@@ -148,6 +148,39 @@ class CausalLM(Task):
             }
         )
 
+    def prediction_rows(self, batch, data: DataConfig, with_label: bool = False):
+        """Prompts to generate for: ``text`` is a row's turns up to its last user turn (JSON;
+        the raw prompt of a prompt_completion or text model), ``label`` the answer the row
+        carries (its output, completion or last assistant turn), else null."""
+        import pyarrow as pa
+
+        chat = data.chat
+        wanted = [c for _, names in self.source_columns(data) for c in names]
+        wanted += [chat.columns.input] if chat.format == "alpaca" else []
+        present = [c for c in dict.fromkeys(wanted) if c in batch.schema.names]
+        columns = {c: batch.column(c).to_pylist() for c in present}
+        texts: list[str | None] = []
+        answers: list[str | None] = []
+        for i in range(batch.num_rows):
+            row = {c: values[i] for c, values in columns.items()}
+            turns = row_turns(row, chat, f"row {_preview(row)}", answer=False)
+            reference = None
+            if turns and turns[-1]["role"] in ("assistant", "completion"):
+                reference = turns.pop()["content"]
+            if turns and turns[-1]["role"] == "system":
+                raise DataError(f"row {_preview(row)}: no user turn to answer")
+            answers.append(reference)
+            if not turns:
+                texts.append(None)
+            elif chat.format in TEMPLATED_FORMATS:
+                texts.append(canonical(turns))
+            else:
+                texts.append(turns[0]["content"])
+        out = {"text": pa.array(texts, pa.string())}
+        if with_label:
+            out["label"] = pa.array(answers, pa.string())
+        return pa.table(out)
+
     def clean(self, batch, clean: dict[str, Any]):
         """Each turn's content is cleaned (layout kept); the roles and turns stay. A turn
         cleaned down to nothing drops the row as ``empty_text``; a row over
@@ -452,16 +485,20 @@ class CausalLM(Task):
     ) -> dict[str, Any]:
         import pyarrow as pa
 
-        text: list[str | None] = [None] * n
-        finish: list[str | None] = [None] * n
-        tokens: list[int | None] = [None] * n
+        kinds = {
+            "text": pa.string(),
+            "finish_reason": pa.string(),
+            "prompt_tokens": pa.int64(),
+            "completion_tokens": pa.int64(),
+            "truncated": pa.bool_(),
+        }
+        cells: dict[str, list] = {name: [None] * n for name in kinds}
         for i, answer in zip(rows, answers, strict=True):
-            text[i], finish[i] = answer["text"], answer["finish_reason"]
-            tokens[i] = answer["completion_tokens"]
+            for name in kinds:
+                cells[name][i] = answer[name]
         return {
-            "generated": pa.array(text, pa.string()),
-            "finish_reason": pa.array(finish, pa.string()),
-            "completion_tokens": pa.array(tokens, pa.int64()),
+            ("generated" if name == "text" else name): pa.array(cells[name], kind)
+            for name, kind in kinds.items()
         }
 
 

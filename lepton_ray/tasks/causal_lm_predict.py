@@ -37,15 +37,28 @@ def prompt_turns(task, meta, prompt: Any) -> list[dict[str, str]]:
                 raise ValueError(f"message {k} needs a role of system, user or assistant")
             if not isinstance(turn.get("content"), str) or not turn["content"].strip():
                 raise ValueError(f"message {k} has an empty content")
+            _check_unicode(turn["content"], f"message {k}")
             turns.append({"role": turn["role"], "content": turn["content"]})
         if not turns or turns[-1]["role"] == "assistant":
             raise ValueError("the messages must end with a user turn")
         return turns
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("a prompt must be a non-empty string or a list of messages")
+    _check_unicode(prompt, "the prompt")
     if chat.get("format") in TEMPLATED_FORMATS:
         return [{"role": "user", "content": prompt}]
     return [{"role": "prompt", "content": prompt}]
+
+
+def _check_unicode(text: str, what: str) -> None:
+    """JSON admits lone surrogates (``"\\ud800"``); no tokenizer does."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"{what} holds {text[err.start : err.end]!a} at character {err.start}, which is "
+            "not valid Unicode (a lone surrogate)"
+        ) from None
 
 
 def check_tokenizer(task, tokenizer, meta) -> None:

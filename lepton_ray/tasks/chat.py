@@ -94,9 +94,13 @@ def _blank(value: Any) -> bool:
     )
 
 
-def row_turns(row: Mapping[str, Any], chat, where: str) -> list[dict[str, str]] | None:
+def row_turns(
+    row: Mapping[str, Any], chat, where: str, answer: bool = True
+) -> list[dict[str, str]] | None:
     """One source row -> its turns; None when a required field is missing (counted as
-    ``missing_text``); a ``DataError`` naming ``where`` for a malformed conversation."""
+    ``missing_text``); a ``DataError`` naming ``where`` for a malformed conversation.
+    ``answer=False`` (prompts to generate for): the answer (output, completion, an
+    assistant turn) may be missing."""
     cols = chat.columns
     system = row.get(cols.system) if cols.system else None
     system = None if _blank(system) else str(system)
@@ -105,24 +109,26 @@ def row_turns(row: Mapping[str, Any], chat, where: str) -> list[dict[str, str]] 
         return None if _blank(value) else [{"role": "text", "content": str(value)}]
     if chat.format == "prompt_completion":
         prompt, completion = row.get(cols.prompt), row.get(cols.completion)
-        if _blank(prompt) or _blank(completion):
+        if _blank(prompt) or (answer and _blank(completion)):
             return None
-        return [
-            {"role": "prompt", "content": str(prompt)},
-            {"role": "completion", "content": str(completion)},
-        ]
+        turns = [{"role": "prompt", "content": str(prompt)}]
+        if not _blank(completion):
+            turns.append({"role": "completion", "content": str(completion)})
+        return turns
     if chat.format == "alpaca":
         instruction, extra, output = (
             row.get(cols.instruction),
             row.get(cols.input),
             row.get(cols.output),
         )
-        if _blank(instruction) or _blank(output):
+        if _blank(instruction) or (answer and _blank(output)):
             return None
         user = str(instruction) if _blank(extra) else f"{instruction}\n\n{extra}"
-        turns = [{"role": "user", "content": user}, {"role": "assistant", "content": str(output)}]
+        turns = [{"role": "user", "content": user}]
+        if not _blank(output):
+            turns.append({"role": "assistant", "content": str(output)})
     else:
-        turns = _message_turns(row.get(cols.messages), chat, where)
+        turns = _message_turns(row.get(cols.messages), chat, where, answer)
     if system is None and chat.system_prompt and turns[0]["role"] != "system":
         system = chat.system_prompt
     if system is not None and turns[0]["role"] != "system":
@@ -130,7 +136,7 @@ def row_turns(row: Mapping[str, Any], chat, where: str) -> list[dict[str, str]] 
     return turns
 
 
-def _message_turns(value: Any, chat, where: str) -> list[dict[str, str]]:
+def _message_turns(value: Any, chat, where: str, answer: bool = True) -> list[dict[str, str]]:
     if isinstance(value, str):
         try:
             value = json.loads(value)
@@ -164,7 +170,7 @@ def _message_turns(value: Any, chat, where: str) -> list[dict[str, str]]:
         turns.append({"role": role, "content": str(content)})
     if any(t["role"] == "system" for t in turns[1:]):
         raise DataError(f"{where}: a system turn may only come first")
-    if not any(t["role"] == "assistant" for t in turns):
+    if answer and not any(t["role"] == "assistant" for t in turns):
         raise DataError(f"{where}: the conversation has no assistant turn (nothing to learn)")
     return turns
 

@@ -302,3 +302,84 @@ def test_a_client_that_disconnects_mid_stream_stops_its_generation(endpoint):
     assert _cancelled(endpoint) == before + 1
     health = requests.get(f"{endpoint['url']}/healthz", timeout=5).json()
     assert health["running"] == 0 and health["waiting"] == 0
+
+
+def test_offline_predict_generates_through_ray_data_as_the_endpoint_does(endpoint, tmp_path):
+    prompts = [
+        CHAT,
+        [{"role": "user", "content": "Say word 4."}],
+        [*CHAT, {"role": "assistant", "content": "LAMP"}],
+    ]
+    src = tmp_path / "prompts.jsonl"
+    src.write_text("".join(json.dumps({"messages": m}) + "\n" for m in prompts))
+    out = tmp_path / "out.jsonl"
+    result = runner.invoke(
+        app,
+        [
+            "predict",
+            str(endpoint["config"]),
+            "--input",
+            str(src),
+            "--output",
+            str(out),
+            "--max-tokens",
+            "10",
+            "--temperature",
+            "0",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [f"prompts.jsonl:{i}" for i in range(3)]
+    for row, messages in zip(rows, prompts, strict=True):
+        asked = [m for m in messages if m["role"] != "assistant"]  # a trailing answer is dropped
+        body = {"messages": asked, "max_tokens": 10, "temperature": 0}
+        resp = requests.post(
+            f"{endpoint['url']}/v1/chat/completions", json=body, headers=AUTH, timeout=60
+        )
+        answer = resp.json()
+        assert row["generated"] == answer["choices"][0]["message"]["content"]
+        assert row["finish_reason"] == answer["choices"][0]["finish_reason"]
+        assert row["prompt_tokens"] == answer["usage"]["prompt_tokens"]
+        assert row["completion_tokens"] == answer["usage"]["completion_tokens"]
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}) + "\n")
+    result = runner.invoke(
+        app,
+        [
+            "predict",
+            str(endpoint["config"]),
+            "--input",
+            str(bad),
+            "--output",
+            str(tmp_path / "x.jsonl"),
+        ],
+    )
+    assert result.exit_code != 0 and "unknown role 'wizard'" in result.output, result.output
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_the_vllm_engine_is_refused_here_in_one_line_and_the_endpoint_stays(endpoint):
+    result = runner.invoke(app, ["serve", str(endpoint["config"]), "--set", "serve.engine=vllm"])
+    assert result.exit_code != 0 and "vLLM is not installed" in result.output, result.output
+    health = requests.get(f"{endpoint['url']}/healthz", timeout=5)
+    assert health.status_code == 200 and health.json()["model_version"] == "1"
+
+
+def test_a_bounded_fuzz_of_malformed_bodies_gets_only_4xx_and_health_stays_up(endpoint):
+    from lepton_ray.serve.load import send_malformed
+
+    url = f"{endpoint['url']}/v1/chat/completions"
+    texts = ["Say lamp.", "What is 2 plus 3?", "Name a colour."]
+    result = send_malformed(url, texts, n=150, concurrency=8, headers=AUTH, chat=True)
+    summary = result.summary()
+    assert result.server_errors == 0 and result.not_json == 0, summary
+    assert result.valid_failed == 0, summary
+    assert all(
+        isinstance(status, int) and 400 <= status < 500
+        for kind, statuses in result.by_kind.items()
+        if kind != "valid"
+        for status in statuses
+    ), summary
+    assert requests.get(f"{endpoint['url']}/healthz", timeout=5).status_code == 200

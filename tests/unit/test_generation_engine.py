@@ -10,7 +10,7 @@ import asyncio
 import pytest
 import torch
 
-from lepton_ray.serve.engine import Engine, SamplingParams, held_back, sample
+from lepton_ray.serve.engine import Engine, SamplingParams, held_back, sample, text_of
 from lepton_ray.tasks.causal_lm_eval import generate
 
 PROMPTS = [[1, 17, 300, 4000], [1, 9, 8, 7, 6, 5, 4, 3, 2, 10, 11], [1, 500], [1, 2, 3, 4, 5, 6]]
@@ -152,3 +152,33 @@ def test_nucleus_sampling_never_picks_outside_the_nucleus():
     params = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.5)
     assert {sample(logits, params, gen) for _ in range(200)} <= {0, 1}
     assert sample(logits, SamplingParams(max_tokens=1, temperature=0.0), gen) == 0
+
+
+def test_offline_generate_gives_what_the_streams_give(lm):
+    params = SamplingParams(6, temperature=0.9, top_p=0.95, seed=11)
+    seqs, streams = _run(_engine(lm, max_batch_size=2), [(p, params) for p in PROMPTS])
+    offline = _engine(lm, max_batch_size=3).generate(PROMPTS, params)
+    assert [text_of(s) for s in offline] == ["".join(e.text for e in ev) for ev in streams]
+    assert [s.finish_reason for s in offline] == [s.finish_reason for s in seqs]
+    assert all(s.completion_tokens == 6 for s in offline)
+
+
+def test_a_stream_waiting_for_its_next_token_is_cancellable(lm):
+    """A request task parked between tokens must take a cancellation (Ray Serve cancels the
+    task of a request whose client went away) and leave the batch."""
+
+    async def main():
+        engine = _engine(lm, max_batch_size=2, max_context=10_000)
+        seq = engine.submit(PROMPTS[0], SamplingParams(5000, temperature=0))
+        reader = asyncio.ensure_future(_collect(engine, seq))
+        while seq.completion_tokens < 3:
+            await asyncio.sleep(0.01)
+        reader.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+        while engine.running:
+            await asyncio.sleep(0.01)
+        return seq
+
+    seq = asyncio.run(main())
+    assert seq.cancelled and seq.finish_reason == "cancelled" and seq.completion_tokens < 5000
