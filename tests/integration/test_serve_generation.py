@@ -383,3 +383,50 @@ def test_a_bounded_fuzz_of_malformed_bodies_gets_only_4xx_and_health_stays_up(en
         for status in statuses
     ), summary
     assert requests.get(f"{endpoint['url']}/healthz", timeout=5).status_code == 200
+
+
+def test_a_new_version_swaps_in_with_no_failed_or_cut_stream(endpoint, ray_session):
+    """Streams running when version 2 is deployed finish whole (on version 1's engine); the
+    next requests get version 2. Version 2 is the same weights registered again: the swap,
+    not the training, is under test."""
+    import mlflow
+    import yaml
+
+    cfg = yaml.safe_load(endpoint["config"].read_text())
+    client = mlflow.MlflowClient(cfg["tracking"]["tracking_uri"])
+    first = client.get_model_version("genlm", "1")
+    second = client.create_model_version("genlm", first.source, first.run_id)
+    body = {"messages": CHAT, "max_tokens": 60, "temperature": 0, "stream": True}
+    outcomes: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def traffic():
+        while not stop.is_set():
+            with requests.post(
+                f"{endpoint['url']}/v1/chat/completions",
+                json=body,
+                headers=AUTH,
+                stream=True,
+                timeout=60,
+            ) as resp:
+                lines = [line.decode() for line in resp.iter_lines() if line]
+            outcomes.append((resp.status_code, lines[-1] if lines else ""))
+
+    threads = [threading.Thread(target=traffic) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        result = runner.invoke(
+            app,
+            ["serve", str(endpoint["config"]), "--model-uri", f"models:/genlm/{second.version}"],
+        )
+        assert result.exit_code == 0, result.output
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert len(outcomes) >= 6 and set(outcomes) == {(200, "data: [DONE]")}, outcomes
+    models = requests.get(f"{endpoint['url']}/v1/models", headers=AUTH, timeout=5).json()
+    assert models["data"][0]["version"] == str(second.version)
