@@ -73,3 +73,31 @@ def write(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2))
     return path
+
+
+def start_bare(script: str, folder: Path, threads: int, log: Path | None = None):
+    """Start ``script --bare-server FOLDER --port P --threads N`` (a benchmark's baseline
+    server) on a free port of 127.0.0.1; returns (process, URL) once ``/healthz`` answers."""
+    import sys
+
+    import requests
+
+    from lepton_ray.runtime.cluster import free_port
+
+    port = free_port()
+    cmd = [sys.executable, script, "--bare-server", str(folder)]
+    cmd += ["--port", str(port), "--threads", str(threads)]
+    with open(log or os.devnull, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        if proc.poll() is not None:
+            break
+        try:
+            if requests.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return proc, url
+        except requests.RequestException:
+            time.sleep(0.5)
+    proc.kill()
+    tail = log.read_text(errors="replace")[-2000:] if log else ""
+    raise SystemExit(f"the bare server did not start\n{tail}".rstrip())

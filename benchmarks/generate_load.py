@@ -48,7 +48,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, median, write  # noqa: E402
+from common import machine, median, start_bare, write  # noqa: E402
 from pydantic import BaseModel, ConfigDict  # noqa: E402
 
 from lepton_ray.runtime.cluster import bind_to_loopback, free_port  # noqa: E402
@@ -213,36 +213,6 @@ def bare_server(folder: str, port: int, threads: int) -> None:
         )
 
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
-
-
-def start_bare(folder: Path, threads: int, log: Path) -> tuple[subprocess.Popen, str]:
-    import requests
-
-    port = free_port()
-    cmd = [
-        sys.executable,
-        __file__,
-        "--bare-server",
-        str(folder),
-        "--port",
-        str(port),
-        "--threads",
-        str(threads),
-    ]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        if proc.poll() is not None:
-            break
-        try:
-            if requests.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return proc, url
-        except requests.RequestException:
-            time.sleep(0.5)
-    proc.kill()
-    tail = log.read_text(errors="replace")[-2000:]
-    raise SystemExit(f"the bare server did not start:\n{tail}")
 
 
 # ----------------------------------------------------------------------------------- offline
@@ -479,7 +449,7 @@ def main() -> None:
     app_name = f"generate-load-{os.getpid()}"
     bare, private = None, True
     try:
-        bare, bare_url = start_bare(folder, args.threads, work / "bare.log")
+        bare, bare_url = start_bare(__file__, folder, args.threads, work / "bare.log")
         results["offline"] = offline(folder, args.max_tokens, args.threads, args.offline_repeats)
         print(f"[bench] offline batches of {BATCH}: {results['offline']}", flush=True)
         url, private = start_endpoint(args, args.threads, app_name)

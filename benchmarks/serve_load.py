@@ -20,7 +20,6 @@ import argparse
 import csv
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -29,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, write  # noqa: E402
+from common import machine, start_bare, write  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
 from lepton_ray.runtime.cluster import free_port  # noqa: E402
@@ -70,32 +69,6 @@ def bare_server(folder: str, port: int, threads: int) -> None:
 
 class Body(BaseModel):
     texts: list[str]
-
-
-def start_bare(folder: Path, threads: int) -> tuple[subprocess.Popen, str]:
-    import requests
-
-    port = free_port()
-    cmd = [
-        sys.executable,
-        __file__,
-        "--bare-server",
-        str(folder),
-        "--port",
-        str(port),
-        "--threads",
-        str(threads),
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(240):
-        try:
-            if requests.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return proc, url
-        except requests.RequestException:
-            time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("the bare server did not start")
 
 
 # ----------------------------------------------------------------------------------- lepton
@@ -325,7 +298,7 @@ def main() -> None:
             stop_endpoint()
         print(f"[bench] wrote {write(args.out + '-ab-' + args.ab, results)}")
         return
-    bare, bare_url = start_bare(folder, args.threads)
+    bare, bare_url = start_bare(__file__, folder, args.threads)
     try:
         results["offline"] = offline(folder, texts, args.threads)
         print(f"[bench] offline batches of 32: {results['offline']['samples_per_s']} samples/s")

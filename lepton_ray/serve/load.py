@@ -19,8 +19,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+class _Tally:
+    """Requests sent and answered with 200, from ``statuses`` (a Counter by status)."""
+
+    statuses: Counter
+
+    @property
+    def requests(self) -> int:
+        return sum(self.statuses.values())
+
+    @property
+    def ok(self) -> int:
+        return self.statuses.get(200, 0)
+
+
 @dataclass
-class LoadResult:
+class LoadResult(_Tally):
     clients: int
     seconds: float
     statuses: Counter = field(default_factory=Counter)  # HTTP status (or an exception's name)
@@ -30,14 +44,6 @@ class LoadResult:
     timeline: list[tuple[float, int | str]] = field(default_factory=list)  # (s from start, status)
     models: Counter = field(default_factory=Counter)  # answering model, with record_models
     codes: Counter = field(default_factory=Counter)  # (status, the error's "code") of non-200s
-
-    @property
-    def requests(self) -> int:
-        return sum(self.statuses.values())
-
-    @property
-    def ok(self) -> int:
-        return self.statuses.get(200, 0)
 
     @property
     def rps(self) -> float:
@@ -159,7 +165,7 @@ def _pick(values: list[float], q: float) -> float | None:
 
 
 @dataclass
-class StreamLoadResult:
+class StreamLoadResult(_Tally):
     """Streamed generation under load; a request is ok when its stream ended with ``[DONE]``
     after a usage chunk, with no error chunk (else its status says what went wrong)."""
 
@@ -171,14 +177,6 @@ class StreamLoadResult:
     total_ms: list[float] = field(default_factory=list)  # whole requests
     completion_tokens: int = 0  # summed from the usage chunks of the ok requests
     chunks: int = 0  # content chunks of the ok requests
-
-    @property
-    def requests(self) -> int:
-        return sum(self.statuses.values())
-
-    @property
-    def ok(self) -> int:
-        return self.statuses.get(200, 0)
 
     @property
     def tokens_per_s(self) -> float:
