@@ -6,7 +6,8 @@
 #   PYTHON=.venv/bin/python scripts/gpu_check.sh
 #
 # Needs torch (CUDA build), transformers, numpy and pandas; torchao for the weight-only
-# checks (skipped without it). Ray need not be installed: `import ray` is made to fail, so
+# checks and vLLM for the generation API's GPU path (each skipped, saying so, without
+# it; `pip install vllm` first to cover serve.engine: vllm). Ray need not be installed: `import ray` is made to fail, so
 # a check that leans on Ray fails here too, and --confcutdir keeps tests/conftest.py (which
 # needs the config's dependencies) out. Record what it prints in benchmarks/RESULTS.md.
 set -euo pipefail
@@ -25,7 +26,7 @@ import torch
 cuda = torch.cuda.is_available()
 print(f"python {platform.python_version()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
 print(f"device: {torch.cuda.get_device_name() if cuda else 'none (the checks will fail)'}")
-for name in ("transformers", "peft", "accelerate", "torchao", "ray"):
+for name in ("transformers", "peft", "accelerate", "torchao", "vllm", "flash_attn", "ray"):
     spec = importlib.util.find_spec(name)
     print(f"{name}: {'installed' if spec else 'absent'}{' (blocked)' if name == 'ray' else ''}")
 PY
