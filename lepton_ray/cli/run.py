@@ -446,10 +446,10 @@ def _print_answers(texts: list[str], answers: list[dict]) -> None:
             say(f"  {text!r:<60} -> {answer['label']} {json.dumps(answer['probabilities'])}")
 
 
-def _curl_hint(url: str, cfg=None) -> str:
+def _curl_hint(url: str, cfg) -> str:
     from lepton_ray.serve.client import generates
 
-    if cfg is not None and generates(cfg):
+    if generates(cfg):
         body = '{"messages": [{"role": "user", "content": "Say hello."}], "stream": true}'
         return (
             f"curl -N -X POST {url}/v1/chat/completions "

@@ -367,9 +367,9 @@ class Engine:
             return
         seq.finish_reason = why
         if text is None:
-            text = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
-            if seq.params.stop:  # a stop token after text held back for a stop string
-                text = text.rstrip("\ufffd")
+            # Never half a character, whether or not the request has stop strings: the
+            # tokens of a character cut by the stop token or the length limit are dropped.
+            text = self.tokenizer.decode(seq.tokens, skip_special_tokens=True).rstrip("\ufffd")
         rest = text[seq.sent :] if why in (STOP, LENGTH) else ""
         seq.sent = max(seq.sent, len(text))
         seq.queue.append(Event(rest, seq.completion_tokens, why, error))
