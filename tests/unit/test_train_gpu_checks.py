@@ -8,7 +8,7 @@ import sys
 
 from tests.conftest import ROOT
 
-GPU_CHECKS = 13
+GPU_CHECKS = 15
 COLLECT = ["tests/gpu", "--collect-only", "-q", "--confcutdir", "tests/gpu"]
 COLLECT += ["-p", "no:cacheprovider"]
 
