@@ -23,6 +23,8 @@ class _Tally:
     """Requests sent and answered with 200, from ``statuses`` (a Counter by status)."""
 
     statuses: Counter
+    clients: int
+    seconds: float
 
     @property
     def requests(self) -> int:
@@ -31,6 +33,14 @@ class _Tally:
     @property
     def ok(self) -> int:
         return self.statuses.get(200, 0)
+
+    def _counts(self) -> dict[str, Any]:
+        return {
+            "clients": self.clients,
+            "seconds": round(self.seconds, 2),
+            "requests": self.requests,
+            "ok": self.ok,
+        }
 
 
 @dataclass
@@ -57,10 +67,7 @@ class LoadResult(_Tally):
 
     def summary(self) -> dict[str, Any]:
         return {
-            "clients": self.clients,
-            "seconds": round(self.seconds, 2),
-            "requests": self.requests,
-            "ok": self.ok,
+            **self._counts(),
             "rps": round(self.rps, 1),
             "p50_ms": _round(self.percentile(50)),
             "p99_ms": _round(self.percentile(99)),
@@ -184,10 +191,7 @@ class StreamLoadResult(_Tally):
 
     def summary(self) -> dict[str, Any]:
         return {
-            "clients": self.clients,
-            "seconds": round(self.seconds, 2),
-            "requests": self.requests,
-            "ok": self.ok,
+            **self._counts(),
             "errors": self.requests - self.ok,
             "rps": round(self.ok / self.seconds, 3) if self.seconds else 0.0,
             "tokens_per_s": round(self.tokens_per_s, 1),
