@@ -270,20 +270,10 @@ class _Generator:
     context keeps its end and is marked ``truncated``."""
 
     def __init__(self, model, tokenizer, meta, task, sampling: dict[str, Any], batch_size: int):
-        from lepton_ray.serve.engine import Engine, SamplingParams, context_limit
+        from lepton_ray.serve.engine import SamplingParams, artifact_engine
 
         task.check_tokenizer(tokenizer, meta)  # fail closed, as the endpoint does
-        model.eval()
-        chat = meta.extra["chat"]
-        pad = tokenizer.pad_token_id
-        self.engine = Engine(
-            model,
-            tokenizer,
-            chat["stop_token_ids"],
-            pad if pad is not None else 0,
-            context_limit(model, meta),
-            batch_size,
-        )
+        self.engine = artifact_engine(model, tokenizer, meta, batch_size)
         self.params = SamplingParams(**sampling)
         self.task, self.tokenizer, self.meta = task, tokenizer, meta
 

@@ -86,14 +86,16 @@ def chat(
     return answers
 
 
-def wait_healthy(base_url: str, timeout_s: float = 120.0, version: str | None = None) -> None:
-    """Wait until ``/healthz`` answers (and, given ``version``, reports that model version)."""
+def wait_healthy(
+    base_url: str, timeout_s: float = 120.0, version: str | None = None, path: str = "/healthz"
+) -> None:
+    """Wait until ``path`` answers 200 (and, given ``version``, reports that model version)."""
     import requests
 
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         try:
-            resp = requests.get(f"{base_url}/healthz", timeout=5)
+            resp = requests.get(f"{base_url}{path}", timeout=5)
             if resp.status_code == 200 and (
                 version is None or str(resp.json().get("model_version")) == str(version)
             ):
@@ -213,7 +215,6 @@ def _engine(cfg: ExperimentConfig, key: str | None) -> str:
 
 def _deploy_vllm(cfg, pinned: str, version, app_name: str, shown: str, log):
     """``ray.serve.llm`` over the version exported as a Hugging Face folder."""
-    import requests
     from ray import serve
 
     from lepton_ray.serve.vllm_app import build_vllm_app, export_folder
@@ -230,16 +231,9 @@ def _deploy_vllm(cfg, pinned: str, version, app_name: str, shown: str, log):
         blocking=False,
     )
     url = endpoint_url(cfg)
-    deadline = time.time() + 900  # vLLM loads and compiles the model
-    while time.time() < deadline:
-        try:
-            if requests.get(f"{url}/v1/models", timeout=5).status_code == 200:
-                log(f"[serve] ready at {url}/v1/chat/completions (vLLM)")
-                return url, pinned
-        except requests.RequestException:
-            pass
-        time.sleep(2)
-    raise LeptonError(f"the vLLM endpoint at {url} did not answer /v1/models in 900 s")
+    wait_healthy(url, timeout_s=900, path="/v1/models")  # vLLM loads and compiles the model
+    log(f"[serve] ready at {url}/v1/chat/completions (vLLM)")
+    return url, pinned
 
 
 def undeploy(cfg: ExperimentConfig, log=print) -> bool:

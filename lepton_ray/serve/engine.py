@@ -380,6 +380,21 @@ def text_of(seq: Sequence) -> str:
     return "".join(event.text for event in seq.queue)
 
 
+def artifact_engine(model, tokenizer, meta: Any, max_batch_size: int) -> Engine:
+    """An engine over a loaded model artifact: its stop tokens (``meta.extra["chat"]``),
+    pad token and context (the endpoint and offline prediction both build theirs here)."""
+    model.eval()
+    pad = tokenizer.pad_token_id
+    return Engine(
+        model,
+        tokenizer,
+        meta.extra["chat"]["stop_token_ids"],
+        pad if pad is not None else 0,
+        context_limit(model, meta),
+        max_batch_size,
+    )
+
+
 def context_limit(model, meta: Any) -> int:
     """The longest prompt plus completion the model takes: its positions, else max_length."""
     positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)

@@ -103,7 +103,7 @@ class _Generating(_Loaded):
     """A loaded causal LM with its engine; refuses a model this app cannot serve."""
 
     def __init__(self, tracking_uri: str, choice: ModelChoice, root: Path, batch_size: int):
-        from lepton_ray.serve.engine import Engine, context_limit
+        from lepton_ray.serve.engine import artifact_engine
 
         super().__init__(tracking_uri, choice, root)
         try:
@@ -116,17 +116,7 @@ class _Generating(_Loaded):
         except BaseException:
             self.remove()
             raise
-        self.model.eval()
-        chat = self.meta.extra["chat"]
-        pad = self.tokenizer.pad_token_id
-        self.engine = Engine(
-            self.model,
-            self.tokenizer,
-            chat["stop_token_ids"],
-            pad if pad is not None else 0,
-            context_limit(self.model, self.meta),
-            batch_size,
-        )
+        self.engine = artifact_engine(self.model, self.tokenizer, self.meta, batch_size)
 
 
 class _Reply:

@@ -57,6 +57,7 @@ def export_folder(tracking_uri: str, model_uri: str, dest: Path) -> Path:
     """The registered version as a Hugging Face folder vLLM loads: float weights (adapters
     merged), tokenizer, chat template and generation config. Written beside ``dest`` and
     renamed into place once complete; an existing complete export is reused."""
+    from lepton_ray.artifacts import ModelMeta
     from lepton_ray.compress.formats import FLOAT_KINDS, load_model_artifact
     from lepton_ray.tasks import get_task
     from lepton_ray.tracking.mlflow import download_model
@@ -67,16 +68,17 @@ def export_folder(tracking_uri: str, model_uri: str, dest: Path) -> Path:
     work = dest.with_name(dest.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
     artifact = download_model(tracking_uri, model_uri, work / "artifact")
-    model, tokenizer, meta = load_model_artifact(artifact)
+    meta = ModelMeta.load(artifact)  # refuse before loading the weights
     task = get_task(meta.task)
     if task.serving != "generate":
         raise LeptonError(f"{model_uri} is a '{meta.task}' model: vLLM serves language models")
-    task.check_tokenizer(tokenizer, meta)  # the template it was trained with, or nothing
     if meta.weights not in FLOAT_KINDS:
         raise LeptonError(
             f"{model_uri} holds '{meta.weights}' weights, which vLLM cannot load; register "
             "an uncompressed version (compress.enabled: false) for serve.engine: vllm"
         )
+    model, tokenizer, meta = load_model_artifact(artifact)
+    task.check_tokenizer(tokenizer, meta)  # the template it was trained with, or nothing
     out = work / "hf"
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
