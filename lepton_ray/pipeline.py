@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lepton_ray.config import ExperimentConfig
-from lepton_ray.errors import StageError
+from lepton_ray.errors import ConfigError, StageError
 from lepton_ray.registry.gate import eval_split_id, settle
 
 
@@ -121,25 +121,71 @@ def run_train_stage(
 
 
 def run_tune_stage(
-    cfg: ExperimentConfig, parent_run_id: str | None = None, log=print, promote: bool = True
+    cfg: ExperimentConfig,
+    parent_run_id: str | None = None,
+    log=print,
+    promote: bool = True,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """A sweep under a parent run (made here if not given); the best trial is registered."""
-    from lepton_ray.tracking.mlflow import TAG_STAGE, lineage_tags, log_config, tracked_run
-    from lepton_ray.tune.driver import run_tune
+    """A sweep under a parent run (made here if not given); the best trial is registered.
 
+    ``resume``: reopen the latest interrupted sweep of this config (same data, training
+    settings and sweep) and continue it; refused when there is none."""
+    from lepton_ray.tracking.mlflow import TAG_STAGE, lineage_tags, log_config, tracked_run
+    from lepton_ray.tune.driver import TAG_SWEEP_KEY, run_tune, sweep_key
+
+    if not cfg.tune.space:
+        raise ConfigError(
+            "tune.space is empty: add a parameter to search (see docs/configuration.md), "
+            "or use lepton-ray train"
+        )
     manifest = _data(cfg)
     _connect(cfg, log)
     if parent_run_id is None:
-        tags = lineage_tags(cfg, manifest.get("fingerprint"), **{TAG_STAGE: "tune"})
-        with tracked_run(cfg, "tune", tags=tags) as run_id:
-            log_config(cfg.tracking.tracking_uri, run_id, cfg)
-            best = run_tune(cfg, manifest, run_id, log=log)
+        key = sweep_key(cfg, manifest)
+        reopen = interrupted_run(cfg, "tune", key, log) if resume else None
+        tags = lineage_tags(
+            cfg, manifest.get("fingerprint"), **{TAG_STAGE: "tune", TAG_SWEEP_KEY: key}
+        )
+        with tracked_run(cfg, "tune", tags=tags, resume_run_id=reopen) as run_id:
+            if reopen is None:
+                log_config(cfg.tracking.tracking_uri, run_id, cfg)
+            best = run_tune(cfg, manifest, run_id, log=log, resume=resume)
     else:
-        best = run_tune(cfg, manifest, parent_run_id, log=log)
+        best = run_tune(cfg, manifest, parent_run_id, log=log, resume=resume)
     best["version"] = register_trained(cfg, best, manifest, log).version
     if promote:
         best["promoted"] = settle(cfg, best["version"], log)
     return best
+
+
+def interrupted_run(cfg: ExperimentConfig, stage: str, key: str, log=print) -> str:
+    """The latest run of ``stage`` with this sweep key, if it was interrupted (RUNNING: its
+    driver died; KILLED: a signal stopped it); ``--resume`` continues it."""
+    from lepton_ray.tracking.mlflow import client
+    from lepton_ray.tune.driver import TAG_SWEEP_KEY
+
+    c = client(cfg.tracking.tracking_uri)
+    experiment = c.get_experiment_by_name(cfg.experiment_name)
+    runs = (
+        c.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"tags.`lepton.stage` = '{stage}' and tags.`{TAG_SWEEP_KEY}` = '{key}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if experiment is not None
+        else []
+    )
+    if not runs or runs[0].info.status not in ("RUNNING", "KILLED"):
+        latest = f" (the latest, {runs[0].info.run_id}, is {runs[0].info.status})" if runs else ""
+        raise StageError(
+            f"--resume: experiment '{cfg.experiment_name}' has no interrupted {stage} run of "
+            f"this config{latest}; run the command without --resume to start one"
+        )
+    run_id = runs[0].info.run_id
+    log(f"[{stage}] resuming {stage} run {run_id}")
+    return run_id
 
 
 def _compressed_metrics(metrics: dict[str, float]) -> dict[str, float]:
@@ -277,8 +323,11 @@ def run_serve_stop(cfg: ExperimentConfig, log=print) -> bool:
     return undeploy(cfg, log=log)
 
 
-def run(cfg: ExperimentConfig, log=print, new: bool = False) -> dict[str, Any]:
-    """All stages: preprocess, train or tune, register, compress, serve."""
+def run(
+    cfg: ExperimentConfig, log=print, new: bool = False, resume: bool = False
+) -> dict[str, Any]:
+    """All stages: preprocess, train or tune, register, compress, serve. ``resume``: reopen
+    the latest interrupted pipeline run of this config and continue its sweep."""
     from lepton_ray.tracking.mlflow import (
         TAG_STAGE,
         lineage_tags,
@@ -301,19 +350,27 @@ def run(cfg: ExperimentConfig, log=print, new: bool = False) -> dict[str, Any]:
         undeploy(cfg, log=log)
     manifest = run_preprocess_stage(cfg, log=log, track=False)
     tags = lineage_tags(cfg, manifest["fingerprint"], **{TAG_STAGE: "pipeline"})
+    reopen = None
+    if cfg.tune.enabled:
+        from lepton_ray.tune.driver import TAG_SWEEP_KEY, sweep_key
+
+        tags[TAG_SWEEP_KEY] = sweep_key(cfg, manifest)
+        if resume:
+            reopen = interrupted_run(cfg, "pipeline", tags[TAG_SWEEP_KEY], log)
     uri = cfg.tracking.tracking_uri
-    with tracked_run(cfg, "pipeline", tags=tags) as parent:
+    with tracked_run(cfg, "pipeline", tags=tags, resume_run_id=reopen) as parent:
         log(
             f"[mlflow] parent run {parent} in experiment '{cfg.experiment_name}' "
             f"({redact_uri(uri)})"
         )
-        log_config(uri, parent, cfg)
-        log_data_report(cfg, parent, manifest)
+        if reopen is None:
+            log_config(uri, parent, cfg)
+            log_data_report(cfg, parent, manifest)
         # The trained version is promoted after compression (the served form is gated).
         promote_now = not cfg.compress.enabled
         if cfg.tune.enabled:
             summary["best"] = run_tune_stage(
-                cfg, parent_run_id=parent, log=log, promote=promote_now
+                cfg, parent_run_id=parent, log=log, promote=promote_now, resume=reopen is not None
             )
         else:
             summary["best"] = run_train_stage(

@@ -34,6 +34,14 @@ NewOpt = Annotated[
         help="Start training afresh instead of resuming this experiment's unfinished run.",
     ),
 ]
+ResumeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--resume",
+        help="Continue this config's interrupted sweep: finished trials are kept, "
+        "unfinished ones restart from their latest checkpoint.",
+    ),
+]
 
 
 def _quiet_libraries() -> None:
@@ -105,14 +113,20 @@ def train(
 
 @root.command()
 @handle_errors
-def tune(config: ConfigArg, set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
-    """Ray Tune + Optuna + ASHA sweep; register the best trial's model, promote it if gated in."""
+def tune(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+    resume: ResumeOpt = False,
+) -> None:
+    """Ray Tune + Optuna sweep (tune.search, tune.scheduler); register the best trial's
+    model, promote it if gated in, and print its config as YAML."""
     cfg = _load(config, set_)
     start_console("tune", cfg, verbose)
     from lepton_ray.pipeline import run_tune_stage
 
     _quiet_libraries()
-    best = run_tune_stage(cfg, log=say)
+    best = run_tune_stage(cfg, log=say, resume=resume)
     say(f"done: best run {best['run_id']}, registered version {best['version']}{_promoted(best)}")
 
 
@@ -187,7 +201,11 @@ def retrain(
 @root.command()
 @handle_errors
 def run(
-    config: ConfigArg, set_: SetOpt = None, verbose: VerboseOpt = False, new: NewOpt = False
+    config: ConfigArg,
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+    new: NewOpt = False,
+    resume: ResumeOpt = False,
 ) -> None:
     """Every stage in order: preprocess, train/tune, register, compress, serve."""
     cfg = _load(config, set_)
@@ -195,7 +213,7 @@ def run(
     from lepton_ray.pipeline import run as run_pipeline
 
     _quiet_libraries()
-    summary = run_pipeline(cfg, log=say, new=new)
+    summary = run_pipeline(cfg, log=say, new=new, resume=resume)
     _print_summary(cfg, summary, config)
     if summary.get("serve", {}).get("ray") == "in-process":
         _serve_forever(summary["serve"]["url"])

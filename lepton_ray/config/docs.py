@@ -75,8 +75,21 @@ def _mapping_of_model(annotation: Any) -> type[BaseModel] | None:
     inner, _ = _strip(annotation)
     if get_origin(inner) is dict:
         args = get_args(inner)
-        if len(args) == 2 and _is_model(args[1]):
-            return args[1]
+        if len(args) == 2:
+            return _item_model(args[1])
+    return None
+
+
+def _item_model(annotation: Any) -> type[BaseModel] | None:
+    """The model of ``Model``, ``list[Model]`` or ``Model | list[Model]`` (a space entry)."""
+    if _is_model(annotation):
+        return annotation
+    if get_origin(annotation) is list:
+        return _list_of_model(annotation)
+    if get_origin(annotation) in (Union, types.UnionType):
+        models = {_item_model(a) for a in get_args(annotation)} - {None}
+        if len(models) == 1:
+            return models.pop()
     return None
 
 

@@ -20,6 +20,7 @@ from lepton_ray.config.data import DataConfig
 from lepton_ray.config.model import ModelConfig
 from lepton_ray.config.peft import PeftSection
 from lepton_ray.config.serve import ServeSection
+from lepton_ray.config.space import check_space
 from lepton_ray.config.tracking import RegistrySection, TrackingSection
 from lepton_ray.config.train import ScalingSection, TrainConfig
 from lepton_ray.config.tune import (
@@ -129,7 +130,7 @@ class ExperimentConfig(Section):
         return self
 
     @model_validator(mode="after")
-    def _space_keys_exist(self) -> ExperimentConfig:
+    def _space_is_searchable(self) -> ExperimentConfig:
         for key in self.tune.space:
             tunable = key.split(".")[0] in TUNABLE_SECTIONS or key in TUNABLE_KEYS
             if not tunable or key in UNTUNABLE_KEYS:
@@ -138,7 +139,31 @@ class ExperimentConfig(Section):
                 _check_dotted_key(ExperimentConfig, key, where="tune.space")
             except ConfigError as err:
                 raise ValueError(str(err)) from None
+        for variants in self.tune.space.values():
+            for param in variants if isinstance(variants, list) else [variants]:
+                if param.ratio_of:
+                    try:
+                        _check_dotted_key(ExperimentConfig, param.ratio_of, where="ratio_of")
+                    except ConfigError as err:
+                        raise ValueError(str(err)) from None
+        if self.tune.space or self.tune.enabled:
+            check_space(self.tune, self._accepts)
         return self
+
+    def _accepts(self, key: str, value: Any) -> None:
+        """Refuse a searched value the config itself would refuse (a range past a bound)."""
+        raw = self.model_dump(mode="json")
+        raw["tune"] = {"enabled": False, "metric": self.tune.metric}
+        _set_dotted(raw, key, value)
+        try:
+            ExperimentConfig.model_validate(raw, context={CHECK_FILES: False})
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ValueError(
+                f"tune.space.{key}: {value!r} is outside what the config accepts "
+                f"({where}: {first['msg']})"
+            ) from None
 
     # Paths every stage agrees on ---------------------------------------------------------
     @property

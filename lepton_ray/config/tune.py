@@ -1,4 +1,4 @@
-"""The ``tune`` section (the Ray Tune sweep: search space, ASHA scheduler), the metrics
+"""The ``tune`` section (the Ray Tune sweep: search space, searcher, scheduler), the metrics
 training reports, and which config keys a sweep may search."""
 
 from __future__ import annotations
@@ -12,35 +12,103 @@ from lepton_ray.tasks import TASKS
 
 
 class SearchParam(Section):
-    type: Literal["uniform", "loguniform", "int", "choice"]
+    """One searched config key: a distribution, optionally conditional (``when``) or a
+    multiple of another key (``ratio_of``)."""
+
+    type: Literal["uniform", "loguniform", "int", "choice", "grid"] | None = Field(
+        None,
+        description="'grid' enumerates its values (tune.search: grid). Required, except "
+        "for a ratio_of parameter (a choice among its multipliers).",
+    )
     low: float | None = None
     high: float | None = None
-    values: list[Any] | None = None
+    step: float | None = Field(
+        None, gt=0, description="'int' and 'uniform': sample on this grid from low."
+    )
+    log: bool = Field(False, description="'int': sample on a log scale.")
+    values: list[Any] | None = Field(
+        None, description="'choice', 'grid' and ratio_of: the values (or multipliers)."
+    )
+    when: dict[str, Any] | None = Field(
+        None,
+        description="Only under this branch: {other searched key: value or [values]}, e.g. "
+        "{peft.method: lora}. A key may list several variants, each with its own 'when'.",
+    )
+    ratio_of: str | None = Field(
+        None,
+        description="The value is one of 'values' times this key's value (searched or "
+        "fixed), e.g. lora_alpha: {ratio_of: peft.lora.r, values: [1, 2, 4]}.",
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> SearchParam:
-        if self.type == "choice":
+        if self.ratio_of is not None:
+            if self.type not in (None, "choice"):
+                raise ValueError("a 'ratio_of' parameter takes 'values' (multipliers), no 'type'")
+            if not self.values or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+                for v in self.values
+            ):
+                raise ValueError("a 'ratio_of' parameter needs 'values': positive multipliers")
+            return self
+        if self.type is None:
+            raise ValueError("a parameter needs a 'type' (uniform, loguniform, int, choice, grid)")
+        if self.type in ("choice", "grid"):
             if not self.values:
-                raise ValueError("a 'choice' parameter needs a non-empty 'values' list")
-        else:
-            if self.low is None or self.high is None:
-                raise ValueError(f"a '{self.type}' parameter needs 'low' and 'high'")
-            if self.low >= self.high:
-                raise ValueError(f"'low' ({self.low}) must be below 'high' ({self.high})")
-            if self.type == "loguniform" and self.low <= 0:
-                raise ValueError("a 'loguniform' parameter needs 'low' > 0")
+                raise ValueError(f"a '{self.type}' parameter needs a non-empty 'values' list")
+            if len({repr(v) for v in self.values}) != len(self.values):
+                raise ValueError(f"a '{self.type}' parameter lists a value twice")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError(f"a '{self.type}' parameter needs 'low' and 'high'")
+        if self.low >= self.high:
+            raise ValueError(f"'low' ({self.low}) must be below 'high' ({self.high})")
+        if self.type == "loguniform" and self.low <= 0:
+            raise ValueError("a 'loguniform' parameter needs 'low' > 0")
+        if self.type == "int":
+            if self.low != int(self.low) or self.high != int(self.high):
+                raise ValueError("an 'int' parameter needs whole 'low' and 'high'")
+            if self.step is not None and self.step != int(self.step):
+                raise ValueError("an 'int' parameter needs a whole 'step'")
+            if self.log and (self.low < 1 or self.step not in (None, 1)):
+                raise ValueError("an 'int' parameter with 'log' needs 'low' >= 1 and no 'step'")
+        elif self.log:
+            raise ValueError("'log' is for 'int' parameters (use type: loguniform)")
+        if self.step is not None and self.type == "loguniform":
+            raise ValueError("'step' is for 'int' and 'uniform' parameters")
         return self
 
 
-class AshaSection(Section):
-    """Fields of ``ray.tune.schedulers.ASHAScheduler`` (time unit: epochs)."""
+SpaceEntry = SearchParam | list[SearchParam]
 
-    grace_period: int = Field(1, ge=1, description="Epochs every trial runs before it can stop.")
-    reduction_factor: float = Field(2.0, gt=1.0)
+
+class SchedulerSection(Section):
+    """Early stopping across trials: Ray Tune's ASHA, median stopping rule, HyperBand, or
+    none (every trial runs its epochs)."""
+
+    type: Literal["asha", "median", "hyperband", "none"] = "asha"
+    time_attr: Literal["epoch", "step"] = Field(
+        "epoch", description="The unit of grace_period and max_t: epochs or optimizer steps."
+    )
+    grace_period: int = Field(1, ge=1, description="Time every trial runs before it can stop.")
+    reduction_factor: float = Field(2.0, gt=1.0, description="ASHA and HyperBand.")
+    max_t: int | None = Field(
+        None, ge=1, description="Default: train.epochs, or every step of train.epochs."
+    )
+    min_samples_required: int = Field(
+        3, ge=1, description="median: trials that must have reached a time before it stops one."
+    )
+
+
+SEARCHERS = ("tpe", "random", "grid", "cmaes", "gp")
 
 
 class TuneSection(Section):
-    enabled: bool = Field(True, description="Sweep with Tune; otherwise train one model.")
+    enabled: bool = Field(
+        False,
+        description="Sweep with Tune (`lepton-ray run`); otherwise train one model. "
+        "Default: true when tune.space is given.",
+    )
     num_samples: int = Field(4, ge=1, description="Trials; the first uses the config's values.")
     metric: str = Field("val_accuracy", description="Reported metric to optimise.")
     mode: Literal["max", "min"] | None = Field(
@@ -48,12 +116,40 @@ class TuneSection(Section):
         description="Default: what tune.metric needs (min for a loss; max for accuracy, F1, "
         "precision, recall, AUC); a contradicting value is refused.",
     )
-    space: dict[str, SearchParam] = Field(
-        default_factory=dict, description="Dotted config key -> distribution."
+    space: dict[str, SpaceEntry] = Field(
+        default_factory=dict,
+        description="Dotted config key -> distribution (or a list of variants, each with "
+        "its own 'when').",
     )
-    scheduler: AshaSection = Field(default_factory=AshaSection)
+    search: Literal["tpe", "random", "grid", "cmaes", "gp"] = Field(
+        "tpe",
+        description="Optuna sampler: TPE (multivariate), random, grid, CMA-ES or a Gaussian "
+        "process; each seeded with tune.seed.",
+    )
+    startup_trials: int | None = Field(
+        None,
+        ge=0,
+        description="Random trials before TPE, CMA-ES or GP model the results. "
+        "Default: a third of num_samples, from 2 to 10.",
+    )
+    scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
     max_concurrent_trials: int | None = Field(None, ge=1, description="Default: fits the cluster.")
+    max_failures: int = Field(
+        0, ge=0, description="Retries of a failed trial before it is recorded as failed."
+    )
+    warm_start: str | None = Field(
+        None,
+        description="An MLflow experiment whose finished sweep trials (their points and "
+        "results) seed the searcher.",
+    )
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _enabled_by_a_space(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "enabled" not in data:
+            data = {**data, "enabled": bool(data.get("space"))}
+        return data
 
     @field_validator("metric")
     @classmethod

@@ -152,14 +152,21 @@ def tracked_run(
         c.set_terminated(run_id, status="FINISHED")
 
 
-def log_config(tracking_uri: str, run_id: str, cfg: ExperimentConfig) -> None:
-    """Flattened params plus the resolved YAML as an artifact."""
+def log_config(
+    tracking_uri: str, run_id: str, cfg: ExperimentConfig, leave_out: set[str] = frozenset()
+) -> None:
+    """Flattened params plus the resolved YAML as an artifact. ``leave_out``: dotted keys
+    (and what is under them) not logged as params (a trial's untaken branches)."""
     import yaml
     from mlflow.entities import Param
 
     c = client(tracking_uri)
     raw = redacted_config(cfg)
-    flat = _flatten(raw)
+    flat = {
+        k: v
+        for k, v in _flatten(raw).items()
+        if not any(k == key or k.startswith(key + ".") for key in leave_out)
+    }
     params = [Param(k, str(v)[:6000]) for k, v in flat.items()]
     for i in range(0, len(params), 100):
         c.log_batch(run_id, params=params[i : i + 100])

@@ -111,27 +111,40 @@ def confusion_matrix(matrix: Sequence[Sequence[int]], labels: Sequence[str], tit
     return fig
 
 
-SWEEP_COLORS = {None: "tab:blue", "asha": "tab:red", "early_stopping": "tab:orange"}
-"""A sweep point's color by who stopped the trial (``tune.driver.stop_reason``)."""
+SWEEP_COLORS = {
+    None: ("tab:blue", "ran to the end"),
+    "asha": ("tab:red", "stopped by ASHA"),
+    "median": ("tab:purple", "by the median rule"),
+    "hyperband": ("tab:brown", "by HyperBand"),
+    "early_stopping": ("tab:orange", "by its own early stopping"),
+}
+"""A sweep point's color by who stopped the trial (``tune.report.stop_reason``)."""
 
 
 def sweep(trials: list[dict], metric: str, params: list[str]):
-    """One panel per swept parameter: the trial's final metric against the value tried."""
+    """One panel per swept parameter: the trial's final metric against the value tried
+    (a trial without that parameter, under another branch, is left out of its panel)."""
     plt = _pyplot()
     params = params or ["trial"]
     fig, axes = plt.subplots(1, len(params), figsize=(4 * len(params), 3.5), squeeze=False)
     for ax, param in zip(axes[0], params):
-        xs = [t["params"].get(param, i) for i, t in enumerate(trials)]
-        ys = [t["metrics"].get(metric) for t in trials]
-        colors = [SWEEP_COLORS[t.get("stopped_by")] for t in trials]
-        ax.scatter(xs, ys, c=colors)
+        shown = [
+            (i, t) for i, t in enumerate(trials) if param == "trial" or param in t["params"]
+        ]
+        xs = [t["params"].get(param, i) for i, t in shown]
+        ys = [t["metrics"].get(metric) for _, t in shown]
+        colors = [SWEEP_COLORS[t.get("stopped_by")][0] for _, t in shown]
+        if all(isinstance(x, (int, float)) for x in xs):
+            ax.scatter(xs, ys, c=colors)
+        else:  # a choice of strings or lists: one column per value
+            labels = sorted({str(x) for x in xs})
+            ax.scatter([labels.index(str(x)) for x in xs], ys, c=colors)
+            ax.set_xticks(range(len(labels)), labels, rotation=20, fontsize=7)
         if param.endswith("lr"):
             ax.set_xscale("log")
         ax.set(xlabel=param, ylabel=metric, title=f"{metric} by {param}")
-    fig.suptitle(
-        "Sweep (blue: ran every epoch; red: stopped early by ASHA; "
-        "orange: by its own early stopping)",
-        fontsize=9,
-    )
+    seen = [key for key in SWEEP_COLORS if any(t.get("stopped_by") == key for t in trials)]
+    legend = "; ".join(f"{SWEEP_COLORS[k][0].removeprefix('tab:')}: {SWEEP_COLORS[k][1]}" for k in seen)
+    fig.suptitle(f"Sweep ({legend})", fontsize=9)
     fig.tight_layout()
     return fig

@@ -115,11 +115,17 @@ def test_fsdp_with_lora_matches_ddp(data, ddp_run):
         _cfg(tmp, path, "fsdp", strategy="fsdp", fsdp_min_params_per_worker=1000)
     )
     result = run_train(cfg, manifest, **QUIET)
-    assert result["metrics"]["step"] == reference["metrics"]["step"]
-    # Sharded or replicated, it is the same optimisation (up to float summation order).
-    assert result["metrics"]["val_loss"] == pytest.approx(
-        reference["metrics"]["val_loss"], abs=2e-3
-    )
+    # Sharded or replicated, it is the same optimisation (up to float summation order): the
+    # whole validation curve matches, evaluation for evaluation. (Not the best checkpoint's
+    # step: on this near-chance task a last-digit difference can move an accuracy tie.)
+    c = MlflowClient(cfg.tracking.tracking_uri)
+
+    def curve(run_id):
+        return [(m.step, m.value) for m in c.get_metric_history(run_id, "val_loss")]
+
+    ours, theirs = curve(result["run_id"]), curve(reference["run_id"])
+    assert [s for s, _ in ours] == [s for s, _ in theirs] and len(ours) >= 5
+    assert [v for _, v in ours] == pytest.approx([v for _, v in theirs], abs=2e-3)
     with result["checkpoint"].as_directory() as folder:
         model, _, meta = load_model_artifact(Path(folder))
         assert meta.peft_method == "lora"

@@ -13,7 +13,8 @@ pytestmark = pytest.mark.slow
 
 def test_a_trial_that_stopped_itself_is_not_reported_as_stopped_by_asha(tmp_path, ray_session):
     from lepton_ray.tracking.mlflow import tracked_run
-    from lepton_ray.tune.driver import TAG_STOPPED_BY, run_tune
+    from lepton_ray.tune.driver import run_tune
+    from lepton_ray.tune.report import TAG_STOPPED_BY
 
     data = write_reviews_csv(tmp_path / "reviews.csv", n=200, seed=5)
     raw = smoke_config(

@@ -1,0 +1,256 @@
+"""tune.space: conditional parameters, ratios, every searcher, and the one-line refusals
+`lepton-ray validate` gives before any trial starts."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from lepton_ray.cli import app
+from lepton_ray.config import validate_experiment
+from lepton_ray.config.space import compile_space
+from lepton_ray.errors import ConfigError
+from lepton_ray.tune.report import TrialTable, best_config_yaml, optuna_figures
+from lepton_ray.tune.space import DefineByRun, dimensions, first_point, sampler, study_of
+from tests.conftest import smoke_config, write_yaml
+
+runner = CliRunner()
+
+BRANCHED = {
+    "peft.method": {"type": "choice", "values": ["lora", "none"]},
+    "train.lr": [
+        {"type": "loguniform", "low": 1e-4, "high": 1e-2, "when": {"peft.method": "lora"}},
+        {"type": "loguniform", "low": 1e-5, "high": 1e-4, "when": {"peft.method": "none"}},
+    ],
+    "peft.lora.r": {"type": "int", "low": 2, "high": 32, "log": True, "when": {"peft.method": "lora"}},
+    "peft.lora.lora_alpha": {
+        "ratio_of": "peft.lora.r",
+        "values": [1, 2, 4],
+        "when": {"peft.method": "lora"},
+    },
+    "train.weight_decay": {"type": "uniform", "low": 0.0, "high": 0.1, "step": 0.05},
+}
+
+
+def _raw(tmp_path, space, **tune):
+    (tmp_path / "reviews.csv").write_text("review,sentiment\ngood,1\nbad,0\n")
+    return smoke_config(
+        tmp_path,
+        tmp_path / "reviews.csv",
+        train={"epochs": 2, "lr": 1e-3},
+        tune={"enabled": True, "num_samples": 8, "space": space, **tune},
+    )
+
+
+def _cfg(tmp_path, space=BRANCHED, **tune):
+    return validate_experiment(_raw(tmp_path, space, **tune), check_files=False)
+
+
+@pytest.mark.parametrize("search", ["tpe", "random", "gp", "cmaes"])
+def test_no_trial_gets_a_parameter_of_a_branch_it_did_not_take(tmp_path, search):
+    cfg = _cfg(tmp_path, search=search)
+    dims = dimensions(cfg)
+    space = DefineByRun(dims, cfg.model_dump(mode="json"))
+    study = optuna.create_study(sampler=sampler(cfg.tune, dims), direction="maximize")
+    seen = set()
+    for i in range(14):
+        trial = study.ask()
+        values = space(trial)
+        seen.add(values["peft.method"])
+        if values["peft.method"] == "none":
+            assert set(values) == {"peft.method", "train.lr", "train.weight_decay"}
+            assert 1e-5 <= values["train.lr"] <= 1e-4
+        else:
+            assert 1e-4 <= values["train.lr"] <= 1e-2
+            assert values["peft.lora.lora_alpha"] in [values["peft.lora.r"] * k for k in (1, 2, 4)]
+            assert isinstance(values["peft.lora.lora_alpha"], int)
+        assert values["train.weight_decay"] in (0.0, 0.05, 0.1)
+        # The config each trial trains with accepts the values.
+        from lepton_ray.config import apply_overrides
+
+        apply_overrides(cfg, values)
+        study.tell(trial, (i % 5) / 5)
+    assert seen == {"lora", "none"}
+
+
+def test_each_searcher_is_seeded(tmp_path):
+    for search in ("tpe", "random", "gp", "cmaes"):
+        runs = []
+        for _ in range(2):
+            cfg = _cfg(tmp_path, search=search, seed=7)
+            dims = dimensions(cfg)
+            study = optuna.create_study(sampler=sampler(cfg.tune, dims), direction="maximize")
+            space = DefineByRun(dims, cfg.model_dump(mode="json"))
+            points = []
+            for i in range(5):
+                trial = study.ask()
+                points.append(space(trial))
+                study.tell(trial, i / 5)
+            runs.append(points)
+        assert runs[0] == runs[1], search
+
+
+def test_grid_search_visits_every_point_once(tmp_path):
+    space = {
+        "train.lr": {"type": "grid", "values": [1e-3, 2e-3]},
+        "peft.lora.r": {"type": "grid", "values": [4, 8, 16]},
+    }
+    cfg = _cfg(tmp_path, space, search="grid", num_samples=6)
+    dims = dimensions(cfg)
+    study = optuna.create_study(sampler=sampler(cfg.tune, dims), direction="maximize")
+    space_fn = DefineByRun(dims, cfg.model_dump(mode="json"))
+    points = set()
+    for _ in range(6):
+        trial = study.ask()
+        points.add(tuple(sorted(space_fn(trial).items())))
+        try:
+            study.tell(trial, 0.5)
+        except RuntimeError as err:  # the grid is done: Optuna asks the study to stop
+            assert "stop" in str(err) and len(points) == 6
+    assert len(points) == 6
+
+
+def test_the_configs_own_point_is_the_first_trial_in_searcher_names(tmp_path):
+    raw = _raw(tmp_path, BRANCHED)
+    raw["train"]["weight_decay"] = 0.0
+    cfg = validate_experiment(raw, check_files=False)
+    point = first_point(cfg, dimensions(cfg))
+    # smoke_config: lora r 4, alpha 8 (ratio 2), lr 1e-3, weight_decay 0.0 (set below)
+    assert point == {
+        "peft.method": "lora",
+        "train.lr[peft.method=lora]": 1e-3,
+        "peft.lora.r": 4,
+        "peft.lora.lora_alpha[ratio]": 2,
+        "train.weight_decay": 0.0,
+    }
+    outside = _cfg(tmp_path, {"train.lr": {"type": "loguniform", "low": 1e-2, "high": 1e-1}})
+    assert first_point(outside, dimensions(outside)) == {}
+
+
+REFUSALS = [
+    ({"train.no_such": {"type": "uniform", "low": 0, "high": 1}}, {}, "no_such"),
+    ({"data.max_length": {"type": "int", "low": 16, "high": 64}}, {}, "cannot be searched"),
+    ({"train.lr": {"type": "uniform", "low": -1.0, "high": 0.1}}, {}, "-1.0 is outside"),
+    ({"peft.lora.r": {"type": "int", "low": 1, "high": 1024}}, {}, "1024 is outside"),
+    ({}, {}, "tune.space is empty"),
+    ({"train.lr": {"type": "uniform", "low": 0.1, "high": 0.2}}, {"num_samples": 0}, "num_samples"),
+    (
+        {"train.lr": {"type": "grid", "values": [1e-3, 2e-3, 3e-3]}},
+        {"search": "grid", "num_samples": 2},
+        "grid of 3 points but tune.num_samples is 2",
+    ),
+    ({"train.lr": {"type": "grid", "values": [1e-3]}}, {}, "needs tune.search: grid"),
+    ({"train.lr": {"type": "uniform", "low": 0.1, "high": 0.2}}, {"metric": "val_bleu"}, "val_bleu"),
+    (
+        {"train.lr": {"type": "uniform", "low": 0.1, "high": 0.2}},
+        {"metric": "val_loss", "mode": "max"},
+        "contradicts",
+    ),
+    (
+        {"peft.lora.r": {"type": "int", "low": 2, "high": 8, "when": {"peft.method": "lora"}}},
+        {},
+        "not searched",
+    ),
+    (
+        {
+            "peft.method": {"type": "choice", "values": ["lora", "none"]},
+            "peft.lora.r": {"type": "int", "low": 2, "high": 8, "when": {"peft.method": "dora"}},
+        },
+        {},
+        "'dora', which is not one of its values",
+    ),
+    (
+        {
+            "peft.method": {"type": "choice", "values": ["lora", "none"]},
+            "train.lr": [
+                {"type": "uniform", "low": 0.1, "high": 0.2, "when": {"peft.method": "lora"}},
+                {"type": "uniform", "low": 0.2, "high": 0.3, "when": {"peft.method": ["lora", "none"]}},
+            ],
+        },
+        {},
+        "can both apply",
+    ),
+    ({"peft.lora.lora_alpha": {"ratio_of": "peft.lora.nope", "values": [2]}}, {}, "nope"),
+    ({"peft.method": {"type": "choice", "values": ["lora"]}}, {"search": "cmaes"}, "cmaes needs"),
+    ({"train.lr": {"type": "int", "low": 1, "high": 9, "log": True, "step": 2}}, {}, "'log'"),
+]
+
+
+@pytest.mark.parametrize(("space", "tune", "message"), REFUSALS)
+def test_validate_refuses_a_bad_space_in_one_line(tmp_path, space, tune, message):
+    config = write_yaml(tmp_path / "bad.yaml", _raw(tmp_path, space, **tune))
+    result = runner.invoke(app, ["validate", str(config)])
+    assert result.exit_code != 0, result.output
+    assert message in result.output, result.output
+    assert "Traceback" not in result.output
+    with pytest.raises(ConfigError):
+        validate_experiment(_raw(tmp_path, space, **tune), check_files=False)
+
+
+def test_a_space_turns_tune_on_unless_told_otherwise(tmp_path):
+    raw = _raw(tmp_path, BRANCHED)
+    del raw["tune"]["enabled"]
+    assert validate_experiment(raw, check_files=False).tune.enabled
+    raw["tune"] = {}
+    assert not validate_experiment(raw, check_files=False).tune.enabled
+
+
+def test_branches_are_ordered_before_what_depends_on_them():
+    cfg_space = {
+        "peft.lora.lora_alpha": BRANCHED["peft.lora.lora_alpha"],
+        "peft.lora.r": BRANCHED["peft.lora.r"],
+        "peft.method": BRANCHED["peft.method"],
+    }
+    from lepton_ray.config.tune import TuneSection
+
+    names = [d.name for d in compile_space(TuneSection(space=cfg_space).space)]
+    assert names == ["peft.method", "peft.lora.r", "peft.lora.lora_alpha[ratio]"]
+
+
+def test_the_best_config_yaml_is_a_config_train_accepts(tmp_path):
+    cfg = _cfg(tmp_path)
+    text = best_config_yaml(cfg, {"peft.method": "none", "train.lr": 3e-5}, "best trial x")
+    assert text.startswith("# best trial x\n")
+    raw = yaml.safe_load(text)
+    assert raw["tune"]["enabled"] is False and raw["train"]["lr"] == 3e-5
+    config = tmp_path / "best.yaml"
+    config.write_text(text)
+    result = runner.invoke(app, ["validate", str(config)])
+    assert result.exit_code == 0, result.output
+
+
+def test_optuna_plots_come_from_the_finished_trials(tmp_path):
+    cfg = _cfg(tmp_path)
+    dims = dimensions(cfg)
+    points = [
+        ({"peft.method": "none", "train.lr[peft.method=none]": 3e-5, "train.weight_decay": 0.0}, 0.6),
+        ({"peft.method": "none", "train.lr[peft.method=none]": 5e-5, "train.weight_decay": 0.05}, 0.65),
+        (
+            {
+                "peft.method": "lora",
+                "train.lr[peft.method=lora]": 1e-3,
+                "peft.lora.r": 8,
+                "peft.lora.lora_alpha[ratio]": 2,
+                "train.weight_decay": 0.1,
+            },
+            0.8,
+        ),
+        ({"train.lr[peft.method=lora]": 5.0}, 0.1),  # outside the space: left out
+    ]
+    assert len(study_of(dims, "max", points).trials) == 3
+    figures = optuna_figures(dims, "max", points)
+    assert {"plots/optuna_history.png", "plots/optuna_parallel_coordinates.png"} <= set(figures)
+
+
+def test_the_trial_table_prints_a_line_per_change_in_a_log(tmp_path):
+    lines: list[str] = []
+    table = TrialTable(_cfg(tmp_path), lines.append, terminal=False)
+    table.update("a_00000", "RUNNING", {"train.lr": 1e-3, "train.lr[x]": 1}, {"epoch": 1.0, "val_accuracy": 0.75})
+    table.update("a_00000", "DONE", {"train.lr": 1e-3}, None)
+    assert len(lines) == 2
+    assert "a_00000 RUNNING" in lines[0] and "epoch 1 rung 1" in lines[0]
+    assert "val_accuracy 0.7500" in lines[0] and "train.lr=0.001" in lines[0]
+    assert "[x]" not in lines[0]
+    assert "DONE" in lines[1] and "0.7500" in lines[1]  # the latest metric stays
