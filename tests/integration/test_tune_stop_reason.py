@@ -39,7 +39,7 @@ def test_a_trial_that_stopped_itself_is_not_reported_as_stopped_by_asha(tmp_path
     (trial,) = result["trials"]
     assert trial["metrics"]["epochs"] == 2
     assert trial["early_stopped"] and trial["stopped_by"] == "early_stopping"
-    (line,) = [line for line in lines if line.startswith(f"[tune] trial {trial['trial_id']}")]
+    (line,) = [line for line in lines if line.startswith(f"[tune] trial {trial['trial_id']}:")]
     assert "stopped early by its own early stopping" in line and "ASHA" not in line, line
     run = MlflowClient(cfg.tracking.tracking_uri).get_run(trial["run_id"])
     assert run.data.tags[TAG_STOPPED_BY] == "early_stopping"
