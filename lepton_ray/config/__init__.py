@@ -37,10 +37,10 @@ from lepton_ray.config.tracking import RegistrySection, TrackingSection
 from lepton_ray.config.train import EarlyStoppingSection, ScalingSection, TrainConfig
 from lepton_ray.config.tune import (
     REPORTED_METRICS,
+    SEARCHERS,
     TUNABLE_SECTIONS,
     UNTUNABLE_KEYS,
     UNTUNABLE_REASON,
-    SEARCHERS,
     SchedulerSection,
     SearchParam,
     TuneSection,

@@ -27,3 +27,8 @@ class LoraSection(Section):
 class PeftSection(Section):
     method: Literal["none", "lora"] = Field("lora", description="'none' fine-tunes every weight.")
     lora: LoraSection = Field(default_factory=LoraSection)
+
+    def unused_keys(self) -> set[str]:
+        """Dotted keys whose settings this method never reads (``peft.lora`` under full
+        fine-tuning): left out of a run's logged params, which say what trained it."""
+        return set() if self.method == "lora" else {"peft.lora"}

@@ -46,8 +46,10 @@ class Dimension:
             if p.type == "uniform" and p.step:  # on the grid, without float dust (0.05, not
                 return round(p.low + round((sampled - p.low) / p.step) * p.step, 12)  # ...01)
             return sampled
-        of = values[self.param.ratio_of] if self.param.ratio_of in values else get_dotted(
-            base, self.param.ratio_of
+        of = (
+            values[self.param.ratio_of]
+            if self.param.ratio_of in values
+            else get_dotted(base, self.param.ratio_of)
         )
         product = sampled * of
         if isinstance(of, int) and float(product).is_integer():

@@ -156,12 +156,14 @@ def log_config(
     tracking_uri: str, run_id: str, cfg: ExperimentConfig, leave_out: set[str] = frozenset()
 ) -> None:
     """Flattened params plus the resolved YAML as an artifact. ``leave_out``: dotted keys
-    (and what is under them) not logged as params (a trial's untaken branches)."""
+    (and what is under them) not logged as params (a trial's untaken branches); settings
+    the PEFT method never reads are left out too."""
     import yaml
     from mlflow.entities import Param
 
     c = client(tracking_uri)
     raw = redacted_config(cfg)
+    leave_out = set(leave_out) | cfg.peft.unused_keys()
     flat = {
         k: v
         for k, v in _flatten(raw).items()

@@ -128,9 +128,7 @@ def sweep(trials: list[dict], metric: str, params: list[str]):
     params = params or ["trial"]
     fig, axes = plt.subplots(1, len(params), figsize=(4 * len(params), 3.5), squeeze=False)
     for ax, param in zip(axes[0], params):
-        shown = [
-            (i, t) for i, t in enumerate(trials) if param == "trial" or param in t["params"]
-        ]
+        shown = [(i, t) for i, t in enumerate(trials) if param == "trial" or param in t["params"]]
         xs = [t["params"].get(param, i) for i, t in shown]
         ys = [t["metrics"].get(metric) for _, t in shown]
         colors = [SWEEP_COLORS[t.get("stopped_by")][0] for _, t in shown]
@@ -144,7 +142,9 @@ def sweep(trials: list[dict], metric: str, params: list[str]):
             ax.set_xscale("log")
         ax.set(xlabel=param, ylabel=metric, title=f"{metric} by {param}")
     seen = [key for key in SWEEP_COLORS if any(t.get("stopped_by") == key for t in trials)]
-    legend = "; ".join(f"{SWEEP_COLORS[k][0].removeprefix('tab:')}: {SWEEP_COLORS[k][1]}" for k in seen)
+    legend = "; ".join(
+        f"{SWEEP_COLORS[k][0].removeprefix('tab:')}: {SWEEP_COLORS[k][1]}" for k in seen
+    )
     fig.suptitle(f"Sweep ({legend})", fontsize=9)
     fig.tight_layout()
     return fig

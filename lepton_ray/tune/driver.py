@@ -7,7 +7,6 @@ from typing import Any
 from lepton_ray.config import ExperimentConfig, apply_overrides
 from lepton_ray.train.worker import ray_storage
 
-
 TAG_SWEEP_KEY = "lepton.sweep_key"
 
 
@@ -262,7 +261,9 @@ def run_tune(
             + ("" if scheduler == "none" else f" + {scheduler}")
         )
         if loose := independent(t, dims):
-            log(f"[tune] {t.search} samples {', '.join(loose)} at random (it models only numbers every trial has)")
+            log(
+                f"[tune] {t.search} samples {', '.join(loose)} at random (it models only numbers every trial has)"
+            )
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
@@ -399,7 +400,9 @@ def _sweep_pictures(cfg, dims, usable, parent_run_id: str, log) -> None:
 
     t = cfg.tune
     uri = cfg.tracking.tracking_uri
-    log_figure(uri, parent_run_id, plots.sweep(usable, t.metric, sorted(t.space)), "plots/sweep.png")
+    log_figure(
+        uri, parent_run_id, plots.sweep(usable, t.metric, sorted(t.space)), "plots/sweep.png"
+    )
     points = [(tr["searcher_values"], tr["metrics"][t.metric]) for tr in usable]
     for path, figure in optuna_figures(dims, t.mode, points, log).items():
         log_figure(uri, parent_run_id, figure, path)

@@ -67,7 +67,11 @@ def stop_reason(
     attr = time_attr(cfg)
     budget = max_t(cfg) if attr == "step" else min(max_t(cfg), cfg.train.epochs)
     reached = round(float(metrics.get(attr, 0)), 3)
-    if error is not None or reached >= budget or round(float(metrics.get("epoch", 0)), 3) >= cfg.train.epochs:
+    if (
+        error is not None
+        or reached >= budget
+        or round(float(metrics.get("epoch", 0)), 3) >= cfg.train.epochs
+    ):
         return None
     if metrics.get("stopped_early"):
         return STOPPED_BY_PATIENCE
@@ -166,7 +170,10 @@ def table_callback(cfg: ExperimentConfig, log=print):
 
         def _show(self, trial, status: str | None = None, result: dict | None = None):
             self.table.update(
-                trial.trial_id, status or trial.status, trial.config or {}, result or trial.last_result
+                trial.trial_id,
+                status or trial.status,
+                trial.config or {},
+                result or trial.last_result,
             )
 
         def on_trial_start(self, iteration, trials, trial, **info):

@@ -35,7 +35,9 @@ def _suggest(trial, dim: Dimension) -> Any:
     if p.values is not None:
         return trial.suggest_categorical(dim.name, list(p.values))
     if p.type == "int":
-        return trial.suggest_int(dim.name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
+        return trial.suggest_int(
+            dim.name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log
+        )
     return trial.suggest_float(dim.name, p.low, p.high, step=p.step, log=p.type == "loguniform")
 
 
@@ -69,11 +71,7 @@ def independent(t: TuneSection, dims: list[Dimension]) -> list[str]:
     and GP model only numbers every trial has (no branches; CMA-ES no choices either)."""
     if t.search not in ("cmaes", "gp"):
         return []
-    return [
-        d.name
-        for d in dims
-        if d.when or (t.search == "cmaes" and d.param.values is not None)
-    ]
+    return [d.name for d in dims if d.when or (t.search == "cmaes" and d.param.values is not None)]
 
 
 def startup_trials(t: TuneSection) -> int:
@@ -128,7 +126,9 @@ def study_of(
         load_if_exists=True,
     )
     for params, value in points:
-        if not params or not all(n in by_name and by_name[n].contains(v) for n, v in params.items()):
+        if not params or not all(
+            n in by_name and by_name[n].contains(v) for n, v in params.items()
+        ):
             continue
         distributions = {n: distribution(by_name[n]) for n in params}
         study.add_trial(create_trial(params=params, distributions=distributions, value=value))

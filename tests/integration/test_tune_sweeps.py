@@ -53,6 +53,13 @@ def _config(tmp: Path, data: Path, name: str, train: dict | None = None, **tune)
     )
 
 
+def _tune(path: Path, *args: str):
+    """``lepton-ray preprocess`` then ``lepton-ray tune`` (which reads preprocessed data)."""
+    prepared = runner.invoke(app, ["preprocess", str(path)])
+    assert prepared.exit_code == 0, prepared.output
+    return runner.invoke(app, ["tune", str(path), *args])
+
+
 def _runs(client: MlflowClient, experiment: str, stage: str):
     exp = client.get_experiment_by_name(experiment)
     return client.search_runs([exp.experiment_id], f"tags.`lepton.stage` = '{stage}'")
@@ -63,9 +70,11 @@ def conditional(tmp_path_factory, reviews, ray_session):
     tmp = tmp_path_factory.mktemp("conditional")
     raw = _config(tmp, reviews, "condsweep", num_samples=4, seed=3, space=CONDITIONAL_SPACE)
     path = write_yaml(tmp / "sweep.yaml", raw)
-    result = runner.invoke(app, ["tune", str(path)])
+    result = _tune(path)
     assert result.exit_code == 0, result.output
-    client = MlflowClient(raw["tracking"]["tracking_uri"], registry_uri=raw["tracking"]["tracking_uri"])
+    client = MlflowClient(
+        raw["tracking"]["tracking_uri"], registry_uri=raw["tracking"]["tracking_uri"]
+    )
     return {"tmp": tmp, "raw": raw, "output": result.output, "client": client}
 
 
@@ -84,8 +93,8 @@ def test_each_trial_logs_only_the_branch_it_took(conditional):
         lr = float(params["train.lr"])
         assert 1e-4 <= lr <= 1e-2 and float(tags["lepton.param.train.lr"]) == lr
         if method == "none":
-            # The LoRA keys were never sampled: neither logged nor tagged, not even with
-            # the config's defaults.
+            # The LoRA keys were never sampled and no LoRA setting applies: none is logged
+            # or tagged, not even with the config's values.
             assert not [k for k in params if k.startswith("peft.lora.")], params
             assert not [k for k in tags if k.startswith("lepton.param.peft.lora.")], tags
         else:
@@ -126,7 +135,9 @@ def test_the_sweep_logs_its_plots_table_and_best_config(conditional):
     path = Path(raw["output_dir"]) / "condsweep" / "best_config.yaml"
     text = path.read_text()
     assert c.download_artifacts(parent.info.run_id, "tune/best_config.yaml")
-    assert Path(c.download_artifacts(parent.info.run_id, "tune/best_config.yaml")).read_text() == text
+    assert (
+        Path(c.download_artifacts(parent.info.run_id, "tune/best_config.yaml")).read_text() == text
+    )
     assert text.startswith(f"# Best trial {best_id} of sweep {parent.info.run_id}")
     best_cfg = yaml.safe_load(text)
     assert best_cfg["tune"]["enabled"] is False
@@ -143,12 +154,17 @@ def test_a_warm_start_seeds_the_searcher_with_an_earlier_sweep(conditional, revi
     finished = len(_runs(conditional["client"], "condsweep", "trial"))
     tracking = conditional["raw"]["tracking"]
     raw = _config(
-        tmp_path, reviews, "warmsweep", num_samples=1, seed=4, space=CONDITIONAL_SPACE,
+        tmp_path,
+        reviews,
+        "warmsweep",
+        num_samples=1,
+        seed=4,
+        space=CONDITIONAL_SPACE,
         warm_start="condsweep",
     )
     raw["tracking"] = tracking  # the same store, where experiment condsweep lives
     path = write_yaml(tmp_path / "warm.yaml", raw)
-    result = runner.invoke(app, ["tune", str(path)])
+    result = _tune(path)
     assert result.exit_code == 0, result.output
     assert (
         f"warm start: {finished} finished trials of experiment 'condsweep' seed the searcher"
@@ -166,7 +182,7 @@ def test_a_warm_start_seeds_the_searcher_with_an_earlier_sweep(conditional, revi
 def _trial_checkpoints(storage: Path) -> int:
     """Trials whose Ray Train run has recorded a checkpoint (a restart restores it)."""
     count = 0
-    for snapshot in storage.glob("*-trial-*/checkpoint_manager_snapshot.json"):
+    for snapshot in storage.rglob("*-trial-*/checkpoint_manager_snapshot.json"):
         try:
             count += bool(json.loads(snapshot.read_text()).get("latest_checkpoint_result"))
         except (OSError, ValueError):
@@ -190,6 +206,7 @@ def test_a_killed_sweep_resumes_with_resume(reviews, tmp_path, ray_session):
         space={"train.lr": {"type": "grid", "values": [1e-3, 2e-3, 4e-3]}},
     )
     config = write_yaml(tmp_path / "resume.yaml", raw)
+    assert runner.invoke(app, ["preprocess", str(config)]).exit_code == 0
     storage = Path(raw["cluster"]["storage_path"])
     client = MlflowClient(raw["tracking"]["tracking_uri"])
     command = [str(Path(sys.executable).parent / "lepton-ray"), "tune", str(config)]
@@ -207,7 +224,9 @@ def test_a_killed_sweep_resumes_with_resume(reviews, tmp_path, ray_session):
     (kept,) = done
     kept_metrics = client.get_run(kept.info.run_id).data.metrics
 
-    second = subprocess.run(command + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    second = subprocess.run(
+        command + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-4000:]
     assert "resuming the sweep" in out, out[-4000:]
@@ -225,4 +244,4 @@ def test_a_killed_sweep_resumes_with_resume(reviews, tmp_path, ray_session):
     history = client.get_metric_history(resumed[0].info.run_id, "train_loss_step")
     before = [m.step for m in history if m.step <= at]
     assert len(before) == len(set(before)), before  # nothing up to the checkpoint trained twice
-    assert max(m.step for m in history) == 12  # and it trained on to the end: 3 epochs x 4
+    assert resumed[0].data.metrics["step"] == 12  # and it trained on to the end: 3 epochs x 4

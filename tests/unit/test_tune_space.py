@@ -24,7 +24,13 @@ BRANCHED = {
         {"type": "loguniform", "low": 1e-4, "high": 1e-2, "when": {"peft.method": "lora"}},
         {"type": "loguniform", "low": 1e-5, "high": 1e-4, "when": {"peft.method": "none"}},
     ],
-    "peft.lora.r": {"type": "int", "low": 2, "high": 32, "log": True, "when": {"peft.method": "lora"}},
+    "peft.lora.r": {
+        "type": "int",
+        "low": 2,
+        "high": 32,
+        "log": True,
+        "when": {"peft.method": "lora"},
+    },
     "peft.lora.lora_alpha": {
         "ratio_of": "peft.lora.r",
         "values": [1, 2, 4],
@@ -142,7 +148,11 @@ REFUSALS = [
         "grid of 3 points but tune.num_samples is 2",
     ),
     ({"train.lr": {"type": "grid", "values": [1e-3]}}, {}, "needs tune.search: grid"),
-    ({"train.lr": {"type": "uniform", "low": 0.1, "high": 0.2}}, {"metric": "val_bleu"}, "val_bleu"),
+    (
+        {"train.lr": {"type": "uniform", "low": 0.1, "high": 0.2}},
+        {"metric": "val_bleu"},
+        "val_bleu",
+    ),
     (
         {"train.lr": {"type": "uniform", "low": 0.1, "high": 0.2}},
         {"metric": "val_loss", "mode": "max"},
@@ -166,7 +176,12 @@ REFUSALS = [
             "peft.method": {"type": "choice", "values": ["lora", "none"]},
             "train.lr": [
                 {"type": "uniform", "low": 0.1, "high": 0.2, "when": {"peft.method": "lora"}},
-                {"type": "uniform", "low": 0.2, "high": 0.3, "when": {"peft.method": ["lora", "none"]}},
+                {
+                    "type": "uniform",
+                    "low": 0.2,
+                    "high": 0.3,
+                    "when": {"peft.method": ["lora", "none"]},
+                },
             ],
         },
         {},
@@ -225,8 +240,14 @@ def test_optuna_plots_come_from_the_finished_trials(tmp_path):
     cfg = _cfg(tmp_path)
     dims = dimensions(cfg)
     points = [
-        ({"peft.method": "none", "train.lr[peft.method=none]": 3e-5, "train.weight_decay": 0.0}, 0.6),
-        ({"peft.method": "none", "train.lr[peft.method=none]": 5e-5, "train.weight_decay": 0.05}, 0.65),
+        (
+            {"peft.method": "none", "train.lr[peft.method=none]": 3e-5, "train.weight_decay": 0.0},
+            0.6,
+        ),
+        (
+            {"peft.method": "none", "train.lr[peft.method=none]": 5e-5, "train.weight_decay": 0.05},
+            0.65,
+        ),
         (
             {
                 "peft.method": "lora",
@@ -247,7 +268,12 @@ def test_optuna_plots_come_from_the_finished_trials(tmp_path):
 def test_the_trial_table_prints_a_line_per_change_in_a_log(tmp_path):
     lines: list[str] = []
     table = TrialTable(_cfg(tmp_path), lines.append, terminal=False)
-    table.update("a_00000", "RUNNING", {"train.lr": 1e-3, "train.lr[x]": 1}, {"epoch": 1.0, "val_accuracy": 0.75})
+    table.update(
+        "a_00000",
+        "RUNNING",
+        {"train.lr": 1e-3, "train.lr[x]": 1},
+        {"epoch": 1.0, "val_accuracy": 0.75},
+    )
     table.update("a_00000", "DONE", {"train.lr": 1e-3}, None)
     assert len(lines) == 2
     assert "a_00000 RUNNING" in lines[0] and "epoch 1 rung 1" in lines[0]
