@@ -162,20 +162,11 @@ def run_tune_stage(
 def interrupted_run(cfg: ExperimentConfig, stage: str, key: str, log=print) -> str:
     """The latest run of ``stage`` with this sweep key, if it was interrupted (RUNNING: its
     driver died; KILLED: a signal stopped it); ``--resume`` continues it."""
-    from lepton_ray.tracking.mlflow import client
+    from lepton_ray.tracking.mlflow import experiment_runs
     from lepton_ray.tune.driver import TAG_SWEEP_KEY
 
-    c = client(cfg.tracking.tracking_uri)
-    experiment = c.get_experiment_by_name(cfg.experiment_name)
-    runs = (
-        c.search_runs(
-            [experiment.experiment_id],
-            filter_string=f"tags.`lepton.stage` = '{stage}' and tags.`{TAG_SWEEP_KEY}` = '{key}'",
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-        )
-        if experiment is not None
-        else []
+    runs = experiment_runs(
+        cfg, f"tags.`lepton.stage` = '{stage}' and tags.`{TAG_SWEEP_KEY}` = '{key}'", 1
     )
     if not runs or runs[0].info.status not in ("RUNNING", "KILLED"):
         latest = f" (the latest, {runs[0].info.run_id}, is {runs[0].info.status})" if runs else ""

@@ -38,6 +38,21 @@ def client(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
+def experiment_runs(cfg: ExperimentConfig, filter_string: str, max_results: int = 1000):
+    """Runs of the config's experiment matching ``filter_string``, newest first; none when
+    the experiment does not exist yet."""
+    c = client(cfg.tracking.tracking_uri)
+    experiment = c.get_experiment_by_name(cfg.experiment_name)
+    if experiment is None:
+        return []
+    return c.search_runs(
+        [experiment.experiment_id],
+        filter_string=filter_string,
+        order_by=["attributes.start_time DESC"],
+        max_results=max_results,
+    )
+
+
 def ensure_experiment(tracking: TrackingSection, name: str) -> str:
     """The experiment's id, created with the configured artifact location if new."""
     c = client(tracking.tracking_uri)

@@ -197,18 +197,9 @@ its checkpoint would most likely meet again, so the next command starts a new ru
 
 def unfinished_run(cfg: ExperimentConfig, key: str, log=print) -> str | None:
     """The latest MLflow train run with this key, if it was interrupted (to resume it)."""
-    from lepton_ray.tracking.mlflow import TAG_ERROR, client
+    from lepton_ray.tracking.mlflow import TAG_ERROR, experiment_runs
 
-    c = client(cfg.tracking.tracking_uri)
-    experiment = c.get_experiment_by_name(cfg.experiment_name)
-    if experiment is None:
-        return None
-    runs = c.search_runs(
-        [experiment.experiment_id],
-        filter_string=f"tags.`{TAG_TRAINING_KEY}` = '{key}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
+    runs = experiment_runs(cfg, f"tags.`{TAG_TRAINING_KEY}` = '{key}'", max_results=1)
     # Only the latest counts: once a run with this key finished, the next one starts afresh.
     if not runs:
         return None

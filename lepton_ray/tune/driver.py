@@ -28,17 +28,12 @@ def sweep_name(cfg: ExperimentConfig, parent_run_id: str) -> str:
 
 def trial_run(cfg: ExperimentConfig, parent_run_id: str, trial_id: str) -> str | None:
     """The MLflow run a trial already has (it is resumed or retried): one run per trial."""
-    from lepton_ray.tracking.mlflow import TAG_PARENT, TAG_TRIAL_ID, client
+    from lepton_ray.tracking.mlflow import TAG_PARENT, TAG_TRIAL_ID, experiment_runs
 
-    c = client(cfg.tracking.tracking_uri)
-    experiment = c.get_experiment_by_name(cfg.experiment_name)
-    if experiment is None:
-        return None
-    runs = c.search_runs(
-        [experiment.experiment_id],
-        filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}' and "
-        f"tags.`{TAG_TRIAL_ID}` = '{trial_id}'",
-        max_results=2,
+    runs = experiment_runs(
+        cfg,
+        f"tags.`{TAG_PARENT}` = '{parent_run_id}' and tags.`{TAG_TRIAL_ID}` = '{trial_id}'",
+        max_results=1,
     )
     return runs[0].info.run_id if runs else None
 
