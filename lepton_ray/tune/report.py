@@ -8,6 +8,8 @@ import sys
 import time
 from typing import Any
 
+from ray.tune import Callback
+
 from lepton_ray.config import ExperimentConfig
 from lepton_ray.config.space import Dimension
 
@@ -160,35 +162,47 @@ def _short(value: Any) -> str:
     return str(value)
 
 
-def table_callback(cfg: ExperimentConfig, log=print):
+def table_callback(cfg: ExperimentConfig, log=print) -> TableCallback:
     """A Tune callback feeding ``TrialTable`` from the driver's trial events."""
-    from ray.tune import Callback
+    return TableCallback(cfg, log)
 
-    class _Table(Callback):
-        def __init__(self):
-            self.table = TrialTable(cfg, log)
 
-        def _show(self, trial, status: str | None = None, result: dict | None = None):
-            self.table.update(
-                trial.trial_id,
-                status or trial.status,
-                trial.config or {},
-                result or trial.last_result,
-            )
+class TableCallback(Callback):
+    """Tune pickles its callbacks with the sweep's state, and ``Tuner.restore`` brings them
+    back: a log that cannot be pickled (a notebook's ``print``) is replaced by ``print``."""
 
-        def on_trial_start(self, iteration, trials, trial, **info):
-            self._show(trial, "RUNNING")
+    def __init__(self, cfg: ExperimentConfig, log=print):
+        self.table = TrialTable(cfg, log)
 
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            self._show(trial, "RUNNING", result)
+    def __getstate__(self):
+        from ray import cloudpickle
 
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self._show(trial, "DONE")
+        log = self.table.log
+        try:
+            cloudpickle.dumps(log)
+        except Exception:  # noqa: BLE001 - whatever keeps it from pickling
+            log = None
+        return {"cfg": self.table.cfg, "log": log}
 
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self._show(trial, "ERROR")
+    def __setstate__(self, state):
+        self.table = TrialTable(state["cfg"], state["log"] or print)
 
-    return _Table()
+    def _show(self, trial, status: str | None = None, result: dict | None = None):
+        self.table.update(
+            trial.trial_id, status or trial.status, trial.config or {}, result or trial.last_result
+        )
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._show(trial, "RUNNING")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._show(trial, "RUNNING", result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._show(trial, "DONE")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._show(trial, "ERROR")
 
 
 def best_config_yaml(cfg: ExperimentConfig, values: dict[str, Any], header: str) -> str:

@@ -280,3 +280,29 @@ def test_the_trial_table_prints_a_line_per_change_in_a_log(tmp_path):
     assert "val_accuracy 0.7500" in lines[0] and "train.lr=0.001" in lines[0]
     assert "[x]" not in lines[0]
     assert "DONE" in lines[1] and "0.7500" in lines[1]  # the latest metric stays
+
+
+class _Unpicklable:
+    """A log like a notebook's print: callable, but it cannot be pickled."""
+
+    def __call__(self, line: str) -> None:
+        pass
+
+    def __reduce__(self):
+        raise TypeError("cannot pickle this log")
+
+
+def test_the_table_callback_survives_tunes_pickling_with_any_log(tmp_path):
+    """Tune pickles its callbacks into the sweep's state (and Tuner.restore unpickles them):
+    a picklable log travels, one that cannot is replaced by print, never an error."""
+    import builtins
+
+    from ray import cloudpickle
+
+    from lepton_ray.tune.report import table_callback
+
+    lines: list[str] = []
+    kept = cloudpickle.loads(cloudpickle.dumps(table_callback(_cfg(tmp_path), lines.append)))
+    assert kept.table.cfg.tune.metric == _cfg(tmp_path).tune.metric
+    replaced = cloudpickle.loads(cloudpickle.dumps(table_callback(_cfg(tmp_path), _Unpicklable())))
+    assert replaced.table.log is builtins.print
