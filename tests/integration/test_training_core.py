@@ -110,20 +110,21 @@ def test_fsdp_with_lora_matches_ddp(data, ddp_run):
     from lepton_ray.train.driver import run_train
 
     tmp, path = data
-    _, _, reference = ddp_run
+    reference_cfg, _, reference = ddp_run
     cfg, manifest = _prepared(
         _cfg(tmp, path, "fsdp", strategy="fsdp", fsdp_min_params_per_worker=1000)
     )
     result = run_train(cfg, manifest, **QUIET)
+
     # Sharded or replicated, it is the same optimisation (up to float summation order): the
     # whole validation curve matches, evaluation for evaluation. (Not the best checkpoint's
     # step: on this near-chance task a last-digit difference can move an accuracy tie.)
-    c = MlflowClient(cfg.tracking.tracking_uri)
+    def curve(config, run_id):
+        history = MlflowClient(config.tracking.tracking_uri).get_metric_history(run_id, "val_loss")
+        return sorted((m.step, m.value) for m in history)
 
-    def curve(run_id):
-        return [(m.step, m.value) for m in c.get_metric_history(run_id, "val_loss")]
-
-    ours, theirs = curve(result["run_id"]), curve(reference["run_id"])
+    ours = curve(cfg, result["run_id"])
+    theirs = curve(reference_cfg, reference["run_id"])
     assert [s for s, _ in ours] == [s for s, _ in theirs] and len(ours) >= 5
     assert [v for _, v in ours] == pytest.approx([v for _, v in theirs], abs=2e-3)
     with result["checkpoint"].as_directory() as folder:
