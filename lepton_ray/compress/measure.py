@@ -23,6 +23,8 @@ SPEED_BATCH = 32
 """Batch size of the evaluation passes whose throughput is logged (``samples_per_s_*``)."""
 LATENCY_ROWS = 32
 """Single-row forward passes timed for ``latency_ms_batch1_*``."""
+LATENCY_BATCHES = 8
+"""Forward passes of ``serving_batch`` rows timed for ``p50_ms_batch<n>_*``."""
 GENERATION_BATCHES = (1, 8)
 """Prompts generated together for ``tokens_per_s_batch<n>_*``."""
 GENERATION_TOKENS = 32
@@ -146,6 +148,47 @@ def latency_ms(task: Task, model, batches: Iterable[dict[str, Any]]) -> float:
     return 1000.0 * statistics.median(times)
 
 
+def _stack(rows: Sequence[dict[str, Any]], pad: int) -> dict[str, Any]:
+    """Single rows (``_rows``) as one right-padded batch: ids padded with ``pad``, every
+    other per-token column with 0."""
+    import torch
+
+    width = max(int(row["input_ids"].shape[1]) for row in rows)
+    batch: dict[str, Any] = {}
+    for key in rows[0]:
+        parts = []
+        for row in rows:
+            value = row[key]
+            if value.dim() == 2 and value.shape[1] < width:
+                fill = pad if key == "input_ids" else 0
+                extra = torch.full((1, width - value.shape[1]), fill, dtype=value.dtype)
+                value = torch.cat([value, extra], dim=1)
+            parts.append(value)
+        batch[key] = torch.cat(parts, dim=0)
+    return batch
+
+
+def batch_latency_ms(
+    task: Task, model, batches: Iterable[dict[str, Any]], size: int, pad: int
+) -> float:
+    """Median milliseconds of a forward pass over ``size`` rows at once (padded to the
+    longest of them), over up to LATENCY_BATCHES such batches after one warm-up."""
+    import torch
+
+    rows = _rows(batches, size * LATENCY_BATCHES)
+    groups = [_stack(rows[i : i + size], pad) for i in range(0, len(rows) - size + 1, size)]
+    if not groups:
+        return float("nan")
+    times = []
+    with torch.inference_mode():
+        model(**task.model_inputs(groups[0], model))  # warm-up
+        for batch in groups:
+            started = time.perf_counter()
+            model(**task.model_inputs(batch, model))
+            times.append(time.perf_counter() - started)
+    return 1000.0 * statistics.median(times)
+
+
 def can_generate(model) -> bool:
     """Whether ``model`` generates text (``model.generate``): a transformers model says so."""
     check = getattr(model, "can_generate", None)
@@ -203,17 +246,27 @@ def tokens_per_s(model, prompts: Sequence[Sequence[int]], batch: int, pad: int) 
 
 
 def speed(
-    task: Task, model, data, pad: int, evaluated: dict[str, Any] | None = None
+    task: Task,
+    model,
+    data,
+    pad: int,
+    evaluated: dict[str, Any] | None = None,
+    serving_batch: int | None = None,
 ) -> dict[str, float]:
     """The speed figures of ``model`` on ``data`` (an evaluation set), by metric name
     without the ``_fp32``/``_compressed`` tag: ``samples_per_s`` and
     ``latency_ms_batch<SPEED_BATCH>`` where the evaluation counted examples (``evaluated``),
-    ``latency_ms_batch1``, and for a generating model ``tokens_per_s_batch<n>``."""
+    ``latency_ms_batch1`` (the median of one-row passes: the p50), ``p50_ms_batch<n>`` for a
+    ``serving_batch`` n, and for a generating model ``tokens_per_s_batch<n>``."""
     out: dict[str, float] = {}
     if evaluated is not None and "samples_per_s" in evaluated:
         out["samples_per_s"] = evaluated["samples_per_s"]
         out[f"latency_ms_batch{SPEED_BATCH}"] = 1000.0 * SPEED_BATCH / evaluated["samples_per_s"]
     out["latency_ms_batch1"] = latency_ms(task, model, data)
+    if serving_batch:
+        out[f"p50_ms_batch{serving_batch}"] = batch_latency_ms(
+            task, model, data, serving_batch, pad
+        )
     if can_generate(model):
         prompts = generation_prompts(data, max(GENERATION_BATCHES))
         for batch in GENERATION_BATCHES:

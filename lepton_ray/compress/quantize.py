@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import shutil
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,9 @@ from lepton_ray.config import ExperimentConfig, metric_mode
 from lepton_ray.errors import ConfigError
 from lepton_ray.tasks import get_task
 
+SPLIT_PREFIX = {"validation": "val", "test": "test"}
+"""Metric name prefix of each measured split."""
+
 WEIGHT_KINDS = {
     "dynamic_int8": "int8",
     "onnx_int8": "onnx_int8",
@@ -64,6 +67,8 @@ class CompressResult:
     accepted: bool  # False when the gate (judge) refused it (then folder is None)
     reason: str  # one line for the log: why this method / why refused
     metrics: dict[str, float]  # already logged to MLflow by run_compress
+    evaluations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """``compress_and_measure``: each model's (fp32, compressed) raw results per split."""
 
 
 def _cuda_name() -> str | None:
@@ -207,22 +212,23 @@ def refusal(method: str, model) -> str | None:
     return None
 
 
-def run_compress(
-    cfg: ExperimentConfig, model_dir: Path, out: Path, run_id: str, log=print
+def compress_and_measure(
+    cfg: ExperimentConfig,
+    model_dir: Path,
+    out: Path,
+    log=print,
+    splits: Sequence[str] = ("validation", "test"),
+    serving_batch: int | None = None,
 ) -> CompressResult:
-    """Compress the artifact in ``model_dir`` into ``out``; log before/after metrics to ``run_id``.
-
-    A compression that scores worse on validation than ``judge`` allows is refused
-    (``accepted`` False, its folder removed): the uncompressed model is kept. A method that
-    cannot serve the model is a ``ConfigError`` before anything is written.
-    """
+    """Merge, compress and measure the artifact in ``model_dir`` (into ``out``), and judge
+    it; nothing is logged to MLflow. The folder is left in place even when refused (the
+    caller removes it); ``evaluations`` keeps each model's raw results per split.
+    ``serving_batch``: also time forward passes of that many rows (``p50_ms_batch<n>_*``)."""
     from lepton_ray.compress.modules import ort_available
     from lepton_ray.compress.select import choose_method
     from lepton_ray.hardware import cpu_features
-    from lepton_ray.tracking.mlflow import log_figure, log_folder, log_metrics
 
     comp = cfg.compress
-    uri = cfg.tracking.tracking_uri
     if not comp.enabled:
         log("[compress] skipped: compress.enabled is false")
         return CompressResult("none", None, False, "compress.enabled is false", {})
@@ -252,10 +258,10 @@ def run_compress(
 
     pad = pad_id(tokenizer)
     task = get_task(meta.task)
-    splits = {s: evaluation_set(cfg, task, s, tokenizer, meta) for s in ("validation", "test")}
+    sets = {s: evaluation_set(cfg, task, s, tokenizer, meta) for s in splits}
 
     def measure(m) -> dict[str, dict | None]:
-        return {s: None if b is None else _evaluate(task, m, b, labels) for s, b in splits.items()}
+        return {s: None if b is None else _evaluate(task, m, b, labels) for s, b in sets.items()}
 
     before = measure(model)
     folder = out / method
@@ -267,7 +273,7 @@ def run_compress(
         cfg,
         folder,
         _calibration_batches(cfg, tokenizer),
-        [] if splits["validation"] is None else splits["validation"],
+        [] if sets.get("validation") is None else sets["validation"],
         log,
     )
     # Measure what was written, loaded as a Serve replica loads it.
@@ -275,7 +281,8 @@ def run_compress(
     after = measure(cmodel)
     metrics["size_mb_compressed"] = _weights_mb(folder)
     metrics["size_ratio"] = metrics["size_mb_fp32"] / max(metrics["size_mb_compressed"], 1e-9)
-    for split, short in (("validation", "val"), ("test", "test")):
+    for split in splits:
+        short = SPLIT_PREFIX[split]
         for tag, res in (("fp32", before[split]), ("compressed", after[split])):
             if res is None:
                 continue
@@ -292,10 +299,10 @@ def run_compress(
             agree = task.agreement(was["result"], now["result"])
             if agree is not None:
                 metrics[f"{short}_prediction_agreement"] = agree
-    timed = "validation" if splits["validation"] is not None else "test"
-    if splits[timed] is not None:
+    timed = next((s for s in splits if sets[s] is not None), None)
+    if timed is not None:
         for tag, m, res in (("fp32", model, before), ("compressed", cmodel, after)):
-            figures = speed(task, m, splits[timed], pad, res[timed])
+            figures = speed(task, m, sets[timed], pad, res[timed], serving_batch)
             metrics.update({f"{name}_{tag}": value for name, value in figures.items()})
         key = "samples_per_s" if "samples_per_s_fp32" in metrics else _generation_speed_key()
         if f"{key}_fp32" in metrics:
@@ -305,23 +312,46 @@ def run_compress(
         metrics, method, cfg.tune.metric, comp.max_drop, task.gate_score, comp.max_ppl_increase
     )
     metrics["accepted"] = float(accepted)
+    return CompressResult(
+        method, folder, accepted, reason, metrics, {"fp32": before, "compressed": after}
+    )
+
+
+def run_compress(
+    cfg: ExperimentConfig, model_dir: Path, out: Path, run_id: str, log=print
+) -> CompressResult:
+    """Compress the artifact in ``model_dir`` into ``out``; log before/after metrics to ``run_id``.
+
+    A compression that scores worse on validation than ``judge`` allows is refused
+    (``accepted`` False, its folder removed): the uncompressed model is kept. A method that
+    cannot serve the model is a ``ConfigError`` before anything is written.
+    """
+    from lepton_ray.tracking.mlflow import log_figure, log_folder, log_metrics
+
+    result = compress_and_measure(cfg, model_dir, out, log)
+    if result.folder is None:
+        return result  # compression off, or no method for this hardware
+    uri, method, metrics = cfg.tracking.tracking_uri, result.method, result.metrics
     log_metrics(uri, run_id, metrics, step=0)
-    for split in ("validation", "test"):
-        if after[split] is not None:
-            inputs = task.plot_inputs(after[split]["result"])
+    meta = ModelMeta.load(model_dir)
+    labels, task = meta.labels, get_task(meta.task)
+    for split, evaluated in result.evaluations["compressed"].items():
+        if evaluated is not None:
+            inputs = task.plot_inputs(evaluated["result"])
             for name, fig in task.plots(inputs, labels, f"{split} ({method})").items():
                 log_figure(uri, run_id, fig, f"plots/{name}_{split}_{method}.png")
-    if accepted:
-        log_folder(uri, run_id, folder, "model")
+    if result.accepted:
+        log_folder(uri, run_id, result.folder, "model")
     else:
-        shutil.rmtree(folder, ignore_errors=True)  # a refused artifact is never left behind
+        shutil.rmtree(result.folder, ignore_errors=True)  # a refused artifact is never left
+        result.folder = None
     log(_summary(method, metrics, task.gate_score))
     scores = _scores_line(metrics)
     if scores:
         log(scores)
-    if not accepted:
-        log(f"[compress] refused: {reason}; the uncompressed model is kept")
-    return CompressResult(method, folder if accepted else None, accepted, reason, metrics)
+    if not result.accepted:
+        log(f"[compress] refused: {result.reason}; the uncompressed model is kept")
+    return result
 
 
 def _generation_speed_key() -> str:

@@ -104,6 +104,11 @@ class ExperimentConfig(Section):
         # The gate and compress.max_drop score candidates on validation rows; a training
         # loss is not measured there (nor on a compressed model), so no later candidate
         # could ever be compared.
+        if self.tune.objective == "served" and not self.tune.metric.startswith("val_"):
+            raise ValueError(
+                f"tune.objective served scores served models on validation rows, where "
+                f"tune.metric {self.tune.metric} is not measured; choose a val_* metric"
+            )
         gated = self.registry.promotion == "gated" or self.compress.enabled
         if gated and not self.tune.metric.startswith("val_"):
             raise ValueError(

@@ -103,6 +103,25 @@ class SchedulerSection(Section):
 SEARCHERS = ("tpe", "random", "grid", "cmaes", "gp")
 
 
+class LatencyConstraints(Section):
+    """Latency a served model must meet (``tune.objective: served``): a trial whose served
+    model is slower is never the winner, and a sweep where none meets them registers
+    nothing."""
+
+    p50_ms: float | None = Field(
+        None, gt=0, description="Median milliseconds of a one-row forward pass (batch 1)."
+    )
+    p50_ms_batch: float | None = Field(
+        None,
+        gt=0,
+        description="Median milliseconds of a forward pass at the serving batch size "
+        "(tune.served_batch_size).",
+    )
+
+    def active(self) -> dict[str, float]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
 class TuneSection(Section):
     enabled: bool = Field(
         False,
@@ -143,6 +162,47 @@ class TuneSection(Section):
         "results) seed the searcher.",
     )
     seed: int = 0
+    objective: Literal["validation", "served"] = Field(
+        "validation",
+        description="'validation': the best trial is the one with the best tune.metric as "
+        "trained. 'served': the tune.served_top_k best are merged and compressed with the "
+        "compress stage's code, scored on validation in that form and timed; the best served "
+        "tune.metric (within tune.constraints) wins.",
+    )
+    served_top_k: int = Field(
+        3, ge=1, description="objective served: the trials, best first, scored as served."
+    )
+    served_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="objective served: the batch latency is timed at. "
+        "Default: serve.max_batch_size.",
+    )
+    latency_objective: bool = Field(
+        False,
+        description="objective served: latency at batch 1 is a second objective (Optuna "
+        "multi-objective); the summary gives the Pareto front of the served trials, and the "
+        "winner is the front's best tune.metric.",
+    )
+    constraints: LatencyConstraints = Field(default_factory=LatencyConstraints)
+
+    @model_validator(mode="after")
+    def _served_settings(self) -> TuneSection:
+        if self.objective != "served":
+            given = [
+                name
+                for name, on in (
+                    ("tune.constraints", bool(self.constraints.active())),
+                    ("tune.latency_objective", self.latency_objective),
+                )
+                if on
+            ]
+            if given:
+                raise ValueError(
+                    f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} to "
+                    "served models: set tune.objective: served"
+                )
+        return self
 
     @model_validator(mode="before")
     @classmethod

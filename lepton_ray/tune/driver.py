@@ -355,12 +355,6 @@ def summarize_trials(
     if not usable:
         errors = "; ".join(tr["error"] for tr in trials if tr["error"]) or "no trial reported"
         raise LeptonError(f"tune: every trial failed ({errors})")
-    pick = max if t.mode == "max" else min
-    best = pick(usable, key=lambda tr: tr["metrics"][t.metric])
-    set_tags(uri, best["run_id"], {"lepton.best_trial": "true"})
-    set_tags(uri, parent_run_id, {"lepton.best_trial_id": best["trial_id"]})
-    log_dict(uri, parent_run_id, {"best": best, "trials": trials}, "tune/trials.json")
-    _sweep_pictures(cfg, dims, usable, parent_run_id, log)
     for tr in trials:
         log(
             f"[tune] trial {tr['trial_id']}: {t.metric}={tr['metrics'][t.metric]} "
@@ -368,8 +362,20 @@ def summarize_trials(
             + (f" ({tr['stop']})" if tr["stop"] else "")
             + (f" ERROR {tr['error']}" if tr["error"] else "")
         )
+    pick = max if t.mode == "max" else min
+    best = pick(usable, key=lambda tr: tr["metrics"][t.metric])
+    if t.objective == "served":
+        from lepton_ray.tune.served import select_served
+
+        best = select_served(cfg, usable, parent_run_id, log)
+    set_tags(uri, best["run_id"], {"lepton.best_trial": "true"})
+    set_tags(uri, parent_run_id, {"lepton.best_trial_id": best["trial_id"]})
+    log_dict(uri, parent_run_id, {"best": best, "trials": trials}, "tune/trials.json")
+    _sweep_pictures(cfg, dims, usable, parent_run_id, log)
+    served = " (the served winner)" if t.objective == "served" else ""
     log(
-        f"[tune] best trial {best['trial_id']}: {t.metric}={best['metrics'][t.metric]:.4f} {best['params']}"
+        f"[tune] best trial {best['trial_id']}{served}: {t.metric}={best['metrics'][t.metric]:.4f} "
+        f"{best['params']}"
     )
     _best_config(cfg, best, parent_run_id, log)
     return {

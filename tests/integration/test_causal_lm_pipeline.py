@@ -253,8 +253,8 @@ def test_a_sweep_over_lr_lora_shape_and_packing_minimises_perplexity(setup, tmp_
     raw["tune"] = {
         "enabled": True,
         "metric": "val_perplexity",
-        "num_samples": 3,
-        "seed": 1,
+        "num_samples": 2,
+        "seed": 5,  # its second trial takes r=4 and no packing; the first is the config's
         "space": {
             "train.lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2},
             "peft.lora.r": {"type": "choice", "values": [4, 8]},
@@ -269,7 +269,7 @@ def test_a_sweep_over_lr_lora_shape_and_packing_minimises_perplexity(setup, tmp_
     with tracked_run(cfg, "tune") as parent:
         result = run_tune(cfg, manifest, parent, log=lines.append)
     trials = result["trials"]
-    assert len(trials) == 3 and not any(t["error"] for t in trials)
+    assert len(trials) == 2 and not any(t["error"] for t in trials)
     scores = [t["metrics"]["val_perplexity"] for t in trials]
     assert all(1.0 < s < float("inf") for s in scores)
     assert result["metrics"]["val_perplexity"] == min(scores)

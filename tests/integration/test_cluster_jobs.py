@@ -20,6 +20,8 @@ pytestmark = pytest.mark.slow
 CLI = str(Path(sys.executable).parent / "lepton-ray")
 CONFIG = "experiments/quickstart_smoke.yaml"
 EXPERIMENT = "quickstart-smoke"
+LEAN = ("train.epochs=1", "compress.enabled=false")
+"""Placement is what these jobs test: one epoch, and no compression after training."""
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +90,7 @@ def test_ddp_job_spreads_over_both_nodes_and_lands_in_the_tracking_server(
     env = client_env(cluster)
     args = ["submit", CONFIG, "--address", cluster.address, "--auth", "token", "--follow"]
     done = lepton(
-        args + overrides(tracking, shared, "tune.enabled=false", "scaling.num_workers=2"), env
+        args + overrides(tracking, shared, "tune.enabled=false", "scaling.num_workers=2", *LEAN), env
     )
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-5000:]
@@ -124,7 +126,7 @@ def test_ddp_job_spreads_over_both_nodes_and_lands_in_the_tracking_server(
 def test_tune_trials_spread_over_both_nodes(cluster, tracking, shared):
     env = client_env(cluster)
     args = ["submit", CONFIG, "--address", cluster.address]  # --auth auto finds the token
-    sets = ["tune.enabled=true", "tune.num_samples=2", "scaling.num_workers=1"]
+    sets = ["tune.enabled=true", "tune.num_samples=2", "scaling.num_workers=1", *LEAN]
     done = lepton(args + overrides(tracking, shared, *sets), env)
     assert done.returncode == 0, done.stderr[-3000:]
     job = _job_id(done.stdout + done.stderr)
