@@ -128,7 +128,9 @@ class TuneSection(Section):
         description="Sweep with Tune (`lepton-ray run`); otherwise train one model. "
         "Default: true when tune.space is given.",
     )
-    num_samples: int = Field(4, ge=1, description="Trials; the first uses the config's values.")
+    num_samples: int = Field(
+        4, ge=1, description="Trials; the first uses the config's values (except in a grid)."
+    )
     metric: str = Field("val_accuracy", description="Reported metric to optimise.")
     mode: Literal["max", "min"] | None = Field(
         None,

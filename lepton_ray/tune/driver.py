@@ -8,6 +8,7 @@ from lepton_ray.config import ExperimentConfig, apply_overrides
 from lepton_ray.train.worker import ray_storage
 
 TAG_SWEEP_KEY = "lepton.sweep_key"
+TAG_STARTS = "lepton.trial_starts"
 
 
 def sweep_key(cfg: ExperimentConfig, manifest: dict[str, Any]) -> str:
@@ -26,8 +27,9 @@ def sweep_name(cfg: ExperimentConfig, parent_run_id: str) -> str:
     return f"{cfg.name}-tune-{parent_run_id[:8]}"
 
 
-def trial_run(cfg: ExperimentConfig, parent_run_id: str, trial_id: str) -> str | None:
-    """The MLflow run a trial already has (it is resumed or retried): one run per trial."""
+def trial_run(cfg: ExperimentConfig, parent_run_id: str, trial_id: str):
+    """The MLflow run a trial already has (it is resumed, retried or unpaused), or None:
+    one run per trial."""
     from lepton_ray.tracking.mlflow import TAG_PARENT, TAG_TRIAL_ID, experiment_runs
 
     runs = experiment_runs(
@@ -35,7 +37,7 @@ def trial_run(cfg: ExperimentConfig, parent_run_id: str, trial_id: str) -> str |
         f"tags.`{TAG_PARENT}` = '{parent_run_id}' and tags.`{TAG_TRIAL_ID}` = '{trial_id}'",
         max_results=1,
     )
-    return runs[0].info.run_id if runs else None
+    return runs[0] if runs else None
 
 
 def train_driver_fn(
@@ -74,7 +76,12 @@ def train_driver_fn(
     )
     tags.update({f"lepton.param.{k}": str(v) for k, v in values.items()})
     tags[TAG_SEARCHER_VALUES] = json.dumps(searcher_values(params, dimensions(swept)))
-    resume = trial_run(cfg, parent_run_id, trial_id)
+    earlier = trial_run(cfg, parent_run_id, trial_id)
+    resume = earlier.info.run_id if earlier is not None else None
+    # How many times this trial has started: a retry (tune.max_failures), a scheduler's
+    # pause (HyperBand) or a resumed sweep starts it again in the same run.
+    starts = 1 if earlier is None else int(earlier.data.tags.get(TAG_STARTS, "1")) + 1
+    tags[TAG_STARTS] = str(starts)
     # On an error the sweep settles the run's status: a scheduler's stop arrives as an
     # interruption that may land after the sweep has already recorded the trial as stopped.
     with tracked_run(
@@ -150,7 +157,9 @@ def _searcher(cfg: ExperimentConfig, dims, log=print):
             f"[tune] warm start: {seeded} finished trials of experiment '{t.warm_start}' "
             f"seed the searcher ({len(points) - seeded} outside this space left out)"
         )
-    first = first_point(cfg, dims)
+    # The config's own point goes first, as a baseline; a grid enumerates every point
+    # itself (an enqueued point is not marked as one of its own, so it would come twice).
+    first = first_point(cfg, dims) if t.search != "grid" else {}
     return OptunaSearch(
         space=DefineByRun(dims, cfg.model_dump(mode="json")),
         metric=t.metric,
@@ -310,10 +319,12 @@ def summarize_trials(
         reached = round(float(metrics.get(attr, 0)), 3)
         stopped_by = stop_reason(metrics, cfg, result.error)
         run_metrics: dict[str, float] = {}
+        starts = 0
         if run is not None:
             # Re-read: the search above may predate the trial's last writes.
             latest = c.get_run(run.info.run_id)
             run_metrics = dict(latest.data.metrics)
+            starts = int(latest.data.tags.get(TAG_STARTS, "1"))
             if stopped_by is not None:
                 step = rung(cfg, reached)
                 set_tags(
@@ -349,6 +360,7 @@ def summarize_trials(
                 "rung": rung(cfg, reached),
                 "stop": stop_line(cfg, stopped_by, reached),
                 "error": str(result.error).splitlines()[0] if result.error else None,
+                "starts": starts,
             }
         )
     usable = [tr for tr in trials if tr["run_id"] and tr["metrics"][t.metric] is not None]
@@ -360,6 +372,7 @@ def summarize_trials(
             f"[tune] trial {tr['trial_id']}: {t.metric}={tr['metrics'][t.metric]} "
             f"params={tr['params']}"
             + (f" ({tr['stop']})" if tr["stop"] else "")
+            + (f" (started {tr['starts']} times)" if tr["starts"] > 1 else "")
             + (f" ERROR {tr['error']}" if tr["error"] else "")
         )
     pick = max if t.mode == "max" else min

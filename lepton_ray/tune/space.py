@@ -3,6 +3,7 @@ rebuilt from finished trials (warm start, plots)."""
 
 from __future__ import annotations
 
+import json
 import warnings
 from typing import Any
 
@@ -12,6 +13,26 @@ from lepton_ray.config.space import Dimension, compile_space, config_point, reso
 
 def dimensions(cfg: ExperimentConfig) -> list[Dimension]:
     return compile_space(cfg.tune.space)
+
+
+def optuna_value(value: Any) -> Any:
+    """A choice as Optuna stores it: Optuna takes None, bools, numbers and strings only, so
+    a list or mapping (``peft.lora.target_modules: [q_proj, v_proj]``) goes as its JSON."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return json.dumps(value, sort_keys=True)
+
+
+def optuna_choices(dim: Dimension) -> list[Any]:
+    return [optuna_value(v) for v in dim.param.values or ()]
+
+
+def config_value(dim: Dimension, raw: Any) -> Any:
+    """The listed value an Optuna choice stands for (``raw`` itself when it is one)."""
+    for value in dim.param.values or ():
+        if optuna_value(value) == raw and type(optuna_value(value)) is type(raw):
+            return value
+    return raw
 
 
 def distribution(dim: Dimension):
@@ -24,7 +45,7 @@ def distribution(dim: Dimension):
 
     p = dim.param
     if p.values is not None:
-        return CategoricalDistribution(list(p.values))
+        return CategoricalDistribution(optuna_choices(dim))
     if p.type == "int":
         return IntDistribution(int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
     return FloatDistribution(p.low, p.high, log=p.type == "loguniform", step=p.step)
@@ -33,7 +54,7 @@ def distribution(dim: Dimension):
 def _suggest(trial, dim: Dimension) -> Any:
     p = dim.param
     if p.values is not None:
-        return trial.suggest_categorical(dim.name, list(p.values))
+        return config_value(dim, trial.suggest_categorical(dim.name, optuna_choices(dim)))
     if p.type == "int":
         return trial.suggest_int(
             dim.name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log
@@ -62,8 +83,9 @@ def overrides(config: dict[str, Any], space: dict[str, Any]) -> dict[str, Any]:
 
 
 def searcher_values(config: dict[str, Any], dims: list[Dimension]) -> dict[str, Any]:
-    """Optuna's own values in a trial's config (those of the branches it took)."""
-    return {d.name: config[d.name] for d in dims if d.name in config}
+    """Optuna's own values in a trial's config (those of the branches it took), as Optuna
+    stores them (``optuna_value``)."""
+    return {d.name: optuna_value(config[d.name]) for d in dims if d.name in config}
 
 
 def independent(t: TuneSection, dims: list[Dimension]) -> list[str]:
@@ -90,7 +112,7 @@ def sampler(t: TuneSection, dims: list[Dimension]):
     if t.search == "random":
         return s.RandomSampler(seed=t.seed)
     if t.search == "grid":
-        return s.GridSampler({d.name: list(d.param.values or ()) for d in dims}, seed=t.seed)
+        return s.GridSampler({d.name: optuna_choices(d) for d in dims}, seed=t.seed)
     if t.search == "cmaes":
         return s.CmaEsSampler(
             seed=t.seed, n_startup_trials=startup, warn_independent_sampling=False
@@ -127,7 +149,8 @@ def study_of(
     )
     for params, value in points:
         if not params or not all(
-            n in by_name and by_name[n].contains(v) for n, v in params.items()
+            n in by_name and by_name[n].contains(config_value(by_name[n], v))
+            for n, v in params.items()
         ):
             continue
         distributions = {n: distribution(by_name[n]) for n in params}
@@ -136,4 +159,5 @@ def study_of(
 
 
 def first_point(cfg: ExperimentConfig, dims: list[Dimension]) -> dict[str, Any]:
-    return config_point(dims, cfg.model_dump(mode="json"))
+    point = config_point(dims, cfg.model_dump(mode="json"))
+    return {name: optuna_value(value) for name, value in point.items()}

@@ -307,3 +307,45 @@ def test_a_killed_sweep_resumes_with_resume(reviews, tmp_path, ray_session):
     before = [m.step for m in history if m.step <= at]
     assert len(before) == len(set(before)), before  # nothing up to the checkpoint trained twice
     assert resumed[0].data.metrics["step"] == 12  # and it trained on to the end: 3 epochs x 4
+
+
+def test_hyperband_and_a_failing_trial_retried_then_recorded(reviews, tmp_path, ray_session):
+    """HyperBand over a 3-point grid whose third point cannot train (a LoRA target the model
+    lacks): that trial is started 1 + tune.max_failures times in one MLflow run, then
+    recorded as FAILED with its error, and the sweep still ends and registers its best."""
+    raw = _config(
+        tmp_path,
+        reviews,
+        "hbsweep",
+        search="grid",
+        num_samples=3,
+        max_failures=1,
+        scheduler={"type": "hyperband", "max_t": 2, "reduction_factor": 2},
+        space={
+            "peft.lora.target_modules": {
+                "type": "grid",
+                "values": [["query", "value"], ["query"], ["no_such_module"]],
+            }
+        },
+    )
+    raw["peft"] = {"method": "lora", "lora": {"r": 4, "lora_alpha": 8}}
+    result = _tune(write_yaml(tmp_path / "hb.yaml", raw))
+    assert result.exit_code == 0, result.output
+    assert "with Optuna grid + hyperband" in result.output
+    c = MlflowClient(raw["tracking"]["tracking_uri"])
+    trials = _runs(c, "hbsweep", "trial")
+    assert len(trials) == 3  # one run per trial, retries included
+    targets = {r.data.params["peft.lora.target_modules"] for r in trials}
+    assert len(targets) == 3, targets  # the grid visited each point once
+    (broken,) = [r for r in trials if "no_such_module" in r.data.params["peft.lora.target_modules"]]
+    assert broken.info.status == "FAILED"
+    assert broken.data.tags["lepton.trial_starts"] == "2"  # the first try and one retry
+    line = next(
+        ln for ln in result.output.splitlines() if broken.data.tags["lepton.trial_id"] + ":" in ln
+    )
+    assert "(started 2 times)" in line and "ERROR" in line and "no_such_module" in line, line
+    finished = [r for r in trials if r is not broken]
+    assert {r.info.status for r in finished} <= {"FINISHED", "KILLED"}
+    (best,) = [r for r in finished if r.data.tags.get("lepton.best_trial")]
+    (version,) = c.search_model_versions("name = 'hbsweep'")
+    assert version.run_id == best.info.run_id

@@ -13,7 +13,14 @@ from lepton_ray.config import validate_experiment
 from lepton_ray.config.space import compile_space
 from lepton_ray.errors import ConfigError
 from lepton_ray.tune.report import TrialTable, best_config_yaml, optuna_figures
-from lepton_ray.tune.space import DefineByRun, dimensions, first_point, sampler, study_of
+from lepton_ray.tune.space import (
+    DefineByRun,
+    dimensions,
+    first_point,
+    sampler,
+    searcher_values,
+    study_of,
+)
 from tests.conftest import smoke_config, write_yaml
 
 runner = CliRunner()
@@ -116,6 +123,39 @@ def test_grid_search_visits_every_point_once(tmp_path):
         except RuntimeError as err:  # the grid is done: Optuna asks the study to stop
             assert "stop" in str(err) and len(points) == 6
     assert len(points) == 6
+
+
+@pytest.mark.parametrize("search", ["grid", "tpe", "random"])
+def test_a_choice_of_lists_reaches_trials_as_lists_and_optuna_as_labels(tmp_path, search):
+    """Optuna's choices must be None, bools, numbers or strings: a list of target modules
+    goes to Optuna as its JSON, and back to the trial as the list itself."""
+    targets = [["query", "value"], ["query"], ["key", "query", "value"]]
+    kind = "grid" if search == "grid" else "choice"
+    space = {"peft.lora.target_modules": {"type": kind, "values": targets}}
+    cfg = _cfg(tmp_path, space, search=search, num_samples=3)
+    dims = dimensions(cfg)
+    study = optuna.create_study(sampler=sampler(cfg.tune, dims), direction="maximize")
+    space_fn = DefineByRun(dims, cfg.model_dump(mode="json"))
+    seen, labels = [], []
+    for i in range(3 if search == "grid" else 12):
+        trial = study.ask()
+        value = space_fn(trial)["peft.lora.target_modules"]
+        assert value in targets and isinstance(value, list)
+        seen.append(value)
+        labels.append(searcher_values({"peft.lora.target_modules": value}, dims))
+        try:
+            study.tell(trial, float(i))
+        except RuntimeError as err:  # the grid is done: Optuna asks the study to stop
+            assert "stop" in str(err) and i == 2
+    if search == "grid":  # each point once
+        assert sorted(map(tuple, seen)) == sorted(map(tuple, targets))
+    else:
+        assert {tuple(v) for v in seen} == {tuple(v) for v in targets}
+    # The searcher values (what a warm start replays) are Optuna's labels, and a study
+    # rebuilt from them holds every trial.
+    assert all(isinstance(v["peft.lora.target_modules"], str) for v in labels)
+    rebuilt = study_of(dims, "max", [(v, float(i)) for i, v in enumerate(labels)])
+    assert len(rebuilt.trials) == len(labels)
 
 
 def test_the_configs_own_point_is_the_first_trial_in_searcher_names(tmp_path):
