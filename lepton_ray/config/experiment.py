@@ -157,6 +157,15 @@ class ExperimentConfig(Section):
 
     def _accepts(self, key: str, value: Any) -> None:
         """Refuse a searched value the config itself would refuse (a range past a bound)."""
+        # A sweep tokenizes at data.max_length; its trials' and best configs (tune off)
+        # set a searched value below it and keep the space.
+        if key == "data.max_length" and self.tune.enabled and value > self.data.max_length:
+            raise ValueError(
+                f"tune.space.data.max_length: {value!r} is above data.max_length "
+                f"{self.data.max_length}, the length every trial's data is tokenized at "
+                "(once, for the whole sweep; a trial cuts its rows shorter); raise "
+                "data.max_length to the longest length searched"
+            )
         raw = self.model_dump(mode="json")
         raw["tune"] = {"enabled": False, "metric": self.tune.metric}
         _set_dotted(raw, key, value)

@@ -256,10 +256,12 @@ task's (``tasks.Task.metrics``)."""
 
 TUNABLE_SECTIONS = {"train", "peft"}
 UNTUNABLE_KEYS = {"train.epochs"}
-TUNABLE_KEYS = {"data.packing"}
-"""Keys outside TUNABLE_SECTIONS a sweep may search: packing is applied when batching."""
+TUNABLE_KEYS = {"data.packing", "data.max_length"}
+"""Keys outside TUNABLE_SECTIONS a sweep may search: packing is applied when batching, and a
+trial cuts the rows (tokenized once at ``data.max_length``) to its own shorter length."""
 UNTUNABLE_REASON = (
     "a sweep can search keys under train.* and peft.* (e.g. train.lr, peft.lora.r), except "
-    "train.epochs (the ASHA budget), and data.packing; other data.* and model.* are fixed for a sweep because every "
-    "trial trains on the data tokenized once for model.name"
+    "train.epochs (the ASHA budget), and data.packing and data.max_length (up to the "
+    "config's own); other data.* and model.* are fixed for a sweep because every trial "
+    "trains on the data tokenized once for model.name"
 )

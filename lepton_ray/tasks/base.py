@@ -157,6 +157,25 @@ class Task(ABC):
         them: a column of a value per row, or a tuple of per-token list columns."""
         return self.target_columns or self.target_column
 
+    def shortener(
+        self, max_length: int, special_ids: set[int], cfg: ExperimentConfig
+    ) -> Callable[[Any, Any], tuple[Any, Any] | None]:
+        """How a stored row (numpy ids and its targets) tokenized longer than ``max_length``
+        is cut to it, as tokenizing at that length would have: a sweep tokenizes once at
+        ``data.max_length`` and a trial searching a shorter one cuts its rows. Returns the
+        row's (ids, targets), or None to drop it. Here (a target per row): the first tokens
+        and a closing special token ([SEP]) where the row ends with one."""
+        import numpy as np
+
+        def cut(ids, target):
+            if len(ids) <= max_length:
+                return ids, target
+            if int(ids[-1]) in special_ids:
+                return np.concatenate([ids[: max_length - 1], ids[-1:]]), target
+            return ids[:max_length], target
+
+        return cut
+
     @abstractmethod
     def vocabulary(self, found: Iterable[str], where: str) -> list[str]:
         """The labels (in their stored order) from those found in the kept rows; raises

@@ -25,6 +25,7 @@ from lepton_ray.tasks.chat import (
     ChatEncoder,
     TemplateError,
     canonical,
+    fit_example,
     install_template,
     parse,
     prompt_of,
@@ -235,6 +236,22 @@ class CausalLM(Task):
 
     def encode_targets(self, labels: Sequence[str], vocabulary: Sequence[str]):
         raise NotImplementedError("a language model's targets come with its tokens")
+
+    def shortener(self, max_length: int, special_ids: set[int], cfg: ExperimentConfig):
+        """A longer example gets ``data.chat.too_long`` at ``max_length``, as the encoder
+        applies it: dropped, or its context's first tokens cut (``fit_example``)."""
+        import numpy as np
+
+        def cut(ids, targets):
+            fitted, _ = fit_example(
+                ids, targets[:, 0], targets[:, 1], max_length, cfg.data.chat.too_long
+            )
+            if fitted is None:
+                return None
+            kept, labels, parts = fitted
+            return kept, np.stack([labels, parts], axis=1)
+
+        return cut
 
     def encoder(self, model_name: str, max_length: int, options: dict[str, Any]):
         """texts (canonical JSON) -> ``input_ids``, ``labels``, ``parts``, the reason an

@@ -295,25 +295,8 @@ class ChatEncoder:
         return [t if p != CONTEXT else IGNORE for t, p in zip(ids, parts)]
 
     def fit(self, ids, labels, parts):
-        """Apply the ``too_long`` policy: the example as it is trained on, or the reason it
-        is dropped (``too_long_tokens``; ``response_too_long`` when cutting the prompt
-        cannot help)."""
-        n = len(ids)
-        if n <= self.max_length:
-            return (ids, labels, parts), None
-        if self.too_long == "drop":
-            return None, "too_long_tokens"
-        if parts and parts[0] == RESPONSE and all(p == RESPONSE for p in parts):
-            return (
-                ids[: self.max_length],
-                labels[: self.max_length],
-                parts[: self.max_length],
-            ), None
-        first = next((j for j, p in enumerate(parts) if p == LAST_RESPONSE), n)
-        cut = n - self.max_length
-        if cut > first:
-            return None, "response_too_long"
-        return (ids[cut:], labels[cut:], parts[cut:]), None
+        """Apply the ``too_long`` policy at ``max_length`` (``fit_example``)."""
+        return fit_example(ids, labels, parts, self.max_length, self.too_long)
 
     def prompt_ids(self, turns: Sequence[Mapping[str, str]]) -> list[int]:
         """The token ids a model generates from: a conversation (ending with a user turn)
@@ -322,6 +305,24 @@ class ChatEncoder:
             return self.tokenizer(turns[0]["content"], add_special_tokens=True)["input_ids"]
         text = render(self.tokenizer, turns, generation_prompt=True)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def fit_example(ids, labels, parts, max_length: int, too_long: str):
+    """An example as it is trained on at ``max_length`` tokens under the ``too_long`` policy,
+    or None and the reason it is dropped (``too_long_tokens``; ``response_too_long`` when
+    cutting the prompt cannot help). A plain text (all one response) is cut at its end."""
+    n = len(ids)
+    if n <= max_length:
+        return (ids, labels, parts), None
+    if too_long == "drop":
+        return None, "too_long_tokens"
+    if len(parts) and all(p == RESPONSE for p in parts):
+        return (ids[:max_length], labels[:max_length], parts[:max_length]), None
+    first = next((j for j, p in enumerate(parts) if p == LAST_RESPONSE), n)
+    cut = n - max_length
+    if cut > first:
+        return None, "response_too_long"
+    return (ids[cut:], labels[cut:], parts[cut:]), None
 
 
 def stop_token_ids(tokenizer) -> list[int]:

@@ -128,6 +128,35 @@ class TokenRows:
         per_rank = len(self) // world
         return self.take(np.arange(rank, per_rank * world, world))
 
+    def refit(self, fn) -> tuple[TokenRows, int, int]:
+        """Rows through ``fn(ids, targets) -> (ids, targets) | None`` (None drops the row):
+        the new rows, how many came back shorter and how many were dropped."""
+        seqs: list[np.ndarray] = []
+        kept_targets: list = []
+        cut = dropped = 0
+        for i in range(len(self)):
+            a, b = self.offsets[i], self.offsets[i + 1]
+            out = fn(self.ids[a:b], self.targets[a:b] if self.per_token else self.targets[i])
+            if out is None:
+                dropped += 1
+                continue
+            cut += len(out[0]) < b - a
+            seqs.append(np.asarray(out[0], dtype=self.ids.dtype))
+            kept_targets.append(out[1])
+        offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+        np.cumsum([len(q) for q in seqs], out=offsets[1:])
+        ids = np.concatenate(seqs) if seqs else np.zeros(0, dtype=self.ids.dtype)
+        if self.per_token:
+            width = self.targets.shape[1]
+            targets = (
+                np.concatenate(kept_targets).astype(self.targets.dtype)
+                if seqs
+                else np.zeros((0, width), dtype=self.targets.dtype)
+            )
+        else:
+            targets = np.asarray(kept_targets, dtype=self.targets.dtype)
+        return TokenRows(ids, offsets, targets), cut, dropped
+
     def sequences(self, index) -> list[np.ndarray]:
         """The token ids of rows ``index`` (views, no copy), for ``evaluation.collate``."""
         return [self.ids[self.offsets[i] : self.offsets[i + 1]] for i in index]

@@ -141,9 +141,28 @@ def eval_batches_of(
     return lambda: data
 
 
+def fit_to_length(
+    cfg: ExperimentConfig, rows: TokenRows, split: str, log: Callable[[str], None] = print
+) -> TokenRows:
+    """Rows cut to ``data.max_length`` where they were tokenized longer: a sweep that
+    searches ``data.max_length`` tokenizes once at the config's own length, and each trial
+    cuts its rows as its task says (``Task.shortener``). Rows that fit come back as they are."""
+    limit = cfg.data.max_length
+    if not len(rows) or int(rows.lengths.max()) <= limit:
+        return rows
+    special = set(load_tokenizer(cfg.model.name).all_special_ids)
+    fitted, cut, dropped = rows.refit(get_task(cfg.task).shortener(limit, special, cfg))
+    log(
+        f"[train] data.max_length {limit}: {cut} of {len(rows)} {split} rows cut to it"
+        + (f", {dropped} dropped (data.chat.too_long)" if dropped else "")
+    )
+    return fitted
+
+
 def training_rows(cfg: ExperimentConfig, rows: TokenRows, log: Callable[[str], None] = print):
-    """A worker's training rows as the loop batches them: packed into rows of
-    ``data.max_length`` tokens with ``data.packing``."""
+    """A worker's training rows as the loop batches them: cut to ``data.max_length``
+    (``fit_to_length``), and packed into rows of that many tokens with ``data.packing``."""
+    rows = fit_to_length(cfg, rows, "train", log)
     if not cfg.data.packing:
         return rows
     from lepton_ray.train.packing import pack_rows

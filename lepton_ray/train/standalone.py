@@ -22,7 +22,13 @@ def train_standalone(cfg, manifest: dict[str, Any], out: Path, log=print) -> dic
     """Same recipe as a Ray Train worker, with torch.distributed set up from torchrun's env."""
     import torch
 
-    from lepton_ray.train.recipe import read_split, setup_recipe, train_recipe, training_rows
+    from lepton_ray.train.recipe import (
+        fit_to_length,
+        read_split,
+        setup_recipe,
+        train_recipe,
+        training_rows,
+    )
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -39,7 +45,7 @@ def train_standalone(cfg, manifest: dict[str, Any], out: Path, log=print) -> dic
 
     # Every rank reads the split, orders it canonically and keeps every world-th row.
     rows = training_rows(cfg, read_split(cfg, "train").shard(rank, world), log=log)
-    validation = read_split(cfg, "validation")
+    validation = fit_to_length(cfg, read_split(cfg, "validation"), "validation", log)
     recipe = setup_recipe(cfg, manifest, len(rows), device, rank, world, log=log)
     out.mkdir(parents=True, exist_ok=True)
 

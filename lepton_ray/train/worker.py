@@ -18,7 +18,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from lepton_ray.train.recipe import setup_recipe, train_recipe, training_rows
+    from lepton_ray.train.recipe import fit_to_length, setup_recipe, train_recipe, training_rows
 
     # Not re-checked here: the data files are the driver's (CHECK_FILES).
     cfg = validate_experiment(loop_config["experiment"], "worker", check_files=False)
@@ -32,7 +32,12 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     target = get_task(cfg.task).stored_targets()
     rows = shard_rows(ray.train.get_dataset_shard("train"), target)
     rows = training_rows(cfg, rows, log=print if rank == 0 else (lambda _: None))
-    validation = shard_rows(ray.train.get_dataset_shard("validation"), target)
+    validation = fit_to_length(
+        cfg,
+        shard_rows(ray.train.get_dataset_shard("validation"), target),
+        "validation",
+        log=print if rank == 0 else (lambda _: None),
+    )
     recipe = setup_recipe(cfg, manifest, len(rows), device, rank, world)
     nodes = worker_nodes(world)
     tracker = _RankZeroTracker(cfg, loop_config.get("mlflow_run_id"), recipe) if rank == 0 else None

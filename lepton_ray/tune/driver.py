@@ -69,7 +69,8 @@ def train_driver_fn(
 
     swept = validate_experiment(base, check_files=False)
     values = overrides(params, swept.tune.space)
-    cfg = apply_overrides(swept, values)
+    # The trial's config is its point, as best_config.yaml writes it: one training run.
+    cfg = apply_overrides(swept, {**values, "tune.enabled": False})
     trial_id = ray.tune.get_context().get_trial_id()
     tags = lineage_tags(
         cfg, manifest.get("fingerprint"), **{TAG_STAGE: "trial", TAG_TRIAL_ID: trial_id}

@@ -170,7 +170,7 @@ def summary_lines(
     served_rank = {row["trial_id"]: i + 1 for i, row in enumerate(by_served)}
     head = (
         f"{'trial':<14}{'float rank':>11}{'served rank':>12}{'float ' + t.metric:>24}"
-        f"{'served':>10}{'p50 ms':>9}{f'p50 ms @{batch}':>14}  format     note"
+        f"{'served':>10}{'p50 ms':>9}{f'p50 ms @{batch}':>14}  {'format':<13} note"
     )
     lines = [head]
     for i, row in enumerate(rows):
@@ -182,7 +182,7 @@ def summary_lines(
         lines.append(
             f"{row['trial_id']:<14}{i + 1:>11}{served_rank[row['trial_id']]:>12}"
             f"{row['float']:>24.4f}{row['served']:>10.4f}{row['p50_ms']:>9.2f}"
-            f"{row['p50_ms_batch']:>14.2f}  {row['format']:<10} {'; '.join(notes)}"
+            f"{row['p50_ms_batch']:>14.2f}  {row['format']:<13} {'; '.join(notes)}"
         )
     if winner is None:
         return lines

@@ -90,7 +90,8 @@ def test_ddp_job_spreads_over_both_nodes_and_lands_in_the_tracking_server(
     env = client_env(cluster)
     args = ["submit", CONFIG, "--address", cluster.address, "--auth", "token", "--follow"]
     done = lepton(
-        args + overrides(tracking, shared, "tune.enabled=false", "scaling.num_workers=2", *LEAN), env
+        args + overrides(tracking, shared, "tune.enabled=false", "scaling.num_workers=2", *LEAN),
+        env,
     )
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-5000:]

@@ -33,6 +33,7 @@ CONDITIONAL_SPACE = {
         "when": {"peft.method": "lora"},
     },
     "train.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
+    "data.max_length": {"type": "choice", "values": [16, 32]},  # tokenized once, at 32
 }
 
 
@@ -73,7 +74,11 @@ def conditional(tmp_path_factory, reviews, ray_session):
         reviews,
         "condsweep",
         num_samples=4,
-        seed=3,
+        seed=8,
+        # Every trial sampled at random from the seed (no model of results that arrive in
+        # timing's order): with the space in the YAML's (sorted) key order, seed 8 takes
+        # both branches and both lengths.
+        startup_trials=4,
         space=CONDITIONAL_SPACE,
         # The two best by val_loss are then compressed (dynamic int8 here), scored and
         # timed as served; latency is a second objective, under a loose constraint.
@@ -119,7 +124,11 @@ def test_each_trial_logs_only_the_branch_it_took(conditional):
             searched = json.loads(tags["lepton.searcher_values"])
             assert searched["peft.lora.lora_alpha[ratio]"] * r == alpha, searched
         trainable.setdefault(method, []).append(run.data.metrics["params_trainable"])
-    # Seed 3 samples both branches; full fine-tuning trains every weight, LoRA a few.
+    # data.max_length: tokenized once at 32; a trial that took 16 cut its rows to 16.
+    lengths = {int(run.data.params["data.max_length"]) for run in trials}
+    assert lengths == {16, 32}, lengths  # seed 8 samples both
+    assert "[train] data.max_length 16: " in conditional["output"]
+    # Seed 8 samples both branches; full fine-tuning trains every weight, LoRA a few.
     assert set(trainable) == {"none", "lora"}, trainable
     assert max(trainable["lora"]) < min(trainable["none"]) / 10, trainable
 
