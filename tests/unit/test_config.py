@@ -144,7 +144,7 @@ def test_a_validation_split_is_required(tmp_path, fraction):
 @pytest.mark.parametrize(
     "key, param",
     [
-        ("data.max_length", {"type": "choice", "values": [32, 64]}),
+        ("data.clean.lowercase", {"type": "choice", "values": [True, False]}),
         ("model.name", {"type": "choice", "values": ["minilm", "bert-base-uncased"]}),
         ("data.split.seed", {"type": "int", "low": 0, "high": 5}),
         ("train.epochs", {"type": "int", "low": 1, "high": 5}),
