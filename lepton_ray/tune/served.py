@@ -217,7 +217,7 @@ def select_served(
             break
         if "model" in {a.path for a in c.list_artifacts(trial["run_id"])}:
             ranked.append(trial)
-        else:  # a trial a scheduler stopped before its end logged no final model
+        else:  # a trial that failed before its first evaluation saved no model
             log(f"[tune] served: trial {trial['trial_id']} left no model to serve; skipped")
     if not ranked:
         raise StageError("tune.objective served: no trial left a model to serve")

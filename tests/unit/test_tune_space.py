@@ -177,7 +177,12 @@ def test_the_configs_own_point_is_the_first_trial_in_searcher_names(tmp_path):
 
 REFUSALS = [
     ({"train.no_such": {"type": "uniform", "low": 0, "high": 1}}, {}, "no_such"),
-    ({"data.max_length": {"type": "int", "low": 16, "high": 64}}, {}, "cannot be searched"),
+    ({"data.clean.lowercase": {"type": "choice", "values": [True]}}, {}, "cannot be searched"),
+    (
+        {"data.max_length": {"type": "int", "low": 16, "high": 64}},
+        {},
+        "64 is above data.max_length",
+    ),
     ({"train.lr": {"type": "uniform", "low": -1.0, "high": 0.1}}, {}, "-1.0 is outside"),
     ({"peft.lora.r": {"type": "int", "low": 1, "high": 1024}}, {}, "1024 is outside"),
     ({}, {}, "tune.space is empty"),
