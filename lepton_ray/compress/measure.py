@@ -131,21 +131,25 @@ def _rows(batches: Iterable[dict[str, Any]], count: int) -> list[dict[str, Any]]
     return rows
 
 
-def latency_ms(task: Task, model, batches: Iterable[dict[str, Any]]) -> float:
-    """Median milliseconds of a one-row forward pass over up to LATENCY_ROWS rows."""
+def _median_ms(task: Task, model, inputs: Sequence[dict[str, Any]]) -> float:
+    """Median milliseconds of a forward pass over each of ``inputs`` (after one warm-up)."""
     import torch
 
-    rows = _rows(batches, LATENCY_ROWS)
-    if not rows:
+    if not inputs:
         return float("nan")
     times = []
     with torch.inference_mode():
-        model(**task.model_inputs(rows[0], model))  # warm-up
-        for row in rows:
+        model(**task.model_inputs(inputs[0], model))  # warm-up
+        for batch in inputs:
             started = time.perf_counter()
-            model(**task.model_inputs(row, model))
+            model(**task.model_inputs(batch, model))
             times.append(time.perf_counter() - started)
     return 1000.0 * statistics.median(times)
+
+
+def latency_ms(task: Task, model, batches: Iterable[dict[str, Any]]) -> float:
+    """Median milliseconds of a one-row forward pass over up to LATENCY_ROWS rows."""
+    return _median_ms(task, model, _rows(batches, LATENCY_ROWS))
 
 
 def _stack(rows: Sequence[dict[str, Any]], pad: int) -> dict[str, Any]:
@@ -173,20 +177,9 @@ def batch_latency_ms(
 ) -> float:
     """Median milliseconds of a forward pass over ``size`` rows at once (padded to the
     longest of them), over up to LATENCY_BATCHES such batches after one warm-up."""
-    import torch
-
     rows = _rows(batches, size * LATENCY_BATCHES)
     groups = [_stack(rows[i : i + size], pad) for i in range(0, len(rows) - size + 1, size)]
-    if not groups:
-        return float("nan")
-    times = []
-    with torch.inference_mode():
-        model(**task.model_inputs(groups[0], model))  # warm-up
-        for batch in groups:
-            started = time.perf_counter()
-            model(**task.model_inputs(batch, model))
-            times.append(time.perf_counter() - started)
-    return 1000.0 * statistics.median(times)
+    return _median_ms(task, model, groups)
 
 
 def can_generate(model) -> bool:
