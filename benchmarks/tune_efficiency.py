@@ -211,7 +211,7 @@ def base_config(args, tmp: Path, validation: Path):
     return apply_overrides(cfg, {"name": "tune-efficiency"})
 
 
-def sweep_config(base, method: str, seed: int, trials: int):
+def sweep_config(base, method: str, seed: int, trials: int, extra: dict | None = None):
     from lepton_ray.config import apply_overrides
 
     spec = METHODS[method]
@@ -223,16 +223,20 @@ def sweep_config(base, method: str, seed: int, trials: int):
         "scheduler": {"type": spec["scheduler"], **ASHA},
         "space": SPACE,
         "seed": seed,
+        **(extra or {}),
     }
     return apply_overrides(base, {"tune": tune})
 
 
-def run_sweep(base, manifest: dict, method: str, seed: int, trials: int, foreign) -> dict:
-    """One sweep through the tune stage; its trials' reports as MLflow recorded them."""
+def run_sweep(
+    base, manifest: dict, method: str, seed: int, trials: int, foreign, extra=None
+) -> dict:
+    """One sweep through the tune stage; its trials' reports as MLflow recorded them.
+    ``extra``: more ``tune`` settings (the served objective)."""
     from lepton_ray.tracking.mlflow import TAG_STAGE, lineage_tags, log_config, tracked_run
     from lepton_ray.tune.driver import run_tune
 
-    cfg = sweep_config(base, method, seed, trials)
+    cfg = sweep_config(base, method, seed, trials, extra)
     wait_for_cpus()
     before = load()
     log(f"[bench] sweep {method}, seed {seed}: {trials} trials (load {before})")
@@ -505,6 +509,45 @@ def run_ranks(base, manifest: dict, args, tmp: Path, foreign) -> list[dict]:
     return out
 
 
+def run_served(base, manifest: dict, args, foreign) -> dict:
+    """One TPE + ASHA sweep with ``tune.objective: served``: its ``args.served_top_k`` best
+    trials by float validation accuracy merged, compressed (``compress.method: auto`` on
+    this CPU), scored on the dev rows as served and timed at batch 1 and 32; the sweep's
+    own ``tune/served.json`` says who won each ranking."""
+    import json
+
+    from lepton_ray.tracking.mlflow import client
+
+    extra = {"objective": "served", "served_top_k": args.served_top_k, "served_batch_size": 32}
+    sweep = run_sweep(base, manifest, "tpe+asha", args.served_seed, args.trials, foreign, extra)
+    uri = base.tracking.tracking_uri
+    path = client(uri).download_artifacts(sweep["parent_run_id"], "tune/served.json")
+    sweep["served"] = json.loads(Path(path).read_text())
+    return sweep
+
+
+def print_served(sweep: dict) -> None:
+    served = sweep["served"]
+    rows = served["trials"]
+    float_winner, winner = rows[0]["trial_id"], served["winner"]
+    print(
+        f"\nServed objective (seed {sweep['seed']}): the top {len(rows)} trials by float "
+        f"val accuracy, as served; rankings {'agree' if served['agree'] else 'DISAGREE'}\n"
+    )
+    print(
+        "| trial | won by | float val acc | served val acc | served as | p50 ms, batch 1 "
+        "| p50 ms, batch 32 |"
+    )
+    print("| --- | --- | ---: | ---: | --- | ---: | ---: |")
+    for row in rows:
+        won = [n for n, t in (("float", float_winner), ("served", winner)) if t == row["trial_id"]]
+        print(
+            f"| {row['trial_id']} | {' + '.join(won) or '-'} | {row['float']:.4f} | "
+            f"{row['served']:.4f} | {row['format']} | {row['p50_ms']:.2f} | "
+            f"{row['p50_ms_batch']:.2f} |"
+        )
+
+
 def print_tables(summary: dict | None, ranks: list[dict], setup: str) -> None:
     print(f"\n{setup}\n")
     if summary:
@@ -613,6 +656,9 @@ def main() -> None:
         help="a results JSON whose sweeps to summarise instead of running sweeps (same data "
         "settings); e.g. to rerun only the LoRA rank table on a quieter machine",
     )
+    p.add_argument("--served", action="store_true", help="add the served-objective sweep")
+    p.add_argument("--served-seed", type=int, default=0, help="tune.seed of that sweep")
+    p.add_argument("--served-top-k", type=int, default=3, help="trials scored as served")
     p.add_argument("--max-steps", type=int, default=None, help="steps per epoch (smoke)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: " + str(SMOKE))
     p.add_argument("--out", type=Path, default=None, help="result JSON path")
@@ -646,6 +692,7 @@ def main() -> None:
             for method in methods
         ]
         rank_rows = run_ranks(base, manifest, args, tmp, foreign) if args.ranks else []
+        served = run_served(base, manifest, args, foreign) if args.served else None
     wall = time.perf_counter() - started
     foreign_cpus = foreign.seconds / wall
 
@@ -684,10 +731,13 @@ def main() -> None:
         },
         "sweeps": sweeps,
         "lora_rank": rank_rows,
+        "served": served,
     }
     name = "tune_efficiency-smoke.json" if args.smoke else "tune_efficiency.json"
     path = save(result, args.out or Path(__file__).resolve().parent / "results" / name, "")
     print_tables(summary, rank_rows, setup)
+    if served is not None:
+        print_served(served)
     print(f"\nFull numbers: {path}")
 
 
