@@ -483,6 +483,7 @@ def run_ranks(base, manifest: dict, args, tmp: Path, foreign) -> list[dict]:
                 "final_val_accuracy": history[-1]["val_accuracy"],
                 **trainable,
                 "samples_per_s_per_epoch": [h["train_samples_per_s"] for h in history],
+                "samples_per_s_epochs_median": median([h["train_samples_per_s"] for h in history]),
                 "train_seconds": sum(h["train_seconds"] for h in history),
                 "wall_s": time.perf_counter() - started,
                 "load_before": before,
@@ -516,8 +517,11 @@ def run_served(base, manifest: dict, args, foreign) -> dict:
     own ``tune/served.json`` says who won each ranking."""
     import json
 
+    from lepton_ray.config import apply_overrides
     from lepton_ray.tracking.mlflow import client
 
+    # Compression on, as a served model is made: the method auto picks for this CPU.
+    base = apply_overrides(base, {"compress.enabled": True, "compress.method": "auto"})
     extra = {"objective": "served", "served_top_k": args.served_top_k, "served_batch_size": 32}
     sweep = run_sweep(base, manifest, "tpe+asha", args.served_seed, args.trials, foreign, extra)
     uri = base.tracking.tracking_uri
@@ -605,12 +609,22 @@ def print_sweeps(summary: dict) -> None:
 
 
 def print_ranks(ranks: list[dict]) -> None:
-    print("\n| LoRA r | alpha | best val accuracy | trainable params | train samples/s |")
-    print("| ---: | ---: | ---: | ---: | ---: |")
+    rounds = ranks[0]["rounds"]
+    print(
+        f"\nLoRA rank (lr {ranks[0]['lr']:g}, alpha 2r); samples/s: median of "
+        f"{len(ranks[0]['samples_per_s_rounds'])} alternating rounds (others' CPUs "
+        f"{rounds['foreign_cpus']:.2f}) and of the accuracy run's epochs (others' CPUs)\n"
+    )
+    print(
+        "| LoRA r | alpha | best val accuracy | trainable params | train samples/s, rounds "
+        "| train samples/s, epochs |"
+    )
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
     for row in ranks:
         print(
             f"| {row['r']} | {row['lora_alpha']} | {row['best_val_accuracy']:.4f} | "
-            f"{row['params_trainable']:,} | {row['samples_per_s']:.1f} |"
+            f"{row['params_trainable']:,} | {row['samples_per_s']:.1f} | "
+            f"{row['samples_per_s_epochs_median']:.1f} ({row['foreign_cpus']:.2f}) |"
         )
 
 
