@@ -12,7 +12,9 @@ from tests.conftest import smoke_config
 pytestmark = pytest.mark.slow
 
 
-def test_a_trial_that_stopped_itself_is_not_reported_as_stopped_by_its_scheduler(tmp_path, ray_session):
+def test_a_trial_that_stopped_itself_is_not_reported_as_stopped_by_its_scheduler(
+    tmp_path, ray_session
+):
     from lepton_ray.tracking.mlflow import tracked_run
     from lepton_ray.tune.driver import run_tune
     from lepton_ray.tune.report import TAG_STOPPED_BY
