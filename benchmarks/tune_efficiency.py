@@ -1,7 +1,16 @@
 """Sweep efficiency: TPE + ASHA against random search (with and without ASHA); LoRA rank.
 
-    .venv/bin/python benchmarks/tune_efficiency.py            # about 40 min on 2 cores
-    .venv/bin/python benchmarks/tune_efficiency.py --smoke    # about 2 min: does it all run?
+    .venv/bin/python benchmarks/tune_efficiency.py               # 6 trials: about 40 min
+    .venv/bin/python benchmarks/tune_efficiency.py --trials 8    # as in RESULTS.md
+    .venv/bin/python benchmarks/tune_efficiency.py --smoke       # about 3 min: does it run?
+    .venv/bin/python benchmarks/tune_efficiency.py --trials 8 \
+        --sweeps-from benchmarks/results/tune_efficiency.json    # redo the LoRA rank table
+
+Wall time on a 2-core machine: the sweeps dominate, and each trial pays some 20-30 s of
+Ray Train start-up plus about 10 s around it (teardown, the next trial's launch) beside
+about 13 s per epoch (two trials side by side). ``--trials 8`` took 90 min while other jobs
+used 0.74 of the 2 CPUs on average; the default 6 trials are estimated at about 40 min on
+an idle machine.
 
 One fixed SST-2 subset: the first ``--rows`` rows of ``../shared/data/sst2/train.tsv`` train
 (exact duplicates dropped, as in ``experiments/sst2_minilm_lora.yaml``) and the first
@@ -26,9 +35,10 @@ lie near 3e-3..6e-3, inside the range), LoRA r in {4, 8, 16}, alpha r or 2r, war
 10 %. The config's own point lies outside the space (its r is 2), so no sweep starts with
 lepton-ray's baseline trial: every trial is the searcher's. With one seed, random search
 samples the same points with and without ASHA, and TPE's first (random) trials are those
-points too. Each trial has ``--trial-cpus`` CPUs (default 1: two trials side by side on the
-private Ray's 2 CPUs, as Tune fits them by default: each trial's Ray Train start-up takes
-some 20-30 s here, which two trials side by side overlap with training).
+points too (under two concurrent trials TPE samples at random until two trials have
+finished: in practice the first three). Each trial has ``--trial-cpus`` CPUs (default 1:
+two trials side by side on the private Ray's 2 CPUs, as Tune fits them by default, which
+overlaps one trial's start-up with the other's training).
 
 Measured from every trial's MLflow run (runs tagged ``lepton.stage = trial`` under the
 sweep's parent): the metric histories of ``val_accuracy`` and ``epoch``, joined on the step.
@@ -47,7 +57,11 @@ same epochs and data, trained one after the other in this process with ``train_s
 and trainable parameters (the classifier head included). Then training samples/s, side by
 side: ``--rank-rounds`` rounds alternating the ranks (r2 r4 ... r2 r4 ...), each run
 ``--rank-steps`` steps of one epoch's first batches (the same batches for every rank),
-timed by the loop's own clock (training steps only); the median of the rounds.
+timed by the loop's own clock (training steps only); the median of the rounds. The
+accuracy runs' per-epoch samples/s are kept too (consecutive, not alternated).
+``--sweeps-from`` reuses the sweeps of an earlier results JSON (same data settings) and
+runs only this table, e.g. when load spoilt its samples/s; the JSON then keeps the earlier
+run's facts and rank table under ``sweeps_run``.
 
 Trial-epochs do not depend on load; samples/s and wall times do. Recorded for every sweep
 and rank run: the load average before and after (this run's own Ray processes count in it)
