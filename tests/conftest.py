@@ -207,6 +207,7 @@ def ray_session():
                     "TOKENIZERS_PARALLELISM": "false",
                     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
                     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
                 }
             },
         )

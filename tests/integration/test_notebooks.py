@@ -58,7 +58,7 @@ def workspace(tmp_path_factory, ray_session, serve_port):
         f"cluster.storage_path={tmp / 'ray_results'}",
         f"cluster.address={gcs}",
         "scaling.num_workers=1",
-        "tune.num_samples=2",
+        "tune.num_samples=1",  # one trial is enough to check the notebook's plumbing
         f"serve.port={serve_port}",
         "serve.num_cpus=0.5",
         "serve.app_name=notebooks",
@@ -143,7 +143,7 @@ def test_sweep_register_serve_notebook(workspace):
     c = MlflowClient(uri, registry_uri=uri)
     exp = c.get_experiment_by_name("quickstart-smoke")
     trials = c.search_runs([exp.experiment_id], filter_string="tags.`lepton.stage` = 'trial'")
-    assert len(trials) == 2
+    assert len(trials) == 1
     # The sweep's best (after notebook 01's version when that ran first); one is the champion.
     versions = {str(v.version) for v in c.search_model_versions("name='quickstart-smoke'")}
     assert versions
