@@ -23,6 +23,7 @@ from lepton_ray.tasks import Task
 from lepton_ray.train.batching import TokenRows, epoch_batches
 from lepton_ray.train.parallel import distributed, gradient_sync, unwrap
 from lepton_ray.train.precision import Precision
+from lepton_ray.train.techniques import Technique, Techniques
 
 
 @dataclass
@@ -177,14 +178,18 @@ def run_training(
     on_evaluation: Report | None = None,
     on_log: Callable[[int, dict[str, float]], None] | None = None,
     log: Callable[[str], None] = print,
+    techniques: Technique | None = None,
 ) -> LoopState:
     """Train from ``state`` to the last epoch (or an early stop), evaluating as configured.
 
     ``on_evaluation(metrics, improved, state)`` runs on every rank after every evaluation
     (Ray Train's report is a barrier); ``metrics`` are the same on every rank. ``on_log``
     gets the running train loss and learning rate every ``log_every_steps`` steps (rank 0).
+    ``techniques`` (``techniques.py``) hook adversarial training, distillation and the like
+    into each step; their running loss terms are reported with each evaluation.
     """
     s = settings
+    hooks = techniques if techniques is not None else Techniques()
     multi = distributed(world_size)
     scaler = torch.amp.GradScaler(device.type) if precision.use_grad_scaler else None
     micro_total = s.micro_batches(len(rows))
@@ -214,8 +219,10 @@ def run_training(
             "train_tokens_per_s": window.tokens_per_s(),
             "train_seconds": window.seconds,
             "padding_fraction": window.padding(),
+            **hooks.metrics(),
         }
         window.reset()
+        hooks.reset()
         improved = is_better(metrics[s.metric], state.best, s.mode)
         if improved:
             state.best, state.best_step = metrics[s.metric], state.step
@@ -258,12 +265,13 @@ def run_training(
             for j, index in enumerate(micro):
                 batch = task.collate(rows.sequences(index), targets[j], pad_id)
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                with gradient_sync(model, not multi or j == len(micro) - 1), precision.autocast():
-                    out = model(**task.model_inputs(batch, model))
-                    mean_loss = task.loss(out, batch)
-                loss = mean_loss.float() * (weights[j] * per_example)
-                (scaler.scale(loss) if scaler else loss).backward()
-                loss_sum += mean_loss.detach().double().cpu() * weights[j]
+                forward_backward = _forward_backward(
+                    model, task, batch, weights[j] * per_example, precision, scaler, hooks
+                )
+                mean_loss = hooks.micro_step(
+                    model, forward_backward, not multi or j == len(micro) - 1
+                )
+                loss_sum += mean_loss.double().cpu() * weights[j]
             if scaler:
                 scaler.unscale_(optimizer)
             if s.max_grad_norm:
@@ -274,6 +282,7 @@ def run_training(
             else:
                 optimizer.step()
             scheduler.step()
+            hooks.after_step(model, state.step + 1)
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             state.batch = first + len(micro)
@@ -300,6 +309,25 @@ def run_training(
         if evaluate_now(epoch_done=True):
             return state
     return state
+
+
+def _forward_backward(model, task: Task, batch, factor: float, precision, scaler, hooks):
+    """One micro-batch's forward and backward pass, the gradient all-reduce on or off: what
+    a technique's ``micro_step`` calls (more than once, for adversarial training)."""
+
+    def run(sync: bool) -> torch.Tensor:
+        # The backward pass inside gradient_sync (FSDP2 reads the switch there), outside
+        # autocast (backward runs in the forward's dtypes anyway).
+        with gradient_sync(model, sync):
+            with precision.autocast():
+                inputs = task.model_inputs(batch, model)
+                out = model(**inputs)
+                mean_loss = hooks.loss(model, batch, inputs, out, task.loss(out, batch))
+            loss = mean_loss.float() * factor
+            (scaler.scale(loss) if scaler else loss).backward()
+        return mean_loss.detach()
+
+    return run
 
 
 def example_weight(examples: int, multi: bool, world_size: int, device: torch.device) -> float:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from lepton_ray.train.loop import (
 from lepton_ray.train.parallel import check_fsdp, distributed, full_state, unwrap, wrap_model
 from lepton_ray.train.peft import apply_peft, parameter_counts
 from lepton_ray.train.precision import Precision, resolve_precision
+from lepton_ray.train.techniques import Techniques, build_techniques
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Recipe:
     meta: ModelMeta
     base_dir: Path | None
     counts: dict[str, int]
+    techniques: Techniques = field(default_factory=Techniques)
 
 
 def build_peft_model(cfg: ExperimentConfig, labels: list[str]) -> torch.nn.Module:
@@ -116,6 +118,7 @@ def setup_recipe(
     tokenizer = task.prepare_tokenizer(load_tokenizer(cfg.model.name), cfg)
     meta = artifact_meta(cfg, labels)
     meta.extra.update(task.meta_extra(tokenizer, cfg))
+    techniques = build_techniques(cfg, model, task, device, rank, log)
     return Recipe(
         cfg,
         task,
@@ -130,6 +133,7 @@ def setup_recipe(
         meta,
         base_dir,
         counts,
+        techniques,
     )
 
 
@@ -275,6 +279,7 @@ def train_recipe(
             on_evaluation=on_evaluation,
             on_log=on_log,
             log=log,
+            techniques=recipe.techniques,
         )
     finally:
         if recipe.base_dir is not None:  # the random base copied into every checkpoint
