@@ -147,8 +147,24 @@ def build_model(cfg: ModelConfig, task: str, labels: list[str], seed: int = 0):
     """The model to fine-tune: ``model.init_from``'s artifact, else the task builds it
     (pretrained weights, or random ones from the config)."""
     if cfg.init_from:
-        return model_from_artifact(Path(cfg.init_from), labels)
+        return _with_dropout(model_from_artifact(Path(cfg.init_from), labels), cfg)
     return get_task(task).build_model(resolve_model_path(cfg.name), cfg, labels, seed=seed)
+
+
+def _with_dropout(model, cfg: ModelConfig):
+    """``model`` rebuilt with ``model.dropout`` and its own weights: dropout is fixed when
+    a model is built from its config (modules, or a rate the attention reads), so a loaded
+    one is built again from the changed config."""
+    import copy
+
+    from lepton_ray.config.regularization import set_dropout
+
+    config = copy.deepcopy(model.config)
+    if not set_dropout(config, cfg.dropout):
+        return model
+    rebuilt = type(model)(config)
+    rebuilt.load_state_dict(model.state_dict())
+    return rebuilt.float().train()
 
 
 def model_from_artifact(folder: Path, labels: list[str]):
@@ -166,6 +182,9 @@ def model_from_artifact(folder: Path, labels: list[str]):
             f"model.init_from: the model's labels {list(meta.labels)} differ from the data's "
             f"{list(labels)}"
         )
+    why_not = unmerged_refusal(meta, "model.init_from")
+    if why_not:
+        raise ConfigError(why_not)
     model, _, _ = load_float_artifact(folder, merge=True)
     return model.float().train()
 
@@ -237,8 +256,10 @@ def save_float_artifact(model, tokenizer, meta: ModelMeta, folder: Path) -> None
 def _load_bf16(folder: Path, auto_cls) -> torch.nn.Module:
     import torch
 
+    from lepton_ray.heads import load_pretrained
+
     require_safetensors(folder / FULL_DIR, "re-run compress")
-    return auto_cls.from_pretrained(folder / FULL_DIR, use_safetensors=True, dtype=torch.bfloat16)
+    return load_pretrained(auto_cls, folder / FULL_DIR, dtype=torch.bfloat16)
 
 
 def folder_size_mb(folder: Path, pattern: str = "*") -> float:
@@ -248,7 +269,9 @@ def folder_size_mb(folder: Path, pattern: str = "*") -> float:
 def load_float_artifact(folder: str | Path, merge: bool = True):
     """Load ``(model, tokenizer, meta)`` of a float artifact (adapter, full or bf16), in eval
     mode on the CPU; PEFT adapters are merged into the base (``merge``) so the result is a
-    plain transformers model. Any kind: ``compress.formats.load_model_artifact``.
+    plain transformers model, except those of a method that cannot merge (prefix and prompt
+    tuning add virtual tokens): a ``PeftModel`` comes back (``merges``, ``unmerged_refusal``).
+    Any kind: ``compress.formats.load_model_artifact``.
 
     Raises:
         StageError: pickled weights, an adapter that does not fit its base, or a kind that
@@ -262,8 +285,11 @@ def load_float_artifact(folder: str | Path, merge: bool = True):
     task = get_task(meta.task)
     auto_cls = task.load_class()
     if meta.weights == "full":
+        from lepton_ray.heads import load_pretrained
+
         require_safetensors(folder / FULL_DIR, "re-run train")
-        model = auto_cls.from_pretrained(folder / FULL_DIR, use_safetensors=True)
+        # A head-pruned model (compress.prune) is rebuilt at its smaller shapes first.
+        model = load_pretrained(auto_cls, folder / FULL_DIR)
     elif meta.weights == "bf16":
         model = _load_bf16(folder, auto_cls)
     elif meta.weights == "adapter":
@@ -276,7 +302,7 @@ def load_float_artifact(folder: str | Path, merge: bool = True):
         base = auto_cls.from_pretrained(base_path, config=hf_config, use_safetensors=True)
         try:
             model = PeftModel.from_pretrained(base, folder / ADAPTER_DIR)
-            if merge:
+            if merge and merges(meta):
                 model = model.merge_and_unload()
         except (RuntimeError, ValueError, KeyError, TypeError) as err:
             raise StageError(
@@ -287,6 +313,26 @@ def load_float_artifact(folder: str | Path, merge: bool = True):
         raise StageError(f"{folder}: {meta.weights} weights are not float ones")
     model.eval()
     return model, tokenizer, meta
+
+
+def merges(meta: ModelMeta) -> bool:
+    """Whether the artifact loads as a plain transformers model (no adapter, or one that
+    folds into the base weights); else it loads as a ``PeftModel`` with virtual tokens."""
+    from lepton_ray.config.peft import MERGEABLE
+
+    return meta.weights != "adapter" or meta.peft_method in MERGEABLE
+
+
+def unmerged_refusal(meta: ModelMeta, what: str) -> str | None:
+    """Why ``what`` (a stage that needs a plain transformers model: compression, an export,
+    a serving engine) cannot take this artifact; None where it can."""
+    if merges(meta):
+        return None
+    return (
+        f"{what} needs a plain transformers model, but this artifact holds a "
+        f"peft.method={meta.peft_method} adapter, whose virtual tokens cannot be merged into "
+        "the base weights; train with peft.method lora, adalora or ia3 (mergeable) for it"
+    )
 
 
 def artifact_folder(package: Path) -> Path:

@@ -65,6 +65,9 @@ def validate(config: ConfigArg, set_: SetOpt = None) -> None:
     from lepton_ray.train.peft import check_targets_early
 
     check_targets_early(cfg)
+    from lepton_ray.train.distill import check_distill_early
+
+    check_distill_early(cfg, log=say)
     say(
         f"ok: {config} is a valid '{cfg.task}' experiment named '{cfg.name}' "
         f"(config hash {cfg.fingerprint()})"

@@ -289,6 +289,9 @@ def _load_int8(folder: Path, auto_cls) -> torch.nn.Module:
         float_model = auto_cls.from_config(AutoConfig.from_pretrained(config_dir))
     except (OSError, ValueError, TypeError, KeyError) as err:
         raise StageError(f"{config_dir / 'config.json'}: cannot build the model ({err})") from None
+    from lepton_ray.heads import restore_structure
+
+    restore_structure(float_model)  # a head-pruned model's smaller attention (compress.prune)
     float_modules = dict(float_model.named_modules())
     linears = sorted(n for n, k in kinds.items() if k == "linear_dynamic_int8")
     embeddings = sorted(n for n, k in kinds.items() if k == "embedding_int8")
@@ -415,8 +418,9 @@ def _load_gpu_weight_only(folder: Path, auto_cls, meta: ModelMeta) -> torch.nn.M
         )
     require_safetensors(folder / FULL_DIR, "re-run compress")
     from lepton_ray.compress.modules import CudaModel, quantize_weight_only
+    from lepton_ray.heads import load_pretrained
 
-    model = auto_cls.from_pretrained(folder / FULL_DIR, use_safetensors=True, dtype=torch.bfloat16)
+    model = load_pretrained(auto_cls, folder / FULL_DIR, dtype=torch.bfloat16)
     return CudaModel(quantize_weight_only(model.to("cuda"), method))
 
 

@@ -94,11 +94,19 @@ def evaluation_set(
 def calibration_batches(cfg: ExperimentConfig, task: Task, tokenizer) -> list[dict[str, Any]]:
     """``compress.calibration_rows`` seeded rows of the training split (never validation:
     that split judges the result), read by row group: the split is never held whole."""
+    return training_batches(cfg, task, tokenizer, cfg.compress.calibration_rows)
+
+
+def training_batches(
+    cfg: ExperimentConfig, task: Task, tokenizer, rows: int, batch_size: int = SPEED_BATCH
+) -> list[dict[str, Any]]:
+    """Up to ``rows`` rows of the training split drawn with ``train.seed``, in batches of
+    ``batch_size``; ``[]`` without a training split."""
     train = open_split(cfg, "train", split_columns(task))
-    frame = None if train is None else train.sample(cfg.compress.calibration_rows, cfg.train.seed)
+    frame = None if train is None else train.sample(rows, cfg.train.seed)
     if frame is None:
         return []
-    return list(task.frame_batches(frame, SPEED_BATCH, pad_id(tokenizer)))
+    return list(task.frame_batches(frame, batch_size, pad_id(tokenizer)))
 
 
 def evaluate(task: Task, model, batches: Iterable[dict[str, Any]], labels) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lepton_ray.artifacts import ModelMeta, folder_size_mb, save_float_artifact
+from lepton_ray.artifacts import ModelMeta, folder_size_mb, save_float_artifact, unmerged_refusal
 from lepton_ray.compress.formats import (
     load_model_artifact,
     quantize_dynamic_int8,
@@ -37,6 +37,7 @@ from lepton_ray.compress.measure import (
     evaluation_set,
     pad_id,
     speed,
+    training_batches,
 )
 from lepton_ray.compress.measure import evaluate as _evaluate
 from lepton_ray.config import ExperimentConfig, metric_mode
@@ -52,6 +53,7 @@ WEIGHT_KINDS = {
     "bf16": "bf16",
     "int8_weight_only": "gpu_weight_only",
     "int4_weight_only": "gpu_weight_only",
+    "fp32": "full",  # a pruned float model (compress.prune), as it is
 }
 
 
@@ -69,6 +71,8 @@ class CompressResult:
     metrics: dict[str, float]  # already logged to MLflow by run_compress
     evaluations: dict[str, dict[str, Any]] = field(default_factory=dict)
     """``compress_and_measure``: each model's (fp32, compressed) raw results per split."""
+    pruning: dict[str, Any] = field(default_factory=dict)
+    """What ``compress.prune`` did (empty: no pruning); also in the artifact's meta."""
 
 
 def _cuda_name() -> str | None:
@@ -106,6 +110,7 @@ def build_compressed(
     calibration: Sequence[dict[str, Any]],
     validation: Iterable[dict[str, Any]],
     log: Callable[[str], Any] = print,
+    pruning: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the ``method`` artifact of the float ``model`` into ``folder``.
 
@@ -119,7 +124,7 @@ def build_compressed(
     if why_not:
         raise ConfigError(why_not)
     comp = cfg.compress
-    details: dict[str, Any] = {}
+    details: dict[str, Any] = {"pruning": pruning} if pruning else {}
     if method in ("dynamic_int8", "onnx_int8"):
         keep = list(get_task(meta.task).keep_float if comp.keep_float is None else comp.keep_float)
         if comp.sensitive_layers:
@@ -179,6 +184,8 @@ def build_compressed(
         )
         tokenizer.save_pretrained(folder)
         compressed_meta(meta, method, details).save(folder)
+    elif method == "fp32":
+        save_float_artifact(model, tokenizer, compressed_meta(meta, method, details), folder)
     elif method in ("bf16", "int8_weight_only", "int4_weight_only"):
         # bf16 is the format; the GPU methods quantize these bf16 weights when loaded there.
         import copy
@@ -240,6 +247,9 @@ def compress_and_measure(
         return CompressResult("none", None, False, choice.reason, {})
     method = choice.method
 
+    why_not = unmerged_refusal(ModelMeta.load(model_dir), "compress")
+    if why_not:
+        raise ConfigError(why_not)
     model, tokenizer, meta = load_model_artifact(model_dir, merge=True)
     model = model.float()
     why_not = refusal(method, model)
@@ -247,7 +257,7 @@ def compress_and_measure(
         raise ConfigError(why_not)
     log(f"[compress] {method}: {choice.reason}")
     labels = meta.labels
-    fp32_dir = out / "fp32"
+    fp32_dir = out / "uncompressed"  # not "fp32": that is compress.method fp32's folder
     model.save_pretrained(fp32_dir, safe_serialization=True)
     metrics: dict[str, float] = {"size_mb_fp32": folder_size_mb(fp32_dir, "*.safetensors")}
     if meta.peft_method != "none":
@@ -264,10 +274,26 @@ def compress_and_measure(
         return {s: None if b is None else _evaluate(task, m, b, labels) for s, b in sets.items()}
 
     before = measure(model)
+    source, pruning = model, {}
+    if comp.prune is not None:
+        from lepton_ray.compress.prune import prune_model
+
+        validation, size = sets.get("validation"), cfg.train.batch_size
+        pruned = prune_model(
+            cfg,
+            model,
+            task,
+            lambda m: None if validation is None else _evaluate(task, m, validation, labels),
+            lambda rows: training_batches(cfg, task, tokenizer, rows, size),
+            log,
+            before.get("validation"),
+        )
+        source, pruning = pruned.model, pruned.details
+        metrics.update(pruned.metrics)
     folder = out / method
     build_compressed(
         method,
-        model,
+        source,
         tokenizer,
         meta,
         cfg,
@@ -275,6 +301,7 @@ def compress_and_measure(
         _calibration_batches(cfg, tokenizer),
         [] if sets.get("validation") is None else sets["validation"],
         log,
+        pruning,
     )
     # Measure what was written, loaded as a Serve replica loads it.
     cmodel, _, _ = load_model_artifact(folder)
@@ -313,7 +340,7 @@ def compress_and_measure(
     )
     metrics["accepted"] = float(accepted)
     return CompressResult(
-        method, folder, accepted, reason, metrics, {"fp32": before, "compressed": after}
+        method, folder, accepted, reason, metrics, {"fp32": before, "compressed": after}, pruning
     )
 
 
@@ -333,6 +360,10 @@ def run_compress(
         return result  # compression off, or no method for this hardware
     uri, method, metrics = cfg.tracking.tracking_uri, result.method, result.metrics
     log_metrics(uri, run_id, metrics, step=0)
+    if result.pruning:
+        from lepton_ray.compress.prune import log_prune_params
+
+        log_prune_params(uri, run_id, result.pruning)
     meta = ModelMeta.load(model_dir)
     labels, task = meta.labels, get_task(meta.task)
     for split, evaluated in result.evaluations["compressed"].items():

@@ -21,7 +21,8 @@ from lepton_ray.hardware import CpuFeatures
 
 CPU_METHODS = ("dynamic_int8", "onnx_int8", "bf16")
 GPU_METHODS = ("int8_weight_only", "int4_weight_only")
-METHODS = ("auto", "none", *CPU_METHODS, *GPU_METHODS)
+METHODS = ("auto", "none", "fp32", *CPU_METHODS, *GPU_METHODS)
+"""``fp32``: the float model as it is, for a pruned one (``compress.prune``); any target."""
 TARGETS = ("cpu", "gpu", "auto")
 
 

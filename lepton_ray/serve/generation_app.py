@@ -103,6 +103,7 @@ class _Generating(_Loaded):
     """A loaded causal LM with its engine; refuses a model this app cannot serve."""
 
     def __init__(self, tracking_uri: str, choice: ModelChoice, root: Path, batch_size: int):
+        from lepton_ray.artifacts import unmerged_refusal
         from lepton_ray.serve.engine import artifact_engine
 
         super().__init__(tracking_uri, choice, root)
@@ -113,6 +114,11 @@ class _Generating(_Loaded):
                     "/v1/predict, not the generation API"
                 )
             self.task.check_tokenizer(self.tokenizer, self.meta)  # fail closed
+            why_not = unmerged_refusal(
+                self.meta, "the generation engine (it drives its own KV cache)"
+            )
+            if why_not:
+                raise ValueError(f"{choice.model_uri}: {why_not}")
         except BaseException:
             self.remove()
             raise

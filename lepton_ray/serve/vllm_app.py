@@ -57,7 +57,7 @@ def export_folder(tracking_uri: str, model_uri: str, dest: Path) -> Path:
     """The registered version as a Hugging Face folder vLLM loads: float weights (adapters
     merged), tokenizer, chat template and generation config. Written beside ``dest`` and
     renamed into place once complete; an existing complete export is reused."""
-    from lepton_ray.artifacts import ModelMeta
+    from lepton_ray.artifacts import ModelMeta, unmerged_refusal
     from lepton_ray.compress.formats import FLOAT_KINDS, load_model_artifact
     from lepton_ray.tasks import get_task
     from lepton_ray.tracking.mlflow import download_model
@@ -77,6 +77,9 @@ def export_folder(tracking_uri: str, model_uri: str, dest: Path) -> Path:
             f"{model_uri} holds '{meta.weights}' weights, which vLLM cannot load; register "
             "an uncompressed version (compress.enabled: false) for serve.engine: vllm"
         )
+    why_not = unmerged_refusal(meta, "serve.engine: vllm")
+    if why_not:
+        raise LeptonError(f"{model_uri}: {why_not}")
     model, tokenizer, meta = load_model_artifact(artifact)
     task.check_tokenizer(tokenizer, meta)  # the template it was trained with, or nothing
     out = work / "hf"

@@ -9,7 +9,8 @@ artifact's (``get_task(meta.task)``) what it needs:
   ``encode_targets`` (each row's training target, stored beside ``input_ids`` in the column
   ``target_column``);
 - training: ``build_model`` and ``peft_task_type``, ``collate``, ``loss`` (None: the model's
-  own), ``evaluate`` -> ``reported`` metrics and ``plots``;
+  own), ``distill_loss`` (the teacher term of ``train.distill``), ``evaluate`` ->
+  ``reported`` metrics and ``plots``;
 - prediction: ``predict`` (raw texts -> answers, as ``predict`` and ``serve`` return them),
   ``prediction_schema``/``prediction_row`` (the MLflow pyfunc model's table),
   ``answer_cells`` (``lepton-ray predict``'s table) and
@@ -96,6 +97,9 @@ class Task(ABC):
     auto_class: ClassVar[str]
     #: ``peft.TaskType`` member name of its adapters.
     peft_task_type: ClassVar[str]
+    #: The PEFT methods with virtual tokens (``peft.method`` prefix, prompt) whose outputs
+    #: its loss, evaluation and prediction read correctly.
+    peft_virtual_token_methods: ClassVar[tuple[str, ...]] = ("prefix", "prompt")
     #: Column of the tokenized splits that holds each row's training target.
     target_column: ClassVar[str]
     #: Every target column; more than one (or list columns) means per-token targets that
@@ -219,14 +223,28 @@ class Task(ABC):
         """What the model's forward gets of a collated batch."""
         return batch
 
-    def loss(self, outputs, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The training loss of a forward pass; the model's own unless a task says otherwise."""
+    def loss(
+        self, outputs, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0
+    ) -> torch.Tensor:
+        """The training loss of a forward pass; the model's own unless a task says otherwise.
+        ``label_smoothing`` (``train.label_smoothing``): that share of each target is spread
+        evenly over every class (token); a task that cannot smooth refuses it."""
+        if label_smoothing:
+            raise NotImplementedError(f"task {self.name} has no label smoothing")
         return outputs.loss
 
     def weight(self, targets) -> int:
         """How much a batch with these targets weighs in a step's mean loss (its examples;
         a language model's trained tokens)."""
         return len(targets)
+
+    def distill_loss(
+        self, student_outputs, teacher_outputs, batch: dict[str, torch.Tensor], temperature: float
+    ) -> torch.Tensor:
+        """KL(teacher_T || student_T) of a micro-batch, averaged as ``loss`` is (over its
+        examples; a language model's trained tokens), in float32, without the ``T**2`` and
+        the weight that ``train.distill`` mixes it in with (``tasks/distill.py``)."""
+        raise NotImplementedError(f"task {self.name} has no distillation loss")
 
     # ------------------------------------------------------------------ evaluation
     @abstractmethod

@@ -63,6 +63,10 @@ class CausalLM(Task):
     name: ClassVar[str] = "causal_lm"
     auto_class: ClassVar[str] = "AutoModelForCausalLM"
     peft_task_type: ClassVar[str] = "CAUSAL_LM"
+    # Prompt tuning prepends its virtual tokens to the logits (the token loss and accuracy
+    # read them aligned with the input ids), and the serving engine drives its own KV cache;
+    # prefix tuning keeps the logits aligned (its tokens live in the cache only).
+    peft_virtual_token_methods: ClassVar[tuple[str, ...]] = ("prefix",)
     target_column: ClassVar[str] = "labels"
     target_columns: ClassVar[tuple[str, ...]] = ("labels", "parts")
     metrics: ClassVar[tuple[str, ...]] = (
@@ -293,7 +297,10 @@ class CausalLM(Task):
     def build_model(self, path: str, cfg: ModelConfig, labels: list[str], seed: int = 0):
         import torch
 
+        from lepton_ray.config.regularization import set_dropout
+
         hf_config = self.model_config(path, labels, cfg.config_overrides)
+        set_dropout(hf_config, cfg.dropout)
         if cfg.random_init:
             torch.manual_seed(seed)
             return self.load_class().from_config(hf_config)
@@ -330,10 +337,18 @@ class CausalLM(Task):
 
         return model_inputs(batch, model)
 
-    def loss(self, outputs, batch):
+    def loss(self, outputs, batch, label_smoothing: float = 0.0):
         from lepton_ray.tasks.causal_lm_eval import token_loss
 
-        return token_loss(outputs.logits, batch["labels"])
+        return token_loss(outputs.logits, batch["labels"], label_smoothing=label_smoothing)
+
+    def distill_loss(self, student_outputs, teacher_outputs, batch, temperature: float):
+        """Token-level KL over the vocabulary at the trained positions, as ``loss``."""
+        from lepton_ray.tasks.distill import token_kl
+
+        return token_kl(
+            student_outputs.logits, teacher_outputs.logits, batch["labels"], temperature
+        )
 
     def weight(self, targets) -> int:
         from lepton_ray.tasks.causal_lm_eval import trained_tokens

@@ -109,8 +109,9 @@ def model_inputs(batch: dict, model) -> dict:
     return inputs
 
 
-def token_loss(logits, labels, reduction: str = "mean"):
-    """Next-token cross-entropy over trained positions (labels shifted by one).
+def token_loss(logits, labels, reduction: str = "mean", label_smoothing: float = 0.0):
+    """Next-token cross-entropy over trained positions (labels shifted by one), with
+    ``label_smoothing`` of the target spread over the vocabulary at those positions only.
 
     Only the trained positions' logits are upcast to fp32 and normalised: the prompt and
     padding rows of a (batch x length x vocab) tensor are never copied, which is most of the
@@ -123,7 +124,9 @@ def token_loss(logits, labels, reduction: str = "mean"):
     flat = logits[:, :-1].reshape(-1, logits.shape[-1])[live].float()
     if flat.shape[0] == 0:
         return logits.sum() * 0.0
-    return F.cross_entropy(flat, shifted[live], reduction=reduction)
+    return F.cross_entropy(
+        flat, shifted[live], reduction=reduction, label_smoothing=label_smoothing
+    )
 
 
 def trained_tokens(targets: Sequence[np.ndarray]) -> int:

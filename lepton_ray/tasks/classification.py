@@ -105,7 +105,10 @@ class SequenceClassification(Task):
     def build_model(self, path: str, cfg: ModelConfig, labels: list[str], seed: int = 0):
         import torch
 
+        from lepton_ray.config.regularization import set_dropout
+
         hf_config = self.model_config(path, labels, cfg.config_overrides)
+        set_dropout(hf_config, cfg.dropout)
         if cfg.random_init:
             torch.manual_seed(seed)
             return self.load_class().from_config(hf_config)
@@ -116,6 +119,21 @@ class SequenceClassification(Task):
         from lepton_ray.tasks.classification_eval import collate
 
         return collate(input_ids, targets, pad_id)
+
+    def loss(self, outputs, batch, label_smoothing: float = 0.0):
+        """The model's cross-entropy; smoothed, the same over the class logits in float32."""
+        if not label_smoothing:
+            return outputs.loss
+        import torch.nn.functional as F
+
+        logits = outputs.logits.float()
+        return F.cross_entropy(logits, batch["labels"], label_smoothing=label_smoothing)
+
+    def distill_loss(self, student_outputs, teacher_outputs, batch, temperature: float):
+        """The KL over the class logits, averaged over the batch's examples."""
+        from lepton_ray.tasks.distill import class_kl
+
+        return class_kl(student_outputs.logits, teacher_outputs.logits, temperature)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(

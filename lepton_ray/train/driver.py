@@ -8,6 +8,7 @@ from typing import Any
 
 from lepton_ray.config import ExperimentConfig
 from lepton_ray.errors import LeptonError
+from lepton_ray.train.distill import pin_teacher
 from lepton_ray.train.worker import ray_storage, train_fn_per_worker
 
 
@@ -75,7 +76,8 @@ def check_worker_resources(cfg: ExperimentConfig, what: str) -> None:
 
 
 def preflight(cfg: ExperimentConfig, manifest: dict[str, Any], what: str = "training") -> None:
-    """Every check that can fail before a worker starts: resources, GPUs, FSDP, resume."""
+    """Every check that can fail before a worker starts: resources, GPUs, FSDP, resume, the
+    distillation teacher."""
     from lepton_ray.errors import StageError
 
     if cfg.scaling.use_gpu:
@@ -91,6 +93,10 @@ def preflight(cfg: ExperimentConfig, manifest: dict[str, Any], what: str = "trai
         from lepton_ray.train.checkpoint import check_checkpoint
 
         check_checkpoint(cfg.train.resume_from)
+    if cfg.train.distill is not None:  # the teacher's task, labels and vocabulary
+        from lepton_ray.train.distill import check_teacher
+
+        check_teacher(cfg, manifest["labels"])
     # The model is built once here: a typo in peft.lora.target_modules, a config override
     # the architecture refuses or a model too small for FSDP stops the run now, not in
     # every worker (and again in every retry).
@@ -121,6 +127,7 @@ def build_trainer(
 
     if datasets is None:
         preflight(cfg, manifest)
+        cfg = pin_teacher(cfg)
         datasets = {split: load_split_dataset(cfg, split) for split in ("train", "validation")}
     return TorchTrainer(
         train_fn_per_worker,
@@ -240,6 +247,7 @@ def run_train(
     from lepton_ray.tracking.mlflow import TAG_STAGE, lineage_tags, log_config, tracked_run
 
     preflight(cfg, manifest)
+    cfg = pin_teacher(cfg, log)
     datasets = {
         "train": load_split_dataset(cfg, "train", extra=replay),
         "validation": load_split_dataset(cfg, "validation"),

@@ -4,103 +4,61 @@ from __future__ import annotations
 
 from lepton_ray.config import PeftSection
 from lepton_ray.tasks import get_task
+from lepton_ray.train.peft_targets import ATTENTION_PARENTS, linear_layers, resolve_targets
 
 
-def apply_peft(model, cfg: PeftSection, task: str):
-    """Wrap ``model`` in a PEFT adapter of the task's type (a classifier's head stays fully
-    trainable)."""
+def apply_peft(
+    model,
+    cfg: PeftSection,
+    task: str,
+    total_steps: int | None = None,
+    tokenizer_path: str | None = None,
+):
+    """Wrap ``model`` in the PEFT adapter of ``cfg.method``, of the task's type (a
+    classifier's head stays fully trainable). ``total_steps``: the run's optimizer steps
+    (AdaLoRA's schedule); ``tokenizer_path``: encodes a prompt started from text."""
     if cfg.method == "none":
         return model
-    from peft import LoraConfig, TaskType, get_peft_model
+    from peft import get_peft_model
 
-    targets = resolve_targets(model, cfg.lora.target_modules, get_task(task).keep_float)
-    lora = LoraConfig(
-        task_type=TaskType[get_task(task).peft_task_type],
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.lora_alpha,
-        lora_dropout=cfg.lora.lora_dropout,
-        target_modules=targets,
-        bias=cfg.lora.bias,
+    from lepton_ray.train.peft_methods import after_wrapping, build_peft_config
+
+    spec = get_task(task)
+    config = build_peft_config(
+        model, cfg, spec.peft_task_type, spec.keep_float, total_steps, tokenizer_path
     )
-    return get_peft_model(model, lora)
+    wrapped = get_peft_model(model, config)
+    after_wrapping(wrapped, cfg.method)
+    return wrapped
 
 
-def parameter_counts(model) -> dict[str, int]:
+def parameter_counts(model) -> dict[str, float]:
+    """Total and trainable weights, and the trainable share of the total (0 to 1)."""
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"params_total": total, "params_trainable": trainable}
-
-
-ATTENTION_PARENTS = ("attn", "attention")
-"""A Linear layer belongs to the attention block when a module on its path is named so."""
-
-
-def resolve_targets(model, targets: list[str] | str, heads: tuple[str, ...] = ()) -> list[str]:
-    """The layer names LoRA adapts: a list as given (each must name a layer of the model), or
-    a preset resolved against the model's own Linear layers, as full module paths (so a
-    name shared by attention and MLP layers, BERT's ``dense``, adapts only the chosen ones):
-    ``attention`` (those inside an attention block) or ``all-linear`` (all but the task's
-    output ``heads``, e.g. lm_head or classifier)."""
-    import torch
-
-    from lepton_ray.errors import ConfigError
-
-    linear = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    leaves = {n.rsplit(".", 1)[-1] for n, _ in linear}
-    if isinstance(targets, str):
-        if targets == "attention":
-            chosen = {
-                n
-                for n, _ in linear
-                if any(p in part.lower() for part in n.split(".")[:-1] for p in ATTENTION_PARENTS)
-            }
-        else:
-            chosen = {
-                n
-                for n, _ in linear
-                if not any(n == h or n.startswith(h + ".") or n.endswith("." + h) for h in heads)
-            }
-        if not chosen:
-            raise ConfigError(
-                f"peft.lora.target_modules: the preset '{targets}' matches no layer of the "
-                f"model; its Linear layers are {sorted(leaves)}"
-            )
-        return sorted(chosen)
-    _check_targets(model, list(targets))
-    return list(targets)
-
-
-def _check_targets(model, targets: list[str]) -> None:
-    """Every LoRA target must name a layer of the model, or the config is wrong."""
-    import torch
-
-    from lepton_ray.errors import ConfigError
-
-    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    linear = {
-        n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+    return {
+        "params_total": total,
+        "params_trainable": trainable,
+        "params_trainable_share": trainable / total if total else 0.0,
     }
-    missing = [t for t in targets if t not in names]
-    if missing:
-        raise ConfigError(
-            f"peft.lora.target_modules: {missing} name no layer of the model; "
-            f"its Linear layers are {sorted(linear)}"
-        )
 
 
 def check_targets_early(cfg) -> None:
-    """``peft.lora.target_modules`` resolved against the model's layers, built on the meta
-    device from ``model.name``'s config.json (no weights, no download, no conversion), so that
-    ``validate`` refuses a target that matches nothing. Where that file cannot be read
-    without a download, or the model comes from ``model.init_from``, the train stage's
+    """The PEFT method(s) resolved against the model's layers, built on the meta device from
+    ``model.name``'s config.json (no weights, no download, no conversion), so that
+    ``validate`` refuses a target that matches nothing, or a method the model type does not
+    support; a sweep's every searched ``peft.method`` is checked. Where that file cannot be
+    read without a download, or the model comes from ``model.init_from``, the train stage's
     preflight checks instead (it builds the real model)."""
-    if cfg.peft.method == "none" or cfg.model.init_from:
+    methods = searched_methods(cfg)
+    if methods <= {"none"} or cfg.model.init_from:
         return
     import torch
     import transformers
 
     from lepton_ray.config.model import config_json
     from lepton_ray.errors import ConfigError
+    from lepton_ray.train.peft_methods import build_peft_config, check_method_supported
 
     hf = config_json(cfg.model.name)
     if hf is None or "model_type" not in hf:
@@ -115,4 +73,27 @@ def check_targets_early(cfg) -> None:
         raise ConfigError(
             f"model {cfg.model.name}: its config cannot build a model: {err}"
         ) from None
-    resolve_targets(model, cfg.peft.lora.target_modules, task.keep_float)
+    for method in sorted(methods - {"none"}):
+        check_method_supported(model, method, task.peft_task_type, cfg.model.name)
+        peft = cfg.peft.model_copy(update={"method": method})
+        build_peft_config(model, peft, task.peft_task_type, task.keep_float)
+
+
+def searched_methods(cfg) -> set[str]:
+    """``peft.method`` and every value a sweep searches for it."""
+    methods = {cfg.peft.method}
+    space = cfg.tune.space.get("peft.method") if cfg.tune.enabled else None
+    for param in space if isinstance(space, list) else [space] if space else []:
+        methods |= {v for v in (param.values or []) if isinstance(v, str)}
+    return methods
+
+
+__all__ = [
+    "ATTENTION_PARENTS",
+    "apply_peft",
+    "check_targets_early",
+    "linear_layers",
+    "parameter_counts",
+    "resolve_targets",
+    "searched_methods",
+]

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from lepton_ray.artifacts import ModelMeta, build_model, load_tokenizer
-from lepton_ray.config import ExperimentConfig
+from lepton_ray.config import ExperimentConfig, resolve_model_path
 from lepton_ray.errors import StageError
 from lepton_ray.tasks import Task, get_task
 from lepton_ray.train.batching import TokenRows
@@ -34,8 +34,10 @@ from lepton_ray.train.loop import (
 )
 from lepton_ray.train.parallel import check_fsdp, distributed, full_state, unwrap, wrap_model
 from lepton_ray.train.peft import apply_peft, parameter_counts
+from lepton_ray.train.peft_methods import loraplus_ratio
 from lepton_ray.train.precision import Precision, resolve_precision
-from lepton_ray.train.techniques import Techniques, build_techniques
+from lepton_ray.train.technique_setup import build_techniques
+from lepton_ray.train.techniques import Techniques
 
 
 @dataclass
@@ -93,7 +95,15 @@ def setup_recipe(
             )
         if hasattr(model.config, "use_cache"):
             model.config.use_cache = False
-    model = apply_peft(model, cfg.peft, cfg.task)
+    settings = LoopSettings.from_config(cfg)
+    steps = settings.steps_per_epoch(train_rows)
+    model = apply_peft(
+        model,
+        cfg.peft,
+        cfg.task,
+        total_steps=steps * cfg.train.epochs,
+        tokenizer_path=resolve_model_path(cfg.model.name) if cfg.peft.method == "prompt" else None,
+    )
     counts = parameter_counts(model)
     strategy = cfg.train.strategy
     sharded = strategy == "fsdp" and distributed(world_size)
@@ -103,16 +113,17 @@ def setup_recipe(
     export = build_peft_model(cfg, labels) if sharded and rank == 0 else None
     model = wrap_model(model, strategy, device, world_size)
     precision = resolve_precision(cfg.train.precision, device)
-    settings = LoopSettings.from_config(cfg)
-    steps = settings.steps_per_epoch(train_rows)
-    optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
+    optimizer = build_optimizer(
+        model, cfg.train.lr, cfg.train.weight_decay, loraplus_ratio(cfg.peft)
+    )
     scheduler = build_scheduler(
         optimizer, steps * cfg.train.epochs, cfg.train.warmup_ratio, cfg.train.lr_schedule
     )
     if rank == 0:
         log(
             f"[train] {strategy} x {world_size} on {device.type}, {precision.reason}; "
-            f"{counts['params_trainable']:,} of {counts['params_total']:,} weights trainable"
+            f"{counts['params_trainable']:,} of {counts['params_total']:,} weights trainable "
+            f"({counts['params_trainable_share']:.2%}, peft.method {cfg.peft.method})"
         )
     task = get_task(cfg.task)
     tokenizer = task.prepare_tokenizer(load_tokenizer(cfg.model.name), cfg)

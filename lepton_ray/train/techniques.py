@@ -120,15 +120,6 @@ class RunningMean:
         self.total, self.count = 0.0, 0
 
 
-def build_techniques(cfg, model, task, device, rank: int = 0, log=print) -> Techniques:
-    """The techniques the config turns on, for this worker's (wrapped) ``model``.
-
-    Each technique module adds itself here; the order is the order they wrap a step in.
-    """
-    parts: list[Technique] = []
-    return Techniques(parts)
-
-
 def metrics_of(means: dict[str, RunningMean]) -> dict[str, Any]:
     return {name: mean.value() for name, mean in means.items() if mean.count}
 
@@ -138,6 +129,5 @@ __all__ = [
     "RunningMean",
     "Technique",
     "Techniques",
-    "build_techniques",
     "metrics_of",
 ]

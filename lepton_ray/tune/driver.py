@@ -222,11 +222,13 @@ def run_tune(
     from ray import tune
 
     from lepton_ray.config.space import grid_size
+    from lepton_ray.train.distill import pin_teacher
     from lepton_ray.train.driver import load_split_dataset, preflight
     from lepton_ray.tune.report import table_callback
     from lepton_ray.tune.space import dimensions, independent
 
     preflight(cfg, manifest, "each tune trial")
+    cfg = pin_teacher(cfg)
     t = cfg.tune
     dims = dimensions(cfg)
     cpus = ray.cluster_resources().get("CPU", 1)
