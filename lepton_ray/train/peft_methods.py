@@ -252,6 +252,7 @@ class AdaLoraBudget(Technique):
         self.penalty = RunningMean()
         self.log = log
         self.rank = rank
+        self.model = None
 
     def loss(self, model, batch, inputs, outputs, loss):
         if not self.weight:
@@ -275,11 +276,14 @@ class AdaLoraBudget(Technique):
             }
         with torch.no_grad():
             peft_model.base_model.update_and_allocate(step)
+        self.model = model
 
     def metrics(self) -> dict[str, float]:
         found: dict[str, float] = {}
         if self.penalty.count:
             found["adalora_orth_reg"] = self.penalty.value()
+        if self.model is not None:  # the budget as it stands: the curve MLflow shows falling
+            found["adalora_total_rank"] = float(sum(adalora_ranks(self.model).values()))
         return found
 
     def reset(self) -> None:
