@@ -42,7 +42,7 @@ def load_split_dataset(
     Materializing before the trainer starts matters on small machines: a lazy read would
     wait forever for a CPU while the workers hold them all.
     """
-    import pyarrow.dataset
+    import pyarrow.parquet
     import ray.data
 
     from lepton_ray.train.recipe import split_folder
@@ -51,7 +51,12 @@ def load_split_dataset(
     paths = [str(folder)] + ([str(extra)] if extra is not None else [])
     # The row count comes from the Parquet footers: asking Ray Data for it ran the whole read
     # once more, a few seconds of every run's start-up.
-    rows = sum(pyarrow.dataset.dataset(p, format="parquet").count_rows() for p in paths)
+    # Only *.parquet files, as read_parquet takes them (a replay folder holds a JSON too).
+    rows = sum(
+        pyarrow.parquet.ParquetFile(f).metadata.num_rows
+        for p in paths
+        for f in sorted(Path(p).rglob("*.parquet"))
+    )
     options = ray.data.DataContext.get_current().execution_options
     previous, options.preserve_order = options.preserve_order, True
     try:
