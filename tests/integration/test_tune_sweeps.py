@@ -261,21 +261,31 @@ def _trial_checkpoints(storage: Path) -> int:
     return count
 
 
-def test_a_killed_sweep_resumes_with_resume(reviews, tmp_path, ray_session):
+def test_a_killed_sweep_resumes_with_resume(tmp_path, ray_session):
     """SIGKILL the driver while trial 2 of a 2-point grid is mid-way (trial 1 done); the same
     command with --resume keeps trial 1, restarts trial 2 from its checkpoint, and leaves one
     parent run and one run per trial."""
+    # Trial 2 must still be training 2.5 s after its first checkpoint: the tiny test model
+    # ran its 12 steps in about a second, so this test trains a MiniLM-sized (random) model
+    # on more rows for 4 epochs of 20 steps.
+    rows = write_reviews_csv(tmp_path / "reviews.csv", n=1000, seed=7)
     raw = _config(
         tmp_path,
-        reviews,
+        rows,
         "resumesweep",
-        train={"epochs": 3, "max_steps_per_epoch": 4},
+        train={"epochs": 4, "max_steps_per_epoch": 20},
         search="grid",
         num_samples=2,
         max_concurrent_trials=1,
         scheduler={"type": "none"},
         space={"train.lr": {"type": "grid", "values": [1e-3, 4e-3]}},
     )
+    raw["model"]["config_overrides"] = {
+        "num_hidden_layers": 3,
+        "hidden_size": 384,
+        "num_attention_heads": 6,
+        "intermediate_size": 1536,
+    }
     config = write_yaml(tmp_path / "resume.yaml", raw)
     assert runner.invoke(app, ["preprocess", str(config)]).exit_code == 0
     storage = Path(raw["cluster"]["storage_path"])
@@ -315,7 +325,7 @@ def test_a_killed_sweep_resumes_with_resume(reviews, tmp_path, ray_session):
     history = client.get_metric_history(resumed[0].info.run_id, "train_loss_step")
     before = [m.step for m in history if m.step <= at]
     assert len(before) == len(set(before)), before  # nothing up to the checkpoint trained twice
-    assert resumed[0].data.metrics["step"] == 12  # and it trained on to the end: 3 epochs x 4
+    assert resumed[0].data.metrics["step"] == 80  # and it trained on to the end: 4 epochs x 20
 
 
 def test_hyperband_and_a_failing_trial_retried_then_recorded(reviews, tmp_path, ray_session):
