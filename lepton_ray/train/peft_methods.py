@@ -243,15 +243,13 @@ class AdaLoraBudget(Technique):
 
     name = "adalora"
 
-    def __init__(self, peft_model, log=print, rank: int = 0):
+    def __init__(self, peft_model):
         config = peft_model.peft_config[peft_model.active_adapter]
         self.weight = float(config.orth_reg_weight)
         config.orth_reg_weight = 0.0
         self.adapter = peft_model.active_adapter
         self.total_step = config.total_step
         self.penalty = RunningMean()
-        self.log = log
-        self.rank = rank
         self.model = None
 
     def loss(self, model, batch, inputs, outputs, loss):
@@ -328,14 +326,14 @@ def adalora_ranks(model) -> dict[str, int]:
     return ranks
 
 
-def build_peft_techniques(cfg, model, rank: int = 0, log=print) -> list[Technique]:
+def build_peft_techniques(cfg, model) -> list[Technique]:
     """The techniques ``peft.method`` needs in the loop (AdaLoRA's budget), for the
     (wrapped) ``model``."""
     if cfg.peft.method != "adalora":
         return []
     from lepton_ray.train.parallel import unwrap
 
-    return [AdaLoraBudget(unwrap(model), log, rank)]
+    return [AdaLoraBudget(unwrap(model))]
 
 
 __all__ = [

@@ -26,7 +26,7 @@ def build_techniques(cfg, model, task, device, rank: int = 0, log=print) -> Tech
     if cfg.peft.method == "adalora":
         from lepton_ray.train.peft_methods import build_peft_techniques
 
-        parts += build_peft_techniques(cfg, model, rank, log)
+        parts += build_peft_techniques(cfg, model)
     return Techniques(parts)
 
 

@@ -69,9 +69,6 @@ class Techniques(Technique):
     def __init__(self, parts: Sequence[Technique] = ()):
         self.parts = list(parts)
 
-    def __bool__(self) -> bool:
-        return bool(self.parts)
-
     def micro_step(self, model, forward_backward: ForwardBackward, sync: bool) -> torch.Tensor:
         step = forward_backward
         for part in reversed(self.parts):
