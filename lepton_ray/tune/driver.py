@@ -109,39 +109,6 @@ def train_driver_fn(
         fit(trainer)
 
 
-def _scheduler(cfg: ExperimentConfig):
-    from ray.tune.schedulers import (
-        ASHAScheduler,
-        FIFOScheduler,
-        HyperBandScheduler,
-        MedianStoppingRule,
-    )
-
-    from lepton_ray.tune.report import max_t
-
-    s = cfg.tune.scheduler
-    top = max_t(cfg)
-    grace = min(s.grace_period, top)
-    if s.type == "asha":
-        return ASHAScheduler(
-            time_attr=s.time_attr,  # epochs reported as a fraction when evaluating every N steps
-            max_t=top,
-            grace_period=grace,
-            reduction_factor=s.reduction_factor,
-        )
-    if s.type == "median":
-        return MedianStoppingRule(
-            time_attr=s.time_attr,
-            grace_period=grace,
-            min_samples_required=s.min_samples_required,
-        )
-    if s.type == "hyperband":
-        return HyperBandScheduler(
-            time_attr=s.time_attr, max_t=top, reduction_factor=s.reduction_factor
-        )
-    return FIFOScheduler()
-
-
 def _searcher(cfg: ExperimentConfig, dims, log=print):
     from optuna.storages import InMemoryStorage
     from ray.tune.search.optuna import OptunaSearch
@@ -225,6 +192,7 @@ def run_tune(
     from lepton_ray.train.distill import pin_teacher
     from lepton_ray.train.driver import load_split_dataset, preflight
     from lepton_ray.tune.report import table_callback
+    from lepton_ray.tune.schedulers import trial_scheduler
     from lepton_ray.tune.space import dimensions, independent
 
     preflight(cfg, manifest, "each tune trial")
@@ -277,7 +245,7 @@ def run_tune(
                 metric=t.metric,
                 mode=t.mode,
                 search_alg=_searcher(cfg, dims, log),
-                scheduler=_scheduler(cfg),
+                scheduler=trial_scheduler(cfg),
                 num_samples=samples,
                 max_concurrent_trials=concurrent,
             ),
