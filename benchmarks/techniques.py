@@ -87,6 +87,9 @@ METHODS: dict[str, tuple[dict, float, float]] = {
     "rslora": ({"method": "lora", "lora": {"use_rslora": True}}, 2e-3, 1e-3),
     "loraplus": ({"method": "lora", "lora": {"loraplus_lr_ratio": 16.0}}, 5e-4, 2.5e-4),
     "adalora": ({"method": "adalora"}, 2e-3, 1e-3),
+    # AdaLoRA's orthogonality penalty on P and Q at other weights than the default 0.5
+    "adalora-orth0.1": ({"method": "adalora", "adalora": {"orth_reg_weight": 0.1}}, 2e-3, 1e-3),
+    "adalora-orth0": ({"method": "adalora", "adalora": {"orth_reg_weight": 0.0}}, 2e-3, 1e-3),
     "ia3": ({"method": "ia3"}, 5e-3, 3e-3),
     "prompt": ({"method": "prompt", "prompt": {"num_virtual_tokens": 20}}, 1e-2, 1e-2),
     "prefix": ({"method": "prefix", "prefix": {"num_virtual_tokens": 20}}, 1e-2, 1e-2),
@@ -98,6 +101,8 @@ LABELS = {
     "rslora": "rsLoRA",
     "loraplus": "LoRA+ (ratio 16)",
     "adalora": "AdaLoRA",
+    "adalora-orth0.1": "AdaLoRA, orth_reg_weight 0.1",
+    "adalora-orth0": "AdaLoRA, orth_reg_weight 0",
     "ia3": "IA3",
     "prompt": "prompt tuning (20 tokens)",
     "prefix": "prefix tuning (20 tokens)",
@@ -195,12 +200,13 @@ def peft_section(method: str, lm: bool, steps: int) -> dict:
     section = copy.deepcopy(METHODS[method][0])
     if section["method"] == "lora":
         section["lora"] = {**(LORA_LM if lm else LORA_CLS), **section.get("lora", {})}
-    if method == "adalora":
+    if section["method"] == "adalora":
         targets = LORA_LM["target_modules"] if lm else LORA_CLS["target_modules"]
         tinit, tfinal = steps // 10, steps // 5
         if steps - tinit - tfinal < 1:
             tinit = tfinal = 0
         section["adalora"] = {
+            **section.get("adalora", {}),
             "init_r": 12,
             "target_r": 8,
             "tinit": tinit,
@@ -783,6 +789,7 @@ def parse_args():
     p.add_argument("--recovery-steps", type=int, default=30)
     p.add_argument("--repeats", type=int, default=5, help="speed rounds (median)")
     p.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    p.add_argument("--tag", default="", help="results file suffix: techniques-SECTION-TAG.json")
     p.add_argument("--job", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     args = p.parse_args()
     args.noise = [float(x) for x in args.noise.split(",") if x.strip()]
@@ -833,7 +840,8 @@ def main() -> None:
                 "section_wall_s": time.perf_counter() - started,
                 **result,
             }
-            path = write(f"techniques-{section}{'-smoke' if args.smoke else ''}", payload)
+            suffix = ("-smoke" if args.smoke else "") + (f"-{args.tag}" if args.tag else "")
+            path = write(f"techniques-{section}{suffix}", payload)
             m = payload["machine"]
             lines = [
                 f"## {section}{' (smoke)' if args.smoke else ''}",

@@ -351,3 +351,80 @@ def test_the_table_callback_survives_tunes_pickling_with_any_log(tmp_path):
     assert kept.table.cfg.tune.metric == _cfg(tmp_path).tune.metric
     replaced = cloudpickle.loads(cloudpickle.dumps(table_callback(_cfg(tmp_path), _Unpicklable())))
     assert replaced.table.log is builtins.print
+
+
+TECHNIQUES = {
+    "peft.method": {"type": "choice", "values": ["lora", "adalora", "ia3", "none"]},
+    "peft.lora.r": {"type": "int", "low": 2, "high": 8, "when": {"peft.method": "lora"}},
+    "peft.lora.use_dora": {
+        "type": "choice",
+        "values": [True, False],
+        "when": {"peft.method": "lora"},
+    },
+    "peft.adalora.init_r": {
+        "type": "choice",
+        "values": [8, 12],
+        "when": {"peft.method": "adalora"},
+    },
+    "peft.adalora.target_r": {
+        "type": "choice",
+        "values": [2, 4],
+        "when": {"peft.method": "adalora"},
+    },
+    "train.label_smoothing": {"type": "uniform", "low": 0.0, "high": 0.2},
+}
+
+
+def test_a_sweep_over_peft_methods_gives_each_trial_its_methods_adapter(tmp_path):
+    """``peft.method`` as a choice, each method with parameters of its own: validate accepts
+    the space, and every sampled trial's config builds exactly that method's adapter, with
+    the sampled values in it."""
+    from lepton_ray.artifacts import build_model
+    from lepton_ray.config import apply_overrides
+    from lepton_ray.train.peft import apply_peft
+    from lepton_ray.train.peft_methods import adalora_ranks
+
+    raw = _raw(tmp_path, TECHNIQUES, search="random", seed=3)
+    result = runner.invoke(app, ["validate", str(write_yaml(tmp_path / "sweep.yaml", raw))])
+    assert result.exit_code == 0, result.output
+    cfg = validate_experiment(raw, check_files=False)
+    dims = dimensions(cfg)
+    space = DefineByRun(dims, cfg.model_dump(mode="json"))
+    study = optuna.create_study(sampler=sampler(cfg.tune, dims), direction="maximize")
+    seen = set()
+    for i in range(16):
+        trial = study.ask()
+        values = space(trial)
+        method = values["peft.method"]
+        seen.add(method)
+        trial_cfg = apply_overrides(cfg, values)
+        assert trial_cfg.train.label_smoothing == values["train.label_smoothing"]
+        model = build_model(trial_cfg.model, trial_cfg.task, ["negative", "positive"])
+        model = apply_peft(model, trial_cfg.peft, trial_cfg.task, total_steps=20)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        adapters = {
+            part for n in trainable for part in n.split(".") if part.startswith(("lora_", "ia3_"))
+        }
+        if method == "lora":
+            assert trial_cfg.peft.lora.r == values["peft.lora.r"]
+            expected = {"lora_A", "lora_B"} | (
+                {"lora_magnitude_vector"} if values["peft.lora.use_dora"] else set()
+            )
+            assert adapters == expected, adapters
+            assert all(
+                p.shape[0] == values["peft.lora.r"]
+                for n, p in model.named_parameters()
+                if ".lora_A." in n
+            )
+        elif method == "adalora":
+            assert adapters == {"lora_A", "lora_B", "lora_E"}, adapters
+            ranks = adalora_ranks(model)
+            assert ranks and set(ranks.values()) == {values["peft.adalora.init_r"]}
+            assert trial_cfg.peft.adalora.target_r == values["peft.adalora.target_r"]
+        elif method == "ia3":
+            assert adapters == {"ia3_l"}, adapters
+        else:
+            assert all(p.requires_grad for p in model.parameters())
+            assert set(values) == {"peft.method", "train.label_smoothing"}
+        study.tell(trial, (i % 5) / 5)
+    assert seen == {"lora", "adalora", "ia3", "none"}
