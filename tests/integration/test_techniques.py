@@ -30,7 +30,14 @@ def test_every_technique_from_one_yaml_trains_compresses_and_is_logged(
         model={"dropout": {"hidden": 0.2, "attention": 0.05}},
         peft={
             "method": "adalora",
-            "adalora": {"init_r": 4, "target_r": 2, "tinit": 0, "tfinal": 1, "deltaT": 1},
+            "adalora": {
+                "init_r": 4,
+                "target_r": 2,
+                "tinit": 0,
+                "tfinal": 1,
+                "deltaT": 1,
+                "orth_reg_weight": 0.5,
+            },
         },
         train={
             "epochs": 1,

@@ -155,6 +155,7 @@ def test_adalora_budget_shrinks_inside_the_training_loop(tmp_path):
                 "tfinal": 2,
                 "deltaT": 1,
                 "lora_alpha": 8,
+                "orth_reg_weight": 0.5,
                 "target_modules": ["query", "value"],
             },
         },
