@@ -31,6 +31,7 @@ from lepton_ray.config.tune import (
     TuneSection,
 )
 from lepton_ray.errors import ConfigError
+from lepton_ray.runtime.uri import Location, location
 from lepton_ray.tasks import TASKS, get_task
 
 Task = Literal[tuple(TASKS)]  # type: ignore[valid-type] - the names of lepton_ray.tasks
@@ -203,16 +204,19 @@ class ExperimentConfig(Section):
         return (self.output_dir / self.name).resolve()
 
     @property
-    def storage_root(self) -> Path:
-        """Where shards and checkpoints go: ``cluster.storage_path``, else ``output_dir``."""
-        return self.cluster.storage_path or self.output_dir
+    def storage_root(self) -> Location:
+        """Where shards and checkpoints go: ``cluster.storage_path``, else ``output_dir``.
+
+        A ``Path``, or a :class:`~lepton_ray.runtime.uri.Uri` for an object store (it joins
+        with ``/`` like a path; ``runtime.uri`` reads and writes both kinds)."""
+        return location(self.cluster.storage_path or self.output_dir)
 
     @property
-    def data_dir(self) -> Path:
+    def data_dir(self) -> Location:
         return self.storage_root / self.name / "data"
 
     @property
-    def checkpoint_root(self) -> Path:
+    def checkpoint_root(self) -> Location:
         """Ray Train/Tune's ``storage_path``: one folder per run, its checkpoints inside."""
         return self.storage_root / "ray_results"
 
