@@ -34,7 +34,9 @@ def _connect(cfg: ExperimentConfig, log, storage: bool = True) -> str:
 
 def _data(cfg: ExperimentConfig) -> dict[str, Any]:
     from lepton_ray.data.preprocess import load_manifest
+    from lepton_ray.runtime.storage import check_storage
 
+    check_storage(cfg, log=lambda _: None)  # a bucket's problem before "no data there"
     return load_manifest(cfg)
 
 

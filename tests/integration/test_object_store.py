@@ -1,0 +1,101 @@
+"""An object store as the storage root: ``cluster.storage_path: s3://bucket/prefix`` against a
+real S3-compatible server on this machine (moto, server mode, 127.0.0.1, authentication on).
+
+The stages write their shards, manifest and checkpoints into the bucket and MLflow its
+artifacts; a missing bucket, wrong credentials and an unreachable endpoint are each one line
+and a non-zero exit before any stage starts.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lepton_ray.data.sample import write_reviews_csv
+from lepton_ray.runtime.cluster import free_port
+from tests.conftest import ROOT, smoke_config, write_yaml
+from tests.integration.s3_server import S3Server
+
+CLI = str(Path(sys.executable).parent / "lepton-ray")
+
+
+@pytest.fixture(scope="module")
+def s3():
+    server = S3Server()
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+def lepton(args: list[str], env: dict[str, str], timeout: float = 600):
+    return subprocess.run(
+        [CLI, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _config(tmp: Path, s3: S3Server, prefix: str, **sections) -> Path:
+    data = write_reviews_csv(tmp / "reviews.csv", n=160, seed=3)
+    raw = smoke_config(tmp, data, **sections)
+    raw["cluster"]["storage_path"] = f"s3://{s3.bucket}/{prefix}"
+    raw["tracking"]["artifact_location"] = f"s3://{s3.bucket}/{prefix}/mlflow"
+    return write_yaml(tmp / "smoke.yaml", raw)
+
+
+def _one_clear_line(done: subprocess.CompletedProcess) -> str:
+    out = (done.stdout + done.stderr).strip()
+    assert done.returncode == 2, out
+    assert "Traceback" not in out, out
+    errors = [ln for ln in out.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, out
+    return errors[0]
+
+
+# ------------------------------------------------------------------------------ failure modes
+def test_validate_reaches_the_bucket(tmp_path, s3):
+    path = _config(tmp_path, s3, "ok")
+    done = lepton(["validate", str(path)], s3.env())
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"cluster.storage_path s3://{s3.bucket}/ok: reachable" in done.stdout
+    assert "is a valid" in done.stdout
+    # The write probe leaves no object behind (pyarrow keeps empty "folder/" markers).
+    assert [k for k in s3.keys("ok/") if not k.endswith("/")] == []
+
+
+def test_a_missing_bucket_is_one_line(tmp_path, s3):
+    path = _config(tmp_path, s3, "x")
+    done = lepton(["validate", str(path), "--set", "cluster.storage_path=s3://no-such-bucket/x"], s3.env())  # fmt: skip
+    line = _one_clear_line(done)
+    assert "cluster.storage_path s3://no-such-bucket/x" in line
+    assert "bucket 'no-such-bucket' does not exist" in line and s3.endpoint in line
+
+
+def test_wrong_credentials_are_one_line_before_any_stage(tmp_path, s3):
+    path = _config(tmp_path, s3, "denied")
+    env = s3.env(AWS_SECRET_ACCESS_KEY="not-the-secret")
+    line = _one_clear_line(lepton(["validate", str(path)], env))
+    assert f"s3://{s3.bucket}/denied" in line and "access denied" in line
+    assert "not-the-secret" not in line
+    # The stage command stops there too: no Ray, no data read, nothing in the bucket.
+    done = lepton(["preprocess", str(path)], env)
+    line = _one_clear_line(done)
+    assert "access denied" in line and "[data]" not in done.stdout
+    assert [k for k in s3.keys("denied/") if not k.endswith("/")] == []
+
+
+def test_an_unreachable_endpoint_is_one_line(tmp_path, s3):
+    path = _config(tmp_path, s3, "x")
+    nowhere = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    done = lepton(["validate", str(path)], s3.env(AWS_ENDPOINT_URL=nowhere))
+    line = _one_clear_line(done)
+    assert f"s3://{s3.bucket}/x" in line and f"cannot reach {nowhere}" in line
+
+
+def test_the_mlflow_artifact_bucket_is_checked_too(tmp_path, s3):
+    path = _config(tmp_path, s3, "x")
+    sets = ["--set", "tracking.artifact_location=s3://missing-artifacts/mlflow"]
+    line = _one_clear_line(lepton(["validate", str(path), *sets], s3.env()))
+    assert line.startswith("error: tracking.artifact_location s3://missing-artifacts/mlflow")
