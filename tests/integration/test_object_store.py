@@ -99,3 +99,41 @@ def test_the_mlflow_artifact_bucket_is_checked_too(tmp_path, s3):
     sets = ["--set", "tracking.artifact_location=s3://missing-artifacts/mlflow"]
     line = _one_clear_line(lepton(["validate", str(path), *sets], s3.env()))
     assert line.startswith("error: tracking.artifact_location s3://missing-artifacts/mlflow")
+
+
+# ------------------------------------------------------------------------------ end to end
+@pytest.mark.slow
+def test_preprocess_and_train_write_to_the_bucket(tmp_path, s3, ray_session):
+    """Shards, manifest, checkpoints and the MLflow model artifact are objects in the bucket;
+    the workers got the credentials from the driver's environment (the test's Ray has none)."""
+    from mlflow.tracking import MlflowClient
+
+    path = _config(tmp_path, s3, "e2e", train={"epochs": 1})
+    env = s3.env()
+    done = lepton(["preprocess", str(path)], env)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    keys = s3.keys("e2e/")
+    assert "e2e/smoke/data/manifest.json" in keys
+    assert any(k.startswith("e2e/smoke/data/train/part-") for k in keys), keys
+    assert any(k.startswith("e2e/smoke/data/validation/part-") for k in keys), keys
+    assert not (tmp_path / "storage").exists()  # nothing went to a local folder
+
+    again = lepton(["preprocess", str(path)], env)  # the manifest in the bucket is reused
+    assert again.returncode == 0 and "[data] reusing s3://lepton/e2e/smoke/data" in again.stdout
+
+    done = lepton(["train", str(path)], env)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    assert s3.secret not in out
+    keys = s3.keys("e2e/")
+    checkpoints = [k for k in keys if k.startswith("e2e/ray_results/") and "/checkpoint_" in k]
+    assert checkpoints, keys
+
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    c = MlflowClient(uri, registry_uri=uri)
+    version = c.get_model_version_by_alias("smoke", "champion")
+    run = c.get_run(version.run_id)
+    assert run.info.artifact_uri.startswith("s3://lepton/e2e/mlflow/")
+    model = [k for k in keys if k.startswith("e2e/mlflow/") and "/artifacts/model/" in k]
+    assert any(k.endswith(".safetensors") or k.endswith(".json") for k in model), keys
+    assert not any(s3.secret in str(v) for v in run.data.params.values())
