@@ -137,3 +137,49 @@ def test_preprocess_and_train_write_to_the_bucket(tmp_path, s3, ray_session):
     model = [k for k in keys if k.startswith("e2e/mlflow/") and "/artifacts/model/" in k]
     assert any(k.endswith(".safetensors") or k.endswith(".json") for k in model), keys
     assert not any(s3.secret in str(v) for v in run.data.params.values())
+
+
+@pytest.mark.slow
+def test_two_nodes_share_the_bucket(tmp_path, s3):
+    """A real two-node cluster whose nodes have no AWS settings of their own: the driver's
+    environment reaches the workers on both nodes, one DDP worker per node trains from the
+    shards in the bucket and their checkpoints land there."""
+    from mlflow.tracking import MlflowClient
+
+    from tests.integration.two_nodes import TwoNodeCluster
+
+    class NodesWithoutAws(TwoNodeCluster):
+        def env(self) -> dict[str, str]:
+            return {k: v for k, v in super().env().items() if not k.startswith("AWS_")}
+
+    nodes = NodesWithoutAws(tmp_path / "nodes")
+    try:
+        nodes.start()
+        path = _config(tmp_path, s3, "two", train={"epochs": 1})
+        base = {k: v for k, v in nodes.env().items() if k != "RAY_API_SERVER_ADDRESS"}
+        env = s3.env(base)
+        sets = [
+            f"cluster.address=127.0.0.1:{nodes.gcs_port}",
+            "cluster.auth=token",
+            "scaling.num_workers=2",
+            "scaling.resources_per_worker.CPU=1",  # one per node: they must spread
+        ]
+        args = [a for s in sets for a in ("--set", s)]
+        done = lepton(["preprocess", str(path), *args], env)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+        done = lepton(["train", str(path), *args], env)
+        out = done.stdout + done.stderr
+        assert done.returncode == 0, out[-4000:]
+    finally:
+        nodes.stop()
+    keys = s3.keys("two/")
+    assert "two/smoke/data/manifest.json" in keys
+    assert [k for k in keys if k.startswith("two/ray_results/") and "/checkpoint_" in k], keys
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    (run,) = MlflowClient(uri).search_runs(
+        [MlflowClient(uri).get_experiment_by_name("smoke").experiment_id],
+        filter_string="tags.`lepton.stage` = 'train'",
+    )
+    placed = run.data.tags["lepton.worker_nodes"].split(",")
+    assert len(placed) == 2 and len(set(placed)) == 2, placed  # a worker on each node
+    assert run.info.artifact_uri.startswith("s3://lepton/two/mlflow/")
