@@ -7,6 +7,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -375,8 +376,12 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
             msg = item["msg"].removeprefix("Value error, ")
             got = item.get("input")
             shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+            shown = _USERINFO.sub(r"\g<scheme>***@", shown)  # never echo a URI's password
             lines.append(f"{source}: {msg}" if not loc else f"{source}: {key}: {msg}{shown}")
     return "\n".join(lines)
+
+
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
 
 
 def _model_at(loc: list[str]) -> type[BaseModel] | None:
