@@ -183,3 +183,37 @@ def test_two_nodes_share_the_bucket(tmp_path, s3):
     placed = run.data.tags["lepton.worker_nodes"].split(",")
     assert len(placed) == 2 and len(set(placed)) == 2, placed  # a worker on each node
     assert run.info.artifact_uri.startswith("s3://lepton/two/mlflow/")
+
+
+@pytest.mark.slow
+def test_a_sweep_keeps_its_state_and_trials_in_the_bucket(tmp_path, s3, ray_session):
+    """Tune's experiment state, its trials' results and their Ray Train checkpoints go to the
+    bucket (``RunConfig(storage_filesystem=...)`` for the sweep and for every trial)."""
+    path = _config(
+        tmp_path,
+        s3,
+        "sweep",
+        scaling={"num_workers": 1, "resources_per_worker": {"CPU": 1}},
+        train={"epochs": 1, "max_steps_per_epoch": 3},
+        tune={
+            "enabled": True,
+            "metric": "val_loss",
+            "search": "grid",
+            "num_samples": 2,
+            "scheduler": {"type": "none"},
+            "space": {"train.lr": {"type": "grid", "values": [1e-3, 4e-3]}},
+        },
+    )
+    env = s3.env()
+    done = lepton(["preprocess", str(path)], env)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    done = lepton(["tune", str(path)], env)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    keys = s3.keys("sweep/ray_results/")
+    sweeps = {k.split("/")[2] for k in keys if k.split("/")[2].startswith("smoke-tune-")}
+    assert len(sweeps) == 1, keys
+    (sweep,) = sweeps
+    assert any(k.startswith(f"sweep/ray_results/{sweep}/experiment_state") for k in keys), keys
+    trained = {k.split("/")[2] for k in keys if "/checkpoint_" in k} - sweeps
+    assert len(trained) == 2, keys  # each trial's own Ray Train run kept its checkpoints there
