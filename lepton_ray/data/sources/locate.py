@@ -115,10 +115,6 @@ def filesystem(uri: str):
         return pafs.LocalFileSystem(), "/" + uri[len("local://") :].lstrip("/")
     if "://" not in uri:
         return pafs.LocalFileSystem(), uri
-    if uri.startswith("s3://"):  # the endpoint and region from the AWS environment variables
-        from lepton_ray.runtime.uri import resolve
-
-        return resolve(uri)
     return pafs.FileSystem.from_uri(uri)
 
 
