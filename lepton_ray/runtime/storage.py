@@ -176,7 +176,7 @@ def _store_problem(err: Exception, where: Uri, endpoint: str | None) -> str:
         return f"cannot reach {target}{source}: {detail}"
     if any(
         code in text
-        for code in ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "403")
+        for code in ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH")
     ):
         return (
             f"access denied to bucket '{where.bucket}': the credentials in the environment "
