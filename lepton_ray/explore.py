@@ -362,8 +362,9 @@ def evaluate_version(
     """
     from lepton_ray.pipeline import serving_model_uri
     from lepton_ray.registry.gate import open_eval_split, score_version
+    from lepton_ray.runtime.uri import is_dir
 
-    if not (cfg.data_dir / split).is_dir():
+    if not is_dir(cfg.data_dir / split):
         raise StageError(
             f"no preprocessed '{split}' split in {cfg.data_dir}; run the data stage first"
         )

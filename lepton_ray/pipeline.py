@@ -20,6 +20,10 @@ def _connect(cfg: ExperimentConfig, log, storage: bool = True) -> str:
     multi-node cluster every node must see the storage root (checked once, up front)."""
     from lepton_ray.runtime.cluster import init_ray
 
+    if storage:
+        from lepton_ray.runtime.storage import check_storage
+
+        check_storage(cfg, log=log)  # an object store's endpoint, credentials and bucket
     mode = init_ray(cfg.cluster, log=log)
     if storage:
         from lepton_ray.runtime.storage import check_shared_storage
@@ -30,7 +34,9 @@ def _connect(cfg: ExperimentConfig, log, storage: bool = True) -> str:
 
 def _data(cfg: ExperimentConfig) -> dict[str, Any]:
     from lepton_ray.data.preprocess import load_manifest
+    from lepton_ray.runtime.storage import check_storage
 
+    check_storage(cfg, log=lambda _: None)  # a bucket's problem before "no data there"
     return load_manifest(cfg)
 
 

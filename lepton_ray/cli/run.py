@@ -60,7 +60,8 @@ def _quiet_libraries() -> None:
 @root.command()
 @handle_errors
 def validate(config: ConfigArg, set_: SetOpt = None) -> None:
-    """Check a config (keys, types, ranges, files, PEFT targets) without running anything."""
+    """Check a config (keys, types, ranges, files, PEFT targets, object-store buckets) without
+    running anything."""
     cfg = _load(config, set_)
     from lepton_ray.train.peft import check_targets_early
 
@@ -68,6 +69,9 @@ def validate(config: ConfigArg, set_: SetOpt = None) -> None:
     from lepton_ray.train.distill import check_distill_early
 
     check_distill_early(cfg, log=say)
+    from lepton_ray.runtime.storage import check_storage
+
+    check_storage(cfg, log=say)
     say(
         f"ok: {config} is a valid '{cfg.task}' experiment named '{cfg.name}' "
         f"(config hash {cfg.fingerprint()})"

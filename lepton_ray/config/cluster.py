@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from lepton_ray.config.base import Section
+from lepton_ray.runtime.uri import check_uri
 
 
 class ClusterSection(Section):
@@ -28,13 +29,16 @@ class ClusterSection(Section):
         "makes it answer 404 for seconds), 'auto' (haproxy where its binary is installed). A "
         "cluster started elsewhere keeps the ingress it was started with.",
     )
-    storage_path: Path | None = Field(
+    storage_path: Path | str | None = Field(
         None,
         description="Shared storage root: the preprocessed shards (<storage_path>/<name>/data) "
-        "and Ray Train/Tune checkpoints (<storage_path>/ray_results) go here. On a multi-node "
-        "cluster it must be a folder every node mounts at the same path (NFS, EFS, Filestore, "
-        "a bucket mounted with gcsfuse or s3fs); this is checked on every node before a stage "
-        "starts. None: output_dir, which is enough on one machine.",
+        "and Ray Train/Tune checkpoints (<storage_path>/ray_results) go here. Either a folder "
+        "every node mounts at the same path (NFS, EFS, Filestore, gcsfuse, s3fs; checked on "
+        "every node before a stage starts) or an object-store URI (s3://bucket/prefix, "
+        "gs://bucket/prefix, any pyarrow.fs URI; the bucket, endpoint and credentials are "
+        "checked before a stage starts). S3 settings come from the environment only "
+        "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_REGION), never from "
+        "this file. None: output_dir, which is enough on one machine.",
     )
     wait_for_resources: bool = Field(
         False,
@@ -48,9 +52,12 @@ class ClusterSection(Section):
         if value is None:
             return None
         if "://" in str(value):
-            raise ValueError(
-                f"{value}: URIs are not supported as cluster.storage_path yet (the shards are "
-                "written with file APIs); mount the bucket on every node (gcsfuse, s3fs, "
-                "mountpoint-s3) and give the mount's path"
-            )
+            if str(value).startswith("file://"):
+                return Path(str(value)[len("file://") :]).expanduser().resolve()
+            if "@" in str(value).split("://", 1)[1].split("/", 1)[0]:
+                raise ValueError(
+                    "credentials do not belong in cluster.storage_path; set them in the "
+                    "environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)"
+                )
+            return check_uri(str(value))
         return Path(value).expanduser().resolve()

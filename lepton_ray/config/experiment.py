@@ -7,6 +7,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +32,7 @@ from lepton_ray.config.tune import (
     TuneSection,
 )
 from lepton_ray.errors import ConfigError
+from lepton_ray.runtime.uri import Location, location
 from lepton_ray.tasks import TASKS, get_task
 
 Task = Literal[tuple(TASKS)]  # type: ignore[valid-type] - the names of lepton_ray.tasks
@@ -203,16 +205,19 @@ class ExperimentConfig(Section):
         return (self.output_dir / self.name).resolve()
 
     @property
-    def storage_root(self) -> Path:
-        """Where shards and checkpoints go: ``cluster.storage_path``, else ``output_dir``."""
-        return self.cluster.storage_path or self.output_dir
+    def storage_root(self) -> Location:
+        """Where shards and checkpoints go: ``cluster.storage_path``, else ``output_dir``.
+
+        A ``Path``, or a :class:`~lepton_ray.runtime.uri.Uri` for an object store (it joins
+        with ``/`` like a path; ``runtime.uri`` reads and writes both kinds)."""
+        return location(self.cluster.storage_path or self.output_dir)
 
     @property
-    def data_dir(self) -> Path:
+    def data_dir(self) -> Location:
         return self.storage_root / self.name / "data"
 
     @property
-    def checkpoint_root(self) -> Path:
+    def checkpoint_root(self) -> Location:
         """Ray Train/Tune's ``storage_path``: one folder per run, its checkpoints inside."""
         return self.storage_root / "ray_results"
 
@@ -371,8 +376,12 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
             msg = item["msg"].removeprefix("Value error, ")
             got = item.get("input")
             shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+            shown = _USERINFO.sub(r"\g<scheme>***@", shown)  # never echo a URI's password
             lines.append(f"{source}: {msg}" if not loc else f"{source}: {key}: {msg}{shown}")
     return "\n".join(lines)
+
+
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
 
 
 def _model_at(loc: list[str]) -> type[BaseModel] | None:

@@ -5,13 +5,13 @@ model's prompt and response lengths and the real-token share with and without pa
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from lepton_ray.config import ExperimentConfig
 from lepton_ray.data.rows import write_partition
 from lepton_ray.data.sources import TASK_CPUS
 from lepton_ray.data.split import SPLITS
+from lepton_ray.runtime.uri import Location, write_text
 
 LENGTH_BINS = 16
 
@@ -54,7 +54,7 @@ def token_extras(cfg: ExperimentConfig, stats: dict[str, Any]) -> dict[str, Any]
     }
 
 
-def write_splits(resolved, tmp: Path, options: dict[str, Any], labels: list[str]):
+def write_splits(resolved, tmp: Location, options: dict[str, Any], labels: list[str]):
     """Write each partition's kept rows as Parquet, one file per split, in plain Ray tasks;
     return the merged counts (rows, classes, augmented rows, token lengths per split)."""
     import numpy as np
@@ -134,11 +134,11 @@ def _length_summary(per_split: dict[str, Any], max_length: int) -> dict[str, Any
     }
 
 
-def write_sample(path: Path, sample: list[dict[str, Any]], sources) -> None:
+def write_sample(path: Location, sample: list[dict[str, Any]], sources) -> None:
     """Dropped rows with their reasons, and the malformed rows the reader skipped."""
-    with path.open("w") as handle:
-        for item in sample:
-            handle.write(json.dumps(item) + "\n")
-        for _, source in sources:
-            for row in source.bad_rows[:20]:
-                handle.write(json.dumps({"reason": "bad_row", **row}) + "\n")
+    lines = [json.dumps(item) + "\n" for item in sample]
+    for _, source in sources:
+        lines.extend(
+            json.dumps({"reason": "bad_row", **row}) + "\n" for row in source.bad_rows[:20]
+        )
+    write_text(path, "".join(lines))

@@ -48,6 +48,16 @@ from lepton_ray.data.rows import (
 from lepton_ray.data.sources import TASK_CPUS, Source, detect_format, read_source, root_cause
 from lepton_ray.data.split import KEY, SPLITS
 from lepton_ray.errors import DataError, StageError
+from lepton_ray.runtime.uri import (
+    Uri,
+    is_dir,
+    is_file,
+    location,
+    parquet_files,
+    read_text,
+    remove_tree,
+    write_text,
+)
 from lepton_ray.tasks import get_task
 
 MANIFEST = "manifest.json"
@@ -194,8 +204,14 @@ def run_preprocess(
     if data.augment.enabled:
         augment = data.augment.model_dump(exclude={"enabled"})
     out = cfg.data_dir
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
+    if isinstance(out, Uri):
+        # An object store renames nothing: the old output goes first and the manifest,
+        # written last in one PUT, is what makes the new one exist (load_manifest).
+        remove_tree(out)
+        tmp = out
+    else:
+        tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
     try:
         stats = write_splits(
             resolved,
@@ -253,10 +269,11 @@ def run_preprocess(
             manifest["near_duplicates"] = near
         if trained_files:
             manifest["seen_in_training"] = {s: summary["seen"].get(s, 0) for s in EVAL_SPLITS}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        _swap_into_place(tmp, out)
+        write_text(tmp / MANIFEST, json.dumps(manifest, indent=2))
+        if tmp != out:
+            _swap_into_place(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
         raise
     log(
         f"[data] wrote {out} in {manifest['seconds']} s: "
@@ -292,14 +309,14 @@ def input_fingerprints(cfg: ExperimentConfig, trained_on: Sequence[str] = ()) ->
 
 
 def _parquet_files(folders: Sequence[Path]) -> list[str]:
-    """The Parquet files of preprocessed splits, in a fixed order."""
-    files = []
+    """The Parquet files of preprocessed splits (local paths or URIs), in a fixed order."""
+    found_all = []
     for folder in folders:
-        found = sorted(Path(folder).rglob("*.parquet"))
+        found = parquet_files(location(folder))
         if not found:
             raise StageError(f"no preprocessed rows at {folder} (a training split to check)")
-        files.extend(str(f) for f in found)
-    return files
+        found_all.extend(found)
+    return found_all
 
 
 def preprocessing_fingerprint(cfg: ExperimentConfig, inputs: dict[str, str]) -> str:
@@ -316,12 +333,12 @@ def preprocessing_fingerprint(cfg: ExperimentConfig, inputs: dict[str, str]) -> 
 def _cached_manifest(cfg: ExperimentConfig, fingerprint: str) -> dict[str, Any] | None:
     path = cfg.data_dir / MANIFEST
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(read_text(path))
     except (OSError, ValueError):
         return None
     if manifest.get("fingerprint") != fingerprint:
         return None
-    if not all((cfg.data_dir / s).is_dir() for s, n in manifest["splits"].items() if n):
+    if not all(is_dir(cfg.data_dir / s) for s, n in manifest["splits"].items() if n):
         return None
     return manifest
 
@@ -503,11 +520,11 @@ def _check_splits(
 
 def load_manifest(cfg: ExperimentConfig) -> dict[str, Any]:
     path = cfg.data_dir / MANIFEST
-    if not path.is_file():
+    if not is_file(path):
         raise StageError(
             f"no preprocessed data at {cfg.data_dir}; run `lepton-ray preprocess` on this config first"
         )
-    manifest = json.loads(path.read_text())
+    manifest = json.loads(read_text(path))
     if manifest.get("model") != cfg.model.name or manifest.get("max_length") != cfg.data.max_length:
         raise StageError(
             f"{cfg.data_dir} was tokenized for model '{manifest.get('model')}' "

@@ -476,9 +476,11 @@ def log_data_report(
             client.log_figure(run_id, fig, artifact)
         finally:
             plt.close(fig)
-    sample = Path(data_dir) / DROPPED_SAMPLE
-    if sample.is_file():
-        client.log_artifact(run_id, str(sample), "data")
+    from lepton_ray.runtime.uri import is_file, location, read_text
+
+    sample = location(data_dir) / DROPPED_SAMPLE
+    if is_file(sample):  # a local file, or an object in the storage bucket
+        client.log_text(run_id, read_text(sample), f"data/{DROPPED_SAMPLE}")
     now = int(time.time() * 1000)
     client.log_batch(
         run_id, metrics=[Metric(k, v, now, 0) for k, v in data_metrics(manifest).items()]

@@ -398,9 +398,10 @@ def trained_key_parts(path: str, seed: int, parts: int):
     """The text keys of one preprocessed Parquet file (rows a model trained on), split into
     ``parts`` arrays as ``partition_block`` splits rows; read one row group at a time."""
     import numpy as np
-    import pyarrow.parquet as pq
 
-    file = pq.ParquetFile(path)
+    from lepton_ray.runtime.uri import open_parquet
+
+    file = open_parquet(path)
     keyed = KEY_TEXT if KEY_TEXT in file.schema_arrow.names else "text"
     texts = file.iter_batches(columns=[keyed])
     keys = np.fromiter(
@@ -435,15 +436,13 @@ def resolve_partition(options: dict[str, Any], n_seen: int, *pieces):
 
 
 def write_partition(index: int, table, folder: str, options: dict[str, Any]) -> dict[str, Any]:
-    """Finalize one partition and write its rows as ``folder/<split>/part-<index>.parquet``."""
-    import os
-
-    import pyarrow.parquet as pq
+    """Finalize one partition and write its rows as ``folder/<split>/part-<index>.parquet``
+    (``folder``: a local folder or an object-store URI)."""
+    from lepton_ray.runtime.uri import location, write_parquet
 
     result = finalize_partition(table, **options)
     for split, part in result["tables"].items():
-        os.makedirs(os.path.join(folder, split), exist_ok=True)
-        pq.write_table(part, os.path.join(folder, split, f"part-{index:05d}.parquet"))
+        write_parquet(part, location(folder) / split / f"part-{index:05d}.parquet")
     return result["stats"]
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from lepton_ray.config import ExperimentConfig
 from lepton_ray.errors import StageError
+from lepton_ray.runtime.uri import files as list_files
+from lepton_ray.runtime.uri import is_dir, open_parquet
 
 STREAM_ROWS = 1024  # rows per frame when a split is streamed
 
@@ -19,28 +21,27 @@ STREAM_ROWS = 1024  # rows per frame when a split is streamed
 class SplitRows:
     """The Parquet files of one split, with the row count their footers give."""
 
-    def __init__(self, files: Sequence[Path], columns: Sequence[str] | None = None):
-        import pyarrow.parquet as pq
-
-        self.files = list(files)
+    def __init__(self, files: Sequence[Path | str], columns: Sequence[str] | None = None):
+        self.files = list(files)  # local paths, or object-store URIs
         self.columns = list(columns) if columns else None
         # Footers only: no row is read until the split is iterated or sampled.
-        self.group_rows = [
-            [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
-            for meta in map(pq.read_metadata, self.files)
-        ]
+        self.group_rows = []
+        for path in self.files:
+            with open_parquet(path) as reader:
+                meta = reader.metadata
+                self.group_rows.append(
+                    [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+                )
 
     def __len__(self) -> int:
         return sum(sum(groups) for groups in self.group_rows)
 
     def __iter__(self) -> Iterator:
         """Pandas frames of at most ``STREAM_ROWS`` rows, in file and row order."""
-        import pyarrow.parquet as pq
-
         for path in self.files:
             # No pre-buffering: by default Arrow reads a file's column chunks ahead, so what
             # it holds grows with the file, not with the batch.
-            with pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20) as reader:
+            with open_parquet(path, pre_buffer=False, buffer_size=1 << 20) as reader:
                 for batch in reader.iter_batches(batch_size=STREAM_ROWS, columns=self.columns):
                     yield batch.to_pandas()
 
@@ -57,7 +58,6 @@ class SplitRows:
         only on the seed and the row count, so the same files give the same rows."""
         import numpy as np
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         starts = np.cumsum([0] + [n for groups in self.group_rows for n in groups])
         total = int(starts[-1])
@@ -73,7 +73,7 @@ class SplitRows:
                     wanted.append((group, chosen[lo:hi] - starts[index]))
                 index += 1
             if wanted:
-                with pq.ParquetFile(path) as reader:
+                with open_parquet(path) as reader:
                     for group, offsets in wanted:
                         table = reader.read_row_group(group, columns=self.columns)
                         yield table.take(pa.array(offsets))
@@ -100,13 +100,13 @@ def open_split(
     if expected == 0:
         return None
     folder = cfg.data_dir / split
-    if not folder.is_dir():
+    if not is_dir(folder):
         raise StageError(
             f"the {split} split is missing at {folder} although {cfg.data_dir / MANIFEST} "
             f"counts {expected} rows; is cluster.storage_path shared by every node? Run "
             "`lepton-ray preprocess --force` on this config to rebuild it"
         )
-    rows = SplitRows(sorted(folder.glob("*.parquet")), columns)
+    rows = SplitRows(list_files(folder, ".parquet", recursive=False), columns)
     if len(rows) != expected:
         raise StageError(
             f"the {split} split at {folder} holds {len(rows)} rows but the manifest counts "

@@ -30,6 +30,7 @@ from typing import Any
 
 from lepton_ray.config import ExperimentConfig, validate_experiment
 from lepton_ray.errors import ConfigError, StageError
+from lepton_ray.runtime.uri import Uri
 
 TAG_RETRAINED_FROM = "lepton.retrained_from"
 TAG_RETRAIN_DATA = "lepton.retrain_data"
@@ -192,6 +193,14 @@ def run_retrain(
 
     if not 0.0 <= replay <= 1.0:
         raise ConfigError(f"--replay {replay:g}: give a fraction of the old training rows, 0 to 1")
+    if isinstance(cfg.storage_root, Uri):
+        # The model to continue from is downloaded into a folder under the storage root
+        # that the workers load by path, and the replay sample is written with file APIs.
+        raise ConfigError(
+            f"retrain does not support an object-store cluster.storage_path "
+            f"({cfg.storage_root}) yet; give a folder every node mounts for the retrain, "
+            "e.g. --set cluster.storage_path=/shared/folder"
+        )
     import glob
 
     if not Path(data).exists() and not glob.glob(data):

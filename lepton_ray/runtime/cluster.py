@@ -19,6 +19,7 @@ from pathlib import Path
 
 from lepton_ray.config import ClusterSection
 from lepton_ray.errors import LeptonError, terminate_as_interrupt
+from lepton_ray.runtime.uri import S3_ENV
 
 LOCAL_HEAD_PORT = 6379
 LOCAL_DASHBOARD_PORT = 8265
@@ -65,6 +66,9 @@ def worker_env(api_server: str | None = None) -> dict[str, str]:
         # start-up on a small job. Polling a few workers twice a second costs nothing.
         HEALTH_CHECK_INTERVAL: os.environ.get(HEALTH_CHECK_INTERVAL, "0.5"),
     }
+    # The object store's endpoint, region and credentials (runtime.uri.S3_ENV), as the
+    # driver has them: workers write shards, checkpoints and artifacts there. They travel in
+    # the runtime env only, never in a config, an MLflow param or a log line.
     for key in (
         "HF_HUB_OFFLINE",
         "HF_HOME",
@@ -72,6 +76,7 @@ def worker_env(api_server: str | None = None) -> dict[str, str]:
         "MLFLOW_TRACKING_URI",
         LOOPBACK_ONLY,
         API_SERVER_ENV,
+        *S3_ENV,
     ):
         if key in os.environ:
             env[key] = os.environ[key]

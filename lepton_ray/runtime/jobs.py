@@ -236,6 +236,19 @@ def runtime_env(project: Path, path: Path | None = None) -> dict[str, Any]:
     return env
 
 
+def object_store_env(cfg, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The object-store settings (endpoint, region, credentials) of ``environ`` that a job
+    needs when the config writes to an object store: they travel in the job's runtime env,
+    never in the config or the entrypoint."""
+    from lepton_ray.runtime.storage import storage_uris
+    from lepton_ray.runtime.uri import S3_ENV
+
+    environ = os.environ if environ is None else environ
+    if not storage_uris(cfg):
+        return {}
+    return {k: environ[k] for k in S3_ENV if environ.get(k)}
+
+
 def check_submittable(cfg) -> list[str]:
     """Refuse settings that would lose a job's results; return warnings worth printing."""
     uri = cfg.tracking.tracking_uri
@@ -289,6 +302,10 @@ def submit(
     for warning in check_submittable(cfg):
         log(f"[submit] warning: {warning}")
     env = runtime_env(project, runtime_env_file)
+    forwarded = {k: v for k, v in object_store_env(cfg).items() if k not in env["env_vars"]}
+    if forwarded:
+        env["env_vars"].update(forwarded)
+        log(f"[submit] the job gets {', '.join(sorted(forwarded))} from this environment")
     sets = [a for o in overrides for a in ("--set", o)]
     entrypoint = shlex.join(["python", "-m", "lepton_ray", command, relative.as_posix(), *sets])
     jobs = Jobs(address, auth)

@@ -42,25 +42,24 @@ def load_split_dataset(
     Materializing before the trainer starts matters on small machines: a lazy read would
     wait forever for a CPU while the workers hold them all.
     """
-    import pyarrow.parquet
     import ray.data
 
+    from lepton_ray.runtime.uri import location, open_parquet, parquet_files, resolve
     from lepton_ray.train.recipe import split_folder
 
-    folder = split_folder(cfg, split)
-    paths = [str(folder)] + ([str(extra)] if extra is not None else [])
+    folders = [split_folder(cfg, split)] + ([location(extra)] if extra is not None else [])
+    # Only *.parquet files, as read_parquet takes them (a replay folder holds a JSON too).
+    files = [f for folder in folders for f in parquet_files(folder)]
     # The row count comes from the Parquet footers: asking Ray Data for it ran the whole read
     # once more, a few seconds of every run's start-up.
-    # Only *.parquet files, as read_parquet takes them (a replay folder holds a JSON too).
-    rows = sum(
-        pyarrow.parquet.ParquetFile(f).metadata.num_rows
-        for p in paths
-        for f in sorted(Path(p).rglob("*.parquet"))
-    )
+    rows = sum(open_parquet(f).metadata.num_rows for f in files)
+    # One filesystem for every file: the storage root's (a replay folder is under it too).
+    fs, _ = resolve(folders[0])
+    paths = [resolve(f)[1] for f in files]
     options = ray.data.DataContext.get_current().execution_options
     previous, options.preserve_order = options.preserve_order, True
     try:
-        ds = ray.data.read_parquet(paths, columns=token_columns(cfg.task))
+        ds = ray.data.read_parquet(paths, columns=token_columns(cfg.task), filesystem=fs)
         blocks = max(1, min(MAX_BLOCKS, -(-rows // block_rows)))
         return ds.repartition(blocks).materialize()
     finally:
@@ -134,6 +133,7 @@ def build_trainer(
         preflight(cfg, manifest)
         cfg = pin_teacher(cfg)
         datasets = {split: load_split_dataset(cfg, split) for split in ("train", "validation")}
+    storage_path, storage_filesystem = ray_storage(cfg)
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config={
@@ -150,7 +150,8 @@ def build_trainer(
         ),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=ray_storage(cfg),
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.train.keep_checkpoints,
                 checkpoint_score_attribute=cfg.tune.metric,

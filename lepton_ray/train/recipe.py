@@ -192,8 +192,10 @@ def training_rows(cfg: ExperimentConfig, rows: TokenRows, log: Callable[[str], N
 
 def split_folder(cfg: ExperimentConfig, split: str):
     """The folder of a preprocessed split, or one clear error if preprocessing did not write it."""
+    from lepton_ray.runtime.uri import exists
+
     folder = cfg.data_dir / split
-    if not folder.exists():
+    if not exists(folder):
         # Never an empty frame: every evaluation would score 0 and the first would win.
         raise StageError(
             f"no {split} split at {folder}; run `lepton-ray preprocess` again "
@@ -206,7 +208,10 @@ def read_split(cfg: ExperimentConfig, split: str) -> TokenRows:
     """A preprocessed split from the data folder (the standalone path; Ray passes datasets)."""
     import pandas as pd
 
-    frame = pd.read_parquet(split_folder(cfg, split))
+    from lepton_ray.runtime.uri import resolve
+
+    fs, path = resolve(split_folder(cfg, split))
+    frame = pd.read_parquet(path, filesystem=fs)
     return TokenRows.from_frames([frame], get_task(cfg.task).stored_targets())
 
 

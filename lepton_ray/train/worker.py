@@ -179,8 +179,18 @@ class _RankZeroTracker:
                 log_figure(self.uri, self.run_id, fig, f"plots/{name}_val.png")
 
 
-def ray_storage(cfg: ExperimentConfig) -> str:
-    """Ray Train/Tune's storage_path (created here; every node must see it, see storage.py)."""
-    path = cfg.checkpoint_root
-    os.makedirs(path, exist_ok=True)
-    return str(path)
+def ray_storage(cfg: ExperimentConfig) -> tuple[str, Any]:
+    """Ray Train/Tune's ``storage_path`` and ``storage_filesystem``.
+
+    A local folder is created here (every node must see it, see storage.py) and needs no
+    filesystem; an object-store root gives the path inside its bucket and the ``pyarrow.fs``
+    filesystem built from the environment (endpoint, region; credentials are read by each
+    worker from its own environment)."""
+    from lepton_ray.runtime.uri import Uri, resolve
+
+    root = cfg.checkpoint_root
+    if isinstance(root, Uri):
+        fs, path = resolve(root)
+        return path, fs
+    os.makedirs(root, exist_ok=True)
+    return str(root), None

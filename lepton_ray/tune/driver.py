@@ -216,19 +216,24 @@ def run_tune(
         ),
         {"cpu": 0, "memory": 1024 * 1024},
     )
-    storage = ray_storage(cfg)
+    storage, storage_fs = ray_storage(cfg)
     path = os.path.join(storage, sweep_name(cfg, parent_run_id))
+    shown = f"{cfg.checkpoint_root}/{sweep_name(cfg, parent_run_id)}"
     # Tune saves the sweep's state every few seconds (not adaptively, every minute or
     # more): a driver killed between saves loses little on --resume.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
-    if resume and tune.Tuner.can_restore(path):
-        log(f"[tune] resuming the sweep in {path}: finished trials are kept")
+    if resume and tune.Tuner.can_restore(path, storage_filesystem=storage_fs):
+        log(f"[tune] resuming the sweep in {shown}: finished trials are kept")
         tuner = tune.Tuner.restore(
-            path, trainable=trainable, resume_unfinished=True, resume_errored=False
+            path,
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=False,
+            storage_filesystem=storage_fs,
         )
     else:
         if resume:
-            log(f"[tune] no sweep state in {path} to resume: starting the sweep there")
+            log(f"[tune] no sweep state in {shown} to resume: starting the sweep there")
         scheduler = t.scheduler.type
         log(
             f"[tune] {samples} trials over {sorted(t.space)}, {concurrent} at a time, "
@@ -252,6 +257,7 @@ def run_tune(
             run_config=tune.RunConfig(
                 name=sweep_name(cfg, parent_run_id),
                 storage_path=storage,
+                storage_filesystem=storage_fs,
                 verbose=0,  # the trial table below says what Tune's own table would
                 callbacks=[table_callback(cfg, log)],
                 failure_config=tune.FailureConfig(max_failures=t.max_failures),
