@@ -685,6 +685,12 @@ def main() -> None:
         "settings); e.g. to rerun only the LoRA rank table on a quieter machine",
     )
     p.add_argument("--served", action="store_true", help="add the served-objective sweep")
+    p.add_argument(
+        "--lr-range",
+        default=None,
+        help="LOW,HIGH of the searched lr (log-uniform; default 1e-4,1e-2): a wider range "
+        "is a space where the learning rate matters more",
+    )
     p.add_argument("--served-seed", type=int, default=0, help="tune.seed of that sweep")
     p.add_argument("--served-top-k", type=int, default=3, help="trials scored as served")
     p.add_argument("--max-steps", type=int, default=None, help="steps per epoch (smoke)")
@@ -692,6 +698,14 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None, help="result JSON path")
     p.add_argument("--keep", action="store_true", help="keep the scratch folder")
     args = p.parse_args()
+    if args.lr_range:
+        try:
+            low, high = (float(x) for x in args.lr_range.split(","))
+        except ValueError:
+            sys.exit("--lr-range takes LOW,HIGH, e.g. --lr-range 1e-5,1e-1")
+        if not 0 < low < high:
+            sys.exit(f"--lr-range {args.lr_range}: needs 0 < LOW < HIGH")
+        SPACE["train.lr"] = {"type": "loguniform", "low": low, "high": high}
     if args.smoke:
         for key, value in SMOKE.items():
             setattr(args, key, value)
