@@ -61,16 +61,23 @@ def _cfg(tmp_path, space=BRANCHED, **tune):
     return validate_experiment(_raw(tmp_path, space, **tune), check_files=False)
 
 
-@pytest.mark.parametrize("search", ["tpe", "random", "gp", "cmaes"])
-def test_no_trial_gets_a_parameter_of_a_branch_it_did_not_take(tmp_path, search):
-    cfg = _cfg(tmp_path, search=search)
+def _sampled(cfg, trials: int):
+    """The values of ``trials`` trials asked of the sweep's own sampler over its space, each
+    told a made-up result (so model-based searchers leave their random start)."""
     dims = dimensions(cfg)
     space = DefineByRun(dims, cfg.model_dump(mode="json"))
     study = optuna.create_study(sampler=sampler(cfg.tune, dims), direction="maximize")
-    seen = set()
-    for i in range(14):
+    for i in range(trials):
         trial = study.ask()
-        values = space(trial)
+        yield space(trial)
+        study.tell(trial, (i % 5) / 5)
+
+
+@pytest.mark.parametrize("search", ["tpe", "random", "gp", "cmaes"])
+def test_no_trial_gets_a_parameter_of_a_branch_it_did_not_take(tmp_path, search):
+    cfg = _cfg(tmp_path, search=search)
+    seen = set()
+    for values in _sampled(cfg, 14):
         seen.add(values["peft.method"])
         if values["peft.method"] == "none":
             assert set(values) == {"peft.method", "train.lr", "train.weight_decay"}
@@ -84,7 +91,6 @@ def test_no_trial_gets_a_parameter_of_a_branch_it_did_not_take(tmp_path, search)
         from lepton_ray.config import apply_overrides
 
         apply_overrides(cfg, values)
-        study.tell(trial, (i % 5) / 5)
     assert seen == {"lora", "none"}
 
 
@@ -388,13 +394,8 @@ def test_a_sweep_over_peft_methods_gives_each_trial_its_methods_adapter(tmp_path
     result = runner.invoke(app, ["validate", str(write_yaml(tmp_path / "sweep.yaml", raw))])
     assert result.exit_code == 0, result.output
     cfg = validate_experiment(raw, check_files=False)
-    dims = dimensions(cfg)
-    space = DefineByRun(dims, cfg.model_dump(mode="json"))
-    study = optuna.create_study(sampler=sampler(cfg.tune, dims), direction="maximize")
     seen = set()
-    for i in range(16):
-        trial = study.ask()
-        values = space(trial)
+    for values in _sampled(cfg, 16):
         method = values["peft.method"]
         seen.add(method)
         trial_cfg = apply_overrides(cfg, values)
@@ -426,5 +427,4 @@ def test_a_sweep_over_peft_methods_gives_each_trial_its_methods_adapter(tmp_path
         else:
             assert all(p.requires_grad for p in model.parameters())
             assert set(values) == {"peft.method", "train.label_smoothing"}
-        study.tell(trial, (i % 5) / 5)
     assert seen == {"lora", "adalora", "ia3", "none"}
