@@ -16,6 +16,7 @@ process reads the credentials from its own environment.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -124,18 +125,29 @@ def s3_filesystem(bucket: str | None = None, quick: bool = False):
 
     ``quick``: short timeouts and one retry, for the preflight check (an unreachable
     endpoint is an error in seconds, not after minutes of retries).
+
+    One filesystem per setting, reused: every file of a split is opened through here, and
+    building one (on AWS without a region, a region lookup over the network) per file would
+    repeat that work for each.
     """
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    endpoint = s3_endpoint()
+    # The bucket matters only where its region must be looked up.
+    lookup = bucket if not endpoint and not region else None
+    return _s3_filesystem(endpoint, region, lookup, quick)
+
+
+@functools.lru_cache(maxsize=32)
+def _s3_filesystem(endpoint: str | None, region: str | None, lookup: str | None, quick: bool):
     import pyarrow.fs as pafs
 
     kwargs: dict = {}
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    endpoint = s3_endpoint()
     if endpoint:
         parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
         kwargs["endpoint_override"] = parts.netloc + parts.path.rstrip("/")
         kwargs["scheme"] = parts.scheme or "https"
-    elif not region and bucket:
-        region = pafs.resolve_s3_region(bucket)  # AWS itself: the bucket's region
+    elif lookup:
+        region = pafs.resolve_s3_region(lookup)  # AWS itself: the bucket's region
     if region:
         kwargs["region"] = region
     if quick:
